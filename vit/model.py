@@ -1,0 +1,224 @@
+"""A Vision Transformer written to be read top to bottom, and to match Google's model number for number.
+
+Paper: Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021.
+Reference implementation: google-research/vision_transformer, ``vit_jax/models_vit.py`` (Flax).
+
+Structure (pre-norm Transformer encoder):
+
+    image (B, 3, H, W) ──patch_embed──► (B, N-1, D) ──prepend CLS, add pos_embed──► (B, N, D)
+        └─► blocks × L:  x = x + attn(norm1(x));  x = x + mlp(norm2(x))
+        └─► norm ──► CLS token (B, D) ──[pre_logits: Dense + tanh]──► head ──► logits (B, num_classes)
+
+Shape vocabulary used in comments: B batch, N tokens (1 CLS + patches), D hidden size, H heads,
+Dh = D / H head size. Details that matter for exactness against Google's checkpoints:
+LayerNorm epsilon 1e-6 (PyTorch's default is 1e-5), tanh-approximate GELU (Flax ``nn.gelu``'s default),
+attention scaled by 1/sqrt(Dh), inputs normalised to [-1, 1] (mean = std = 0.5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .config import ViTConfig
+
+LAYER_NORM_EPS = 1e-6
+
+
+class AttentionSoftmax(nn.Softmax):
+    """The softmax over keys, as a named module (``blocks.{i}.attn.softmax``).
+
+    Only the manual attention path calls it, so a forward hook on it sees the post-softmax probabilities
+    (B, H, N, N) without anything changing what ``forward`` returns. See :func:`record_attention`.
+    """
+
+    def __init__(self):
+        super().__init__(dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q, k, v projections, as in Google's checkpoints."""
+
+    def __init__(self, dim: int, num_heads: int, attention_dropout: float = 0.0, dropout: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.softmax = AttentionSoftmax()
+        self.attn_drop = nn.Dropout(attention_dropout)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
+        # True: one fused scaled_dot_product_attention call (fast, no probabilities visible).
+        # False: the same math spelled out, through self.softmax (what the attention tools use).
+        self.fused = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, N, D)
+        q, k, v = (rearrange(f(x), "b n (h d) -> b h n d", h=self.num_heads) for f in (self.q, self.k, self.v))
+        if self.fused:
+            p = self.attn_drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, N, Dh)
+        else:
+            attn = self.softmax((q * self.scale) @ k.transpose(-2, -1))  # (B, H, N, N), rows sum to 1
+            out = self.attn_drop(attn) @ v  # (B, H, N, Dh)
+        out = rearrange(out, "b h n d -> b n (h d)")
+        return self.proj_drop(self.proj(out))
+
+
+class Mlp(nn.Module):
+    """Dense → GELU (tanh approximation, like Flax) → Dense, with dropout after each (Google's MlpBlock)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.drop1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm1(x)), then + mlp(norm2(x))."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.norm1 = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        self.attn = Attention(d, config.num_heads, config.attention_dropout_rate, config.dropout_rate)
+        self.norm2 = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        self.mlp = Mlp(d, config.mlp_dim, config.dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier. ``forward`` takes (B, 3, H, W) floats normalised with mean = std = 0.5."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.config = config
+        d, p = config.hidden_size, config.patch_size
+        # A P×P convolution with stride P is a linear map applied to each patch independently.
+        self.patch_embed = nn.Conv2d(config.in_channels, d, kernel_size=p, stride=p)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.num_patches, d))
+        self.pos_drop = nn.Dropout(config.dropout_rate)
+        self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_layers))
+        self.norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        # Only the original ImageNet-21k checkpoints have this Dense+tanh layer before the head.
+        rep = config.representation_size
+        self.pre_logits = nn.Linear(d, rep) if rep else None
+        self.head = nn.Linear(rep or d, config.num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Initialisation for training from scratch, as in Google's code (checkpoints overwrite all of it)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.normal_(m.bias, std=1e-6)
+        for block in self.blocks:  # Flax's MlpBlock bias init
+            for fc in (block.mlp.fc1, block.mlp.fc2):
+                nn.init.normal_(fc.bias, std=1e-6)
+        fan_in = self.patch_embed.in_channels * self.config.patch_size**2  # lecun_normal, like Flax's Conv
+        nn.init.trunc_normal_(self.patch_embed.weight, std=math.sqrt(1 / fan_in))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        nn.init.zeros_(self.cls_token)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, C, H, W) → tokens (B, N, D): patches, CLS prepended, positions added."""
+        c = self.config
+        if x.ndim != 4 or x.shape[1] != c.in_channels or x.shape[-2:] != (c.image_size, c.image_size):
+            raise ValueError(
+                f"expected images of shape (B, {c.in_channels}, {c.image_size}, {c.image_size}), got "
+                f"{tuple(x.shape)}; load the checkpoint with image_size=... to change the resolution"
+            )
+        x = self.patch_embed(x)  # (B, D, H/P, W/P)
+        x = rearrange(x, "b d gh gw -> b (gh gw) d")  # row-major patch order, as in Google's reshape
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N, D)
+        return self.pos_drop(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image → all tokens after the final LayerNorm, (B, N, D)."""
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, D) → logits (B, num_classes), read from the CLS token."""
+        x = features[:, 0]
+        if self.pre_logits is not None:
+            x = torch.tanh(self.pre_logits(x))
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def set_fused_attention(model: nn.Module, fused: bool) -> None:
+    """Switch every attention layer between the fused (SDPA) and the manual path. Outputs do not change."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fused = fused
+
+
+@contextlib.contextmanager
+def record_attention(model: nn.Module):
+    """Collect post-softmax attention probabilities, one (B, H, N, N) tensor per block, in block order.
+
+    Inside the ``with`` the model runs its manual attention path and forward hooks on each
+    ``attn.softmax`` record what it returns; afterwards the previous paths are restored.
+
+        with record_attention(model) as maps:
+            logits = model(images)
+        # maps[i]: block i's attention, (B, H, N, N)
+    """
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    previous = [a.fused for a in attns]
+    maps: list[torch.Tensor] = []
+    hooks = [a.softmax.register_forward_hook(lambda _m, _i, out: maps.append(out.detach())) for a in attns]
+    try:
+        for a in attns:
+            a.fused = False
+        yield maps
+    finally:
+        for a, fused in zip(attns, previous):
+            a.fused = fused
+        for h in hooks:
+            h.remove()
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int | tuple[int, int],
+                       num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Resize a (1, prefix + g*g, D) position embedding to a new patch grid, keeping the prefix (CLS) rows.
+
+    The square grid is interpolated bilinearly (like timm; Google uses ``scipy.ndimage.zoom`` order 1).
+    The same grid size returns the input unchanged.
+    """
+    gh, gw = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old = math.isqrt(grid.shape[1])
+    if old * old != grid.shape[1]:
+        raise ValueError(f"position embedding has {grid.shape[1]} grid positions, which is not a square")
+    if (gh, gw) == (old, old):
+        return pos_embed
+    grid = rearrange(grid, "1 (gh gw) d -> 1 d gh gw", gh=old)
+    grid = F.interpolate(grid.float(), size=(gh, gw), mode="bilinear", align_corners=False).to(pos_embed.dtype)
+    grid = rearrange(grid, "1 d gh gw -> 1 (gh gw) d")
+    return torch.cat([prefix, grid], dim=1)
