@@ -19,21 +19,23 @@ def google_params(config, *, seed: int = 0, pre_logits: int | None = None) -> di
     d, h, dh, m = config.hidden_size, config.num_heads, config.head_dim, config.mlp_dim
     p, c, n = config.patch_size, config.in_channels, config.num_patches
 
+    def normal(std, shape):  # float32 throughout: a ViT-B/16-sized file is written in about a second
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+
     def w(*shape, fan_in=None):
-        fan_in = fan_in or shape[0]
-        return rng.normal(0.0, 1.0 / np.sqrt(fan_in), size=shape)
+        return normal(1.0 / np.sqrt(fan_in or shape[0]), shape)
 
     def b(*shape):
-        return rng.normal(0.0, 0.1, size=shape)
+        return normal(0.1, shape)
 
     def norm(prefix):
-        return {f"{prefix}/scale": 1.0 + b(d), f"{prefix}/bias": b(d)}
+        return {f"{prefix}/scale": np.float32(1.0) + b(d), f"{prefix}/bias": b(d)}
 
     params = {
         "embedding/kernel": w(p, p, c, d, fan_in=p * p * c),  # HWIO
         "embedding/bias": b(d),
         "cls": b(1, 1, d),
-        "Transformer/posembed_input/pos_embedding": rng.normal(0.0, 0.5, size=(1, 1 + n, d)),
+        "Transformer/posembed_input/pos_embedding": normal(0.5, (1, 1 + n, d)),
     }
     for i in range(config.num_layers):
         blk = f"Transformer/encoderblock_{i}"
