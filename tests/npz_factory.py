@@ -13,53 +13,65 @@ from pathlib import Path
 import numpy as np
 
 
-def google_params(config, *, seed: int = 0, pre_logits: int | None = None) -> dict[str, np.ndarray]:
-    """Random float32 arrays keyed like a Google checkpoint for ``config`` (a ``vit.ViTConfig``)."""
-    rng = np.random.default_rng(seed)
+def google_shapes(config, *, pre_logits: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Every key of a Google checkpoint for ``config`` (a ``vit.ViTConfig``) and its shape, in file order."""
     d, h, dh, m = config.hidden_size, config.num_heads, config.head_dim, config.mlp_dim
     p, c, n = config.patch_size, config.in_channels, config.num_patches
-
-    def normal(std, shape):  # float32 throughout: a ViT-B/16-sized file is written in about a second
-        return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
-
-    def w(*shape, fan_in=None):
-        return normal(1.0 / np.sqrt(fan_in or shape[0]), shape)
-
-    def b(*shape):
-        return normal(0.1, shape)
-
-    def norm(prefix):
-        return {f"{prefix}/scale": np.float32(1.0) + b(d), f"{prefix}/bias": b(d)}
-
-    params = {
-        "embedding/kernel": w(p, p, c, d, fan_in=p * p * c),  # HWIO
-        "embedding/bias": b(d),
-        "cls": b(1, 1, d),
-        "Transformer/posembed_input/pos_embedding": normal(0.5, (1, 1 + n, d)),
+    shapes = {
+        "embedding/kernel": (p, p, c, d),  # HWIO convolution kernel
+        "embedding/bias": (d,),
+        "cls": (1, 1, d),
+        "Transformer/posembed_input/pos_embedding": (1, 1 + n, d),  # CLS position first
     }
     for i in range(config.num_layers):
         blk = f"Transformer/encoderblock_{i}"
         att = f"{blk}/MultiHeadDotProductAttention_1"
-        params.update(norm(f"{blk}/LayerNorm_0"))
+        shapes[f"{blk}/LayerNorm_0/scale"] = shapes[f"{blk}/LayerNorm_0/bias"] = (d,)
         for name in ("query", "key", "value"):
-            params[f"{att}/{name}/kernel"] = w(d, h, dh)
-            params[f"{att}/{name}/bias"] = b(h, dh)
-        params[f"{att}/out/kernel"] = w(h, dh, d, fan_in=d)
-        params[f"{att}/out/bias"] = b(d)
-        params.update(norm(f"{blk}/LayerNorm_2"))
-        params[f"{blk}/MlpBlock_3/Dense_0/kernel"] = w(d, m)
-        params[f"{blk}/MlpBlock_3/Dense_0/bias"] = b(m)
-        params[f"{blk}/MlpBlock_3/Dense_1/kernel"] = w(m, d)
-        params[f"{blk}/MlpBlock_3/Dense_1/bias"] = b(d)
-    params.update(norm("Transformer/encoder_norm"))
+            shapes[f"{att}/{name}/kernel"] = (d, h, dh)
+            shapes[f"{att}/{name}/bias"] = (h, dh)
+        shapes[f"{att}/out/kernel"] = (h, dh, d)
+        shapes[f"{att}/out/bias"] = (d,)
+        shapes[f"{blk}/LayerNorm_2/scale"] = shapes[f"{blk}/LayerNorm_2/bias"] = (d,)
+        shapes[f"{blk}/MlpBlock_3/Dense_0/kernel"] = (d, m)  # Flax Dense kernels are (in, out)
+        shapes[f"{blk}/MlpBlock_3/Dense_0/bias"] = (m,)
+        shapes[f"{blk}/MlpBlock_3/Dense_1/kernel"] = (m, d)
+        shapes[f"{blk}/MlpBlock_3/Dense_1/bias"] = (d,)
+    shapes["Transformer/encoder_norm/scale"] = shapes["Transformer/encoder_norm/bias"] = (d,)
     width = d
     if pre_logits:
-        params["pre_logits/kernel"] = w(d, pre_logits)
-        params["pre_logits/bias"] = b(pre_logits)
+        shapes["pre_logits/kernel"] = (d, pre_logits)
+        shapes["pre_logits/bias"] = (pre_logits,)
         width = pre_logits
-    params["head/kernel"] = w(width, config.num_classes)
-    params["head/bias"] = b(config.num_classes)
-    return {k: v.astype(np.float32) for k, v in params.items()}
+    shapes["head/kernel"] = (width, config.num_classes)
+    shapes["head/bias"] = (config.num_classes,)
+    return shapes
+
+
+def google_params(config, *, seed: int = 0, pre_logits: int | None = None) -> dict[str, np.ndarray]:
+    """Random float32 arrays keyed and shaped like a Google checkpoint for ``config``."""
+    rng = np.random.default_rng(seed)
+
+    def normal(std, shape):  # float32 throughout: a ViT-B/16-sized file is written in about a second
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+
+    params = {}
+    for key, shape in google_shapes(config, pre_logits=pre_logits).items():
+        if key.endswith("/scale"):  # LayerNorm scales near 1
+            params[key] = np.float32(1.0) + normal(0.1, shape)
+        elif key.endswith("/bias") or key == "cls":
+            params[key] = normal(0.1, shape)
+        elif key.endswith("pos_embedding"):
+            params[key] = normal(0.5, shape)
+        else:  # kernels, scaled by 1/sqrt(fan-in) so activations stay near unit size
+            if key == "embedding/kernel":
+                fan_in = shape[0] * shape[1] * shape[2]  # (P, P, C, D)
+            elif key.endswith("out/kernel"):
+                fan_in = shape[0] * shape[1]  # (H, Dh, D)
+            else:
+                fan_in = shape[0]  # Dense (in, out) and query/key/value (D, H, Dh)
+            params[key] = normal(1.0 / np.sqrt(fan_in), shape)
+    return params
 
 
 def write_google_npz(path, config, *, seed: int = 0, prefix: str = "",
