@@ -1,0 +1,159 @@
+"""The optional fused CUDA kernel behind :class:`peft.functional.RLRRLinearFunction`.
+
+Two kernels (``rlrr_kernel.cu``, plain CUDA; bound to PyTorch in ``rlrr_binding.cpp``):
+
+* ``rlrr_weight``: W' = W ⊙ (1 + S_out S_in), read W once and write W' once, directly in the compute dtype
+  (float32, float16 or bfloat16), with no fp32 out×in temporaries in between.
+* ``rlrr_grad_scales``: one pass over the weight gradient G = dYᵀX (from cuBLAS) and W giving
+  ∂s_out = (G ⊙ W) S_inᵀ (row sums) and ∂s_in = S_outᵀ (G ⊙ W) (column sums) without forming G ⊙ W.
+  Two-stage reduction with fp32 accumulation and no atomics, so results are deterministic.
+
+Ranks 1..8 run on the kernel; larger ranks and float64 use the PyTorch path (the specification).
+
+Which path runs is chosen by :func:`set_backend` or the environment variable ``VIT_PEFT_KERNEL``:
+
+* ``torch`` (default): always the PyTorch reference path.
+* ``auto``: the kernel for CUDA tensors when it builds; otherwise one warning and the PyTorch path.
+* ``cuda``: the kernel, or a clear error if it cannot be used (no GPU, no compiler, tensors on the CPU).
+
+The extension is compiled on first use with ``torch.utils.cpp_extension.load`` and cached in PyTorch's
+extensions directory (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+The default is ``torch`` because the kernel was written and compile-checked without a GPU; see the README.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+KERNEL_DIR = Path(__file__).resolve().parent
+SOURCES = (KERNEL_DIR / "rlrr_binding.cpp", KERNEL_DIR / "rlrr_kernel.cu")
+EXTENSION_NAME = "vit_peft_rlrr_v1"  # bump when the sources change incompatibly
+MAX_RANK = 8  # RLRR_MAX_RANK in rlrr_kernel.cu
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "cuda", "torch")
+ENV_VAR = "VIT_PEFT_KERNEL"
+
+_backend_override: str | None = None
+_lock = threading.Lock()
+_extension = None
+_build_error: BaseException | None = None
+_warned: set[str] = set()
+
+
+class KernelUnavailableError(RuntimeError):
+    """The CUDA kernel was requested (``VIT_PEFT_KERNEL=cuda``) but cannot be used here."""
+
+
+def set_backend(backend: str | None) -> None:
+    """Choose the RLRR path for the whole process: "auto", "cuda", "torch", or None to follow the env var."""
+    global _backend_override
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown RLRR backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    _backend_override = backend
+
+
+def get_backend() -> str:
+    """The backend in force: :func:`set_backend`'s choice, else ``$VIT_PEFT_KERNEL``, else "torch"."""
+    if _backend_override is not None:
+        return _backend_override
+    value = os.environ.get(ENV_VAR, "torch").strip().lower() or "torch"
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={value!r} is not one of {', '.join(BACKENDS)}")
+    return value
+
+
+def load_extension():
+    """Build (first call) or load the compiled extension; raises KernelUnavailableError with the reason."""
+    global _extension, _build_error
+    with _lock:
+        if _extension is not None:
+            return _extension
+        if _build_error is not None:
+            raise KernelUnavailableError(f"the RLRR CUDA kernel could not be built: {_build_error}") from _build_error
+        if not torch.cuda.is_available():
+            raise KernelUnavailableError("the RLRR CUDA kernel needs a CUDA device and none is available")
+        try:
+            from torch.utils.cpp_extension import load
+
+            log.info("building the RLRR CUDA kernel (first use; cached afterwards)")
+            _extension = load(name=EXTENSION_NAME, sources=[str(s) for s in SOURCES],
+                              extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as exc:  # compiler missing, CUDA/toolkit mismatch, ...
+            _build_error = exc
+            raise KernelUnavailableError(f"the RLRR CUDA kernel could not be built: {exc}") from exc
+        return _extension
+
+
+def kernel_available() -> bool:
+    """True if a CUDA device is present and the extension builds (builds it on first call)."""
+    try:
+        load_extension()
+        return True
+    except KernelUnavailableError:
+        return False
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
+
+
+def use_kernel(x: torch.Tensor, weight: torch.Tensor, rank: int, dtype: torch.dtype) -> bool:
+    """Decide, for one call, whether the fused kernel runs (True) or the PyTorch path (False)."""
+    backend = get_backend()
+    if backend == "torch":
+        return False
+    unsupported = None
+    if rank > MAX_RANK:
+        unsupported = f"rank {rank} > {MAX_RANK}"
+    elif dtype not in KERNEL_DTYPES or weight.dtype not in KERNEL_DTYPES:
+        unsupported = f"dtype {dtype} / weight dtype {weight.dtype}"
+    if unsupported is not None:  # a limit of the kernel, not of the machine: fall back in both modes
+        _warn_once(f"unsupported:{unsupported}", f"RLRR kernel does not handle {unsupported}; using PyTorch")
+        return False
+    if not (x.is_cuda and weight.is_cuda):
+        if backend == "cuda":
+            raise KernelUnavailableError(
+                f"{ENV_VAR}=cuda but the RLRR layer runs on {x.device}/{weight.device}; move the model and "
+                f"inputs to CUDA or set {ENV_VAR}=auto or torch")
+        _warn_once("cpu", f"{ENV_VAR}=auto: tensors are not on CUDA; using the PyTorch RLRR path")
+        return False
+    try:
+        load_extension()
+    except KernelUnavailableError as exc:
+        if backend == "cuda":
+            raise
+        _warn_once("build", f"{ENV_VAR}=auto: {exc}; using the PyTorch RLRR path")
+        return False
+    return True
+
+
+def rlrr_weight(weight: torch.Tensor, s_out: torch.Tensor, s_in: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W ⊙ (1 + s_out @ s_in) as a new (out, in) tensor of ``dtype``, computed by the CUDA kernel."""
+    ext = load_extension()
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    with torch.cuda.device(weight.device):
+        ext.rlrr_weight_out(weight, s_out, s_in, out, torch.cuda.current_stream().cuda_stream)
+    return out
+
+
+def rlrr_grad_scales(grad_weight: torch.Tensor, weight: torch.Tensor, s_out: torch.Tensor,
+                     s_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂s_out (out, r), ∂s_in (r, in)) in float32 from G = dYᵀX and W, computed by the CUDA kernel."""
+    ext = load_extension()
+    with torch.cuda.device(weight.device):
+        grad_s_out, grad_s_in = ext.rlrr_grad_scales(grad_weight, weight, s_out, s_in,
+                                                     torch.cuda.current_stream().cuda_stream)
+    return grad_s_out, grad_s_in
+
+
+__all__ = ["BACKENDS", "ENV_VAR", "KernelUnavailableError", "MAX_RANK", "get_backend", "kernel_available",
+           "load_extension", "rlrr_grad_scales", "rlrr_weight", "set_backend", "use_kernel"]

@@ -1,0 +1,133 @@
+"""LoRA: a trainable low-rank update next to a frozen Linear.
+
+Paper: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022. Initialisation, scaling and
+dropout placement as in huggingface/peft: A (r×in) kaiming-uniform with a = √5 (nn.Linear's default), B (out×r)
+zeros, so the adapted model equals the base model at step 0; dropout on the LoRA branch's input only.
+
+    h = W₀ x + b + (α / r) · B A dropout(x)
+
+Like :class:`peft.rlrr.RLRRLinear`, the wrapper owns the frozen ``weight``/``bias`` under their old names.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SHORT_NAMES = ("q", "k", "v", "proj", "fc1", "fc2")
+
+
+class LoRALinear(nn.Module):
+    """``nn.Linear`` + (α/r) B A. ``delta_weight()`` is the single source for merge, unmerge and export."""
+
+    ADAPTER_PARAMS = ("lora_A", "lora_B")
+
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False  # True while delta_weight() is added into self.weight
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        a = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
+        return y + F.linear(a, self.lora_B) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """(α/r) B A, shape (out, in)."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update into the frozen weight in place (forward then skips the LoRA branch)."""
+        if not self.merged:
+            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update again (exact up to float rounding)."""
+        if self.merged:
+            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            self.merged = False
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        """A new plain, frozen ``nn.Linear`` with weight W₀ + (α/r) B A (this module is left unchanged)."""
+        w = self.weight if self.merged else self.weight + self.delta_weight().to(self.weight.dtype)
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=w.device, dtype=w.dtype)
+        out.weight.copy_(w)
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        out.requires_grad_(False)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"alpha={self.alpha}, merged={self.merged}")
+
+
+def _matches(name: str, target: str) -> bool:
+    """A target is a short name ("q", "fc1": the last name component), a glob or a regex on the full name."""
+    if name == target or name.endswith("." + target):
+        return True
+    if any(c in target for c in "*?[") and fnmatch.fnmatchcase(name, target):
+        return True
+    try:
+        return re.fullmatch(target, name) is not None
+    except re.error:
+        return False
+
+
+def find_lora_targets(model: nn.Module, targets) -> list[str]:
+    """Names of the nn.Linear modules matched by ``targets``; a target that matches none raises ValueError."""
+    if isinstance(targets, str):
+        targets = (targets,)
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    found, unmatched = [], []
+    for t in targets:
+        hits = [n for n in linears if _matches(n, t)]
+        if not hits:
+            unmatched.append(t)
+        found += [n for n in hits if n not in found]
+    if unmatched:
+        raise ValueError(
+            f"LoRA target(s) {', '.join(map(repr, unmatched))} match no nn.Linear; use a short name "
+            f"({', '.join(SHORT_NAMES)}), a glob such as 'blocks.*.attn.q' or a regex on the full module name")
+    return [n for n in linears if n in found]  # model order
+
+
+def inject_lora(model: nn.Module, rank: int = 8, alpha: float = 8.0, targets=("q", "v"),
+                dropout: float = 0.0) -> list[str]:
+    """Wrap the targeted Linears in :class:`LoRALinear` (no freezing). Returns their names."""
+    names = find_lora_targets(model, targets)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, LoRALinear(getattr(owner, child), rank=rank, alpha=alpha, dropout=dropout))
+    return names
+
+
+__all__ = ["LoRALinear", "SHORT_NAMES", "find_lora_targets", "inject_lora"]

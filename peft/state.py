@@ -1,0 +1,74 @@
+"""Merging adapters into plain layers, and saving/loading only what was trained."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .lora import LoRALinear
+from .rlrr import RLRRLinear, SSFConv2d, SSFLayerNorm
+
+
+@torch.no_grad()
+def merge_adapters(model: nn.Module) -> list[str]:
+    """Fold every adapter into the layer it wraps, in place; returns the merged module names.
+
+    RLRR/LoRA wrappers become plain ``nn.Linear`` (W ⊙ (1 + S_out S_in), b + f; or W₀ + (α/r) B A),
+    SSF after a LayerNorm goes into its affine (γ' = s ⊙ γ, β' = s ⊙ β + t), SSF after the patch embedding
+    into the conv (W'[o] = s[o] W[o], b' = s ⊙ b + t). Afterwards the model holds only standard modules
+    with the original names, so ``loaders.save_npz`` exports it. Merged layers are frozen.
+    """
+    merged = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, RLRRLinear):
+            plain = module.merge()
+        elif isinstance(module, LoRALinear):
+            plain = module.merged_linear()
+        elif isinstance(module, (SSFLayerNorm, SSFConv2d)):
+            plain = module.merge()
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, plain)
+        merged.append(name)
+    return merged
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(number of trainable parameter elements, total number of parameter elements)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters only (adapters and head after apply_mode), detached CPU copies by name."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the model's trainable parameters. Strict: keys and shapes must match exactly.
+
+    The model must have been prepared the same way (same apply_mode and options) as when it was saved;
+    otherwise a ValueError lists the missing keys, unexpected keys and shape mismatches.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    wrong = [f"{n}: checkpoint {tuple(state[n].shape)} vs model {tuple(params[n].shape)}"
+             for n in sorted(set(params) & set(state)) if tuple(state[n].shape) != tuple(params[n].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if wrong:
+            parts.append(f"shape mismatches ({len(wrong)}): {'; '.join(wrong)}")
+        raise ValueError("adapter state does not fit this model (apply the same mode and options first): "
+                         + " | ".join(parts))
+    for n, p in params.items():
+        p.copy_(state[n])
+
+
+__all__ = ["adapter_state_dict", "load_adapter_state_dict", "merge_adapters", "trainable_parameters"]
