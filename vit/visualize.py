@@ -332,32 +332,38 @@ def _tiles_rgb(filters: np.ndarray) -> np.ndarray:
 
 
 def plot_patch_filters(components: torch.Tensor | np.ndarray, explained: torch.Tensor | np.ndarray | None = None,
-                       raw: torch.Tensor | np.ndarray | None = None, columns: int = 7, cell: float = 0.95,
+                       raw: torch.Tensor | np.ndarray | None = None, columns: int = 7, cell: float = 0.9,
                        title: str = "Principal components of the patch-embedding filters"):
-    """Each PCA component (k, C, P, P) as a min-max scaled RGB tile; optionally raw filters (m, C, P, P) below."""
+    """Each PCA component (k, C, P, P) as a min-max scaled RGB tile; optionally raw filters (m, C, P, P) below.
+
+    ``explained``: each component's share of the variance, shown above its tile.
+    """
     sections = [("", np.asarray(components), explained)]
     if raw is not None:
-        sections.append(("Raw filters (first {})".format(len(raw)), np.asarray(raw), None))
-    layout = [(label, t, e, math.ceil(len(t) / columns)) for label, t, e in sections]
-    heights = []
-    for *_, rows in layout:
-        heights += ([0.25] if heights else []) + [1.0] * rows  # a thin spacer row between sections
-    n_rows = len(heights)
-    fig = _figure(cell * columns + 0.4, cell * 1.2 * sum(heights) + 0.7)
-    grid = fig.add_gridspec(n_rows, columns, height_ratios=heights, left=0.03, right=0.97,
-                            top=1 - 0.55 / fig.get_figheight(), bottom=0.02, wspace=0.12, hspace=0.45)
-    fig.suptitle(title, fontsize=10)
-    row0 = 0
-    for label, tiles, expl, rows in layout:
-        rgb = _tiles_rgb(tiles)
-        for n, tile in enumerate(rgb):
-            ax = fig.add_subplot(grid[row0 + n // columns, n % columns])
+        sections.append((f"Raw filters (first {len(raw)}), each min-max scaled", np.asarray(raw), None))
+    # Lay the tiles out in inches: title, then per section an optional label line and rows of titled tiles.
+    margin, gap, tile_title, label_h = 0.2, 0.1, 0.2, 0.35
+    title_h = 0.25 + 0.2 * title.count("\n") + 0.15
+    width = 2 * margin + columns * cell + (columns - 1) * gap
+    row_h = tile_title + cell + gap
+    height = title_h + margin + sum((label_h if label else 0) + math.ceil(len(t) / columns) * row_h
+                                    for label, t, _ in sections)
+    fig = _figure(width, height)
+    fig.suptitle(title, fontsize=10, y=1 - 0.1 / height, va="top")
+    y = title_h
+    for label, tiles, expl in sections:
+        if label:
+            fig.text(margin / width, 1 - (y + 0.25) / height, label, fontsize=9)
+            y += label_h
+        for n, tile in enumerate(_tiles_rgb(tiles)):
+            r, c = divmod(n, columns)
+            top = y + r * row_h + tile_title
+            ax = fig.add_axes([(margin + c * (cell + gap)) / width, 1 - (top + cell) / height, cell / width,
+                               cell / height])
             ax.imshow(tile, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if expl is not None:
                 ax.set_title(f"{n + 1}: {100 * float(expl[n]):.1f}%", fontsize=7, pad=2)
-            elif n == 0 and label:
-                ax.set_title(label, fontsize=8, loc="left", pad=2)
-        row0 += rows + 1
+        y += math.ceil(len(tiles) / columns) * row_h
     return fig

@@ -1,0 +1,79 @@
+"""Principal components of the patch-embedding filters, as in Figure 7 (left) of the ViT paper.
+
+The patch embedding is a linear map of each P×P patch: D filters of length 3·P·P. Their PCA shows the basis
+the model projects patches onto; the first 28 components (fewer if the filters span fewer) are drawn as
+P×P RGB tiles, each min-max scaled, titled with the fraction of variance it explains. --raw adds the first
+raw filters below. The computation is vit.visualize.patch_filter_pca; this is a thin command-line shell.
+"""
+
+import os
+import sys
+
+# Run from a checkout without installing: put the repository root first on the import path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+
+from attention_map import load_model  # noqa: E402  (tools/ is on sys.path when run as a script)
+from vit import visualize  # noqa: E402
+
+log = logging.getLogger("patch_filters")
+
+EXAMPLES = """examples:
+  python tools/patch_filters.py --checkpoint ~/.cache/vit-peft/ViT-B_16.npz --output img/patch_filters.png
+  python tools/patch_filters.py --checkpoint runs/quickstart/pretrained.npz --raw
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="Google .npz, fine-tuning checkpoint .pt or run folder "
+                                        "(default: ~/.cache/vit-peft/ViT-B_16.npz)")
+    p.add_argument("--weights", help="base .npz for a fine-tuning checkpoint whose base weights moved")
+    p.add_argument("--components", type=int, default=28, help="principal components to show (default: 28)")
+    p.add_argument("--raw", action="store_true", help="also show the first raw filters")
+    p.add_argument("--columns", type=int, default=7, help="tiles per row (default: 7)")
+    p.add_argument("--output", default="img/patch_filters.png", help="PNG to write (default: "
+                                                                      "img/patch_filters.png)")
+    p.add_argument("--save-npy", action="store_true", help="also save the (k, C, P, P) components as <stem>.npy")
+    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default: 100)")
+    args = p.parse_args(argv)
+    if args.components < 1 or args.columns < 1:
+        p.error("--components and --columns must be at least 1")
+    return args
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    model, _, desc = load_model(args.checkpoint, weights=args.weights)
+    weight = model.patch_embed.weight.detach()  # (D, C, P, P)
+    comps, explained = visualize.patch_filter_pca(weight, k=args.components)
+    d, c, p, _ = weight.shape
+    log.info("model %s: %d filters of %dx%dx%d; first %d components explain %.1f%% of their variance",
+             desc, d, c, p, p, len(comps), 100 * float(explained.sum()))
+    raw = weight[:args.components] if args.raw else None
+    fig = visualize.plot_patch_filters(
+        comps, explained, raw=raw, columns=args.columns,
+        title=f"Patch-embedding filters of {desc}: first {len(comps)} principal components\n"
+              f"({d} filters of {c}x{p}x{p}; % = share of variance)")
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=args.dpi)
+    log.info("wrote %s", out)
+    if args.save_npy:
+        np.save(out.with_suffix(".npy"), comps.numpy())
+        log.info("wrote %s", out.with_suffix(".npy"))
+
+
+if __name__ == "__main__":
+    main()
