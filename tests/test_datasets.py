@@ -35,7 +35,8 @@ class Py2Pickler(pickle._Pickler):
     def save_bytes(self, obj):
         obj = obj.encode("latin-1") if isinstance(obj, str) else obj
         n = len(obj)
-        self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256 else pickle.BINSTRING + struct.pack("<i", n) + obj)
+        head = pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)
+        self.write(head + obj)
         self.memoize(obj)
 
     dispatch[bytes] = save_bytes
