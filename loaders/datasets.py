@@ -573,7 +573,7 @@ def load_tiny_imagenet(root: str | Path | None = None, split: str = "train", dow
     finally:
         source.close()
 
-    tmp = cache.with_name(cache.name + ".tmp")
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # per process: several ranks may build it at once
     try:
         with open(tmp, "wb") as f:
             np.savez(f, images=images, labels=labels, classes=np.array(classes), wnids=np.array(wnids),
