@@ -1,0 +1,176 @@
+"""Fine-tuning checkpoints: small, safe to load, and enough to rebuild the fine-tuned model.
+
+A checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` accepts: tensors, numbers, strings,
+lists and dicts only (no pickled classes). For the parameter-efficient modes it holds only what was trained
+(``peft.adapter_state_dict``: adapters and head, a few MB) and names the base weights by path and sha256; the
+base model is rebuilt from the ``.npz`` and checked against that digest. Training from scratch (``--weights
+none``) and full fine-tuning store every parameter instead.
+
+Keys: ``format``, ``version``, ``model_config`` (``ViTConfig`` fields), ``mode``, ``mode_options``,
+``base_weights`` ({"name", "path", "sha256"} or None), ``state_dict_kind`` ("adapters" | "full"),
+``state_dict``, ``classes``, ``options`` (the training options), ``epoch``, ``step``, ``best_val_accuracy``,
+``history`` (per-epoch metrics), and, in the latest-state file only, ``training_state`` (optimizer, scheduler,
+GradScaler, RNG states) used by ``--resume``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT = "vit-peft-finetune"
+VERSION = 1
+LATEST = "checkpoint.pt"  # latest state, rewritten every epoch; --resume reads it
+BEST = "best.pt"  # model with the best validation accuracy so far (no optimizer state)
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint does not fit the weights, model or options it is being combined with."""
+
+
+def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file in the same folder, then os.replace: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint file (or ``best.pt``/``checkpoint.pt`` inside a run folder) with weights_only=True."""
+    path = resolve_checkpoint_path(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointMismatch(f"{path} is not a checkpoint written by tools/finetune.py (format {FORMAT!r})")
+    if ckpt.get("version", 0) > VERSION:
+        raise CheckpointMismatch(f"{path} has format version {ckpt['version']}; this code reads up to {VERSION}")
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
+    """A file as is; a run folder gives its best.pt, else its checkpoint.pt."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (BEST, LATEST):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"no {BEST} or {LATEST} in folder {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- RNG states
+# Every random stream that influences training, as tensors and plain Python values (weights_only-safe).
+
+def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict:
+    np_state = np.random.get_state()  # ('MT19937', uint32[624], pos, has_gauss, cached_gaussian)
+    state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": _to_lists(random.getstate()),
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+    return state
+
+
+def restore_rng(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    random.setstate(_to_tuples(state["python"]))
+    for name, g in (generators or {}).items():
+        if name not in state["generators"]:
+            raise CheckpointMismatch(f"checkpoint has no state for random generator {name!r}")
+        g.set_state(state["generators"][name])
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, tuple) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+# ------------------------------------------------------------------------------------------ rebuilding models
+
+def build_base_model(model_config: dict, base_weights: dict | None, weights: str | os.PathLike | None = None,
+                     verify: bool = True):
+    """The model before adapters: the recorded .npz (or ``weights`` instead), or a fresh one from the config."""
+    import vit
+
+    config = vit.ViTConfig(**model_config)
+    if base_weights is None:  # trained from scratch: the checkpoint holds every parameter
+        return vit.VisionTransformer(config)
+    import loaders
+
+    path = Path(weights) if weights is not None else Path(base_weights["path"])
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"base weights {path} (recorded name {base_weights.get('name')!r}) not found; pass weights=... "
+            "(--weights PATH) pointing to the same .npz file")
+    if verify and base_weights.get("sha256"):
+        from loaders.download import file_digest
+
+        digest = file_digest(path, "sha256")
+        if digest != base_weights["sha256"]:
+            raise CheckpointMismatch(
+                f"base weights {path} have sha256 {digest}, but the checkpoint was trained on "
+                f"{base_weights.get('name')!r} with sha256 {base_weights['sha256']}")
+    return loaders.load_npz(path, num_classes=config.num_classes, image_size=config.image_size)
+
+
+def load_model_from_checkpoint(path: str | os.PathLike, weights: str | os.PathLike | None = None,
+                               device: str | torch.device = "cpu"):
+    """Rebuild a fine-tuned model (base weights + adapters, not merged) from a checkpoint; eval mode, fp32.
+
+    ``path``: a checkpoint file or a run folder (its best.pt). ``weights``: the base .npz, if it has moved
+    since training (its sha256 must match the recorded one). Returns ``(model, meta)`` where meta is the
+    checkpoint dict without state tensors (config, mode, classes, options, history, ...).
+    """
+    import vit
+
+    peft = vit.require_project_peft()
+    ckpt = load_checkpoint(path)
+    state = ckpt["state_dict"]
+    if ckpt["state_dict_kind"] == "full":  # from scratch or full fine-tuning: every parameter is stored
+        model = vit.VisionTransformer(vit.ViTConfig(**ckpt["model_config"]))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointMismatch(f"{ckpt['path']}: missing keys {missing}, unexpected keys {unexpected}")
+    else:  # base .npz (sha256-checked) + the trained adapters and head
+        model = build_base_model(ckpt["model_config"], ckpt["base_weights"], weights)
+        peft.apply_mode(model, ckpt["mode"], **ckpt["mode_options"])
+        peft.load_adapter_state_dict(model, state)
+    meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "training_state")}
+    return model.to(device).eval(), meta
+
+
+def config_dict(config) -> dict:
+    """ViTConfig → plain dict for the checkpoint."""
+    return dataclasses.asdict(config)
