@@ -296,7 +296,14 @@ def _check_against_table(params, config, source):
                 problems.append(f"{key!r} has shape {tuple(params[key].shape)}, expected {want} "
                                 f"(for {name}, converter {conv_.name})")
     if problems:
-        raise CheckpointError(f"{source} does not fit a ViT with {config}:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{source} does not fit the ViT its shapes describe ({_describe(config)}):\n  "
+                              + "\n  ".join(problems))
+
+
+def _describe(c: ViTConfig) -> str:
+    pre = f", pre_logits {c.representation_size}" if c.representation_size else ""
+    return (f"patch {c.patch_size}, hidden {c.hidden_size}, {c.num_layers} blocks, {c.num_heads} heads, "
+            f"MLP {c.mlp_dim}, {c.image_size} px, {c.num_classes} classes{pre}")
 
 
 def _torch_shapes(config: ViTConfig) -> dict[str, torch.Size]:
