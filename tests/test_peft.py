@@ -1,0 +1,282 @@
+"""Adapters on a real (tiny) ViT: exact identity init, merge, export, gradients, adapter state, counts."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import vit
+from peft import kernels
+
+peft = vit.require_project_peft()
+from peft.lora import LoRALinear  # noqa: E402
+from peft.rlrr import SSF, RLRRLinear, SSFConv2d, SSFLayerNorm  # noqa: E402
+
+ADAPTER_CLASSES = (RLRRLinear, LoRALinear, SSF, SSFLayerNorm, SSFConv2d)
+
+
+@pytest.fixture(autouse=True)
+def torch_backend():
+    kernels.set_backend("torch")
+    yield
+    kernels.set_backend(None)
+
+
+def make_model(seed=0, name="testing"):
+    """A tiny ViT whose every parameter is random (so norms, biases, CLS and head all matter)."""
+    torch.manual_seed(seed)
+    model = vit.VisionTransformer(vit.get_config(name))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm1.weight") or n.endswith("norm2.weight") or n == "norm.weight":
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / math.sqrt(max(p.shape[-1], 1)))
+    return model.eval()
+
+
+def images(seed=1, n=3, size=32):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def randomize_adapters(model, seed=5, scale=0.3):
+    """Move every adapter parameter away from its init, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in peft.adapter_parameter_names(model):
+            p = model.get_parameter(name)
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ── identity init and merge ────────────────────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("method", ["rlrr", "lora"])
+def test_identity_init_equals_base_exactly(method):
+    x = images()
+    model = make_model()
+    with torch.no_grad():
+        base = model(x)
+    if method == "rlrr":
+        peft.apply_rlrr(model, init="identity")
+        assert all(torch.all(m.s_out == 0) and m.s_in.abs().sum() > 0
+                   for m in model.modules() if isinstance(m, RLRRLinear))
+    else:
+        peft.apply_lora(model, rank=4, alpha=8, targets=("q", "k", "v", "proj", "fc1", "fc2"))
+    with torch.no_grad():
+        adapted = model(x)
+    assert torch.equal(adapted, base)
+
+
+def test_official_init_is_not_identity_and_within_bounds():
+    model = make_model()
+    x = images()
+    with torch.no_grad():
+        base = model(x)
+    peft.apply_rlrr(model, rank=2, init="official")
+    q = model.blocks[0].attn.q
+    fc1 = model.blocks[0].mlp.fc1
+    for m in (q, fc1):
+        assert m.s_in.abs().max() <= math.sqrt(6 / m.in_features)
+        assert m.s_in.abs().max() > 0.5 * math.sqrt(6 / m.in_features)
+        assert m.s_out.abs().max() <= math.sqrt(6 / 2)
+        assert torch.all(m.f == 0)
+    ssf = model.blocks[0].norm1.ssf
+    assert abs(ssf.scale.mean().item() - 1) < 0.05 and 0 < ssf.scale.std().item() < 0.1
+    with torch.no_grad():
+        assert not torch.allclose(model(x), base)
+
+
+def test_rlrr_merge_matches_adapted_and_leaves_plain_modules(tmp_path):
+    loaders = pytest.importorskip("loaders")
+    model = make_model()
+    peft.apply_rlrr(model, rank=1, init="official")
+    randomize_adapters(model)
+    x = images()
+    with torch.no_grad():
+        adapted = model(x)
+    merged_names = peft.merge_adapters(model)
+    assert "patch_embed" in merged_names and "blocks.1.mlp.fc2" in merged_names and "norm" in merged_names
+    assert not any(isinstance(m, ADAPTER_CLASSES) for m in model.modules())
+    assert type(model.patch_embed) is nn.Conv2d and type(model.norm) is nn.LayerNorm
+    assert all(type(b.norm1) is nn.LayerNorm and type(b.attn.q) is nn.Linear for b in model.blocks)
+    assert set(model.state_dict()) == set(make_model().state_dict())
+    with torch.no_grad():
+        merged = model(x)
+    assert rel_err(merged, adapted) <= 1e-5
+
+    # the merged model exports to Google's layout and comes back with the same logits
+    path = loaders.save_npz(model, tmp_path / "merged.npz")
+    reloaded = loaders.load_npz(path)
+    with torch.no_grad():
+        assert rel_err(reloaded(x), merged) <= 1e-6
+
+
+def test_lora_merge_unmerge_and_export():
+    model = make_model()
+    peft.apply_lora(model, rank=4, alpha=6, targets=("q", "v", "fc1"))
+    randomize_adapters(model)  # B is zero at init; make it non-trivial
+    x = images()
+    with torch.no_grad():
+        adapted = model(x)
+        q = model.blocks[0].attn.q
+        w0 = q.weight.clone()
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.merge()
+        assert q.merged
+        torch.testing.assert_close(q.weight, w0 + (q.lora_B @ q.lora_A) * 6 / 4)
+        assert rel_err(model(x), adapted) <= 1e-5
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.unmerge()
+        torch.testing.assert_close(q.weight, w0, rtol=0, atol=1e-6)
+        assert rel_err(model(x), adapted) <= 1e-6
+    peft.merge_adapters(model)
+    assert not any(isinstance(m, ADAPTER_CLASSES) for m in model.modules())
+    with torch.no_grad():
+        assert rel_err(model(x), adapted) <= 1e-5
+
+
+def test_rlrr_impls_agree():
+    x = images()
+    results = {}
+    for impl in ("function", "official"):
+        model = make_model()
+        peft.apply_rlrr(model, init="official", impl=impl)
+        torch.manual_seed(0)
+        randomize_adapters(model)
+        y = model(x)
+        y.square().mean().backward()
+        results[impl] = (y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    (y1, g1), (y2, g2) = results["function"], results["official"]
+    assert rel_err(y1, y2) <= 1e-5
+    assert set(g1) == set(g2)
+    scale = max(g.abs().max().item() for g in g2.values())
+    for n in g1:  # some gradients are ~0 by symmetry (a key bias shifts no softmax): compare at a common scale
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-6 * scale, msg=n)
+
+
+# ── which parameters train ─────────────────────────────────────────────────────────────────────────────
+
+EXPECTED_TRAINABLE = {
+    "head": lambda n: n.startswith("head."),
+    "mlp": lambda n: n.startswith("head.") or ".mlp.fc" in n,
+    "full": lambda n: True,
+    "lora": lambda n: n.startswith("head.") or "lora_" in n,
+    "rlrr": lambda n: n.startswith("head.") or n.split(".")[-1] in ("s_out", "s_in", "f", "scale", "shift"),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(EXPECTED_TRAINABLE))
+def test_only_expected_parameters_get_gradients(mode):
+    model = make_model()
+    peft.apply_mode(model, mode)
+    model.train()
+    model(images()).logsumexp(-1).sum().backward()
+    expected = EXPECTED_TRAINABLE[mode]
+    names = [n for n, _ in model.named_parameters()]
+    assert any(expected(n) for n in names)
+    for n, p in model.named_parameters():
+        assert p.requires_grad == expected(n), n
+        if expected(n):
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+        else:
+            assert p.grad is None, n
+    if mode == "rlrr":  # every RLRR/SSF parameter actually receives signal
+        assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in peft.adapter_parameter_names(model))
+
+
+def test_apply_mode_options_and_errors():
+    model = make_model()
+    changed = peft.apply_mode(model, "lora", lora_rank=2, lora_alpha=4, lora_targets=["fc2"], rlrr_rank=3)
+    assert changed == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc2"]
+    assert model.blocks[0].mlp.fc2.lora_A.shape == (2, 32) and model.blocks[0].mlp.fc2.scaling == 2
+    with pytest.raises(ValueError, match="already has adapters"):
+        peft.apply_rlrr(model)
+    with pytest.raises(TypeError, match="lora_rnak"):
+        peft.apply_mode(make_model(), "lora", lora_rnak=4)
+    with pytest.raises(ValueError, match="mode 'bitfit'"):
+        peft.apply_mode(make_model(), "bitfit")
+    with pytest.raises(ValueError, match="init"):
+        peft.apply_rlrr(make_model(), init="zeros")
+
+
+def test_lora_targets_short_glob_regex_and_unknown():
+    model = make_model()
+    assert peft.apply_lora(model, targets=("blocks.*.attn.k", r"blocks\.1\.mlp\.fc\d")) == [
+        "blocks.0.attn.k", "blocks.1.attn.k", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
+    with pytest.raises(ValueError, match="'qkv'"):
+        peft.apply_lora(make_model(), targets=("q", "qkv"))
+
+
+# ── adapter state ──────────────────────────────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("mode", ["rlrr", "lora", "mlp"])
+def test_adapter_state_round_trip(mode):
+    x = images()
+    trained = make_model()
+    peft.apply_mode(trained, mode, lora_rank=2)
+    randomize_adapters(trained)
+    with torch.no_grad():
+        trained.head.weight.normal_()
+    state = peft.adapter_state_dict(trained)
+    assert set(state) == {n for n, p in trained.named_parameters() if p.requires_grad}
+    assert all(not t.requires_grad for t in state.values())
+
+    fresh = make_model()  # same base weights, different adapter init
+    peft.apply_mode(fresh, mode, lora_rank=2)
+    with torch.no_grad():
+        assert not torch.allclose(fresh(x), trained(x))
+    peft.load_adapter_state_dict(fresh, state)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), trained(x))
+
+
+def test_adapter_state_mismatch_errors():
+    model = make_model()
+    peft.apply_rlrr(model)
+    state = peft.adapter_state_dict(model)
+    bad = dict(state)
+    del bad["blocks.0.attn.q.s_in"]
+    bad["blocks.0.attn.q.lora_A"] = torch.zeros(1)
+    bad["head.weight"] = torch.zeros(3, 16)
+    with pytest.raises(ValueError) as info:
+        peft.load_adapter_state_dict(model, bad)
+    msg = str(info.value)
+    assert "missing keys (1): blocks.0.attn.q.s_in" in msg
+    assert "unexpected keys (1): blocks.0.attn.q.lora_A" in msg
+    assert "head.weight: checkpoint (3, 16) vs model (10, 16)" in msg
+    lora_model = make_model()
+    peft.apply_lora(lora_model)
+    with pytest.raises(ValueError, match="s_out"):
+        peft.load_adapter_state_dict(lora_model, state)
+
+
+# ── parameter counts for ViT-B/16 (built on the meta device: no memory, no init cost) ──────────────────
+
+def b16(num_classes=10):
+    with torch.device("meta"):
+        return vit.VisionTransformer(vit.get_config("ViT-B/16", num_classes=num_classes))
+
+
+@pytest.mark.parametrize("mode, backbone", [("rlrr", 288_768), ("lora", 294_912), ("head", 0),
+                                            ("mlp", 12 * (768 * 3072 * 2 + 3072 + 768)), ("full", None)])
+def test_vit_b16_trainable_counts(mode, backbone):
+    model = b16()
+    peft.apply_mode(model, mode)
+    trainable, total = peft.trainable_parameters(model)
+    head = 769 * 10
+    if backbone is None:  # full: everything, i.e. the plain model's size
+        assert trainable == total == sum(p.numel() for p in b16().parameters())
+    else:
+        assert trainable == backbone + head
+    if mode == "rlrr":  # by hand: 6 linears per block (s_out + s_in + f) and 4 SSF sites per model
+        per_block = 4 * (768 + 768 + 768) + (3072 + 768 + 3072) + (768 + 3072 + 768) + 2 * 2 * 768
+        assert backbone == 12 * per_block + 2 * 2 * 768
+    if mode == "lora":
+        assert backbone == 12 * 2 * 8 * (768 + 768)

@@ -1,0 +1,157 @@
+"""RLRRLinearFunction against independent references: gradcheck, autograd through the naive formula,
+what it saves for backward, autocast, and the backend switch (on the CPU)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peft import kernels
+from peft.functional import RLRRLinearFunction, official_rlrr_linear, rlrr_scale_grads, rlrr_weight
+
+
+def naive(x, w, b, s_out, s_in, f):
+    """The formula as written in the paper, differentiated by autograd."""
+    w_eff = w * (1 + s_out @ s_in)
+    return F.linear(x, w_eff, (b if b is not None else 0) + f)
+
+
+def make_inputs(out=6, inp=5, rank=1, batch=(2, 3), dtype=torch.float64, bias=True, seed=0, grad_w=False):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    x = r(*batch, inp).requires_grad_()
+    w = r(out, inp).requires_grad_(grad_w)
+    b = r(out).requires_grad_(grad_w) if bias else None
+    s_out = r(out, rank).requires_grad_()
+    s_in = r(rank, inp).requires_grad_()
+    f = r(out).requires_grad_()
+    return x, w, b, s_out, s_in, f
+
+
+@pytest.fixture(autouse=True)
+def torch_backend():
+    kernels.set_backend("torch")
+    yield
+    kernels.set_backend(None)
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_float64(rank, bias):
+    inputs = make_inputs(rank=rank, bias=bias, grad_w=True)
+    assert torch.autograd.gradcheck(RLRRLinearFunction.apply, inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_matches_naive_autograd_fp32(rank):
+    inputs = make_inputs(out=33, inp=17, rank=rank, batch=(4, 7), dtype=torch.float32, seed=1)
+    y = RLRRLinearFunction.apply(*inputs)
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [inputs[i] for i in (0, 3, 4, 5)], gy)
+    y_ref = naive(*inputs)
+    ref = torch.autograd.grad(y_ref, [inputs[i] for i in (0, 3, 4, 5)], gy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(["x", "s_out", "s_in", "f"], grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"gradient of {name}")
+
+
+def test_official_formula_matches_function():
+    inputs = make_inputs(out=12, inp=9, rank=1, batch=(5,), dtype=torch.float64, seed=2)
+    y1 = RLRRLinearFunction.apply(*inputs)
+    y2 = official_rlrr_linear(*inputs)
+    torch.testing.assert_close(y1, y2)
+    g1 = torch.autograd.grad(y1.sum(), [inputs[3], inputs[4]])
+    g2 = torch.autograd.grad(y2.sum(), [inputs[3], inputs[4]])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_scale_grad_formula_elementwise():
+    """∂s_out[i,k] = Σ_j G W s_in[k,j] and ∂s_in[k,j] = Σ_i G W s_out[i,k], written as explicit loops."""
+    g = torch.Generator().manual_seed(3)
+    G, W = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    s_out, s_in = torch.randn(4, 2, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)
+    d_out, d_in = rlrr_scale_grads(G, W, s_out, s_in)
+    for i in range(4):
+        for k in range(2):
+            assert math.isclose(d_out[i, k], sum(G[i, j] * W[i, j] * s_in[k, j] for j in range(3)), rel_tol=1e-12)
+    for k in range(2):
+        for j in range(3):
+            assert math.isclose(d_in[k, j], sum(G[i, j] * W[i, j] * s_out[i, k] for i in range(4)), rel_tol=1e-12)
+
+
+def _saved_numel(fn, inputs):
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(*inputs)
+    return y, sum(sizes), sizes
+
+
+def test_function_does_not_save_the_rescaled_weight():
+    out, inp, rank = 64, 48, 1
+    x, w, b, s_out, s_in, f = make_inputs(out=out, inp=inp, rank=rank, batch=(2,), dtype=torch.float32)
+    _, fn_total, fn_sizes = _saved_numel(RLRRLinearFunction.apply, (x, w, b, s_out, s_in, f))
+    # exactly x, W, s_out, s_in
+    assert sorted(fn_sizes) == sorted([x.numel(), w.numel(), s_out.numel(), s_in.numel()])
+    _, naive_total, _ = _saved_numel(naive, (x, w, b, s_out, s_in, f))
+    _, official_total, _ = _saved_numel(official_rlrr_linear, (x, w, b, s_out, s_in, f))
+    # the naive and official graphs keep at least one more out×in tensor (W' or an intermediate product)
+    assert naive_total >= fn_total + out * inp
+    assert official_total >= fn_total + out * inp
+    y = RLRRLinearFunction.apply(x, w, b, s_out, s_in, f)
+    y.sum().backward()  # still differentiable after the hooks
+    assert s_out.grad is not None and s_in.grad is not None and f.grad is not None
+
+
+def test_autocast_bf16_on_cpu():
+    x, w, b, s_out, s_in, f = make_inputs(out=32, inp=24, rank=1, batch=(4, 5), dtype=torch.float32, seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = RLRRLinearFunction.apply(x, w, b, s_out, s_in, f)
+        y_official = official_rlrr_linear(x, w, b, s_out, s_in, f)
+    assert y.dtype == torch.bfloat16 == y_official.dtype
+    y_ref = naive(x.double(), w.double(), b.double(), s_out.double(), s_in.double(), f.double())
+    torch.testing.assert_close(y.double(), y_ref, rtol=3e-2, atol=3e-2 * y_ref.abs().max().item())
+    torch.testing.assert_close(y.float(), y_official.float(), rtol=2e-2, atol=2e-2 * y_ref.abs().max().item())
+    gy = torch.randn_like(y_ref)
+    g = torch.autograd.grad(y, [x, s_out, s_in, f], gy.to(torch.bfloat16))
+    g_ref = torch.autograd.grad(y_ref, [x, s_out, s_in, f], gy)
+    for name, a, r in zip(["x", "s_out", "s_in", "f"], g, g_ref):
+        assert a.dtype == torch.float32, name  # gradients come back in the parameters' dtype
+        err = (a.double() - r).norm() / r.norm()
+        assert err < 2e-2, f"{name}: relative error {err:.3g}"
+
+
+def test_rlrr_weight_helper_exact_for_zero_scale():
+    w = torch.randn(5, 4)
+    assert torch.equal(rlrr_weight(w, torch.zeros(5, 1), torch.randn(1, 4)), w)
+
+
+def test_backend_env_var(monkeypatch):
+    kernels.set_backend(None)
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    assert kernels.get_backend() == "torch"
+    monkeypatch.setenv(kernels.ENV_VAR, "AUTO")
+    assert kernels.get_backend() == "auto"
+    monkeypatch.setenv(kernels.ENV_VAR, "gpu")
+    with pytest.raises(ValueError, match="VIT_PEFT_KERNEL"):
+        kernels.get_backend()
+    with pytest.raises(ValueError, match="backend"):
+        kernels.set_backend("fast")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_forced_cuda_backend_fails_clearly_on_cpu_and_auto_falls_back():
+    inputs = make_inputs(dtype=torch.float32)
+    expected = RLRRLinearFunction.apply(*inputs)
+    kernels.set_backend("cuda")
+    with pytest.raises(kernels.KernelUnavailableError, match="VIT_PEFT_KERNEL=cuda"):
+        RLRRLinearFunction.apply(*inputs)
+    kernels.set_backend("auto")
+    assert torch.equal(RLRRLinearFunction.apply(*inputs), expected)
+    assert not kernels.kernel_available()
