@@ -117,6 +117,9 @@ def _fetch_into(url: str, part: Path, size: int | None, desc: str) -> None:
     with response:
         status = getattr(response, "status", None)
         resumed = have and status == 206
+        if resumed and not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+            raise ValueError(f"asked for bytes {have}- but the server sent "
+                             f"{response.headers.get('Content-Range')!r}; delete {part} to start over")
         if have and not resumed:
             log.info("%s: the server ignored the Range request (status %s); starting over", url, status)
             have = 0
@@ -125,9 +128,13 @@ def _fetch_into(url: str, part: Path, size: int | None, desc: str) -> None:
         with open(part, "ab" if resumed else "wb") as f, tqdm(
                 total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                 disable=None) as bar:
+            received = 0
             while chunk := response.read(CHUNK):
                 f.write(chunk)
+                received += len(chunk)
                 bar.update(len(chunk))
             f.flush()
             os.fsync(f.fileno())
+    if length and length.isdigit() and received < int(length):  # urllib returns b"" when the link drops
+        raise OSError(f"the connection closed after {received:,} of {int(length):,} bytes")
 

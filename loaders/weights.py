@@ -68,15 +68,15 @@ def fetch_weights(name: str = "ViT-B_16", cache_dir=None, url: str | None = None
         return local
     key = name.replace("/", "_")
     info = KNOWN_WEIGHTS.get(key)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    dest = cache / (key if key.endswith(".npz") else f"{key}.npz")
+    if dest.is_file() and (info is None or info.sha256 is None):
+        return dest  # verified by structure when it was downloaded (or put there by hand)
     if info is None and url is None:
         if name.endswith(".npz") or os.sep in name:
             raise DownloadError(f"checkpoint file {local} does not exist")
         raise DownloadError(f"unknown weights {name!r}: known names are {', '.join(KNOWN_WEIGHTS)}; "
-                            "or pass a local .npz path, or a url")
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    dest = cache / (key if key.endswith(".npz") else f"{key}.npz")
-    if dest.is_file() and (info is None or info.sha256 is None):
-        return dest  # verified by structure when it was downloaded
+                            f"or pass a local .npz path, or a url (nothing named {dest.name} in {cache})")
     source = url or info.url
     # A mirror URL for a known name still has to produce the same bytes, so the checksum stays.
     download_file(source, dest, size=info.size if info else None, sha256=info.sha256 if info else None,
