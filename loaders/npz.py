@@ -181,7 +181,8 @@ def read_npz(path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = archive.files
-            members = zipfile.ZipFile(path).namelist()
+            with zipfile.ZipFile(path) as z:
+                members = z.namelist()
             if any(m.endswith("data.pkl") for m in members):
                 raise CheckpointError(
                     f"{path} is not an .npz checkpoint: it is a PyTorch torch.save file (a zip holding "
@@ -295,6 +296,8 @@ def _check_against_table(params, config, source):
             if tuple(params[key].shape) != want:
                 problems.append(f"{key!r} has shape {tuple(params[key].shape)}, expected {want} "
                                 f"(for {name}, converter {conv_.name})")
+            elif not np.issubdtype(params[key].dtype, np.floating):
+                problems.append(f"{key!r} has dtype {params[key].dtype}, expected floating point")
     if problems:
         raise CheckpointError(f"{source} does not fit the ViT its shapes describe ({_describe(config)}):\n  "
                               + "\n  ".join(problems))
@@ -312,13 +315,14 @@ def _torch_shapes(config: ViTConfig) -> dict[str, torch.Size]:
 
 
 def params_to_model(params: dict[str, np.ndarray], num_classes: int | None = None,
-                    image_size: int | None = None, source: str = "checkpoint") -> VisionTransformer:
+                    image_size: int | None = None, *, dropout_rate: float = 0.0,
+                    attention_dropout_rate: float = 0.0, source: str = "checkpoint") -> VisionTransformer:
     """Build a VisionTransformer from Google-layout arrays (what :func:`load_npz` does after reading)."""
     params = _strip_prefix(params, source)
     file_config = infer_config(params, source)
     _check_against_table(params, file_config, source)
 
-    config = file_config
+    config = file_config.replace(dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate)
     if num_classes is not None:  # Google's fine-tuning: no pre_logits, a new zero-initialised head
         if num_classes < 1:
             raise CheckpointError(f"num_classes must be positive, got {num_classes}")
@@ -359,15 +363,19 @@ def params_to_model(params: dict[str, np.ndarray], num_classes: int | None = Non
     return model.eval()
 
 
-def load_npz(path, num_classes: int | None = None, image_size: int | None = None) -> VisionTransformer:
+def load_npz(path, num_classes: int | None = None, image_size: int | None = None, *,
+             dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0) -> VisionTransformer:
     """Load a Google ViT ``.npz`` checkpoint into a VisionTransformer (eval mode, float32).
 
     The config (size, depth, heads, patch, resolution, pre_logits, classes) is read from the array shapes.
     Every key and shape is checked before anything is copied. ``num_classes=K`` drops ``pre_logits`` and
     starts a zero-initialised K-way head (Google's fine-tuning recipe); ``image_size=S`` resizes the
-    position-embedding grid bilinearly (S must be a multiple of the patch size).
+    position-embedding grid bilinearly (S must be a multiple of the patch size). The dropout rates are not
+    stored in checkpoints; set them here for fine-tuning (the model is returned in eval mode either way).
     """
-    return params_to_model(read_npz(path), num_classes=num_classes, image_size=image_size, source=str(path))
+    return params_to_model(read_npz(path), num_classes=num_classes, image_size=image_size,
+                           dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate,
+                           source=str(path))
 
 
 # ── saving ───────────────────────────────────────────────────────────────────────────────────────────────

@@ -148,6 +148,15 @@ def test_image_size_resizes_the_position_grid(tmp_path, caplog):
     assert torch.equal(same.pos_embed.detach(), pos) and "resizing" not in caplog.text
 
 
+def test_dropout_rates_are_set_at_load_time(tmp_path):
+    src = tmp_path / "ckpt.npz"
+    write_google_npz(src, CONFIG)
+    model = load_npz(src, num_classes=3, dropout_rate=0.1, attention_dropout_rate=0.05)
+    assert model.config.dropout_rate == 0.1 and model.config.attention_dropout_rate == 0.05
+    assert model.blocks[0].mlp.drop1.p == 0.1 and model.blocks[0].attn.attn_drop.p == 0.05
+    assert not model.training  # eval mode: the caller switches to train()
+
+
 def test_image_size_not_divisible_by_patch(tmp_path):
     src = tmp_path / "ckpt.npz"
     write_google_npz(src, CONFIG)
@@ -193,6 +202,13 @@ def test_wrong_shape(tmp_path, key, shape, expected):
     assert str(path) in str(e.value) and ("embedding/kernel" in str(e.value) or key in str(e.value))
     if expected:
         assert f"has shape {shape}, expected {expected}" in str(e.value)
+
+
+def test_integer_arrays_are_refused(tmp_path):
+    params = _params()
+    params["Transformer/encoder_norm/bias"] = np.zeros(16, np.int64)
+    with pytest.raises(CheckpointError, match=r"'Transformer/encoder_norm/bias' has dtype int64"):
+        load_npz(_write(tmp_path / "ints.npz", params))
 
 
 def test_num_heads_cannot_be_inferred(tmp_path):
