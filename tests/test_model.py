@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import vit
-from loaders import infer_config, load_npz
+from loaders import KNOWN_WEIGHTS, infer_config, load_npz
 from npz_factory import google_shapes, write_google_npz
 
 # A second small config with odd sizes, so that no two axes can be confused with each other.
@@ -239,6 +239,8 @@ def test_full_size_b16_i21k_loads(tmp_path):
     config = vit.get_config("ViT-B/16", num_classes=21843)
     path = tmp_path / "ViT-B_16.npz"
     params = write_google_npz(path, config, pre_logits=768)
+    # Same keys, shapes and dtype as the real file give the same archive size, byte for byte.
+    assert path.stat().st_size == KNOWN_WEIGHTS["ViT-B_16"].size == 412_815_506
     model = load_npz(path)
     assert model.config == config.replace(representation_size=768)
     assert sum(t.numel() for t in model.state_dict().values()) == sum(v.size for v in params.values())
