@@ -233,6 +233,9 @@ def _shape(params, key, ndim, what, source):
 def infer_config(params: dict[str, np.ndarray], source: str = "checkpoint") -> ViTConfig:
     """Read the ViTConfig from array shapes (hidden size, patch, depth, heads, MLP width, grid, head)."""
     params = _strip_prefix(params, source)
+    if any(k.startswith("ResNet/") for k in params):
+        raise CheckpointError(f"{source} is a hybrid ResNet+ViT checkpoint ('ResNet/...' keys); only plain "
+                              "ViT checkpoints (patch embedding by one convolution) are supported")
     p, q, channels, hidden = _shape(params, "embedding/kernel", 4, "patch size and hidden size", source)
     if p != q:
         raise CheckpointError(f"{source}: 'embedding/kernel' has shape {(p, q, channels, hidden)}: "
@@ -286,9 +289,9 @@ def _check_against_table(params, config, source):
     unexpected = sorted(set(params) - expected)
     problems = []
     if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+        problems.append(f"missing keys ({len(missing)}): {_some(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        problems.append(f"unexpected keys ({len(unexpected)}): {_some(unexpected)}")
     torch_shapes = _torch_shapes(config)
     for name, key, conv_ in table:
         if key in params:
@@ -301,6 +304,11 @@ def _check_against_table(params, config, source):
     if problems:
         raise CheckpointError(f"{source} does not fit the ViT its shapes describe ({_describe(config)}):\n  "
                               + "\n  ".join(problems))
+
+
+def _some(keys: list[str], limit: int = 20) -> str:
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
 
 
 def _describe(c: ViTConfig) -> str:

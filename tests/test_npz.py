@@ -187,6 +187,13 @@ def test_missing_unexpected_and_misshaped_keys_are_all_listed(tmp_path):
     assert "'Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias' has shape (17,), expected (16,)" in msg
 
 
+def test_long_key_lists_are_shortened(tmp_path):
+    params = _params()
+    params.update({f"extra/{i:02d}": np.zeros(1, np.float32) for i in range(25)})
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(25\): extra/00, .*extra/19, \.\.\. \(5 more\)"):
+        load_npz(_write(tmp_path / "extra.npz", params))
+
+
 @pytest.mark.parametrize("key,shape,expected", [
     ("Transformer/encoderblock_0/MultiHeadDotProductAttention_1/out/kernel", (2, 8, 15), "(2, 8, 16)"),
     ("Transformer/encoderblock_1/MultiHeadDotProductAttention_1/key/kernel", (16, 4, 4), "(16, 2, 8)"),
@@ -232,6 +239,9 @@ def test_other_inference_errors():
     params = _params()
     params["Transformer/posembed_input/pos_embedding"] = np.zeros((1, 16, 16), np.float32)
     with pytest.raises(CheckpointError, match="16 positions.*square grid"):
+        infer_config(params)
+    params = dict(_params(), **{"ResNet/root_block/conv_root/kernel": np.zeros((7, 7, 3, 64), np.float32)})
+    with pytest.raises(CheckpointError, match="hybrid ResNet"):
         infer_config(params)
     params = {k: v for k, v in _params().items() if "encoderblock_0/" not in k}
     with pytest.raises(CheckpointError, match=r"encoder blocks \[0\] are missing"):
