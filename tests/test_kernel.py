@@ -131,7 +131,7 @@ def test_function_kernel_vs_torch_path(cuda_kernel, rank, autocast_dtype):
     results = {}
     for backend in ("cuda", "torch"):
         kernels.set_backend(backend)
-        with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with torch.autocast("cuda", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             y = RLRRLinearFunction.apply(x, w, b, s_out, s_in, f)
         grads = torch.autograd.grad(y, [x, s_out, s_in, f], gy.to(y.dtype))
         results[backend] = (y.float(), [g.float() for g in grads])
