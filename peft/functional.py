@@ -92,7 +92,8 @@ class RLRRLinearFunction(torch.autograd.Function):
         fused = kernels.use_kernel(x, weight, s_out.shape[1], dtype)
         with _autocast_off(x.device.type):
             xc = x.to(dtype)  # no copy when x already has the compute dtype
-            w_eff = kernels.rlrr_weight(weight, s_out, s_in, dtype) if fused else rlrr_weight(weight, s_out, s_in, dtype)
+            build = kernels.rlrr_weight if fused else rlrr_weight
+            w_eff = build(weight, s_out, s_in, dtype)
             b_eff = f.to(_acc_dtype(f.dtype)) if bias is None else bias.to(_acc_dtype(bias.dtype)) + f
             y = F.linear(xc, w_eff, b_eff.to(dtype))
         ctx.save_for_backward(xc, weight, s_out, s_in)  # not w_eff: it is rebuilt in backward
@@ -111,8 +112,8 @@ class RLRRLinearFunction(torch.autograd.Function):
         with _autocast_off(grad_y.device.type):
             dy = grad_y.to(dtype)
             if need_x:
-                w_eff = (kernels.rlrr_weight(weight, s_out, s_in, dtype) if ctx.fused
-                         else rlrr_weight(weight, s_out, s_in, dtype))
+                build = kernels.rlrr_weight if ctx.fused else rlrr_weight
+                w_eff = build(weight, s_out, s_in, dtype)
                 grad_x = (dy @ w_eff).to(ctx.x_dtype)  # (..., in)
                 del w_eff
             if need_w or need_so or need_si:

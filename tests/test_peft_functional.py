@@ -70,8 +70,7 @@ def test_official_formula_matches_function():
 def test_scale_grad_formula_elementwise():
     """∂s_out[i,k] = Σ_j G W s_in[k,j] and ∂s_in[k,j] = Σ_i G W s_out[i,k], written as explicit loops."""
     g = torch.Generator().manual_seed(3)
-    G, W = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
-    s_out, s_in = torch.randn(4, 2, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)
+    G, W, s_out, s_in = (torch.randn(*s, generator=g, dtype=torch.float64) for s in [(4, 3), (4, 3), (4, 2), (2, 3)])
     d_out, d_in = rlrr_scale_grads(G, W, s_out, s_in)
     for i in range(4):
         for k in range(2):
