@@ -1,0 +1,131 @@
+"""tools/benchmark.py: the tool runs every CPU mode and writes its report; the analytic FLOP count is exact.
+
+No timing assertions: the numbers depend on the machine and on what else runs on it.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import vit
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+import benchmark  # noqa: E402
+
+peft = vit.require_project_peft()
+CPU_MODES = ["head", "mlp", "lora", "rlrr", "rlrr-official", "full", "merged"]
+
+
+def _check_rows(results, modes, batch):
+    by_mode = {r["mode"]: r for r in results}
+    assert set(modes) <= set(by_mode)
+    for mode in modes:
+        r = by_mode[mode]
+        assert "error" not in r, r
+        assert "skipped" not in r, r
+        assert r["batch_size"] == batch
+        assert r["infer_img_s"] > 0 and r["infer_peak_mib"] > 0 and r["infer_tflop_s"] > 0
+        assert r["forward_gflop_per_image"] > 0 and r["trainable_params"] > 0
+        if mode == "merged":  # inference only
+            assert "train_img_s" not in r and r["train_gflop_per_image"] is None
+        else:
+            assert r["train_img_s"] > 0 and r["train_peak_mib"] > 0 and r["train_tflop_s"] > 0
+            assert r["train_gflop_per_image"] > r["forward_gflop_per_image"]
+    return by_mode
+
+
+def test_every_cpu_mode_in_one_process(tmp_path, capsys):
+    opts = benchmark.parse_options(["--model", "testing", "--device", "cpu", "--batch-sizes", "2", "--repeats", "1",
+                                    "--warmup", "0", "--no-isolate", "--output-dir", str(tmp_path),
+                                    "--modes", *CPU_MODES, "rlrr-kernel"])
+    report = benchmark.run(opts)
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved["results"] == report["results"]
+    by_mode = _check_rows(saved["results"], CPU_MODES, 2)
+    assert "CUDA" in by_mode["rlrr-kernel"]["skipped"]  # skipped with a note on CPU, not an error
+    # the plain ViT and the RLRR-merged one do the same work; RLRR adds only its per-step rank-1 products
+    assert by_mode["merged"]["forward_gflop_per_image"] == by_mode["head"]["forward_gflop_per_image"]
+    assert by_mode["rlrr"]["trainable_params"] == by_mode["rlrr-official"]["trainable_params"]
+    png = tmp_path / "benchmark.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = capsys.readouterr().out
+    for mode in CPU_MODES + ["rlrr-kernel"]:
+        assert f" {mode} |" in table
+
+
+def test_isolated_worker_processes_report_peak_rss(tmp_path):
+    opts = benchmark.parse_options(["--model", "testing", "--device", "cpu", "--batch-sizes", "2", "--repeats", "1",
+                                    "--warmup", "0", "--output-dir", str(tmp_path), "--modes", "lora", "merged"])
+    assert opts.isolate
+    report = benchmark.run(opts)
+    by_mode = _check_rows(report["results"], ["lora", "merged"], 2)
+    for r in by_mode.values():  # a fresh interpreter with torch imported: RSS is real and at least the setup peak
+        assert r["infer_peak_mib"] >= r["setup_peak_rss_mib"] > 50
+    assert by_mode["lora"]["train_peak_mib"] >= by_mode["lora"]["infer_peak_mib"]
+    assert "ru_maxrss" in report["environment"]["memory"]
+
+
+def test_unknown_mode_is_rejected():
+    with pytest.raises(SystemExit):
+        benchmark.parse_options(["--modes", "prefix-tuning"])
+
+
+def _counted_flops(model, images, labels, train):
+    """Matrix-product FLOPs that torch's own FlopCounterMode sees on a real forward (+ backward) pass."""
+    with FlopCounterMode(display=False) as counter:
+        if train:
+            F.cross_entropy(model(images), labels).backward()
+        else:
+            with torch.no_grad():
+                model(images)
+    return counter.get_total_flops()
+
+
+def test_forward_flops_of_vit_b16_match_the_published_count():
+    macs = benchmark.forward_macs(vit.get_config("ViT-B/16"))
+    assert sum(macs.values()) == pytest.approx(17.56e9, rel=1e-3)  # 17.56 GMACs = 35.1 GFLOPs (timm, fvcore)
+
+
+@pytest.mark.parametrize("mode", ["head", "mlp", "lora", "rlrr", "full"])
+@pytest.mark.parametrize("pre_logits", [None, 12])
+def test_analytic_flops_equal_torch_flop_counter(mode, pre_logits):
+    """The analytic per-mode count equals what FlopCounterMode counts on a forward and a training step.
+
+    The manual attention path is used because FlopCounterMode has no formula for the CPU flash-attention
+    kernel; its two batched products are what the analytic count's 2·N²·D per block stands for. Both counts
+    leave out elementwise work (LayerNorm, softmax, GELU, bias, SSF): FlopCounterMode only counts matrix
+    products and convolutions, so equality is exact, backward included (autograd skips the gradients that
+    nothing needs, and so does the analytic count).
+    """
+    config = vit.get_config("testing").replace(representation_size=pre_logits)
+    batch = 3
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(config)
+    peft.apply_mode(model, mode)
+    vit.set_fused_attention(model, False)
+    images = torch.randn(batch, config.in_channels, config.image_size, config.image_size)
+    labels = torch.randint(0, config.num_classes, (batch,))
+    analytic = benchmark.train_macs(config, mode, batch)
+    assert _counted_flops(model, images, labels, train=False) == pytest.approx(2 * analytic["forward"] * batch)
+    assert _counted_flops(model, images, labels, train=True) == pytest.approx(2 * analytic["train"] * batch)
+
+
+def test_official_rlrr_differs_only_by_its_elementwise_rank1_products():
+    """The official formula builds W' = W·s_in·s_out + W by broadcasting: FlopCounterMode does not see those
+    3·out·in multiplications per layer and step, which the analytic count includes; nothing else differs."""
+    config = vit.get_config("testing")
+    batch = 2
+    model = vit.VisionTransformer(config)
+    peft.apply_mode(model, "rlrr", rlrr_impl="official")
+    vit.set_fused_attention(model, False)
+    images = torch.randn(batch, 3, config.image_size, config.image_size)
+    labels = torch.randint(0, config.num_classes, (batch,))
+    analytic = benchmark.train_macs(config, "rlrr-official", batch)
+    rank1 = sum(o * i for o, i in benchmark._rlrr_shapes(config))  # one multiply per weight element
+    assert _counted_flops(model, images, labels, train=False) == 2 * (analytic["forward"] * batch - rank1)
+    assert _counted_flops(model, images, labels, train=True) == 2 * (analytic["train"] * batch - 3 * rank1)

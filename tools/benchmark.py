@@ -1,0 +1,585 @@
+"""Speed and memory of every fine-tuning mode, side by side with what users would pick instead.
+
+For one model size and one or more batch sizes this measures, per mode:
+
+* inference images/s (``torch.inference_mode``, eval mode),
+* training-step images/s (forward, cross-entropy, backward, AdamW step on the trainable parameters),
+* peak memory of each phase,
+* achieved FLOP/s against an analytic FLOP count of the work the mode must do (:func:`train_macs`).
+
+Modes: ``head``, ``mlp``, ``lora``, ``full`` (peft.apply_mode); ``rlrr`` (the memory-lean autograd Function on
+its PyTorch path); ``rlrr-kernel`` (the same Function with the fused CUDA kernel; CUDA only, skipped with a note
+elsewhere); ``rlrr-official`` (the official code's three-pass formula, autograd keeping W'); ``merged`` (RLRR
+merged back into a plain ViT with peft.merge_adapters: inference only, should cost what the plain ViT costs);
+``timm`` (timm's VisionTransformer with the same sizes, full fine-tuning; only when timm is importable).
+``--compile`` adds torch.compile twins of the ``--compile-modes`` rows.
+
+How it measures (honest about what each number is):
+
+* Each (mode, batch size) runs in a fresh Python process, so nothing one mode allocated or compiled leaks
+  into the next and CPU peak memory can be read from the operating system.
+* Timing: ``--warmup`` untimed steps, then ``--repeats`` timed repetitions of ``--steps`` steps each; the table
+  shows the median repetition. CUDA: CUDA events around each repetition. CPU: wall clock (``perf_counter``).
+* Memory, CUDA: ``torch.cuda.max_memory_allocated`` over the timed phase (weights, gradients, optimizer
+  state, activations and temporaries: everything the caching allocator handed out).
+  CPU: peak resident set size of the process (``getrusage(RUSAGE_SELF).ru_maxrss``), read after each phase.
+  It includes the Python interpreter and torch itself (~0.3 GiB), so the table also gives the growth over
+  the peak after building the model. Inference runs first, so the training peak is the process peak.
+* FLOPs: 2 per multiply-add; only matrix products are counted (patch embedding, the linear layers, the two
+  attention products, the head, LoRA's and RLRR's rank-r products). LayerNorm, softmax, GELU, bias and
+  residual adds, SSF and the optimizer are not counted. The backward pass is counted layer by layer: the
+  activation gradient only where something below still needs it, the weight gradient only where the weight
+  or an adapter that needs it (RLRR needs the full dYᵀX) trains. See :func:`train_macs`.
+
+examples:
+  python tools/benchmark.py                                   # ViT-B/16, batch 8 and 32 on CUDA if present
+  python tools/benchmark.py --device cpu --model ViT-S/16 --batch-sizes 8 --repeats 3
+  python tools/benchmark.py --device cuda --batch-sizes 64 128 --compile --output-dir runs/benchmark-h100
+"""
+
+import os
+import sys
+
+# Run from a checkout without installing: put the repository root first on the import path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import vit  # noqa: E402
+from vit.config import ViTConfig  # noqa: E402
+
+log = logging.getLogger("benchmark")
+
+MODES = ("head", "mlp", "lora", "rlrr", "rlrr-kernel", "rlrr-official", "full", "merged", "timm")
+INFERENCE_ONLY = ("merged",)
+RESULT_PREFIX = "BENCH_RESULT "  # a worker prints its result as one JSON line after this marker
+LORA_RANK, LORA_TARGETS, RLRR_RANK = 8, ("q", "v"), 1  # peft's defaults; the FLOP count uses the same
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Analytic FLOP count
+# ----------------------------------------------------------------------------------------------------------
+
+def forward_macs(config: ViTConfig) -> dict[str, int]:
+    """Multiply-adds of one image's forward pass through the plain ViT, by part.
+
+    With N = 1 + patches tokens, D hidden, M mlp_dim, L layers, K classes, C·P² values per patch:
+    patch embedding (N−1)·D·C·P²; per block q, k, v, proj 4·N·D², attention scores and weighted sum 2·N²·D,
+    MLP 2·N·D·M; head D·K on the CLS token (plus D·R for a pre-logits layer of size R).
+    """
+    c = config
+    n, d, m = 1 + c.num_patches, c.hidden_size, c.mlp_dim
+    rep = c.representation_size
+    head = (d * rep + rep * c.num_classes) if rep else d * c.num_classes
+    return {
+        "patch_embed": c.num_patches * d * c.in_channels * c.patch_size ** 2,
+        "qkv_proj": c.num_layers * 4 * n * d * d,
+        "attention": c.num_layers * 2 * n * n * d,
+        "mlp": c.num_layers * 2 * n * d * m,
+        "head": head,
+    }
+
+
+@dataclass
+class _Linear:
+    """One linear layer in the FLOP model: tokens × in × out multiply-adds per matrix product."""
+    name: str
+    tokens: int
+    fan_in: int
+    fan_out: int
+    weight_trains: bool = False  # full / mlp modes: its own weight gets a gradient
+    adapter: str | None = None  # "lora" or "rlrr"
+
+
+def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int = LORA_RANK,
+               lora_targets=LORA_TARGETS, rlrr_rank: int = RLRR_RANK) -> dict[str, float]:
+    """Multiply-adds per image of a forward pass and of a training step (forward + backward) in ``mode``.
+
+    Rules (what autograd must compute, nothing more):
+    * forward: :func:`forward_macs`, plus LoRA's two rank-r products per target (tokens·r·(in + out)) and,
+      for RLRR, S_out·S_in per adapted layer (out·r·in, once per step, so divided by the batch size; counted
+      for the official formula too, where broadcasting does the same multiplications);
+    * backward of a linear layer: the activation gradient dX (tokens·in·out) only if its input depends on
+      something trainable; the weight gradient dW = dYᵀX (tokens·in·out) if its weight trains or it has RLRR
+      (whose scale gradients are built from the full dYᵀX), plus RLRR's two rank-r reductions (2·out·r·in per
+      step) and, on the Function path, W' rebuilt for dX; LoRA: dB, d(Ax) and dA (tokens·r·(2·out + in)) and,
+      when the input needs a gradient, the branch's dX (tokens·r·in);
+    * attention core: dV = Pᵀ dO if V needs a gradient; dP = dO Vᵀ if Q or K does; then dQ, dK each if needed
+      (N²·D each); the patch embedding's weight gradient only in full mode (the image never needs one).
+    """
+    mode = {"merged": "head", "timm": "full"}.get(mode, mode)  # merged: the plain ViT; timm: full fine-tuning
+    base_mode = "rlrr" if mode.startswith("rlrr") else mode
+    if base_mode not in ("head", "mlp", "lora", "rlrr", "full"):
+        raise ValueError(f"no FLOP model for mode {mode!r}")
+    c = config
+    n, d, m = 1 + c.num_patches, c.hidden_size, c.mlp_dim
+    fwd = dict(forward_macs(c))
+    per_step = 0.0  # work done once per step whatever the batch size (RLRR's W' and its gradient sums)
+    bwd = 0.0
+
+    # Embedding: patch conv (its weight trains only in full mode), CLS and positions (full), SSF (rlrr).
+    stream_grad = base_mode in ("full", "rlrr")  # does the residual stream entering block 0 need a gradient?
+    if base_mode == "full":
+        bwd += fwd["patch_embed"]  # dW of the conv; never dX (the image)
+
+    def linear(lin: _Linear, input_grad: bool) -> bool:
+        """Add this layer's forward extras and backward work; return whether its output needs a gradient."""
+        nonlocal bwd, per_step
+        t, i, o = lin.tokens, lin.fan_in, lin.fan_out
+        if input_grad:
+            bwd += t * i * o  # dX = dY W
+        if lin.weight_trains or lin.adapter == "rlrr":
+            bwd += t * i * o  # dW = dYᵀ X
+        if lin.adapter == "rlrr":
+            per_step += o * rlrr_rank * i  # W' = W ⊙ (1 + S_out S_in) in forward
+            per_step += 2 * o * rlrr_rank * i  # (G ⊙ W) S_inᵀ and S_outᵀ (G ⊙ W)
+            if mode != "rlrr-official" and input_grad:
+                per_step += o * rlrr_rank * i  # the Function rebuilds W' for dX
+        if lin.adapter == "lora":
+            r = lora_rank
+            fwd["lora"] = fwd.get("lora", 0) + t * r * (i + o)
+            bwd += t * r * (2 * o + i)  # dB = dYᵀ (A x), d(Ax) = dY B, dA = d(Ax)ᵀ x
+            if input_grad:
+                bwd += t * r * i  # the branch's share of dX
+        return input_grad or lin.weight_trains or lin.adapter is not None
+
+    mlp_trains = base_mode in ("mlp", "full")
+    attn_trains = base_mode == "full"
+    for _ in range(c.num_layers):
+        adapter = {"lora": "lora", "rlrr": "rlrr"}.get(base_mode)
+        # norm1 (+ SSF in rlrr): its output needs a gradient if the stream does or its SSF trains
+        h1 = stream_grad or base_mode in ("rlrr", "full")
+        qkv = {}
+        for name in ("q", "k", "v"):
+            lin_adapter = adapter if (base_mode == "rlrr" or (base_mode == "lora" and name in lora_targets)) else None
+            qkv[name] = linear(_Linear(name, n, d, d, attn_trains, lin_adapter), h1)
+        # attention core: scores S = Q Kᵀ, P = softmax(S), O = P V
+        if qkv["v"]:
+            bwd += n * n * d  # dV = Pᵀ dO
+        if qkv["q"] or qkv["k"]:
+            bwd += n * n * d  # dP = dO Vᵀ
+            bwd += n * n * d * (int(qkv["q"]) + int(qkv["k"]))  # dQ = dS K, dK = dSᵀ Q
+        o_grad = any(qkv.values())
+        proj_adapter = adapter if (base_mode == "rlrr" or (base_mode == "lora" and "proj" in lora_targets)) else None
+        stream_grad = linear(_Linear("proj", n, d, d, attn_trains, proj_adapter), o_grad) or stream_grad
+        h2 = stream_grad or base_mode in ("rlrr", "full")
+        fc1_adapter = adapter if (base_mode == "rlrr" or (base_mode == "lora" and "fc1" in lora_targets)) else None
+        fc2_adapter = adapter if (base_mode == "rlrr" or (base_mode == "lora" and "fc2" in lora_targets)) else None
+        a = linear(_Linear("fc1", n, d, m, mlp_trains, fc1_adapter), h2)
+        stream_grad = linear(_Linear("fc2", n, m, d, mlp_trains, fc2_adapter), a) or stream_grad
+
+    # final norm (+ SSF), CLS token, optional pre-logits, head (always trains)
+    feat_grad = stream_grad or base_mode in ("rlrr", "full")
+    rep = c.representation_size
+    if rep:
+        pre = linear(_Linear("pre_logits", 1, d, rep, base_mode == "full"), feat_grad)
+        linear(_Linear("head", 1, rep, c.num_classes, True), pre)
+    else:
+        linear(_Linear("head", 1, d, c.num_classes, True), feat_grad)
+
+    forward = sum(fwd.values())
+    if base_mode == "rlrr":
+        forward_step = forward + sum(RLRR_RANK * o * i for o, i in _rlrr_shapes(c)) / batch_size
+    else:
+        forward_step = forward
+    return {"forward": float(forward_step), "train": float(forward + bwd + per_step / batch_size)}
+
+
+def _rlrr_shapes(c: ViTConfig):
+    d, m = c.hidden_size, c.mlp_dim
+    return [(d, d)] * (4 * c.num_layers) + [(m, d), (d, m)] * c.num_layers
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One measurement (runs inside a worker process)
+# ----------------------------------------------------------------------------------------------------------
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def build_model(mode: str, config: ViTConfig, device: torch.device):
+    """The model for ``mode`` on ``device``, or a string saying why the mode cannot run here."""
+    if mode == "timm":
+        try:
+            from timm.models.vision_transformer import VisionTransformer as TimmViT
+        except Exception as e:  # not a dependency: only compared when installed
+            return f"timm unavailable: {type(e).__name__}: {e}"
+        return TimmViT(img_size=config.image_size, patch_size=config.patch_size, in_chans=config.in_channels,
+                       num_classes=config.num_classes, embed_dim=config.hidden_size, depth=config.num_layers,
+                       num_heads=config.num_heads, mlp_ratio=config.mlp_dim / config.hidden_size).to(device)
+    peft = vit.require_project_peft()
+    if mode == "rlrr-kernel":
+        if device.type != "cuda":
+            return "rlrr-kernel needs a CUDA device; skipped"
+        if not peft.kernel_available():
+            return "rlrr-kernel: the CUDA extension could not be built here; skipped"
+    model = vit.VisionTransformer(config).to(device)
+    if mode in ("head", "mlp", "lora", "full"):
+        peft.apply_mode(model, mode)
+    elif mode in ("rlrr", "rlrr-kernel", "merged"):
+        peft.set_backend("cuda" if mode == "rlrr-kernel" else "torch")
+        peft.apply_mode(model, "rlrr", rlrr_impl="function")
+        if mode == "merged":
+            peft.merge_adapters(model)
+    elif mode == "rlrr-official":
+        peft.set_backend("torch")
+        peft.apply_mode(model, "rlrr", rlrr_impl="official")
+    else:
+        raise ValueError(f"unknown benchmark mode {mode!r}; choose from {', '.join(MODES)}")
+    return model
+
+
+def _timer(device: torch.device):
+    """A function that runs ``fn`` ``steps`` times and returns seconds per step (CUDA events on CUDA)."""
+    if device.type == "cuda":
+        def run(fn, steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000 / steps
+    else:
+        def run(fn, steps):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            return (time.perf_counter() - t0) / steps
+    return run
+
+
+def _measure(fn, device, warmup: int, repeats: int, steps: int) -> tuple[list[float], float | None]:
+    """Seconds per step of each repetition, and the CUDA peak allocated bytes over the timed phase."""
+    for _ in range(warmup):
+        fn()
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    timer = _timer(device)
+    times = [timer(fn, steps) for _ in range(repeats)]
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    return times, peak
+
+
+def run_one(spec: dict) -> dict:
+    """Measure one (mode, batch size). ``spec`` is the JSON the parent passes to ``--worker``."""
+    mode, batch = spec["mode"], spec["batch_size"]
+    device = torch.device(spec["device"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    config = vit.get_config(spec["model"])
+    base_mode = mode.removesuffix("+compile")
+    result = {"mode": mode, "batch_size": batch, "note": ""}
+    torch.manual_seed(0)
+    model = build_model(base_mode, config, device)
+    if isinstance(model, str):
+        return {**result, "skipped": model}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    result["trainable_params"] = trainable
+    result["total_params"] = sum(p.numel() for p in model.parameters())
+    macs = train_macs(config, base_mode, batch)
+    result["forward_gflop_per_image"] = 2 * macs["forward"] / 1e9
+    result["train_gflop_per_image"] = 2 * macs["train"] / 1e9 if base_mode not in INFERENCE_ONLY else None
+    if spec["compile"]:
+        model = torch.compile(model)
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, config.in_channels, config.image_size, config.image_size, generator=g).to(device)
+    labels = torch.randint(0, config.num_classes, (batch,), generator=g).to(device)
+    use_bf16 = spec["bf16"]
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
+    baseline = _peak_rss_mib() if device.type == "cpu" else None
+    if device.type == "cuda":
+        result["weights_mib"] = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        result["setup_peak_rss_mib"] = baseline
+    w, r, s = spec["warmup"], spec["repeats"], spec["steps"]
+
+    def infer():
+        with torch.inference_mode(), autocast():
+            model(images)
+
+    model.eval()
+    times, peak = _measure(infer, device, w, r, s)
+    result["infer_step_s"] = times
+    result["infer_img_s"] = batch / statistics.median(times)
+    result["infer_peak_mib"] = peak / 2**20 if peak is not None else _peak_rss_mib()
+
+    if base_mode not in INFERENCE_ONLY:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5)
+
+        def train():
+            with autocast():
+                loss = F.cross_entropy(model(images), labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        model.train()
+        times, peak = _measure(train, device, w, r, s)
+        result["train_step_s"] = times
+        result["train_img_s"] = batch / statistics.median(times)
+        result["train_peak_mib"] = peak / 2**20 if peak is not None else _peak_rss_mib()
+    if device.type == "cpu":
+        for k in ("infer_peak_mib", "train_peak_mib"):
+            if k in result:
+                result[k.replace("peak", "growth")] = result[k] - baseline
+    for k, flops in (("infer", result["forward_gflop_per_image"]), ("train", result["train_gflop_per_image"])):
+        if f"{k}_img_s" in result and flops:
+            result[f"{k}_tflop_s"] = result[f"{k}_img_s"] * flops / 1e3
+    return result
+
+
+def worker_main(spec_json: str) -> int:
+    spec = json.loads(spec_json)
+    try:
+        result = run_one(spec)
+    except Exception as e:  # reported as a row, so one failing mode does not hide the others
+        log.exception("mode %s batch %s failed", spec.get("mode"), spec.get("batch_size"))
+        result = {"mode": spec.get("mode"), "batch_size": spec.get("batch_size"),
+                  "error": f"{type(e).__name__}: {e}"}
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command: jobs, table, JSON, chart
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class BenchmarkOptions:
+    model: str = "ViT-B/16"  # model preset (vit.get_config name)
+    batch_sizes: list[int] = field(default_factory=lambda: [8, 32])  # batch sizes to measure
+    device: str = "auto"  # cuda, cpu, or auto (cuda when available)
+    modes: list[str] = field(default_factory=lambda: list(MODES))  # which rows to measure
+    repeats: int = 5  # timed repetitions per phase (the median is reported)
+    warmup: int = 2  # untimed steps before timing each phase
+    steps: int = 0  # steps per timed repetition (0: 1 on CPU, 10 on CUDA)
+    bf16: bool | None = None  # bfloat16 autocast (default: on for CUDA, off for CPU)
+    compile: bool = False  # also measure torch.compile'd twins of --compile-modes
+    compile_modes: list[str] = field(default_factory=lambda: ["rlrr-official", "rlrr"])  # modes to compile
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    isolate: bool = True  # one fresh process per measurement (needed for honest CPU peak memory)
+    peak_tflops: float = 0.0  # the device's peak TFLOP/s for the chosen precision, for the "% peak" column
+    output_dir: str = "runs/benchmark"  # where benchmark.json and benchmark.png go
+
+
+def parse_options(argv=None) -> BenchmarkOptions:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("examples:")[1].join(
+        ["examples:", ""]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = BenchmarkOptions()
+    p.add_argument("--model", default=d.model, help=f"model preset (default: {d.model})")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=d.batch_sizes, help="batch sizes (default: 8 32)")
+    p.add_argument("--device", default=d.device, help="cuda, cpu or auto (default: auto)")
+    p.add_argument("--modes", nargs="+", default=d.modes, choices=MODES, metavar="MODE",
+                   help=f"rows to measure, from: {', '.join(MODES)} (default: all)")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="timed repetitions, median reported (default: 5)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed warm-up steps per phase (default: 2)")
+    p.add_argument("--steps", type=int, default=d.steps, help="steps per repetition (default: 1 CPU, 10 CUDA)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast (default: on for CUDA, off for CPU)")
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows for --compile-modes")
+    p.add_argument("--compile-modes", nargs="+", default=d.compile_modes, choices=MODES, metavar="MODE",
+                   help="modes that get a +compile row (default: rlrr-official rlrr)")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=d.isolate,
+                   help="one fresh process per measurement (default: on; off: CPU memory is not per mode)")
+    p.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
+                   help="peak TFLOP/s of the device, to print the achieved fraction")
+    p.add_argument("--output-dir", default=d.output_dir, help=f"output folder (default: {d.output_dir})")
+    a = p.parse_args(argv)
+    return BenchmarkOptions(**{f.name: getattr(a, f.name) for f in dataclasses.fields(BenchmarkOptions)})
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available (use --device cpu)")
+    return device
+
+
+def _run_job(spec: dict, isolate: bool) -> dict:
+    if not isolate:
+        return run_one(spec)
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"mode": spec["mode"], "batch_size": spec["batch_size"],
+            "error": f"worker exited with status {proc.returncode}: {tail}"}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device, opts: BenchmarkOptions, bf16: bool) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+           "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": opts.threads or torch.get_num_threads(),
+           "precision": "bf16 autocast" if bf16 else "fp32", "time": datetime.datetime.now(
+               datetime.timezone.utc).isoformat(timespec="seconds"),
+           "timing": "CUDA events" if device.type == "cuda" else "wall clock (perf_counter)",
+           "memory": ("torch.cuda.max_memory_allocated over the timed phase" if device.type == "cuda" else
+                      "peak RSS of a fresh process per mode (getrusage ru_maxrss)" if opts.isolate else
+                      "peak RSS of the one shared process (not per mode: run with --isolate)")}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import timm
+
+        env["timm"] = timm.__version__
+    except Exception as e:
+        env["timm"] = f"unavailable: {type(e).__name__}: {e}"
+    return env
+
+
+def _fmt(v, digits=1):
+    """Thousands separators; small floats keep three significant digits instead of printing 0.00."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}" if v == 0 or abs(v) >= 10 ** (1 - digits) * 100 else f"{v:.3g}"
+    return f"{v:,}"
+
+
+def format_table(results: list[dict], peak_tflops: float = 0.0, memory_label: str = "peak MiB") -> str:
+    head = ["batch", "mode", "infer img/s", "train img/s", f"infer {memory_label}", f"train {memory_label}",
+            "GFLOP/img fwd", "GFLOP/img train", "infer TFLOP/s", "train TFLOP/s", "trainable"]
+    if peak_tflops:
+        head[-1:-1] = ["infer % peak", "train % peak"]
+    rows = []
+    for r in results:
+        if "skipped" in r or "error" in r:
+            rows.append([str(r["batch_size"]), r["mode"], r.get("skipped") or "ERROR " + r["error"]])
+            continue
+        row = [str(r["batch_size"]), r["mode"], _fmt(r.get("infer_img_s"), 2), _fmt(r.get("train_img_s"), 2),
+               _fmt(r.get("infer_peak_mib"), 0), _fmt(r.get("train_peak_mib"), 0),
+               _fmt(r.get("forward_gflop_per_image"), 2), _fmt(r.get("train_gflop_per_image"), 2),
+               _fmt(r.get("infer_tflop_s"), 3), _fmt(r.get("train_tflop_s"), 3)]
+        if peak_tflops:
+            row += [_fmt(100 * r["infer_tflop_s"] / peak_tflops if r.get("infer_tflop_s") else None, 0),
+                    _fmt(100 * r["train_tflop_s"] / peak_tflops if r.get("train_tflop_s") else None, 0)]
+        rows.append(row + [_fmt(r.get("trainable_params"))])
+    widths = [max([len(head[i])] + [len(row[i]) for row in rows if len(row) == len(head)])
+              for i in range(len(head))]
+    lines = [" | ".join(h.rjust(w) for h, w in zip(head, widths))]
+    lines.append("-+-".join("-" * w for w in widths))
+    for row in rows:
+        if len(row) == len(head):
+            lines.append(" | ".join(c.rjust(w) for c, w in zip(row, widths)))
+        else:
+            lines.append(" | ".join([row[0].rjust(widths[0]), row[1].rjust(widths[1]), row[2]]))
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    """Grouped bars: inference img/s, training img/s and training peak memory per mode, one colour per batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if "skipped" not in r and "error" not in r]
+    modes = list(dict.fromkeys(r["mode"] for r in ok))
+    batches = sorted({r["batch_size"] for r in ok})
+    panels = [("infer_img_s", "inference images/s"), ("train_img_s", "training images/s"),
+              ("train_peak_mib", "training peak memory (MiB)")]
+    fig, axes = plt.subplots(1, 3, figsize=(max(12, 1.6 * len(modes) * 3), 4.5))
+    width = 0.8 / max(1, len(batches))
+    for ax, (key, label) in zip(axes, panels):
+        for j, b in enumerate(batches):
+            vals = [next((r.get(key) or 0 for r in ok if r["mode"] == m and r["batch_size"] == b), 0) for m in modes]
+            xs = [i + (j - (len(batches) - 1) / 2) * width for i in range(len(modes))]
+            ax.bar(xs, vals, width, label=f"batch {b}")
+        ax.set_xticks(range(len(modes)))
+        ax.set_xticklabels(modes, rotation=45, ha="right")
+        ax.set_title(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(opts: BenchmarkOptions) -> dict:
+    """Measure every (batch size, mode); write benchmark.json and benchmark.png; return the report."""
+    device = resolve_device(opts.device)
+    config = vit.get_config(opts.model)  # fails early on an unknown name
+    bf16 = device.type == "cuda" if opts.bf16 is None else opts.bf16
+    steps = opts.steps or (10 if device.type == "cuda" else 1)
+    modes = list(dict.fromkeys(opts.modes))
+    if opts.compile:
+        modes += [f"{m}+compile" for m in opts.compile_modes if m in modes and m != "rlrr-kernel"]
+    jobs = [dict(mode=m, batch_size=b, model=opts.model, device=str(device), bf16=bf16,
+                 compile=m.endswith("+compile"), repeats=opts.repeats, warmup=max(opts.warmup, 2 if
+                 m.endswith("+compile") else 0), steps=steps, threads=opts.threads)
+            for b in opts.batch_sizes for m in modes]
+    results = []
+    for spec in tqdm(jobs, desc="benchmark", unit="run"):
+        r = _run_job(spec, opts.isolate)
+        results.append(r)
+        if "skipped" in r or "error" in r:
+            log.info("batch %d %s: %s", r["batch_size"], r["mode"], r.get("skipped") or r["error"])
+        else:
+            log.info("batch %d %s: inference %.2f img/s, training %s img/s", r["batch_size"], r["mode"],
+                     r["infer_img_s"], _fmt(r.get("train_img_s"), 2))
+    env = environment(device, opts, bf16)
+    report = {"options": dataclasses.asdict(opts), "config": dataclasses.asdict(config), "environment": env,
+              "steps_per_repeat": steps, "results": results}
+    out = Path(opts.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(results, out / "benchmark.png", f"{opts.model}, {env['precision']}, "
+                                         f"{env.get('gpu') or env['cpu']} ({env['torch_threads']} threads)")
+    memory_label = "peak MiB" if device.type == "cuda" else "peak RSS MiB"
+    print(f"\n{opts.model} on {env.get('gpu') or env['cpu']}, {env['precision']}, torch {env['torch']}, "
+          f"median of {opts.repeats} x {steps} step(s); memory: {env['memory']}")
+    print(format_table(results, opts.peak_tflops, memory_label))
+    log.info("wrote %s and %s", out / "benchmark.json", out / "benchmark.png")
+    return report
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        return worker_main(argv[1])
+    run(parse_options(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
