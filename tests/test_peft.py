@@ -91,10 +91,12 @@ def test_official_init_is_not_identity_and_within_bounds():
         assert not torch.allclose(model(x), base)
 
 
-def test_rlrr_merge_matches_adapted_and_leaves_plain_modules(tmp_path):
-    loaders = pytest.importorskip("loaders")
+@pytest.mark.parametrize("rank", [1, 2])
+def test_rlrr_merge_matches_adapted_and_leaves_plain_modules(tmp_path, rank):
+    import loaders
+
     model = make_model()
-    peft.apply_rlrr(model, rank=1, init="official")
+    peft.apply_rlrr(model, rank=rank, init="official")
     randomize_adapters(model)
     x = images()
     with torch.no_grad():
@@ -114,6 +116,25 @@ def test_rlrr_merge_matches_adapted_and_leaves_plain_modules(tmp_path):
     reloaded = loaders.load_npz(path)
     with torch.no_grad():
         assert rel_err(reloaded(x), merged) <= 1e-6
+
+
+@pytest.mark.parametrize("cls", [RLRRLinear, LoRALinear])
+def test_wrappers_on_a_linear_without_bias(cls):
+    torch.manual_seed(0)
+    base = nn.Linear(7, 5, bias=False)
+    layer = cls(base, rank=2)
+    randomize_adapters(layer)
+    x = torch.randn(3, 7)
+    with torch.no_grad():
+        expected = x @ (base.weight + layer.delta_weight()).t()
+        if cls is RLRRLinear:
+            expected = expected + layer.f
+            merged = layer.merge()
+        else:
+            merged = layer.merged_linear()
+        torch.testing.assert_close(layer(x), expected)
+        torch.testing.assert_close(merged(x), expected)
+    assert type(merged) is nn.Linear and not any(p.requires_grad for p in merged.parameters())
 
 
 def test_lora_merge_unmerge_and_export():
