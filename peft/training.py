@@ -44,12 +44,13 @@ MODES = ("head", "mlp", "lora", "rlrr", "full")
 # Default learning rates for AdamW at the default global batch of 128 (ViT-B/16, i21k weights):
 # - head 1e-3: a zero-initialised linear classifier on frozen features. Adam moves each of the D=768 weights by
 #   about lr per step, so logits can move by ~lr·D ≈ 0.8 per step; 1e-2 overshoots in the first steps.
-# - mlp 1e-3: the trainable part is small relative to the frozen backbone, like the head (see peft.apply_mode).
+# - mlp 1e-4: fc1/fc2 of every block plus the head (peft.modes): two thirds of the backbone's weights move, so
+#   this behaves like full fine-tuning and takes its rate.
 # - lora 1e-3: the usual LoRA rate for ViTs with AdamW (B starts at zero, so the start is the base model).
 # - rlrr 3e-3: the official RLRR VTAB-1k learning rate for CIFAR-100 (scale vectors need larger steps).
 # - full 1e-4: every weight moves; larger rates destroy the pretrained features (Google fine-tunes with
 #   small steps too). Training from scratch (--weights none) defaults to 1e-3 instead: nothing to preserve.
-DEFAULT_LR = {"head": 1e-3, "mlp": 1e-3, "lora": 1e-3, "rlrr": 3e-3, "full": 1e-4}
+DEFAULT_LR = {"head": 1e-3, "mlp": 1e-4, "lora": 1e-3, "rlrr": 3e-3, "full": 1e-4}
 SCRATCH_LR = 1e-3
 
 
@@ -73,6 +74,7 @@ class FinetuneOptions:
     weight_decay: typing.Optional[float] = None  # AdamW decay on matrices (default 5e-5, official; 0.05 scratch)
     clip_grad: float = 1.0  # clip the global gradient norm (0: off)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
+    augment: bool = True  # random crop (reflect padding) and horizontal flip of training images
     dropout: typing.Optional[float] = None  # override the model's dropout rate (the official RLRR recipe: 0.1)
     lora_rank: int = 8  # LoRA rank r
     lora_alpha: float = 8.0  # LoRA scale alpha (update scaled by alpha / r)
@@ -303,14 +305,18 @@ def set_dropout(model, rate: float) -> None:
 
 
 def no_decay(name: str, p: torch.Tensor) -> bool:
-    """Biases, norm parameters, SSF/RLRR scale and shift vectors, CLS and position embeddings: no weight decay.
+    """Biases, norm parameters, RLRR/SSF scale and shift vectors, CLS and position embeddings: no weight decay.
 
-    A tensor with at most one dimension larger than 1 is a vector (RLRR's s_out is stored as (out, 1)); LoRA
-    factors stay decayed even at rank 1 because they are weight matrices.
+    RLRR's s_out, s_in, f and SSF's scale, shift are excluded by name (at rank > 1 the RLRR factors are
+    matrices, still rescaling vectors in spirit); otherwise a tensor with at most one dimension larger than 1
+    is a vector. LoRA factors stay decayed even at rank 1 because they are weight matrices.
     """
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("s_out", "s_in", "f") or ".ssf." in name or name in ("cls_token", "pos_embed"):
+        return True
     if "lora" in name.lower():
         return False
-    return sum(d > 1 for d in p.shape) <= 1 or name.endswith("bias") or ".norm" in name or name.startswith("norm")
+    return sum(d > 1 for d in p.shape) <= 1 or leaf == "bias" or ".norm" in name or name.startswith("norm")
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -391,13 +397,14 @@ class Trainer:
         self.mode_options = opts.mode_options()
         self.full = opts.mode == "full"
         changed = peft.apply_mode(self.model, opts.mode, **self.mode_options)
-        log.info("mode %s %s: %d modules changed", opts.mode, self.mode_options or "", len(changed))
+        log.info("mode %s%s: %d modules given adapters", opts.mode,
+                 f" {self.mode_options}" if self.mode_options else "", len(changed))
         self.model.to(ctx.device)
         self.trainable, self.total = peft.trainable_parameters(self.model)
         log.info("trainable parameters: %s of %s (%.3f%%)", f"{self.trainable:,}", f"{self.total:,}",
                  100 * self.trainable / self.total)
         image_size = self.model.config.image_size
-        self.train_tf = BatchTransform(image_size, train=True)
+        self.train_tf = BatchTransform(image_size, train=opts.augment)
         self.eval_tf = BatchTransform(image_size, train=False)
 
         self.lr = opts.resolved_lr()
@@ -491,13 +498,14 @@ class Trainer:
             batch = order[first:first + opts.batch_size]
             n_global = batch.numel()
             stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-            chunks = batch.tensor_split(opts.grad_accum)
-            for i, chunk in enumerate(chunks):
-                # Every rank augments the whole chunk with the shared generator and keeps its slice: the union
-                # over ranks is exactly what one process would see, random crops and flips included.
-                x = pdist.rank_slice(_augment(self.train_tf, d.train_images[chunk], self.generators["augment"]),
-                                     ctx)
-                y = pdist.rank_slice(d.train_labels[chunk], ctx)
+            # Every rank augments the whole global batch with the shared generator, keeps its contiguous slice
+            # and splits that into --grad-accum micro-batches: whatever the number of processes and
+            # micro-batches, the union is exactly the batch one process would see, random crops included.
+            images = pdist.rank_slice(_augment(self.train_tf, d.train_images[batch], self.generators["augment"]),
+                                      ctx)
+            labels = pdist.rank_slice(d.train_labels[batch], ctx)
+            chunks = list(zip(images.tensor_split(opts.grad_accum), labels.tensor_split(opts.grad_accum)))
+            for i, (x, y) in enumerate(chunks):
                 sync = i == len(chunks) - 1 or not ctx.distributed
                 with contextlib.nullcontext() if sync else self.ddp.no_sync():
                     with torch.autocast(ctx.device.type, dtype=self.amp_dtype or torch.float32,
@@ -623,8 +631,8 @@ def export_npz(model, path) -> Path:
     import loaders
 
     merged = copy.deepcopy(model).cpu().float()
-    result = _peft().merge_adapters(merged)
-    path = loaders.save_npz(result if result is not None else merged, path)
+    _peft().merge_adapters(merged)  # in place: plain nn.Linear / LayerNorm / Conv2d with the original names
+    path = loaders.save_npz(merged, path)
     log.info("exported the merged model to %s", path)
     return Path(path)
 

@@ -59,7 +59,7 @@ class QuickstartOptions:
 
 # Fine-tuning learning rates for this small model (D=96): higher than ViT-B/16's defaults because the runs are
 # only ~70 steps; same ordering and reasons as training.DEFAULT_LR.
-QUICKSTART_LR = {"head": 1e-2, "mlp": 3e-3, "lora": 3e-3, "rlrr": 1e-2, "full": 1e-3}
+QUICKSTART_LR = {"head": 1e-2, "mlp": 1e-3, "lora": 3e-3, "rlrr": 1e-2, "full": 1e-3}
 
 
 def pretrain(q: QuickstartOptions, out: Path) -> Path:

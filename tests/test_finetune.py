@@ -1,0 +1,194 @@
+"""The fine-tuning engine on real Fashion-MNIST with tiny models: learning, exact resume, divergence handling,
+checkpoint contents, option errors, rebuilding a model from a checkpoint, and the tools' command lines."""
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from peft import checkpoint as ckpt_io
+from peft import training
+from peft.training import FinetuneOptions
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
+                                  reason=f"real Fashion-MNIST not installed at {FMNIST} "
+                                         "(apt-get install dataset-fashion-mnist)")
+
+
+@pytest.fixture(autouse=True)
+def _single_process(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(tmp_path, name="run", **kw) -> FinetuneOptions:
+    """The "testing" ViT (32 px, D=16) from scratch on 256 Fashion-MNIST images of classes 0-4."""
+    base = dict(mode="full", weights="none", model="testing", data="fashion_mnist", data_root=str(FMNIST),
+                classes="0-4", max_train_samples=256, max_eval_samples=96, epochs=2, warmup_epochs=0.5,
+                batch_size=32, lr=3e-3, device="cpu", output_dir=str(tmp_path / name), progress=False)
+    base.update(kw)
+    return FinetuneOptions(**base)
+
+
+@pytest.fixture(scope="module")
+def mini_npz(tmp_path_factory):
+    """A random ViT-Mini/4 checkpoint in Google's layout, as a stand-in for pretrained weights."""
+    import vit
+    from npz_factory import write_google_npz
+
+    path = tmp_path_factory.mktemp("weights") / "mini.npz"
+    write_google_npz(path, vit.get_config("ViT-Mini/4"), seed=0)
+    return path
+
+
+def load_tool(name: str):
+    """Import tools/<name>.py as a module (tools/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def final_state(out: Path) -> dict:
+    return torch.load(out / ckpt_io.LATEST, weights_only=True)
+
+
+@needs_fmnist
+def test_training_reduces_the_loss_on_real_fashion_mnist(tmp_path):
+    metrics = training.run(tiny(tmp_path, epochs=3, max_train_samples=512, lr=1e-2, augment=False))
+    hist = final_state(tmp_path / "run")["history"]
+    # The zero-initialised head starts at exactly ln(5); 48 steps must do clearly better.
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"] < math.log(5), hist
+    assert hist[-1]["train_loss"] < 0.85 * math.log(5), hist
+    assert hist[-1]["val_loss"] < 0.9 * math.log(5), hist
+    assert metrics["test_accuracy"] > 0.35  # chance is 0.2 (96 test images: 0.35 is 3.7 sigma above it)
+    assert metrics["trainable_parameters"] == metrics["total_parameters"]
+    out = tmp_path / "run"
+    for name in ("metrics.json", "history.csv", "curves.png", "test_confusion.png", "test_report.txt",
+                 "test_report.json", "test_report.csv", "test_roc.png", "best.pt", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+
+
+@needs_fmnist
+@pytest.mark.parametrize("mode", ["full", "rlrr"])
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, mode, mini_npz):
+    kw = {} if mode == "full" else dict(mode=mode, weights=str(mini_npz), max_train_samples=128, lr=1e-2)
+    kw.update(epochs=3, grad_accum=2)
+    training.run(tiny(tmp_path, "straight", **kw))
+    stopped = training.run(tiny(tmp_path, "interrupted", stop_after_epoch=1, **kw))
+    assert stopped == {"stopped_after_epoch": 1}
+    assert final_state(tmp_path / "interrupted")["epoch"] == 1
+    training.run(tiny(tmp_path, "interrupted", resume=True, **kw))
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "interrupted")
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 3
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=1e-6, msg=k)
+    for ha, hb in zip(a["history"], b["history"]):
+        assert ha["train_loss"] == pytest.approx(hb["train_loss"], abs=1e-6)
+        assert ha["val_accuracy"] == hb["val_accuracy"]
+
+
+@needs_fmnist
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = training.compute_loss
+    calls = {"n": 0}
+    steps_per_epoch = 256 // 32
+
+    def poisoned(logits, labels, label_smoothing=0.0):
+        calls["n"] += 1
+        loss = real(logits, labels, label_smoothing)
+        return loss * float("nan") if calls["n"] > steps_per_epoch + 2 else loss  # in epoch 2
+
+    monkeypatch.setattr(training, "compute_loss", poisoned)
+    with pytest.raises(training.TrainingDiverged, match=r"loss is nan at epoch 2.*last good checkpoint"):
+        training.run(tiny(tmp_path))
+    ck = final_state(tmp_path / "run")
+    assert ck["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
+
+
+def test_weights_none_needs_mode_full(tmp_path):
+    with pytest.raises(training.OptionsError, match="--weights none.*--mode full"):
+        training.run(tiny(tmp_path, mode="lora"))
+    assert load_tool("finetune").main(["--mode", "rlrr", "--weights", "none"]) == 2
+
+
+@needs_fmnist
+def test_peft_checkpoint_holds_only_adapters_and_rebuilds_the_model(tmp_path, mini_npz):
+    import vit
+
+    peft = vit.require_project_peft()
+    opts = tiny(tmp_path, mode="lora", weights=str(mini_npz), epochs=1, max_train_samples=64, lr=1e-2)
+    metrics = training.run(opts)
+    ck = final_state(tmp_path / "run")
+    sd = ck["state_dict"]
+    assert ck["state_dict_kind"] == "adapters"
+    assert sum(v.numel() for v in sd.values()) == metrics["trainable_parameters"] < metrics["total_parameters"] / 5
+    assert not any(k.endswith("attn.k.weight") or k == "pos_embed" for k in sd), sorted(sd)
+    assert ck["base_weights"]["sha256"] and ck["base_weights"]["path"] == str(mini_npz.resolve())
+    full_size = mini_npz.stat().st_size
+    assert (tmp_path / "run" / "best.pt").stat().st_size < full_size / 3
+
+    model, meta = ckpt_io.load_model_from_checkpoint(tmp_path / "run")
+    assert meta["mode"] == "lora" and meta["classes"][0].lower().startswith("t-shirt")
+    reference = peft.adapter_state_dict(model)
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["state_dict"]
+    for k in best:
+        torch.testing.assert_close(reference[k], best[k], rtol=0, atol=0)
+    x = torch.randn(3, 3, 28, 28)
+    base_only = training.build_model(FinetuneOptions(weights=str(mini_npz)), 5)[0].eval()
+    assert not torch.allclose(model(x), base_only(x))  # the adapters and head are really applied
+
+    copy = tmp_path / "changed.npz"
+    copy.write_bytes(mini_npz.read_bytes() + b"\0")  # one more byte: another sha256
+    with pytest.raises(ckpt_io.CheckpointMismatch, match="sha256"):
+        ckpt_io.load_model_from_checkpoint(tmp_path / "run", weights=copy)
+
+
+def test_no_weight_decay_on_vectors_norms_and_biases():
+    import vit
+
+    model = vit.VisionTransformer(vit.get_config("testing"))
+    groups = training.param_groups(model, 0.1)
+    decayed = {id(p) for p in groups[0]["params"]}
+    for name, p in model.named_parameters():
+        expect = name.endswith("weight") and p.ndim >= 2  # Linear and conv matrices only
+        assert (id(p) in decayed) == expect, name
+
+    peft = vit.require_project_peft()
+    for mode, opts in (("rlrr", {"rlrr_rank": 2}), ("lora", {"lora_rank": 1})):
+        model = vit.VisionTransformer(vit.get_config("testing"))
+        peft.apply_mode(model, mode, **opts)
+        groups = training.param_groups(model, 0.1)
+        decayed = {id(p) for p in groups[0]["params"]}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                expect = name == "head.weight" or "lora" in name.lower()
+                assert (id(p) in decayed) == expect, (mode, name, tuple(p.shape))
+
+
+def test_warmup_cosine_schedule():
+    f = training.warmup_cosine(4, 12)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(8) == pytest.approx(0.5)
+    assert f(12) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("tool", ["finetune", "evaluate", "predict", "quickstart"])
+def test_tools_have_help_with_an_example(tool, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool(tool).main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "example" in text and f"tools/{tool}.py" in text
