@@ -120,7 +120,8 @@ class VisionTransformer(nn.Module):
         rep = config.representation_size
         self.pre_logits = nn.Linear(d, rep) if rep else None
         self.head = nn.Linear(rep or d, config.num_classes)
-        self.reset_parameters()
+        if not self.cls_token.is_meta:  # a model built on the meta device is about to be loaded: skip init
+            self.reset_parameters()
 
     def reset_parameters(self):
         """Initialisation for training from scratch, as in Google's code (checkpoints overwrite all of it)."""
