@@ -32,7 +32,7 @@ How it measures (honest about what each number is):
   or an adapter that needs it (RLRR needs the full dYᵀX) trains. See :func:`train_macs`.
 
 examples:
-  python tools/benchmark.py                                   # ViT-B/16, batch 8 and 32 on CUDA if present
+  python tools/benchmark.py                          # ViT-B/16 on CUDA if present (batch 64, 256), else CPU (8)
   python tools/benchmark.py --device cpu --model ViT-S/16 --batch-sizes 8 --repeats 3
   python tools/benchmark.py --device cuda --batch-sizes 64 128 --compile --output-dir runs/benchmark-h100
 """
@@ -247,8 +247,12 @@ def build_model(mode: str, config: ViTConfig, device: torch.device):
     return model
 
 
-def _timer(device: torch.device):
-    """A function that runs ``fn`` ``steps`` times and returns seconds per step (CUDA events on CUDA)."""
+def _timer(device: torch.device, clock: str = "wall"):
+    """A function that runs ``fn`` ``steps`` times and returns seconds per step.
+
+    CUDA: CUDA events. CPU: ``clock="wall"`` (perf_counter) or ``"process"`` (process_time: CPU seconds of all
+    this process's threads; with one thread it does not count time the scheduler gave to other programs).
+    """
     if device.type == "cuda":
         def run(fn, steps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -259,15 +263,18 @@ def _timer(device: torch.device):
             end.synchronize()
             return start.elapsed_time(end) / 1000 / steps
     else:
+        now = time.process_time if clock == "process" else time.perf_counter
+
         def run(fn, steps):
-            t0 = time.perf_counter()
+            t0 = now()
             for _ in range(steps):
                 fn()
-            return (time.perf_counter() - t0) / steps
+            return (now() - t0) / steps
     return run
 
 
-def _measure(fn, device, warmup: int, repeats: int, steps: int) -> tuple[list[float], float | None]:
+def _measure(fn, device, warmup: int, repeats: int, steps: int,
+             clock: str = "wall") -> tuple[list[float], float | None]:
     """Seconds per step of each repetition, and the CUDA peak allocated bytes over the timed phase."""
     for _ in range(warmup):
         fn()
@@ -275,7 +282,7 @@ def _measure(fn, device, warmup: int, repeats: int, steps: int) -> tuple[list[fl
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    timer = _timer(device)
+    timer = _timer(device, clock)
     times = [timer(fn, steps) for _ in range(repeats)]
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
@@ -284,13 +291,21 @@ def _measure(fn, device, warmup: int, repeats: int, steps: int) -> tuple[list[fl
 
 def run_one(spec: dict) -> dict:
     """Measure one (mode, batch size). ``spec`` is the JSON the parent passes to ``--worker``."""
+    try:
+        return _run_one(spec)
+    finally:  # the RLRR rows choose the kernel backend process-wide: hand the choice back to $VIT_PEFT_KERNEL
+        if "peft" in sys.modules:
+            vit.require_project_peft().set_backend(None)
+
+
+def _run_one(spec: dict) -> dict:
     mode, batch = spec["mode"], spec["batch_size"]
     device = torch.device(spec["device"])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     config = vit.get_config(spec["model"])
     base_mode = mode.removesuffix("+compile")
-    result = {"mode": mode, "batch_size": batch, "note": ""}
+    result = {"mode": mode, "batch_size": batch}
     torch.manual_seed(0)
     model = build_model(base_mode, config, device)
     if isinstance(model, str):
@@ -321,7 +336,7 @@ def run_one(spec: dict) -> dict:
             model(images)
 
     model.eval()
-    times, peak = _measure(infer, device, w, r, s)
+    times, peak = _measure(infer, device, w, r, s, spec.get("clock", "wall"))
     result["infer_step_s"] = times
     result["infer_img_s"] = batch / statistics.median(times)
     result["infer_peak_mib"] = peak / 2**20 if peak is not None else _peak_rss_mib()
@@ -338,7 +353,7 @@ def run_one(spec: dict) -> dict:
             opt.zero_grad(set_to_none=True)
 
         model.train()
-        times, peak = _measure(train, device, w, r, s)
+        times, peak = _measure(train, device, w, r, s, spec.get("clock", "wall"))
         result["train_step_s"] = times
         result["train_img_s"] = batch / statistics.median(times)
         result["train_peak_mib"] = peak / 2**20 if peak is not None else _peak_rss_mib()
@@ -371,7 +386,7 @@ def worker_main(spec_json: str) -> int:
 @dataclass
 class BenchmarkOptions:
     model: str = "ViT-B/16"  # model preset (vit.get_config name)
-    batch_sizes: list[int] = field(default_factory=lambda: [8, 32])  # batch sizes to measure
+    batch_sizes: list[int] = field(default_factory=list)  # batch sizes (default: 64 256 on CUDA, 8 on CPU)
     device: str = "auto"  # cuda, cpu, or auto (cuda when available)
     modes: list[str] = field(default_factory=lambda: list(MODES))  # which rows to measure
     repeats: int = 5  # timed repetitions per phase (the median is reported)
@@ -381,6 +396,7 @@ class BenchmarkOptions:
     compile: bool = False  # also measure torch.compile'd twins of --compile-modes
     compile_modes: list[str] = field(default_factory=lambda: ["rlrr-official", "rlrr"])  # modes to compile
     threads: int = 0  # torch CPU threads (0: torch's default)
+    cpu_clock: str = "wall"  # CPU timing: wall (perf_counter) or process (CPU time; use with --threads 1)
     isolate: bool = True  # one fresh process per measurement (needed for honest CPU peak memory)
     peak_tflops: float = 0.0  # the device's peak TFLOP/s for the chosen precision, for the "% peak" column
     output_dir: str = "runs/benchmark"  # where benchmark.json and benchmark.png go
@@ -391,7 +407,8 @@ def parse_options(argv=None) -> BenchmarkOptions:
         ["examples:", ""]), formatter_class=argparse.RawDescriptionHelpFormatter)
     d = BenchmarkOptions()
     p.add_argument("--model", default=d.model, help=f"model preset (default: {d.model})")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=d.batch_sizes, help="batch sizes (default: 8 32)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=d.batch_sizes,
+                   help="batch sizes (default: 64 256 on CUDA, 8 on CPU)")
     p.add_argument("--device", default=d.device, help="cuda, cpu or auto (default: auto)")
     p.add_argument("--modes", nargs="+", default=d.modes, choices=MODES, metavar="MODE",
                    help=f"rows to measure, from: {', '.join(MODES)} (default: all)")
@@ -404,6 +421,8 @@ def parse_options(argv=None) -> BenchmarkOptions:
     p.add_argument("--compile-modes", nargs="+", default=d.compile_modes, choices=MODES, metavar="MODE",
                    help="modes that get a +compile row (default: rlrr-official rlrr)")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--cpu-clock", choices=("wall", "process"), default=d.cpu_clock,
+                   help="CPU timing: wall clock, or process CPU time (with --threads 1: robust to other load)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=d.isolate,
                    help="one fresh process per measurement (default: on; off: CPU memory is not per mode)")
     p.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
@@ -435,6 +454,13 @@ def _run_job(spec: dict, isolate: bool) -> dict:
             "error": f"worker exited with status {proc.returncode}: {tail}"}
 
 
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # not on every platform
+        return None
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -450,7 +476,8 @@ def environment(device: torch.device, opts: BenchmarkOptions, bf16: bool) -> dic
            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": opts.threads or torch.get_num_threads(),
            "precision": "bf16 autocast" if bf16 else "fp32", "time": datetime.datetime.now(
                datetime.timezone.utc).isoformat(timespec="seconds"),
-           "timing": "CUDA events" if device.type == "cuda" else "wall clock (perf_counter)",
+           "timing": "CUDA events" if device.type == "cuda" else
+           "wall clock (perf_counter)" if opts.cpu_clock == "wall" else "process CPU time (process_time)",
            "memory": ("torch.cuda.max_memory_allocated over the timed phase" if device.type == "cuda" else
                       "peak RSS of a fresh process per mode (getrusage ru_maxrss)" if opts.isolate else
                       "peak RSS of the one shared process (not per mode: run with --isolate)")}
@@ -470,7 +497,7 @@ def _fmt(v, digits=1):
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:,.{digits}f}" if v == 0 or abs(v) >= 10 ** (1 - digits) * 100 else f"{v:.3g}"
+        return f"{v:,.{digits}f}" if v == 0 or abs(v) >= 1 else f"{v:.3g}"
     return f"{v:,}"
 
 
@@ -540,13 +567,15 @@ def run(opts: BenchmarkOptions) -> dict:
     config = vit.get_config(opts.model)  # fails early on an unknown name
     bf16 = device.type == "cuda" if opts.bf16 is None else opts.bf16
     steps = opts.steps or (10 if device.type == "cuda" else 1)
+    batch_sizes = opts.batch_sizes or ([64, 256] if device.type == "cuda" else [8])
+    load_before = _loadavg()
     modes = list(dict.fromkeys(opts.modes))
     if opts.compile:
         modes += [f"{m}+compile" for m in opts.compile_modes if m in modes and m != "rlrr-kernel"]
     jobs = [dict(mode=m, batch_size=b, model=opts.model, device=str(device), bf16=bf16,
                  compile=m.endswith("+compile"), repeats=opts.repeats, warmup=max(opts.warmup, 2 if
-                 m.endswith("+compile") else 0), steps=steps, threads=opts.threads)
-            for b in opts.batch_sizes for m in modes]
+                 m.endswith("+compile") else 0), steps=steps, threads=opts.threads, clock=opts.cpu_clock)
+            for b in batch_sizes for m in modes]
     results = []
     for spec in tqdm(jobs, desc="benchmark", unit="run"):
         r = _run_job(spec, opts.isolate)
@@ -557,6 +586,7 @@ def run(opts: BenchmarkOptions) -> dict:
             log.info("batch %d %s: inference %.2f img/s, training %s img/s", r["batch_size"], r["mode"],
                      r["infer_img_s"], _fmt(r.get("train_img_s"), 2))
     env = environment(device, opts, bf16)
+    env["loadavg_1min_before_after"] = [load_before, _loadavg()]  # other work on the machine skews CPU timings
     report = {"options": dataclasses.asdict(opts), "config": dataclasses.asdict(config), "environment": env,
               "steps_per_repeat": steps, "results": results}
     out = Path(opts.output_dir)
@@ -566,7 +596,9 @@ def run(opts: BenchmarkOptions) -> dict:
                                          f"{env.get('gpu') or env['cpu']} ({env['torch_threads']} threads)")
     memory_label = "peak MiB" if device.type == "cuda" else "peak RSS MiB"
     print(f"\n{opts.model} on {env.get('gpu') or env['cpu']}, {env['precision']}, torch {env['torch']}, "
-          f"median of {opts.repeats} x {steps} step(s); memory: {env['memory']}")
+          f"median of {opts.repeats} x {steps} step(s); 1-min load average {_fmt(load_before, 2)} -> "
+          f"{_fmt(_loadavg(), 2)}\n"
+          f"memory: {env['memory']}")
     print(format_table(results, opts.peak_tflops, memory_label))
     log.info("wrote %s and %s", out / "benchmark.json", out / "benchmark.png")
     return report
