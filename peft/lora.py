@@ -103,8 +103,8 @@ def _matches(name: str, target: str) -> bool:
 
 def find_lora_targets(model: nn.Module, targets) -> list[str]:
     """Names of the nn.Linear modules matched by ``targets``; a target that matches none raises ValueError."""
-    if isinstance(targets, str):
-        targets = (targets,)
+    if isinstance(targets, str):  # "q,v" from a command line
+        targets = tuple(t.strip() for t in targets.split(",") if t.strip())
     linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     found, unmatched = [], []
     for t in targets:

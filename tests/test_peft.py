@@ -231,6 +231,8 @@ def test_lora_targets_short_glob_regex_and_unknown():
     model = make_model()
     assert peft.apply_lora(model, targets=("blocks.*.attn.k", r"blocks\.1\.mlp\.fc\d")) == [
         "blocks.0.attn.k", "blocks.1.attn.k", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
+    assert peft.apply_lora(make_model(), targets="fc1, proj") == [
+        "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.1.attn.proj", "blocks.1.mlp.fc1"]
     with pytest.raises(ValueError, match="'qkv'"):
         peft.apply_lora(make_model(), targets=("q", "qkv"))
 
