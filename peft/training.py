@@ -56,6 +56,8 @@ SCRATCH_LR = 1e-3
 
 @dataclass
 class FinetuneOptions:
+    CHOICES: typing.ClassVar[dict] = {"mode": MODES, "precision": ("auto", "bf16", "fp16", "fp32"),
+                                      "rlrr_init": ("official", "identity")}
     mode: str = "rlrr"  # what trains: head | mlp | lora | rlrr | full
     weights: str = "ViT-B_16"  # base weights: a .npz path, a known name (downloaded once, cached), or none
     model: str = "ViT-B/16"  # model preset for --weights none (training from scratch); else the .npz decides
@@ -172,14 +174,15 @@ def build_parser(cls=FinetuneOptions, description: str | None = None, epilog: st
         if optional:
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         help_text = helps.get(f.name, "") + ("" if f.default is None else " (default: %(default)s)")
+        choices = getattr(cls, "CHOICES", {}).get(f.name)
         if f.name in positional:
             parser.add_argument(f.name, type=kind, help=help_text)
         elif kind is bool:
             parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
                                 default=f.default, help=help_text)
         else:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
-                                metavar=f.name.upper(), help=help_text)
+            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, choices=choices,
+                                metavar=None if choices else f.name.upper(), help=help_text)
     return parser
 
 

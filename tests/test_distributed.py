@@ -26,7 +26,7 @@ def test_shards_cover_every_index_once_without_padding():
 
 def _options(out: Path, **kw) -> training.FinetuneOptions:
     base = dict(mode="full", weights="none", model="testing", data="fashion_mnist", data_root=str(FMNIST),
-                classes="0-4", max_train_samples=96, max_eval_samples=37, epochs=2, warmup_epochs=0.5,
+                classes="0-4", max_train_samples=64, max_eval_samples=37, epochs=2, warmup_epochs=0.5,
                 batch_size=16, grad_accum=2, lr=3e-3, device="cpu", output_dir=str(out), progress=False)
     base.update(kw)
     return training.FinetuneOptions(**base)
@@ -47,23 +47,31 @@ def _free_port() -> int:
 
 @pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
                     reason=f"real Fashion-MNIST not installed at {FMNIST}")
-def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["full", "rlrr"])
+def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch, mode):
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     kw = {}
+    if mode == "rlrr":  # frozen backbone + adapters: DDP must only see the trainable parameters
+        import vit
+        from npz_factory import write_google_npz
+
+        write_google_npz(tmp_path / "base.npz", vit.get_config("testing"), seed=0)
+        kw = dict(mode="rlrr", weights=str(tmp_path / "base.npz"), lr=1e-2)
     torch.set_num_threads(1)
     one = training.run(_options(tmp_path / "one", **kw))
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), kw), nprocs=2, join=True)
 
     a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
-    assert a["step"] == b["step"] == 2 * 6  # 96 training images / 16 per step, 2 epochs
+    assert a["step"] == b["step"] == 2 * 4  # 64 training images / 16 per step, 2 epochs
     for k in a["state_dict"]:
-        if k.endswith("attn.k.bias"):
+        if k.endswith(("attn.k.bias", "attn.k.f")):
             # Its exact gradient is zero (adding a constant to every key of a query shifts all its logits
             # equally, and softmax ignores that), so Adam turns rounding noise into lr-sized steps: only check
-            # that it stayed at noise level.
-            assert a["state_dict"][k].abs().max() < 1e-3 and b["state_dict"][k].abs().max() < 1e-3
+            # that neither run moved it further than Adam's step bound (about lr per step).
+            bound = _options(tmp_path, **kw).lr * a["step"]
+            assert a["state_dict"][k].abs().max() < bound and b["state_dict"][k].abs().max() < bound
             continue
         torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=1e-5, atol=1e-6, msg=k)
     for ha, hb in zip(a["history"], b["history"]):

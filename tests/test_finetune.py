@@ -125,7 +125,7 @@ def test_weights_none_needs_mode_full(tmp_path):
 
 
 @needs_fmnist
-def test_peft_checkpoint_holds_only_adapters_and_rebuilds_the_model(tmp_path, mini_npz):
+def test_peft_checkpoint_holds_only_adapters_and_rebuilds_the_model(tmp_path, mini_npz, capsys):
     import vit
 
     peft = vit.require_project_peft()
@@ -149,6 +149,27 @@ def test_peft_checkpoint_holds_only_adapters_and_rebuilds_the_model(tmp_path, mi
     x = torch.randn(3, 3, 28, 28)
     base_only = training.build_model(FinetuneOptions(weights=str(mini_npz)), 5)[0].eval()
     assert not torch.allclose(model(x), base_only(x))  # the adapters and head are really applied
+
+    # tools/evaluate.py re-creates the reports from best.pt on the same test subset; predict.py reads files.
+    assert load_tool("evaluate").main([str(tmp_path / "run"), "--output-dir", str(tmp_path / "eval")]) == 0
+    import json
+
+    again = json.loads((tmp_path / "eval" / "test_evaluation.json").read_text())
+    assert again["test_accuracy"] == metrics["test_accuracy"]
+    for name in ("test_confusion.png", "test_roc.png", "test_report.txt", "curves.png", "history.csv"):
+        assert (tmp_path / "eval" / name).is_file(), name
+    from PIL import Image
+
+    from loaders.datasets import load_dataset
+
+    image = load_dataset("fashion_mnist", root=str(FMNIST), split="test").images[0, :, :, 0].numpy()
+    Image.fromarray(image).save(tmp_path / "shoe.png")
+    capsys.readouterr()
+    assert load_tool("predict").main([str(tmp_path / "shoe.png"), "--checkpoint", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].endswith("shoe.png") and len(printed) == 6 and printed[1].strip().startswith("1.")
+    probs = [float(line.split()[-1]) for line in printed[1:]]
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-3)  # 5 of 5 classes
 
     copy = tmp_path / "changed.npz"
     copy.write_bytes(mini_npz.read_bytes() + b"\0")  # one more byte: another sha256
@@ -192,3 +213,26 @@ def test_tools_have_help_with_an_example(tool, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "example" in text and f"tools/{tool}.py" in text
+
+
+@needs_fmnist
+def test_quickstart_pipeline_end_to_end_on_a_tiny_budget(tmp_path):
+    """Pretrain from scratch → export .npz → fine-tune it with two modes → results table (tiny sizes)."""
+    import json
+
+    qs = load_tool("quickstart")
+    out = tmp_path / "qs"
+    assert qs.main(["--output-dir", str(out), "--modes", "head,rlrr", "--pretrain-samples", "96",
+                    "--pretrain-epochs", "1", "--finetune-samples", "64", "--finetune-epochs", "1",
+                    "--eval-samples", "48", "--data-root", str(FMNIST), "--no-progress", "--threads", "1"]) == 0
+    import loaders
+
+    pretrained = loaders.load_npz(out / "pretrained.npz")
+    assert pretrained.config.hidden_size == 96 and pretrained.config.num_classes == 5
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["mode"] for r in results] == ["head", "rlrr"]
+    head, rlrr = results
+    assert head["trainable_parameters"] == 96 * 5 + 5  # the new head only
+    assert head["trainable_parameters"] < rlrr["trainable_parameters"] < head["total_parameters"] / 10
+    assert "| rlrr |" in (out / "results.md").read_text()
+    assert (out / "rlrr" / "best.pt").is_file()
