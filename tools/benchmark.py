@@ -64,7 +64,8 @@ from vit.config import ViTConfig  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
-MODES = ("head", "mlp", "lora", "rlrr", "rlrr-kernel", "rlrr-official", "full", "merged", "timm")
+MODES = ("head", "mlp", "lora", "rlrr", "rlrr-kernel", "rlrr-official", "full", "merged", "timm", "timm-lora")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFERENCE_ONLY = ("merged",)
 RESULT_PREFIX = "BENCH_RESULT "  # a worker prints its result as one JSON line after this marker
 LORA_RANK, LORA_TARGETS, RLRR_RANK = 8, ("q", "v"), 1  # peft's defaults; the FLOP count uses the same
@@ -121,6 +122,8 @@ def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int
     * attention core: dV = Pᵀ dO if V needs a gradient; dP = dO Vᵀ if Q or K does; then dQ, dK each if needed
       (N²·D each); the patch embedding's weight gradient only in full mode (the image never needs one).
     """
+    if mode == "timm-lora":  # HF peft's LoRA on timm's fused qkv layer
+        mode, lora_targets = "lora", ("qkv",)
     mode = {"merged": "head", "timm": "full"}.get(mode, mode)  # merged: the plain ViT; timm: full fine-tuning
     base_mode = "rlrr" if mode.startswith("rlrr") else mode
     if base_mode not in ("head", "mlp", "lora", "rlrr", "full"):
@@ -157,16 +160,20 @@ def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int
                 bwd += t * r * i  # the branch's share of dX
         return input_grad or lin.weight_trains or lin.adapter is not None
 
+    def adapter_on(name: str) -> str | None:
+        if base_mode == "rlrr" or (base_mode == "lora" and name in lora_targets):
+            return base_mode
+        return None
+
     mlp_trains = base_mode in ("mlp", "full")
     attn_trains = base_mode == "full"
     for _ in range(c.num_layers):
-        adapter = {"lora": "lora", "rlrr": "rlrr"}.get(base_mode)
         # norm1 (+ SSF in rlrr): its output needs a gradient if the stream does or its SSF trains
         h1 = stream_grad or base_mode in ("rlrr", "full")
-        qkv = {}
-        for name in ("q", "k", "v"):
-            lin_adapter = adapter if (base_mode == "rlrr" or (base_mode == "lora" and name in lora_targets)) else None
-            qkv[name] = linear(_Linear(name, n, d, d, attn_trains, lin_adapter), h1)
+        if "qkv" in lora_targets and base_mode == "lora":  # one fused (D → 3D) layer, as in timm
+            qkv = dict.fromkeys("qkv", linear(_Linear("qkv", n, d, 3 * d, attn_trains, "lora"), h1))
+        else:
+            qkv = {name: linear(_Linear(name, n, d, d, attn_trains, adapter_on(name)), h1) for name in "qkv"}
         # attention core: scores S = Q Kᵀ, P = softmax(S), O = P V
         if qkv["v"]:
             bwd += n * n * d  # dV = Pᵀ dO
@@ -174,13 +181,10 @@ def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int
             bwd += n * n * d  # dP = dO Vᵀ
             bwd += n * n * d * (int(qkv["q"]) + int(qkv["k"]))  # dQ = dS K, dK = dSᵀ Q
         o_grad = any(qkv.values())
-        proj_adapter = adapter if (base_mode == "rlrr" or (base_mode == "lora" and "proj" in lora_targets)) else None
-        stream_grad = linear(_Linear("proj", n, d, d, attn_trains, proj_adapter), o_grad) or stream_grad
+        stream_grad = linear(_Linear("proj", n, d, d, attn_trains, adapter_on("proj")), o_grad) or stream_grad
         h2 = stream_grad or base_mode in ("rlrr", "full")
-        fc1_adapter = adapter if (base_mode == "rlrr" or (base_mode == "lora" and "fc1" in lora_targets)) else None
-        fc2_adapter = adapter if (base_mode == "rlrr" or (base_mode == "lora" and "fc2" in lora_targets)) else None
-        a = linear(_Linear("fc1", n, d, m, mlp_trains, fc1_adapter), h2)
-        stream_grad = linear(_Linear("fc2", n, m, d, mlp_trains, fc2_adapter), a) or stream_grad
+        a = linear(_Linear("fc1", n, d, m, mlp_trains, adapter_on("fc1")), h2)
+        stream_grad = linear(_Linear("fc2", n, m, d, mlp_trains, adapter_on("fc2")), a) or stream_grad
 
     # final norm (+ SSF), CLS token, optional pre-logits, head (always trains)
     feat_grad = stream_grad or base_mode in ("rlrr", "full")
@@ -215,36 +219,77 @@ def _peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-def build_model(mode: str, config: ViTConfig, device: torch.device):
-    """The model for ``mode`` on ``device``, or a string saying why the mode cannot run here."""
-    if mode == "timm":
+def _import_hf_peft():
+    """Hugging Face's ``peft``, which shares its import name with this project's package (never installed by
+    this project; only imported here, in a worker process that has not imported ours)."""
+    ours = sys.modules.get("peft")
+    if ours is not None and getattr(ours, "__vit_project__", False):
+        raise ImportError("this process already imported the project's peft (run with --isolate)")
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != REPO_ROOT]
+    try:
+        import peft as hf_peft
+    finally:
+        sys.path[:] = saved
+    if getattr(hf_peft, "__vit_project__", False) or not hasattr(hf_peft, "LoraConfig"):
+        sys.modules.pop("peft", None)
+        raise ImportError("no Hugging Face peft installed (only this project's peft is importable)")
+    return hf_peft
+
+
+def _timm_model(mode: str, config: ViTConfig):
+    """timm's VisionTransformer with our sizes (its defaults otherwise: exact-erf GELU, fused qkv), plus HF
+    peft LoRA r=8, α=8 on qkv for ``timm-lora`` (as many LoRA parameters as ours on q and v)."""
+    try:
+        import timm
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+    except Exception as e:  # not a dependency: only compared when installed
+        return f"timm unavailable: {type(e).__name__}: {e}", ""
+    model = TimmViT(img_size=config.image_size, patch_size=config.patch_size, in_chans=config.in_channels,
+                    num_classes=config.num_classes, embed_dim=config.hidden_size, depth=config.num_layers,
+                    num_heads=config.num_heads, mlp_ratio=config.mlp_dim / config.hidden_size)
+    note = f"timm {timm.__version__}"
+    if mode == "timm-lora":
         try:
-            from timm.models.vision_transformer import VisionTransformer as TimmViT
-        except Exception as e:  # not a dependency: only compared when installed
-            return f"timm unavailable: {type(e).__name__}: {e}"
-        return TimmViT(img_size=config.image_size, patch_size=config.patch_size, in_chans=config.in_channels,
-                       num_classes=config.num_classes, embed_dim=config.hidden_size, depth=config.num_layers,
-                       num_heads=config.num_heads, mlp_ratio=config.mlp_dim / config.hidden_size).to(device)
+            hf_peft = _import_hf_peft()
+        except Exception as e:
+            return f"HF peft unavailable: {type(e).__name__}: {e}", note
+        lora = hf_peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=["qkv"], modules_to_save=["head"])
+        model = hf_peft.get_peft_model(model, lora)
+        note += f", HF peft {hf_peft.__version__} LoRA r={LORA_RANK} on qkv"
+    return model, note
+
+
+def build_model(mode: str, config: ViTConfig, device: torch.device):
+    """(model for ``mode`` on ``device``, note), or (a string saying why the mode cannot run here, note)."""
+    if mode in ("timm", "timm-lora"):
+        model, note = _timm_model(mode, config)
+        return (model if isinstance(model, str) else model.to(device)), note
     peft = vit.require_project_peft()
     if mode == "rlrr-kernel":
         if device.type != "cuda":
-            return "rlrr-kernel needs a CUDA device; skipped"
+            return "rlrr-kernel needs a CUDA device; skipped", ""
         if not peft.kernel_available():
-            return "rlrr-kernel: the CUDA extension could not be built here; skipped"
+            return "rlrr-kernel: the CUDA extension could not be built here; skipped", ""
     model = vit.VisionTransformer(config).to(device)
+    note = ""
     if mode in ("head", "mlp", "lora", "full"):
         peft.apply_mode(model, mode)
     elif mode in ("rlrr", "rlrr-kernel", "merged"):
         peft.set_backend("cuda" if mode == "rlrr-kernel" else "torch")
         peft.apply_mode(model, "rlrr", rlrr_impl="function")
+        note = ("RLRRLinearFunction, fused CUDA kernel" if mode == "rlrr-kernel" else
+                "RLRRLinearFunction, PyTorch path (W' rebuilt in backward, not kept)")
         if mode == "merged":
             peft.merge_adapters(model)
+            note = "RLRR merged into plain layers (peft.merge_adapters): the plain ViT"
     elif mode == "rlrr-official":
         peft.set_backend("torch")
         peft.apply_mode(model, "rlrr", rlrr_impl="official")
+        note = "official formula W*s_in*s_out + W; autograd keeps W' per layer"
     else:
         raise ValueError(f"unknown benchmark mode {mode!r}; choose from {', '.join(MODES)}")
-    return model
+    return model, note
 
 
 def _timer(device: torch.device, clock: str = "wall"):
@@ -294,8 +339,8 @@ def run_one(spec: dict) -> dict:
     try:
         return _run_one(spec)
     finally:  # the RLRR rows choose the kernel backend process-wide: hand the choice back to $VIT_PEFT_KERNEL
-        if "peft" in sys.modules:
-            vit.require_project_peft().set_backend(None)
+        if getattr(sys.modules.get("peft"), "__vit_project__", False):
+            sys.modules["peft"].set_backend(None)
 
 
 def _run_one(spec: dict) -> dict:
@@ -307,9 +352,10 @@ def _run_one(spec: dict) -> dict:
     base_mode = mode.removesuffix("+compile")
     result = {"mode": mode, "batch_size": batch}
     torch.manual_seed(0)
-    model = build_model(base_mode, config, device)
+    model, note = build_model(base_mode, config, device)
     if isinstance(model, str):
         return {**result, "skipped": model}
+    result["note"] = note
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result["trainable_params"] = trainable
     result["total_params"] = sum(p.numel() for p in model.parameters())
@@ -554,7 +600,8 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         ax.set_xticklabels(modes, rotation=45, ha="right")
         ax.set_title(label)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend()
+    if ok:
+        axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -600,6 +647,8 @@ def run(opts: BenchmarkOptions) -> dict:
           f"{_fmt(_loadavg(), 2)}\n"
           f"memory: {env['memory']}")
     print(format_table(results, opts.peak_tflops, memory_label))
+    for mode, note in dict.fromkeys((r["mode"], r["note"]) for r in results if r.get("note")):
+        print(f"  {mode}: {note}")
     log.info("wrote %s and %s", out / "benchmark.json", out / "benchmark.png")
     return report
 
