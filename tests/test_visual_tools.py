@@ -202,3 +202,18 @@ def test_fine_tuning_checkpoint_gives_model_and_class_names(monkeypatch, tmp_pat
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(visualize.attention_maps(loaded, x).probs,
                                visualize.attention_maps(model.eval(), x).probs)
+
+
+def test_patch_filters_sum_channels_in_process(checkpoint, tmp_path, monkeypatch):
+    """--sum-channels: PCA of the channel-summed filters, what a greyscale (R = G = B) input sees."""
+    monkeypatch.syspath_prepend(str(TOOLS))
+    import patch_filters
+
+    out = tmp_path / "grey.png"
+    patch_filters.main(["--checkpoint", str(checkpoint), "--sum-channels", "--output", str(out), "--save-npy"])
+    assert_png(out)
+    comps = np.load(tmp_path / "grey.npy")
+    weight = loaders.load_npz(checkpoint).patch_embed.weight.detach().sum(dim=1, keepdim=True)
+    expected, _ = visualize.patch_filter_pca(weight)
+    assert comps.shape == (15, 1, 8, 8)  # 16 filters of 64 values, rank 15 after centring
+    np.testing.assert_allclose(comps, expected.numpy(), atol=1e-6)

@@ -41,6 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--weights", help="base .npz for a fine-tuning checkpoint whose base weights moved")
     p.add_argument("--components", type=int, default=28, help="principal components to show (default: 28)")
     p.add_argument("--raw", action="store_true", help="also show the first raw filters")
+    p.add_argument("--sum-channels", action="store_true",
+                   help="sum each filter over its input channels first (grey tiles): for a model trained on "
+                        "greyscale images repeated to RGB only this sum acts on the input; the colour part "
+                        "of the filters never received a gradient")
     p.add_argument("--columns", type=int, default=7, help="tiles per row (default: 7)")
     p.add_argument("--output", default="img/patch_filters.png", help="PNG to write (default: "
                                                                       "img/patch_filters.png)")
@@ -57,6 +61,8 @@ def main(argv=None):
     args = parse_args(argv)
     model, _, desc = load_model(args.checkpoint, weights=args.weights)
     weight = model.patch_embed.weight.detach()  # (D, C, P, P)
+    if args.sum_channels:
+        weight = weight.sum(dim=1, keepdim=True)  # (D, 1, P, P): what a grey input (R = G = B) sees
     comps, explained = visualize.patch_filter_pca(weight, k=args.components)
     d, c, p, _ = weight.shape
     log.info("model %s: %d filters of %dx%dx%d; first %d components explain %.1f%% of their variance",
@@ -65,7 +71,8 @@ def main(argv=None):
     fig = visualize.plot_patch_filters(
         comps, explained, raw=raw, columns=args.columns,
         title=f"Patch-embedding filters of {desc}: first {len(comps)} principal components\n"
-              f"({d} filters of {c}x{p}x{p}; % = share of variance)")
+              f"({d} filters of {c}x{p}x{p}{', summed over RGB' if args.sum_channels else ''}; "
+              "% = share of variance)")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=args.dpi)
