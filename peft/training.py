@@ -129,6 +129,19 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left in place."""
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message says all (missing files, failed downloads, mismatched checkpoints)."""
+    from loaders.datasets import DatasetError
+    from loaders.download import DownloadError
+    from loaders.npz import CheckpointError
+
+    return (TrainingDiverged, ckpt_io.CheckpointMismatch, CheckpointError, DatasetError, DownloadError,
+            FileNotFoundError)
+
+
+EXPECTED_ERRORS = _expected_errors()
+
+
 def check_options(opts: FinetuneOptions) -> None:
     if opts.mode not in MODES:
         raise OptionsError(f"--mode {opts.mode!r}: choose one of {', '.join(MODES)}")
@@ -276,8 +289,11 @@ def resolve_weights(spec: str) -> tuple[Path, str]:
                        f"({', '.join(KNOWN_WEIGHTS)}), nor 'none'")
 
 
-def build_model(opts: FinetuneOptions, num_classes: int):
-    """The model before adapters and a record of its base weights (None when training from scratch)."""
+def build_model(opts: FinetuneOptions, num_classes: int, weights: tuple[Path, str] | None = None):
+    """The model before adapters and a record of its base weights (None when training from scratch).
+
+    ``weights``: an already resolved (path, name) for ``opts.weights``.
+    """
     import vit
 
     if opts.from_scratch:
@@ -291,7 +307,7 @@ def build_model(opts: FinetuneOptions, num_classes: int):
     import loaders
     from loaders.download import file_digest
 
-    path, name = resolve_weights(opts.weights)
+    path, name = weights or resolve_weights(opts.weights)
     model = loaders.load_npz(path, num_classes=num_classes, image_size=opts.image_size)
     if opts.dropout is not None:
         set_dropout(model, opts.dropout)
@@ -393,9 +409,11 @@ class Trainer:
         opts, ctx = self.opts, self.ctx
         peft = _peft()
         seed_everything(opts.seed)
+        # Weights first: a missing download should fail before minutes of data loading.
+        weights = None if opts.from_scratch else resolve_weights(opts.weights)
         self.data = prepare_data(opts, ctx)
         k = len(self.data.classes)
-        self.model, self.base_weights = build_model(opts, k)
+        self.model, self.base_weights = build_model(opts, k, weights)
         seed_everything(opts.seed)  # adapters initialise identically whatever the data loading consumed
         self.mode_options = opts.mode_options()
         self.full = opts.mode == "full"

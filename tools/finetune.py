@@ -32,9 +32,12 @@ def main(argv=None) -> int:
     opts = training.parse_options(argv, description=__doc__, epilog=EXAMPLES)
     try:
         training.run(opts)
-    except (training.OptionsError, training.TrainingDiverged) as e:
+    except training.OptionsError as e:
         logging.getLogger("finetune").error("%s", e)
-        return 2 if isinstance(e, training.OptionsError) else 1
+        return 2
+    except training.EXPECTED_ERRORS as e:  # missing data or weights, bad files, divergence: no traceback
+        logging.getLogger("finetune").error("%s: %s", type(e).__name__, e)
+        return 1
     return 0
 
 

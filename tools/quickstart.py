@@ -46,7 +46,7 @@ class QuickstartOptions:
     pretrain_lr: float = 2e-3  # AdamW peak learning rate from scratch
     finetune_samples: int = 1500  # training images per fine-tuning run (a low-data transfer task)
     finetune_epochs: int = 3  # fine-tuning epochs per mode
-    eval_samples: int = 2000  # cap on validation and test images per run
+    eval_samples: int = 1000  # cap on validation and test images per run (validation runs every epoch)
     batch_size: int = 64  # global batch size
     retrain: bool = False  # pretrain again even if pretrained.npz exists
     data: str = "fashion_mnist"  # dataset name (Fashion-MNIST is the one that works offline)
