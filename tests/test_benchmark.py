@@ -72,6 +72,18 @@ def test_isolated_worker_processes_report_peak_rss(tmp_path):
     assert "ru_maxrss" in report["environment"]["memory"]
 
 
+def test_interleaved_rows_are_timed_round_robin_without_memory(tmp_path):
+    opts = benchmark.parse_options(["--model", "testing", "--device", "cpu", "--batch-sizes", "2", "--repeats", "2",
+                                    "--warmup", "0", "--interleave", "--output-dir", str(tmp_path),
+                                    "--modes", "rlrr", "merged", "rlrr-kernel"])
+    results = benchmark.run(opts)["results"]
+    assert [r["mode"] for r in results] == ["rlrr", "merged", "rlrr-kernel"]
+    assert "skipped" in results[2]
+    for r in results[:2]:
+        assert len(r["infer_step_s"]) == 2 and r["infer_img_s"] > 0 and r["infer_peak_mib"] is None
+    assert len(results[0]["train_step_s"]) == 2 and results[0]["train_img_s"] > 0
+
+
 def test_unknown_mode_is_rejected():
     with pytest.raises(SystemExit):
         benchmark.parse_options(["--modes", "prefix-tuning"])

@@ -337,13 +337,82 @@ def _measure(fn, device, warmup: int, repeats: int, steps: int,
 def run_one(spec: dict) -> dict:
     """Measure one (mode, batch size). ``spec`` is the JSON the parent passes to ``--worker``."""
     try:
-        return _run_one(spec)
-    finally:  # the RLRR rows choose the kernel backend process-wide: hand the choice back to $VIT_PEFT_KERNEL
-        if getattr(sys.modules.get("peft"), "__vit_project__", False):
-            sys.modules["peft"].set_backend(None)
+        bench = prepare(spec)
+        if isinstance(bench, dict):  # skipped
+            return bench
+        baseline = bench.result.get("setup_peak_rss_mib")
+        for phase in bench.phases():
+            bench.model.train(phase == "train")
+            times, peak = _measure(bench.step(phase), bench.device, spec["warmup"], spec["repeats"], spec["steps"],
+                                   spec.get("clock", "wall"))
+            bench.record(phase, times, peak / 2**20 if peak is not None else _peak_rss_mib())
+            if baseline is not None:
+                bench.result[f"{phase}_growth_mib"] = bench.result[f"{phase}_peak_mib"] - baseline
+        return bench.result
+    finally:
+        _reset_backend()
 
 
-def _run_one(spec: dict) -> dict:
+def _reset_backend():
+    """The RLRR rows choose the kernel backend process-wide: hand the choice back to $VIT_PEFT_KERNEL."""
+    if getattr(sys.modules.get("peft"), "__vit_project__", False):
+        sys.modules["peft"].set_backend(None)
+
+
+@dataclass
+class Bench:
+    """One prepared row: a model with its inputs, optimizer and step functions, and its result so far."""
+    result: dict
+    model: torch.nn.Module
+    device: torch.device
+    images: torch.Tensor
+    labels: torch.Tensor
+    bf16: bool
+    backend: str | None  # RLRR kernel backend this row needs (the choice is process-wide)
+    optimizer: torch.optim.Optimizer | None = None
+
+    def phases(self) -> list[str]:
+        return ["infer"] if self.optimizer is None else ["infer", "train"]
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def step(self, phase: str):
+        """A no-argument function running one inference or training step on this row's batch."""
+        model, images, labels, opt = self.model, self.images, self.labels, self.optimizer
+
+        def infer():
+            with torch.inference_mode(), self._autocast():
+                model(images)
+
+        def train():
+            with self._autocast():
+                loss = F.cross_entropy(model(images), labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        fn = infer if phase == "infer" else train
+        if self.backend is None:
+            return fn
+
+        def with_backend():
+            vit.require_project_peft().set_backend(self.backend)
+            fn()
+        return with_backend
+
+    def record(self, phase: str, times: list[float], peak_mib: float | None) -> None:
+        r, batch = self.result, self.result["batch_size"]
+        r[f"{phase}_step_s"] = times
+        r[f"{phase}_img_s"] = batch / statistics.median(times)
+        r[f"{phase}_peak_mib"] = peak_mib
+        flops = r["forward_gflop_per_image" if phase == "infer" else "train_gflop_per_image"]
+        if flops:
+            r[f"{phase}_tflop_s"] = r[f"{phase}_img_s"] * flops / 1e3
+
+
+def prepare(spec: dict) -> Bench | dict:
+    """Build the model, inputs and optimizer of one row; a result dict with "skipped" if it cannot run here."""
     mode, batch = spec["mode"], spec["batch_size"]
     device = torch.device(spec["device"])
     if spec.get("threads"):
@@ -356,61 +425,55 @@ def _run_one(spec: dict) -> dict:
     if isinstance(model, str):
         return {**result, "skipped": model}
     result["note"] = note
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    result["trainable_params"] = trainable
+    result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result["total_params"] = sum(p.numel() for p in model.parameters())
     macs = train_macs(config, base_mode, batch)
     result["forward_gflop_per_image"] = 2 * macs["forward"] / 1e9
     result["train_gflop_per_image"] = 2 * macs["train"] / 1e9 if base_mode not in INFERENCE_ONLY else None
+    opt = None
+    if base_mode not in INFERENCE_ONLY:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     if spec["compile"]:
         model = torch.compile(model)
-
     g = torch.Generator().manual_seed(1)
     images = torch.randn(batch, config.in_channels, config.image_size, config.image_size, generator=g).to(device)
     labels = torch.randint(0, config.num_classes, (batch,), generator=g).to(device)
-    use_bf16 = spec["bf16"]
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
-    baseline = _peak_rss_mib() if device.type == "cpu" else None
     if device.type == "cuda":
         result["weights_mib"] = torch.cuda.memory_allocated(device) / 2**20
     else:
-        result["setup_peak_rss_mib"] = baseline
-    w, r, s = spec["warmup"], spec["repeats"], spec["steps"]
+        result["setup_peak_rss_mib"] = _peak_rss_mib()
+    backend = {"rlrr-kernel": "cuda", "rlrr": "torch", "rlrr-official": "torch", "merged": None}.get(base_mode)
+    return Bench(result, model, device, images, labels, spec["bf16"], backend, opt)
 
-    def infer():
-        with torch.inference_mode(), autocast():
-            model(images)
 
-    model.eval()
-    times, peak = _measure(infer, device, w, r, s, spec.get("clock", "wall"))
-    result["infer_step_s"] = times
-    result["infer_img_s"] = batch / statistics.median(times)
-    result["infer_peak_mib"] = peak / 2**20 if peak is not None else _peak_rss_mib()
-
-    if base_mode not in INFERENCE_ONLY:
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-5)
-
-        def train():
-            with autocast():
-                loss = F.cross_entropy(model(images), labels)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        model.train()
-        times, peak = _measure(train, device, w, r, s, spec.get("clock", "wall"))
-        result["train_step_s"] = times
-        result["train_img_s"] = batch / statistics.median(times)
-        result["train_peak_mib"] = peak / 2**20 if peak is not None else _peak_rss_mib()
-    if device.type == "cpu":
-        for k in ("infer_peak_mib", "train_peak_mib"):
-            if k in result:
-                result[k.replace("peak", "growth")] = result[k] - baseline
-    for k, flops in (("infer", result["forward_gflop_per_image"]), ("train", result["train_gflop_per_image"])):
-        if f"{k}_img_s" in result and flops:
-            result[f"{k}_tflop_s"] = result[f"{k}_img_s"] * flops / 1e3
-    return result
+def run_interleaved(specs: list[dict]) -> list[dict]:
+    """Time several rows round-robin in this process: each repetition steps every row once, so a change in
+    the machine's load hits all rows alike. Peak memory is not measured (the rows share one process)."""
+    try:
+        # HF peft shares its import name with ours: prepare its row last, where it is skipped with a note
+        order = sorted(range(len(specs)), key=lambda i: specs[i]["mode"] == "timm-lora")
+        benches = [None] * len(specs)
+        for i in order:
+            benches[i] = prepare(specs[i])
+        live = [b for b in benches if isinstance(b, Bench)]
+        spec = {**specs[0], "warmup": max(s["warmup"] for s in specs)}
+        for phase in ("infer", "train"):
+            rows = [b for b in live if phase in b.phases()]
+            timer = _timer(rows[0].device, spec.get("clock", "wall")) if rows else None
+            times = {id(b): [] for b in rows}
+            for b in rows:  # warm-up
+                b.model.train(phase == "train")
+                for _ in range(spec["warmup"]):
+                    b.step(phase)()
+            for _ in range(spec["repeats"]):
+                for b in rows:
+                    b.model.train(phase == "train")
+                    times[id(b)].append(timer(b.step(phase), spec["steps"]))
+            for b in rows:
+                b.record(phase, times[id(b)], None)
+        return [b.result if isinstance(b, Bench) else b for b in benches]
+    finally:
+        _reset_backend()
 
 
 def worker_main(spec_json: str) -> int:
@@ -444,6 +507,7 @@ class BenchmarkOptions:
     threads: int = 0  # torch CPU threads (0: torch's default)
     cpu_clock: str = "wall"  # CPU timing: wall (perf_counter) or process (CPU time; use with --threads 1)
     isolate: bool = True  # one fresh process per measurement (needed for honest CPU peak memory)
+    interleave: bool = False  # time all rows of a batch size round-robin in one process (no memory numbers)
     peak_tflops: float = 0.0  # the device's peak TFLOP/s for the chosen precision, for the "% peak" column
     output_dir: str = "runs/benchmark"  # where benchmark.json and benchmark.png go
 
@@ -471,6 +535,9 @@ def parse_options(argv=None) -> BenchmarkOptions:
                    help="CPU timing: wall clock, or process CPU time (with --threads 1: robust to other load)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=d.isolate,
                    help="one fresh process per measurement (default: on; off: CPU memory is not per mode)")
+    p.add_argument("--interleave", action="store_true",
+                   help="time all rows round-robin in one process, so changing load hits every row alike "
+                        "(for noisy shared machines; peak memory is then not measured)")
     p.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
                    help="peak TFLOP/s of the device, to print the achieved fraction")
     p.add_argument("--output-dir", default=d.output_dir, help=f"output folder (default: {d.output_dir})")
@@ -524,7 +591,8 @@ def environment(device: torch.device, opts: BenchmarkOptions, bf16: bool) -> dic
                datetime.timezone.utc).isoformat(timespec="seconds"),
            "timing": "CUDA events" if device.type == "cuda" else
            "wall clock (perf_counter)" if opts.cpu_clock == "wall" else "process CPU time (process_time)",
-           "memory": ("torch.cuda.max_memory_allocated over the timed phase" if device.type == "cuda" else
+           "memory": ("not measured (--interleave: all rows share one process)" if opts.interleave else
+                      "torch.cuda.max_memory_allocated over the timed phase" if device.type == "cuda" else
                       "peak RSS of a fresh process per mode (getrusage ru_maxrss)" if opts.isolate else
                       "peak RSS of the one shared process (not per mode: run with --isolate)")}
     if device.type == "cuda":
@@ -624,9 +692,12 @@ def run(opts: BenchmarkOptions) -> dict:
                  m.endswith("+compile") else 0), steps=steps, threads=opts.threads, clock=opts.cpu_clock)
             for b in batch_sizes for m in modes]
     results = []
-    for spec in tqdm(jobs, desc="benchmark", unit="run"):
-        r = _run_job(spec, opts.isolate)
-        results.append(r)
+    if opts.interleave:
+        for b in tqdm(batch_sizes, desc="benchmark (interleaved)", unit="batch size"):
+            results += run_interleaved([j for j in jobs if j["batch_size"] == b])
+    for spec in tqdm([] if opts.interleave else jobs, desc="benchmark", unit="run"):
+        results.append(_run_job(spec, opts.isolate))
+    for r in results:
         if "skipped" in r or "error" in r:
             log.info("batch %d %s: %s", r["batch_size"], r["mode"], r.get("skipped") or r["error"])
         else:
