@@ -21,7 +21,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import random
 import re
 import time
@@ -43,11 +42,12 @@ MODES = ("head", "mlp", "lora", "rlrr", "full")
 
 # Default learning rates for AdamW at the default global batch of 128 (ViT-B/16, i21k weights):
 # - head 1e-3: a zero-initialised linear classifier on frozen features. Adam moves each of the D=768 weights by
-#   about lr per step, so logits can move by ~lr·D ≈ 0.8 per step; 1e-2 overshoots in the first steps.
+#   about lr per step, so logits can move by up to ~lr·D ≈ 0.8 per step (1e-2: ~8, too much for a start).
 # - mlp 1e-4: fc1/fc2 of every block plus the head (peft.modes): two thirds of the backbone's weights move, so
 #   this behaves like full fine-tuning and takes its rate.
 # - lora 1e-3: the usual LoRA rate for ViTs with AdamW (B starts at zero, so the start is the base model).
-# - rlrr 3e-3: the official RLRR VTAB-1k learning rate for CIFAR-100 (scale vectors need larger steps).
+# - rlrr 3e-3: the official RLRR VTAB-1k learning rate for CIFAR-100 (at batch 32; scale vectors need larger
+#   steps than weights, and the larger batch here only makes each step less noisy).
 # - full 1e-4: every weight moves; larger rates destroy the pretrained features (Google fine-tunes with
 #   small steps too). Training from scratch (--weights none) defaults to 1e-3 instead: nothing to preserve.
 DEFAULT_LR = {"head": 1e-3, "mlp": 1e-4, "lora": 1e-3, "rlrr": 3e-3, "full": 1e-4}
