@@ -205,8 +205,8 @@ def main(argv=None):
     if maps.per_layer is not None:
         rows += [(f"rollout\n{'layer 1' if l == 0 else f'layers 1-{l + 1}'}", m.numpy())
                  for l, m in enumerate(maps.per_layer)]
-    fig = visualize.plot_attention(visualize.denormalize(x), rows, titles)
-    fig.suptitle(f"What {desc} looks at: predicted class and probability on top", fontsize=9)
+    fig = visualize.plot_attention(visualize.denormalize(x), rows, titles,
+                                   title=f"Where {desc} looks (top: predicted class and its probability)")
 
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -248,16 +248,25 @@ def _figure(width: float, height: float):
 
 
 def plot_attention(images: np.ndarray, rows: Sequence[tuple[str, np.ndarray]], titles: Sequence[str] = (),
-                   cell: float = 1.8, alpha: float = 0.5, cmap: str = "jet"):
+                   title: str | None = None, cell: float = 1.8, alpha: float = 0.5, cmap: str = "jet"):
     """Images on top, one row of heat-map overlays per entry of ``rows`` below.
 
     ``images``: (B, H, W[, 3]) in [0, 1] (see :func:`denormalize`); ``rows``: (label, maps) pairs with maps
-    (B, h, w), each map scaled by its own max for display and upsampled to the image; ``titles``: one per image.
+    (B, h, w), each map scaled by its own max for display and upsampled to the image; ``titles``: one per
+    image (two lines fit); ``title``: over the whole figure.
     """
-    b = len(images)
+    b, n_rows = len(images), 1 + len(rows)
     size = images.shape[1:3]
-    fig = _figure(cell * b + 1.6, cell * (1 + len(rows)) + 0.3)
-    axes = fig.subplots(1 + len(rows), b, squeeze=False)
+    # Margins in inches, so that tall figures (ViT-B/16: 12 heads) keep the same spacing as short ones.
+    left, right, gap_w, gap_h, top, bottom = 0.9, 1.1, 0.1, 0.25, 0.45 + (0.35 if title else 0), 0.15
+    width = left + b * cell + (b - 1) * gap_w + right
+    height = top + n_rows * cell + (n_rows - 1) * gap_h + bottom
+    fig = _figure(width, height)
+    axes = fig.subplots(n_rows, b, squeeze=False)
+    fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height,
+                        bottom=bottom / height, wspace=gap_w / cell, hspace=gap_h / cell)
+    if title:
+        fig.suptitle(title, fontsize=9, y=1 - 0.12 / height, va="top")
     grey = images.ndim == 3
     heat = None
     for j in range(b):
@@ -275,10 +284,10 @@ def plot_attention(images: np.ndarray, rows: Sequence[tuple[str, np.ndarray]], t
     axes[0, 0].set_ylabel("input", fontsize=8)
     for i, (label, _) in enumerate(rows, start=1):
         axes[i, 0].set_ylabel(label, fontsize=8)
-    fig.subplots_adjust(left=0.9 / fig.get_figwidth(), right=1 - 0.9 / fig.get_figwidth(), top=0.93,
-                        bottom=0.03, wspace=0.05, hspace=0.25)
-    if heat is not None:
-        cax = fig.add_axes([1 - 0.75 / fig.get_figwidth(), 0.1, 0.15 / fig.get_figwidth(), 0.6])
+    if heat is not None:  # beside the heat-map rows, at most 4 inches tall
+        span = min(4.0, len(rows) * cell + (len(rows) - 1) * gap_h)
+        y0 = bottom + (len(rows) * (cell + gap_h) - gap_h - span) / 2
+        cax = fig.add_axes([1 - (right - 0.25) / width, y0 / height, 0.15 / width, span / height])
         fig.colorbar(heat, cax=cax).set_label("attention (÷ max per map)", fontsize=8)
         cax.tick_params(labelsize=7)
     return fig
