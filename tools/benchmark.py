@@ -22,8 +22,11 @@ How it measures (honest about what each number is):
   shows the median repetition. CUDA: CUDA events around each repetition. CPU: wall clock (``perf_counter``).
 * Memory, CUDA: ``torch.cuda.max_memory_allocated`` over the timed phase (weights, gradients, optimizer
   state, activations and temporaries: everything the caching allocator handed out).
-  CPU: peak resident set size of the process (``getrusage(RUSAGE_SELF).ru_maxrss``), read after each phase.
-  It includes the Python interpreter and torch itself (~0.3 GiB), so the table also gives the growth over
+  CPU (Linux): the process's peak resident set size over each phase (``VmHWM`` in /proc/self/status, reset
+  before the phase through /proc/self/clear_refs), so it counts the model, gradients, optimizer state and the
+  largest set of activations and temporaries alive at once, plus the interpreter and torch (~0.3 GiB); the JSON
+  also has the growth over the resident size at the start of the phase. (``ru_maxrss`` is not used: a process
+  started with vfork inherits its parent's peak there.) Elsewhere: ``ru_maxrss``, process peak so far.
   the peak after building the model. Inference runs first, so the training peak is the process peak.
 * FLOPs: 2 per multiply-add; only matrix products are counted (patch embedding, the linear layers, the two
   attention products, the head, LoRA's and RLRR's rank-r products). LayerNorm, softmax, GELU, bias and
@@ -212,7 +215,32 @@ def _rlrr_shapes(c: ViTConfig):
 # One measurement (runs inside a worker process)
 # ----------------------------------------------------------------------------------------------------------
 
+def _proc_status_mib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> float | None:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux); returns the current RSS in MiB, or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _proc_status_mib("VmRSS")
+
+
 def _peak_rss_mib() -> float:
+    """Peak resident set size in MiB since the last reset (Linux), else since the process started."""
+    peak = _proc_status_mib("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -340,14 +368,15 @@ def run_one(spec: dict) -> dict:
         bench = prepare(spec)
         if isinstance(bench, dict):  # skipped
             return bench
-        baseline = bench.result.get("setup_peak_rss_mib")
+        cpu = bench.device.type == "cpu"
         for phase in bench.phases():
             bench.model.train(phase == "train")
+            start_rss = _reset_peak_rss() if cpu else None
             times, peak = _measure(bench.step(phase), bench.device, spec["warmup"], spec["repeats"], spec["steps"],
                                    spec.get("clock", "wall"))
             bench.record(phase, times, peak / 2**20 if peak is not None else _peak_rss_mib())
-            if baseline is not None:
-                bench.result[f"{phase}_growth_mib"] = bench.result[f"{phase}_peak_mib"] - baseline
+            if start_rss is not None:
+                bench.result[f"{phase}_growth_mib"] = bench.result[f"{phase}_peak_mib"] - start_rss
         return bench.result
     finally:
         _reset_backend()
@@ -441,7 +470,7 @@ def prepare(spec: dict) -> Bench | dict:
     if device.type == "cuda":
         result["weights_mib"] = torch.cuda.memory_allocated(device) / 2**20
     else:
-        result["setup_peak_rss_mib"] = _peak_rss_mib()
+        result["setup_rss_mib"] = _proc_status_mib("VmRSS")
     backend = {"rlrr-kernel": "cuda", "rlrr": "torch", "rlrr-official": "torch", "merged": None}.get(base_mode)
     return Bench(result, model, device, images, labels, spec["bf16"], backend, opt)
 
@@ -593,7 +622,9 @@ def environment(device: torch.device, opts: BenchmarkOptions, bf16: bool) -> dic
            "wall clock (perf_counter)" if opts.cpu_clock == "wall" else "process CPU time (process_time)",
            "memory": ("not measured (--interleave: all rows share one process)" if opts.interleave else
                       "torch.cuda.max_memory_allocated over the timed phase" if device.type == "cuda" else
-                      "peak RSS of a fresh process per mode (getrusage ru_maxrss)" if opts.isolate else
+                      ("peak RSS per phase in a fresh process per mode (VmHWM, reset per phase)" if
+                       _proc_status_mib("VmHWM") is not None else
+                       "peak RSS of a fresh process per mode (getrusage ru_maxrss)") if opts.isolate else
                       "peak RSS of the one shared process (not per mode: run with --isolate)")}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
