@@ -19,7 +19,10 @@ How it measures (honest about what each number is):
 * Each (mode, batch size) runs in a fresh Python process, so nothing one mode allocated or compiled leaks
   into the next and CPU peak memory can be read from the operating system.
 * Timing: ``--warmup`` untimed steps, then ``--repeats`` timed repetitions of ``--steps`` steps each; the table
-  shows the median repetition. CUDA: CUDA events around each repetition. CPU: wall clock (``perf_counter``).
+  shows the median repetition. CUDA: CUDA events around each repetition. CPU: wall clock (``perf_counter``),
+  or with ``--cpu-clock process`` the process's CPU time (with ``--threads 1`` it ignores time the scheduler
+  gives to other programs). On a machine shared with other work, ``--interleave`` times all rows round-robin
+  in one process so that load changes hit every row alike (memory is then not measured).
 * Memory, CUDA: ``torch.cuda.max_memory_allocated`` over the timed phase (weights, gradients, optimizer
   state, activations and temporaries: everything the caching allocator handed out).
   CPU (Linux): the process's peak resident set size over each phase (``VmHWM`` in /proc/self/status, reset
@@ -494,10 +497,11 @@ def run_interleaved(specs: list[dict]) -> list[dict]:
                 b.model.train(phase == "train")
                 for _ in range(spec["warmup"]):
                     b.step(phase)()
-            for _ in range(spec["repeats"]):
+            for rep in range(spec["repeats"]):
                 for b in rows:
                     b.model.train(phase == "train")
                     times[id(b)].append(timer(b.step(phase), spec["steps"]))
+                log.info("%s: repetition %d of %d done for all %d rows", phase, rep + 1, spec["repeats"], len(rows))
             for b in rows:
                 b.record(phase, times[id(b)], None)
         return [b.result if isinstance(b, Bench) else b for b in benches]
