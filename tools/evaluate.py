@@ -11,6 +11,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import typing  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
+import vit  # noqa: E402
+
+vit.require_project_peft()  # fail clearly if Hugging Face's peft shadows ours
 from peft import evaluation, training  # noqa: E402
 
 EXAMPLES = """examples:
@@ -22,6 +25,7 @@ EXAMPLES = """examples:
 
 @dataclass
 class EvaluateOptions:
+    CHOICES: typing.ClassVar[dict] = {"split": ("test", "val")}
     checkpoint: str = ""  # a checkpoint file, or a run folder (its best.pt)
     split: str = "test"  # test | val (the held-out validation split of the run)
     weights: typing.Optional[str] = None  # base .npz if it moved since training (sha256 must match)
@@ -37,8 +41,6 @@ def main(argv=None) -> int:
     o = training.parse_options(argv, cls=EvaluateOptions, description=__doc__, epilog=EXAMPLES,
                                positional=("checkpoint",))
     training.setup_logging()
-    if o.split not in ("test", "val"):
-        raise SystemExit(f"--split {o.split!r}: choose test or val")
     result = evaluation.evaluate_checkpoint(o.checkpoint, o.output_dir, o.split, o.weights, o.data, o.data_root,
                                             o.device, o.batch_size, None if o.max_samples == 0 else o.max_samples)
     print(f"{o.split} accuracy {result[o.split + '_accuracy']:.4f} (mode {result['mode']}, epoch {result['epoch']})")

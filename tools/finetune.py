@@ -12,6 +12,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import logging  # noqa: E402
 
+import vit  # noqa: E402
+
+vit.require_project_peft()  # fail clearly if Hugging Face's peft shadows ours
 from peft import training  # noqa: E402
 
 EXAMPLES = """examples:

@@ -10,6 +10,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse  # noqa: E402
 import logging  # noqa: E402
 
+import vit  # noqa: E402
+
+vit.require_project_peft()  # fail clearly if Hugging Face's peft shadows ours
 from peft import evaluation  # noqa: E402
 from peft.checkpoint import load_model_from_checkpoint  # noqa: E402
 from peft.distributed import resolve_device  # noqa: E402

@@ -24,6 +24,9 @@ import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import vit  # noqa: E402
+
+vit.require_project_peft()  # fail clearly if Hugging Face's peft shadows ours
 from peft import training  # noqa: E402
 
 log = logging.getLogger("quickstart")
