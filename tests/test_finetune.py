@@ -129,7 +129,8 @@ def test_peft_checkpoint_holds_only_adapters_and_rebuilds_the_model(tmp_path, mi
     import vit
 
     peft = vit.require_project_peft()
-    opts = tiny(tmp_path, mode="lora", weights=str(mini_npz), epochs=1, max_train_samples=64, lr=1e-2)
+    opts = tiny(tmp_path, mode="lora", weights=str(mini_npz), epochs=1, max_train_samples=64, lr=1e-2,
+                export_npz=str(tmp_path / "merged.npz"))
     metrics = training.run(opts)
     ck = final_state(tmp_path / "run")
     sd = ck["state_dict"]
@@ -149,6 +150,10 @@ def test_peft_checkpoint_holds_only_adapters_and_rebuilds_the_model(tmp_path, mi
     x = torch.randn(3, 3, 28, 28)
     base_only = training.build_model(FinetuneOptions(weights=str(mini_npz)), 5)[0].eval()
     assert not torch.allclose(model(x), base_only(x))  # the adapters and head are really applied
+    import loaders
+
+    merged = loaders.load_npz(tmp_path / "merged.npz")  # --export-npz: adapters folded into plain weights
+    torch.testing.assert_close(merged(x), model(x), rtol=1e-5, atol=1e-5)
 
     # tools/evaluate.py re-creates the reports from best.pt on the same test subset; predict.py reads files.
     assert load_tool("evaluate").main([str(tmp_path / "run"), "--output-dir", str(tmp_path / "eval")]) == 0
