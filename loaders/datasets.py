@@ -38,6 +38,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+
+from .atomic import atomic_write
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
@@ -573,16 +575,13 @@ def load_tiny_imagenet(root: str | Path | None = None, split: str = "train", dow
     finally:
         source.close()
 
-    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # per process: several ranks may build it at once
-    try:
-        with open(tmp, "wb") as f:
+    try:  # a unique temporary name per writer: several ranks may build the cache at once
+        with atomic_write(cache) as f:
             np.savez(f, images=images, labels=labels, classes=np.array(classes), wnids=np.array(wnids),
                      version=np.array(TINY_IMAGENET_CACHE_VERSION))
-        os.replace(tmp, cache)
         logger.info("cached decoded tiny_imagenet %s split at %s", split, cache)
     except OSError as e:
         logger.warning("could not write cache %s (%s); the next run decodes again", cache, e)
-        tmp.unlink(missing_ok=True)
     return ImageDataset(torch.from_numpy(images), torch.from_numpy(labels), classes, f"tiny_imagenet-{split}")
 
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
+from .atomic import atomic_write
 from vit import VisionTransformer, ViTConfig, resample_pos_embed
 
 log = logging.getLogger(__name__)
@@ -415,15 +414,6 @@ def save_npz(model: VisionTransformer, path) -> Path:
     params = model_to_params(model)
     if not path.parent.is_dir():
         raise CheckpointError(f"cannot save {path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **params)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        np.savez(f, **params)
     return path

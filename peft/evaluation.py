@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loaders.atomic import atomic_write
+
 from . import distributed as pdist
 
 log = logging.getLogger(__name__)
@@ -129,9 +131,8 @@ def one_vs_rest_roc(probs, labels, num_classes: int) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ report files
 
 def write_json(obj, path: Path) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
 
 
 def write_history_csv(history: list[dict], path: Path) -> None:
