@@ -134,9 +134,9 @@ def test_rlrr_weight_helper_exact_for_zero_scale():
 def test_backend_env_var(monkeypatch):
     kernels.set_backend(None)
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    assert kernels.get_backend() == "torch"
-    monkeypatch.setenv(kernels.ENV_VAR, "AUTO")
     assert kernels.get_backend() == "auto"
+    monkeypatch.setenv(kernels.ENV_VAR, "TORCH")
+    assert kernels.get_backend() == "torch"
     monkeypatch.setenv(kernels.ENV_VAR, "gpu")
     with pytest.raises(ValueError, match="VIT_PEFT_KERNEL"):
         kernels.get_backend()
@@ -154,3 +154,25 @@ def test_forced_cuda_backend_fails_clearly_on_cpu_and_auto_falls_back():
     kernels.set_backend("auto")
     assert torch.equal(RLRRLinearFunction.apply(*inputs), expected)
     assert not kernels.kernel_available()
+
+
+class _FakeExtension:
+    """Stands in for the compiled extension: the PyTorch math, optionally with a deliberate error."""
+
+    def __init__(self, weight_error=0.0, grad_error=0.0):
+        self.weight_error, self.grad_error = weight_error, grad_error
+
+    def rlrr_weight_out(self, w, s_out, s_in, out, stream):
+        out.copy_(rlrr_weight(w, s_out, s_in, out.dtype).float() * (1 + self.weight_error))
+
+    def rlrr_grad_scales(self, g, w, s_out, s_in, stream):
+        so, si = rlrr_scale_grads(g, w, s_out, s_in)
+        return so, si * (1 + self.grad_error)
+
+
+def test_kernel_self_test_accepts_the_specification_and_rejects_a_wrong_kernel():
+    kernels.self_test(_FakeExtension(), device="cpu")  # the specification itself passes
+    with pytest.raises(RuntimeError, match="rlrr_weight"):
+        kernels.self_test(_FakeExtension(weight_error=1e-3), device="cpu")
+    with pytest.raises(RuntimeError, match="grad s_in"):
+        kernels.self_test(_FakeExtension(grad_error=1e-4), device="cpu")

@@ -12,13 +12,19 @@ Ranks 1..8 run on the kernel; larger ranks and float64 use the PyTorch path (the
 
 Which path runs is chosen by :func:`set_backend` or the environment variable ``VIT_PEFT_KERNEL``:
 
-* ``torch`` (default): always the PyTorch reference path.
-* ``auto``: the kernel for CUDA tensors when it builds; otherwise one warning and the PyTorch path.
-* ``cuda``: the kernel, or a clear error if it cannot be used (no GPU, no compiler, tensors on the CPU).
+* ``auto`` (default): the kernel for CUDA tensors when it builds and passes its self-test; otherwise one
+  warning and the PyTorch path.
+* ``cuda``: the kernel, or a clear error if it cannot be used (no GPU, no compiler, failed self-test, tensors
+  on the CPU).
+* ``torch``: always the PyTorch reference path.
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` and cached in PyTorch's
 extensions directory (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
-The default is ``torch`` because the kernel was written and compile-checked without a GPU; see the README.
+Right after building, :func:`self_test` runs both kernels on small random problems (fp32 and bf16, ranks 1
+and 3, shapes that are not multiples of any block size) and compares them with the PyTorch specification; a
+kernel that disagrees is never used. This matters because the kernel was written and compile-checked on a
+machine without a GPU (see the README): ``auto`` can be the default only because a wrong kernel falls back to
+the specification instead of silently training with wrong gradients.
 """
 
 from __future__ import annotations
@@ -60,10 +66,10 @@ def set_backend(backend: str | None) -> None:
 
 
 def get_backend() -> str:
-    """The backend in force: :func:`set_backend`'s choice, else ``$VIT_PEFT_KERNEL``, else "torch"."""
+    """The backend in force: :func:`set_backend`'s choice, else ``$VIT_PEFT_KERNEL``, else "auto"."""
     if _backend_override is not None:
         return _backend_override
-    value = os.environ.get(ENV_VAR, "torch").strip().lower() or "torch"
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"{ENV_VAR}={value!r} is not one of {', '.join(BACKENDS)}")
     return value
@@ -83,12 +89,46 @@ def load_extension():
             from torch.utils.cpp_extension import load
 
             log.info("building the RLRR CUDA kernel (first use; cached afterwards)")
-            _extension = load(name=EXTENSION_NAME, sources=[str(s) for s in SOURCES],
-                              extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], verbose=False)
-        except Exception as exc:  # compiler missing, CUDA/toolkit mismatch, ...
+            ext = load(name=EXTENSION_NAME, sources=[str(s) for s in SOURCES],
+                       extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], verbose=False)
+            self_test(ext)
+        except Exception as exc:  # compiler missing, CUDA/toolkit mismatch, a failed self-test, ...
             _build_error = exc
             raise KernelUnavailableError(f"the RLRR CUDA kernel could not be built: {exc}") from exc
+        _extension = ext
         return _extension
+
+
+def self_test(ext, device: str = "cuda") -> None:
+    """Compare both kernels of a freshly built extension with the PyTorch specification; raise if they differ.
+
+    Small random problems on the current CUDA device: fp32 (tolerance 1e-5 relative to the largest value) and
+    bf16 (the kernel's W' may differ from the reference by one bf16 rounding step).
+    """
+    from ..functional import rlrr_scale_grads, rlrr_weight as reference_weight
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
+    for out_f, in_f, rank in ((67, 131, 1), (130, 45, 3)):
+        w, g = (torch.randn(out_f, in_f, generator=gen).to(device) for _ in range(2))
+        s_out = torch.randn(out_f, rank, generator=gen).to(device)
+        s_in = torch.randn(rank, in_f, generator=gen).to(device)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+            got = torch.empty(w.shape, dtype=dtype, device=w.device)
+            ext.rlrr_weight_out(w, s_out, s_in, got, stream)
+            want = reference_weight(w, s_out, s_in, dtype)
+            _check_close(f"rlrr_weight {dtype} rank {rank}", got.float(), want.float(), tol)
+        got_so, got_si = ext.rlrr_grad_scales(g, w, s_out, s_in, stream)
+        want_so, want_si = rlrr_scale_grads(g, w, s_out, s_in)
+        _check_close(f"grad s_out rank {rank}", got_so, want_so, 1e-5)
+        _check_close(f"grad s_in rank {rank}", got_si, want_si, 1e-5)
+
+
+def _check_close(what: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    err = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
+    if not err <= tol:  # also catches NaN
+        raise RuntimeError(f"self-test failed: {what} differs from the PyTorch specification "
+                           f"(max error {err:.2e} relative to the largest value, tolerance {tol:.0e})")
 
 
 def kernel_available() -> bool:
@@ -124,8 +164,7 @@ def use_kernel(x: torch.Tensor, weight: torch.Tensor, rank: int, dtype: torch.dt
             raise KernelUnavailableError(
                 f"{ENV_VAR}=cuda but the RLRR layer runs on {x.device}/{weight.device}; move the model and "
                 f"inputs to CUDA or set {ENV_VAR}=auto or torch")
-        _warn_once("cpu", f"{ENV_VAR}=auto: tensors are not on CUDA; using the PyTorch RLRR path")
-        return False
+        return False  # auto on the CPU: the PyTorch path is the only one, nothing to warn about
     try:
         load_extension()
     except KernelUnavailableError as exc:
@@ -156,4 +195,4 @@ def rlrr_grad_scales(grad_weight: torch.Tensor, weight: torch.Tensor, s_out: tor
 
 
 __all__ = ["BACKENDS", "ENV_VAR", "KernelUnavailableError", "MAX_RANK", "get_backend", "kernel_available",
-           "load_extension", "rlrr_grad_scales", "rlrr_weight", "set_backend", "use_kernel"]
+           "load_extension", "rlrr_grad_scales", "rlrr_weight", "self_test", "set_backend", "use_kernel"]
