@@ -692,7 +692,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     batches = sorted({r["batch_size"] for r in ok})
     panels = [("infer_img_s", "inference images/s"), ("train_img_s", "training images/s"),
               ("train_peak_mib", "training peak memory (MiB)")]
-    fig, axes = plt.subplots(1, 3, figsize=(max(12, 1.6 * len(modes) * 3), 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(min(24, 6 + 1.2 * len(modes)), 4.5))
     width = 0.8 / max(1, len(batches))
     for ax, (key, label) in zip(axes, panels):
         for j, b in enumerate(batches):
