@@ -467,12 +467,12 @@ def prepare(spec: dict) -> Bench | dict:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     if spec["compile"]:
         model = torch.compile(model)
+    if device.type == "cuda":
+        result["weights_mib"] = torch.cuda.memory_allocated(device) / 2**20  # parameters (and buffers) only
     g = torch.Generator().manual_seed(1)
     images = torch.randn(batch, config.in_channels, config.image_size, config.image_size, generator=g).to(device)
     labels = torch.randint(0, config.num_classes, (batch,), generator=g).to(device)
-    if device.type == "cuda":
-        result["weights_mib"] = torch.cuda.memory_allocated(device) / 2**20
-    else:
+    if device.type == "cpu":
         result["setup_rss_mib"] = _proc_status_mib("VmRSS")
     backend = {"rlrr-kernel": "cuda", "rlrr": "torch", "rlrr-official": "torch", "merged": None}.get(base_mode)
     return Bench(result, model, device, images, labels, spec["bf16"], backend, opt)
