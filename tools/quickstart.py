@@ -44,13 +44,14 @@ class QuickstartOptions:
     modes: str = "head,mlp,lora,rlrr,full"  # comma-separated fine-tuning modes to compare
     pretrain_classes: str = "0-4"  # Fashion-MNIST classes for pretraining from scratch
     finetune_classes: str = "5-9"  # the other classes, for fine-tuning
-    pretrain_samples: int = 8000  # training images for pretraining (of 27,000 after the validation split)
-    pretrain_epochs: int = 4  # pretraining epochs
+    pretrain_samples: int = 27000  # training images for pretraining (all 27,000 left after the validation split)
+    pretrain_epochs: int = 5  # pretraining epochs
     pretrain_lr: float = 2e-3  # AdamW peak learning rate from scratch
     finetune_samples: int = 1500  # training images per fine-tuning run (a low-data transfer task)
-    finetune_epochs: int = 3  # fine-tuning epochs per mode
+    finetune_epochs: int = 5  # fine-tuning epochs per mode
     eval_samples: int = 1000  # cap on validation and test images per run (validation runs every epoch)
     batch_size: int = 64  # global batch size
+    augment: bool = False  # random crop + flip (off: in runs this short they slow learning more than they help)
     retrain: bool = False  # pretrain again even if pretrained.npz exists
     data: str = "fashion_mnist"  # dataset name (Fashion-MNIST is the one that works offline)
     data_root: str = ""  # dataset cache folder (default: the Debian package, else $VIT_PEFT_DATA)
@@ -74,7 +75,7 @@ def pretrain(q: QuickstartOptions, out: Path) -> Path:
         mode="full", weights="none", model="ViT-Mini/4", data=q.data, data_root=q.data_root or None,
         classes=q.pretrain_classes, max_train_samples=q.pretrain_samples, max_eval_samples=q.eval_samples,
         epochs=q.pretrain_epochs, warmup_epochs=0.5, batch_size=q.batch_size, lr=q.pretrain_lr, seed=q.seed,
-        device=q.device, threads=q.threads or None, output_dir=str(out / "pretrain"), export_npz=str(npz),
+        augment=q.augment, device=q.device, threads=q.threads or None, output_dir=str(out / "pretrain"), export_npz=str(npz),
         progress=q.progress)
     t = time.perf_counter()
     m = training.run(opts)
@@ -87,7 +88,8 @@ def finetune(q: QuickstartOptions, npz: Path, mode: str, out: Path) -> dict:
     opts = training.FinetuneOptions(
         mode=mode, weights=str(npz), data=q.data, data_root=q.data_root or None, classes=q.finetune_classes,
         max_train_samples=q.finetune_samples, max_eval_samples=q.eval_samples, epochs=q.finetune_epochs,
-        warmup_epochs=0.5, batch_size=q.batch_size, lr=QUICKSTART_LR[mode], seed=q.seed, device=q.device,
+        warmup_epochs=0.5, batch_size=q.batch_size, lr=QUICKSTART_LR[mode], seed=q.seed,
+        augment=q.augment, device=q.device,
         threads=q.threads or None, output_dir=str(out / mode), progress=q.progress)
     return training.run(opts)
 
