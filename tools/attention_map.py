@@ -208,15 +208,11 @@ def main(argv=None):
     fig = visualize.plot_attention(visualize.denormalize(x), rows, titles,
                                    title=f"Where {desc} looks (top: predicted class and its probability)")
 
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=args.dpi)
-    stem = out.with_suffix("")
-    np.save(f"{stem}_rollout.npy", maps.rollout.numpy())
-    np.save(f"{stem}_cls_heads.npy", maps.cls_heads.numpy())
+    arrays = {"rollout": maps.rollout.numpy(), "cls_heads": maps.cls_heads.numpy()}
     if maps.per_layer is not None:
-        np.save(f"{stem}_per_layer.npy", maps.per_layer.numpy())
-    log.info("wrote %s and %s_*.npy", out, stem)
+        arrays["per_layer"] = maps.per_layer.numpy()
+    written = visualize.save_outputs(fig, args.output, dpi=args.dpi, arrays=arrays)
+    log.info("wrote %s", ", ".join(map(str, written)))
 
 
 if __name__ == "__main__":

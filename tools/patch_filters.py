@@ -14,13 +14,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 
-import numpy as np  # noqa: E402
 
 from attention_map import load_model  # noqa: E402  (tools/ is on sys.path when run as a script)
 from vit import visualize  # noqa: E402
@@ -73,13 +71,9 @@ def main(argv=None):
         title=f"Patch-embedding filters of {desc}: first {len(comps)} principal components\n"
               f"({d} filters of {c}x{p}x{p}{', summed over RGB' if args.sum_channels else ''}; "
               "% = share of variance)")
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=args.dpi)
-    log.info("wrote %s", out)
-    if args.save_npy:
-        np.save(out.with_suffix(".npy"), comps.numpy())
-        log.info("wrote %s", out.with_suffix(".npy"))
+    written = visualize.save_outputs(fig, args.output, dpi=args.dpi,
+                                     arrays={"": comps.numpy()} if args.save_npy else None)
+    log.info("wrote %s", ", ".join(map(str, written)))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -376,3 +377,20 @@ def plot_patch_filters(components: torch.Tensor | np.ndarray, explained: torch.T
                 ax.set_title(f"{n + 1}: {100 * float(expl[n]):.1f}%", fontsize=7, pad=2)
         y += math.ceil(len(tiles) / columns) * row_h
     return fig
+
+
+def save_outputs(fig, output, dpi: int = 100, arrays: dict | None = None) -> list:
+    """Save ``fig`` as ``output`` (folders created) and each array as ``<stem>_<name>.npy``
+    (``<stem>.npy`` for the name ""); close the figure and return the paths written."""
+    import matplotlib.pyplot as plt
+
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    written = [out]
+    for name, array in (arrays or {}).items():
+        path = out.with_name(f"{out.stem}_{name}.npy" if name else f"{out.stem}.npy")
+        np.save(path, np.asarray(array))
+        written.append(path)
+    return written
