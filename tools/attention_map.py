@@ -39,7 +39,7 @@ EXAMPLES = """examples:
 """
 
 
-# ── model loading (shared by tools/pos_embed.py and tools/patch_filters.py) ─────────────────────────────────
+# ── model loading and common flags (shared by tools/pos_embed.py and tools/patch_filters.py) ─────────────────────
 
 def default_checkpoint() -> Path:
     """The cached ViT-B/16 weights, or a clear error saying how to get them."""
@@ -130,18 +130,25 @@ def _short(name: str, width: int = 18) -> str:
 
 # ── main ───────────────────────────────────────────────────────────────────────────────────────────────────
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+def tool_parser(description: str, examples: str) -> argparse.ArgumentParser:
+    """The flags every visual tool shares: which model (``--checkpoint``, ``--weights``) and ``--dpi``."""
+    p = argparse.ArgumentParser(description=description, epilog=examples,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="Google .npz, fine-tuning checkpoint .pt or run folder "
+                                        "(default: ~/.cache/vit-peft/ViT-B_16.npz)")
+    p.add_argument("--weights", help="base .npz for a fine-tuning checkpoint whose base weights moved")
+    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default: 100)")
+    return p
+
+
+def parse_args(argv=None):
+    p = tool_parser(__doc__, EXAMPLES)
     p.add_argument("images", nargs="*", help="image files (any format PIL reads)")
     p.add_argument("--dataset", help="take images from a dataset: cifar10, cifar100, fashion_mnist, "
                                      "tiny_imagenet or a folder (see loaders.datasets)")
     p.add_argument("--index", type=int, nargs="+", default=[0], help="dataset sample indices (default: 0)")
     p.add_argument("--split", default="test", choices=("train", "test"), help="dataset split (default: test)")
     p.add_argument("--data-root", help="dataset folder (default: $VIT_PEFT_DATA or ~/.cache/vit-peft/data)")
-    p.add_argument("--checkpoint", help="Google .npz, fine-tuning checkpoint .pt or run folder "
-                                        "(default: ~/.cache/vit-peft/ViT-B_16.npz)")
-    p.add_argument("--weights", help="base .npz for a fine-tuning checkpoint whose base weights moved")
     p.add_argument("--image-size", type=int, help="run a .npz model at this resolution (position "
                                                   "embedding resized; a multiple of the patch size)")
     p.add_argument("--labels", help="text file with one class name per line (overrides other names)")
@@ -153,7 +160,6 @@ def parse_args(argv=None):
     p.add_argument("--per-layer", action="store_true", help="also show the rollout through each layer")
     p.add_argument("--output", default="img/attention_map.png", help="PNG to write; the .npy masks go "
                                                                       "beside it (default: img/attention_map.png)")
-    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default: 100)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = p.parse_args(argv)
     if not args.images and not args.dataset:

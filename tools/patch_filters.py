@@ -12,7 +12,6 @@ import sys
 # Run from a checkout without installing: put the repository root first on the import path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import argparse  # noqa: E402
 import logging  # noqa: E402
 
 import matplotlib  # noqa: E402
@@ -20,7 +19,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 
 
-from attention_map import load_model  # noqa: E402  (tools/ is on sys.path when run as a script)
+from attention_map import load_model, tool_parser  # noqa: E402  (tools/ is on sys.path when run as a script)
 from vit import visualize  # noqa: E402
 
 log = logging.getLogger("patch_filters")
@@ -32,11 +31,7 @@ EXAMPLES = """examples:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="Google .npz, fine-tuning checkpoint .pt or run folder "
-                                        "(default: ~/.cache/vit-peft/ViT-B_16.npz)")
-    p.add_argument("--weights", help="base .npz for a fine-tuning checkpoint whose base weights moved")
+    p = tool_parser(__doc__, EXAMPLES)
     p.add_argument("--components", type=int, default=28, help="principal components to show (default: 28)")
     p.add_argument("--raw", action="store_true", help="also show the first raw filters")
     p.add_argument("--sum-channels", action="store_true",
@@ -47,7 +42,6 @@ def parse_args(argv=None):
     p.add_argument("--output", default="img/patch_filters.png", help="PNG to write (default: "
                                                                       "img/patch_filters.png)")
     p.add_argument("--save-npy", action="store_true", help="also save the (k, C, P, P) components as <stem>.npy")
-    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default: 100)")
     args = p.parse_args(argv)
     if args.components < 1 or args.columns < 1:
         p.error("--components and --columns must be at least 1")

@@ -12,7 +12,6 @@ import sys
 # Run from a checkout without installing: put the repository root first on the import path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import argparse  # noqa: E402
 import logging  # noqa: E402
 
 import matplotlib  # noqa: E402
@@ -20,7 +19,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 
 
-from attention_map import load_model  # noqa: E402  (tools/ is on sys.path when run as a script)
+from attention_map import load_model, tool_parser  # noqa: E402  (tools/ is on sys.path when run as a script)
 from vit import visualize  # noqa: E402
 
 log = logging.getLogger("pos_embed")
@@ -32,15 +31,10 @@ EXAMPLES = """examples:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="Google .npz, fine-tuning checkpoint .pt or run folder "
-                                        "(default: ~/.cache/vit-peft/ViT-B_16.npz)")
-    p.add_argument("--weights", help="base .npz for a fine-tuning checkpoint whose base weights moved")
+    p = tool_parser(__doc__, EXAMPLES)
     p.add_argument("--cmap", default="viridis", help="matplotlib colour map (default: viridis)")
     p.add_argument("--output", default="img/pos_embed.png", help="PNG to write (default: img/pos_embed.png)")
     p.add_argument("--save-npy", action="store_true", help="also save the (g, g, g, g) similarities as <stem>.npy")
-    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default: 100)")
     return p.parse_args(argv)
 
 
