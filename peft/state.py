@@ -20,12 +20,10 @@ def merge_adapters(model: nn.Module) -> list[str]:
     """
     merged = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, RLRRLinear):
+        if isinstance(module, (RLRRLinear, SSFLayerNorm, SSFConv2d)):
             plain = module.merge()
         elif isinstance(module, LoRALinear):
-            plain = module.merged_linear()
-        elif isinstance(module, (SSFLayerNorm, SSFConv2d)):
-            plain = module.merge()
+            plain = module.merged_linear()  # LoRALinear.merge() folds in place and keeps the wrapper
         else:
             continue
         parent, _, child = name.rpartition(".")

@@ -383,10 +383,6 @@ def _peft():
     return vit.require_project_peft()
 
 
-def _augment(transform, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return transform(images, generator=generator)
-
-
 # ------------------------------------------------------------------------------------------------ the run
 
 class Trainer:
@@ -522,7 +518,7 @@ class Trainer:
             # Every rank augments the whole global batch with the shared generator, keeps its contiguous slice
             # and splits that into --grad-accum micro-batches: whatever the number of processes and
             # micro-batches, the union is exactly the batch one process would see, random crops included.
-            images = pdist.rank_slice(_augment(self.train_tf, d.train_images[batch], self.generators["augment"]),
+            images = pdist.rank_slice(self.train_tf(d.train_images[batch], generator=self.generators["augment"]),
                                       ctx)
             labels = pdist.rank_slice(d.train_labels[batch], ctx)
             chunks = list(zip(images.tensor_split(opts.grad_accum), labels.tensor_split(opts.grad_accum)))

@@ -39,7 +39,7 @@ EXAMPLES = """examples:
 """
 
 
-# ── model loading and common flags (shared by tools/pos_embed.py and tools/patch_filters.py) ─────────────────────
+# ── model loading and common flags (shared by tools/pos_embed.py and tools/patch_filters.py) ──────────
 
 def default_checkpoint() -> Path:
     """The cached ViT-B/16 weights, or a clear error saying how to get them."""
