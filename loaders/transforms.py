@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from loaders.datasets import count_batches, iterate_batches, shard_indices  # noqa: F401  (re-exported)
+from .datasets import count_batches, iterate_batches, shard_indices  # noqa: F401  (re-exported)
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area")
 PADDING_MODES = ("reflect", "zeros")

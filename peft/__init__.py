@@ -1,26 +1,33 @@
 """Parameter-efficient fine-tuning for ``vit.VisionTransformer``: RLRR, LoRA, SSF and the simpler modes.
 
-    import vit
-    peft = vit.require_project_peft()
-    peft.apply_mode(model, "rlrr")            # or apply_rlrr / apply_lora directly
+    import vit_peft as peft                  # installed (`pip install .`): unambiguous next to Hugging Face's peft
+    import peft                              # in a checkout, from the repository root
+    peft.apply_mode(model, "rlrr")           # or apply_rlrr / apply_lora directly
     ...train...
-    state = peft.adapter_state_dict(model)    # trainable tensors only
-    peft.merge_adapters(model)                # plain nn.Linear / LayerNorm / Conv2d again
+    state = peft.adapter_state_dict(model)   # trainable tensors only
+    peft.merge_adapters(model)               # plain nn.Linear / LayerNorm / Conv2d again
 
-Modules: ``peft.rlrr`` (RLRR + SSF wrappers), ``peft.lora``, ``peft.functional`` (the RLRR autograd
-Function, the specification), ``peft.kernels`` (optional fused CUDA kernel), ``peft.modes``, ``peft.state``.
+This top level is the adapter library and imports only torch: ``base`` (the adapter contract and registry
+entry), one file per method (``selective``: head/mlp/full, ``lora``, ``rlrr`` with ``ssf``), ``functional`` (the
+RLRR specification), ``rlrr_function`` (its autograd Function), ``kernels`` (the optional fused CUDA kernel),
+``modes`` (the registry), ``state`` (adapter state dicts, merging). The fine-tuning engine is ``peft.finetune``,
+the benchmark ``peft.bench``, the command lines ``peft.cli``; those import ``vit`` and ``loaders``.
 """
 
-__vit_project__ = True  # tells this package apart from Hugging Face's ``peft`` (see vit.require_project_peft)
+__vit_project__ = True  # tells this package apart from Hugging Face's ``peft``
 
-from .functional import RLRRLinearFunction, official_rlrr_linear, rlrr_linear
+from .base import Adapter, Method, NotMergeableError, Option, adapter_parameter_names, freeze_all_but
+from .functional import official_rlrr_linear, rlrr_scale_grads, rlrr_weight
 from .kernels import kernel_available
-from .lora import LoRALinear
-from .modes import MODES, adapter_parameter_names, apply_lora, apply_mode, apply_rlrr, freeze_all_but
-from .rlrr import SSF, RLRRLinear, SSFConv2d, SSFLayerNorm, set_backend
+from .lora import LoRALinear, apply_lora
+from .modes import DEFAULT_LR, METHODS, MODE_OPTIONS, MODES, apply_mode, get_method
+from .rlrr import RLRRLinear, apply_rlrr, set_backend
+from .rlrr_function import RLRRLinearFunction, rlrr_linear
+from .ssf import SSF, SSFConv2d, SSFLayerNorm
 from .state import adapter_state_dict, load_adapter_state_dict, merge_adapters, trainable_parameters
 
-__all__ = ["MODES", "LoRALinear", "RLRRLinear", "RLRRLinearFunction", "SSF", "SSFConv2d", "SSFLayerNorm",
-           "adapter_parameter_names", "adapter_state_dict", "apply_lora", "apply_mode", "apply_rlrr",
-           "freeze_all_but", "kernel_available", "load_adapter_state_dict", "merge_adapters",
-           "official_rlrr_linear", "rlrr_linear", "set_backend", "trainable_parameters"]
+__all__ = ["Adapter", "DEFAULT_LR", "LoRALinear", "METHODS", "MODES", "MODE_OPTIONS", "Method", "NotMergeableError",
+           "Option", "RLRRLinear", "RLRRLinearFunction", "SSF", "SSFConv2d", "SSFLayerNorm", "adapter_parameter_names",
+           "adapter_state_dict", "apply_lora", "apply_mode", "apply_rlrr", "freeze_all_but", "get_method",
+           "kernel_available", "load_adapter_state_dict", "merge_adapters", "official_rlrr_linear", "rlrr_linear",
+           "rlrr_scale_grads", "rlrr_weight", "set_backend", "trainable_parameters"]

@@ -19,11 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import Adapter, Method, Option, check_fresh, freeze_for_adapters, replace_module
+
 SHORT_NAMES = ("q", "k", "v", "proj", "fc1", "fc2")
 
 
-class LoRALinear(nn.Module):
-    """``nn.Linear`` + (α/r) B A. ``delta_weight()`` is the single source for merge, unmerge and export."""
+class LoRALinear(Adapter, nn.Module):
+    """``nn.Linear`` + (α/r) B A. ``delta_weight()`` is the single source for merge, merge_in_place and unmerge.
+
+    ``merge()`` (the contract of every adapter) returns a new plain ``nn.Linear``; ``merge_in_place()`` /
+    ``unmerge()`` fold the update into the shared weight and back, keeping the wrapper (as HF peft does).
+    """
 
     ADAPTER_PARAMS = ("lora_A", "lora_B")
 
@@ -59,7 +65,7 @@ class LoRALinear(nn.Module):
         return (self.lora_B @ self.lora_A) * self.scaling
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge_in_place(self) -> None:
         """Add the update into the frozen weight in place (forward then skips the LoRA branch)."""
         if not self.merged:
             self.weight.add_(self.delta_weight().to(self.weight.dtype))
@@ -73,7 +79,7 @@ class LoRALinear(nn.Module):
             self.merged = False
 
     @torch.no_grad()
-    def merged_linear(self) -> nn.Linear:
+    def merge(self) -> nn.Linear:
         """A new plain, frozen ``nn.Linear`` with weight W₀ + (α/r) B A (this module is left unchanged)."""
         w = self.weight if self.merged else self.weight + self.delta_weight().to(self.weight.dtype)
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
@@ -124,10 +130,29 @@ def inject_lora(model: nn.Module, rank: int = 8, alpha: float = 8.0, targets=("q
     """Wrap the targeted Linears in :class:`LoRALinear` (no freezing). Returns their names."""
     names = find_lora_targets(model, targets)
     for name in names:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, LoRALinear(getattr(owner, child), rank=rank, alpha=alpha, dropout=dropout))
+        replace_module(model, name, LoRALinear(model.get_submodule(name), rank=rank, alpha=alpha, dropout=dropout))
     return names
 
 
-__all__ = ["LoRALinear", "SHORT_NAMES", "find_lora_targets", "inject_lora"]
+def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 8.0, targets=("q", "v"),
+               dropout: float = 0.0) -> list[str]:
+    """LoRA on the targeted Linears (short names q,k,v,proj,fc1,fc2, or glob/regex on full names);
+    freezes all but adapters and head. Returns the wrapped module names."""
+    check_fresh(model)
+    changed = inject_lora(model, rank=rank, alpha=alpha, targets=targets, dropout=dropout)
+    freeze_for_adapters(model)
+    return changed
+
+
+METHOD = Method(
+    "lora", lambda model, lora_rank=8, lora_alpha=8.0, lora_targets=("q", "v"), lora_dropout=0.0: apply_lora(
+        model, rank=lora_rank, alpha=lora_alpha, targets=lora_targets, dropout=lora_dropout),
+    "LoRA A/B on the targets (default q, v; r = 8), + head", lr=1e-3,
+    lr_note="the usual LoRA rate for ViTs with AdamW (B starts at zero, so the start is the base model)",
+    options={"lora_rank": Option(8, "LoRA rank r"),
+             "lora_alpha": Option(8.0, "LoRA scale alpha (update scaled by alpha / r)"),
+             "lora_targets": Option("q,v", "comma-separated Linear names that get LoRA (q,k,v,proj,fc1,fc2)"),
+             "lora_dropout": Option(0.0, "dropout on the LoRA branch input")},
+    paper="Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022")
+
+__all__ = ["LoRALinear", "METHOD", "SHORT_NAMES", "apply_lora", "find_lora_targets", "inject_lora"]

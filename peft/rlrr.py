@@ -6,7 +6,7 @@ CVPR 2024. Official code: zstarN70/RLRR, ``models/networks.py`` (placement and i
 Per adapted Linear (frozen W: out×in, b): W' = W ⊙ (1 + S_out S_in), b' = b + f, trainable S_out (out×r),
 S_in (r×in), f (out). The "1" keeps the pretrained weight; S_out S_in rescales it element by element.
 Around the Linears, SSF modules (Lian et al., NeurIPS 2022) apply y = γ ⊙ x + β after norm1, norm2, the final
-norm and the patch embedding. Everything merges back into plain layers for inference (:func:`merge_rlrr`).
+norm and the patch embedding (``peft.ssf``). Everything merges back into plain layers for inference.
 
 Module names stay stable: an adapted ``blocks.0.attn.q`` is an :class:`RLRRLinear` that owns the frozen
 ``weight`` and ``bias`` under the same names, so ``blocks.0.attn.q.weight`` is still the pretrained matrix;
@@ -21,9 +21,11 @@ import torch
 from torch import nn
 
 from . import kernels
-from .functional import official_rlrr_linear, rlrr_linear, rlrr_weight
+from .base import Adapter, Method, Option, check_fresh, freeze_for_adapters, replace_module
+from .functional import official_rlrr_linear, rlrr_weight
+from .rlrr_function import rlrr_linear
+from .ssf import INITS, SSFConv2d, SSFLayerNorm
 
-INITS = ("official", "identity")
 IMPLS = ("function", "official")
 RLRR_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2")  # inside each block
 
@@ -31,7 +33,7 @@ set_backend = kernels.set_backend  # re-exported: peft.rlrr.set_backend("auto" |
 get_backend = kernels.get_backend
 
 
-class RLRRLinear(nn.Module):
+class RLRRLinear(Adapter, nn.Module):
     """A frozen ``nn.Linear`` rescaled as W' = W ⊙ (1 + S_out S_in), b' = b + f.
 
     init="official" (the paper's code): S_in ~ kaiming-uniform with fan_in = in, i.e. U(±√(6/in));
@@ -41,7 +43,7 @@ class RLRRLinear(nn.Module):
     init="identity": S_out = 0 and f = 0, so W' = W exactly and the model starts as the pretrained one; S_in
     keeps its random init, because ∂L/∂S_out = (G ⊙ W) S_inᵀ would vanish if both were zero.
 
-    impl="function": :class:`peft.functional.RLRRLinearFunction` (W' rebuilt in backward, not kept; optional
+    impl="function": :class:`peft.rlrr_function.RLRRLinearFunction` (W' rebuilt in backward, not kept; optional
     fused CUDA kernel). impl="official": the official three-pass formula with autograd keeping W' (benchmarks).
     """
 
@@ -107,103 +109,6 @@ class RLRRLinear(nn.Module):
                 f"bias={self.bias is not None}, impl={self.impl}")
 
 
-class SSF(nn.Module):
-    """Scale and shift features: y = γ ⊙ x + β along one dimension (Lian et al., NeurIPS 2022).
-
-    init="official" (as the RLRR code): γ ~ N(1, 0.02), β ~ N(0, 0.02). init="identity": γ = 1, β = 0.
-    """
-
-    ADAPTER_PARAMS = ("scale", "shift")
-
-    def __init__(self, dim: int, init: str = "official", device=None, dtype=None):
-        super().__init__()
-        if init not in INITS:
-            raise ValueError(f"unknown SSF init {init!r}; choose one of {', '.join(INITS)}")
-        self.scale = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-        self.shift = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
-        if init == "official":
-            with torch.no_grad():
-                nn.init.normal_(self.scale, mean=1.0, std=0.02)
-                nn.init.normal_(self.shift, mean=0.0, std=0.02)
-
-    def forward(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        shape = [1] * x.ndim
-        shape[dim] = -1
-        return x * self.scale.view(shape) + self.shift.view(shape)
-
-
-class SSFLayerNorm(nn.LayerNorm):
-    """A LayerNorm followed by SSF. Keeps the frozen affine as ``weight``/``bias`` (same names as before)."""
-
-    def __init__(self, norm: nn.LayerNorm, init: str = "official"):
-        w = norm.weight
-        super().__init__(norm.normalized_shape, eps=norm.eps, elementwise_affine=w is not None,
-                         bias=norm.bias is not None, device=None if w is None else w.device,
-                         dtype=None if w is None else w.dtype)
-        self.weight, self.bias = norm.weight, norm.bias  # share the pretrained parameters
-        for p in (self.weight, self.bias):
-            if p is not None:
-                p.requires_grad_(False)
-        dim = math.prod(norm.normalized_shape)
-        if len(norm.normalized_shape) != 1:
-            raise ValueError(f"SSF after a LayerNorm needs a 1-D normalized_shape, got {norm.normalized_shape}")
-        self.ssf = SSF(dim, init, device=None if w is None else w.device, dtype=None if w is None else w.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ssf(super().forward(x))
-
-    @torch.no_grad()
-    def merge(self) -> nn.LayerNorm:
-        """A plain LayerNorm with the SSF folded into its affine: γ' = s ⊙ γ, β' = s ⊙ β + t."""
-        s, t = self.ssf.scale, self.ssf.shift
-        norm = nn.LayerNorm(self.normalized_shape, eps=self.eps, device=s.device, dtype=s.dtype)
-        gamma = s if self.weight is None else s * self.weight
-        beta = t if self.bias is None else s * self.bias + t
-        norm.weight.copy_(gamma)
-        norm.bias.copy_(beta)
-        norm.requires_grad_(False)
-        return norm
-
-
-class SSFConv2d(nn.Conv2d):
-    """A Conv2d followed by SSF on its output channels (the patch embedding). Keeps ``weight``/``bias``."""
-
-    def __init__(self, conv: nn.Conv2d, init: str = "official"):
-        w = conv.weight
-        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                         padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                         bias=conv.bias is not None, padding_mode=conv.padding_mode, device=w.device, dtype=w.dtype)
-        self.weight, self.bias = conv.weight, conv.bias
-        for p in (self.weight, self.bias):
-            if p is not None:
-                p.requires_grad_(False)
-        self.ssf = SSF(conv.out_channels, init, device=w.device, dtype=w.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, D, H/P, W/P)
-        return self.ssf(super().forward(x), dim=1)
-
-    @torch.no_grad()
-    def merge(self) -> nn.Conv2d:
-        """A plain Conv2d with the SSF folded in: W'[o] = s[o] W[o], b' = s ⊙ b + t."""
-        s, t = self.ssf.scale, self.ssf.shift
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-                         padding=self.padding, dilation=self.dilation, groups=self.groups, bias=True,
-                         padding_mode=self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
-        conv.weight.copy_(self.weight * s.view(-1, 1, 1, 1))
-        conv.bias.copy_(t if self.bias is None else s * self.bias + t)
-        conv.requires_grad_(False)
-        return conv
-
-
-def _get(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def rlrr_module_names(model: nn.Module) -> list[str]:
     """Where the official placement puts RLRR and SSF in a :class:`vit.VisionTransformer`."""
     names = ["patch_embed"]
@@ -216,7 +121,7 @@ def inject_rlrr(model: nn.Module, rank: int = 1, init: str = "official", impl: s
     """Replace the official placement's modules by RLRR/SSF wrappers (no freezing). Returns their names."""
     changed = []
     for name in rlrr_module_names(model):
-        module = _get(model, name)
+        module = model.get_submodule(name)
         if isinstance(module, nn.Linear):
             wrapper = RLRRLinear(module, rank=rank, init=init, impl=impl)
         elif isinstance(module, nn.LayerNorm) and type(module) is nn.LayerNorm:
@@ -226,7 +131,7 @@ def inject_rlrr(model: nn.Module, rank: int = 1, init: str = "official", impl: s
         else:
             raise TypeError(f"cannot apply RLRR to {name}: it is a {type(module).__name__}, not a plain "
                             "nn.Linear / nn.LayerNorm / nn.Conv2d (adapters already applied?)")
-        _set(model, name, wrapper)
+        replace_module(model, name, wrapper)
         changed.append(name)
     return changed
 
@@ -240,5 +145,31 @@ def set_rlrr_impl(model: nn.Module, impl: str) -> None:
             m.impl = impl
 
 
-__all__ = ["RLRRLinear", "SSF", "SSFLayerNorm", "SSFConv2d", "inject_rlrr", "rlrr_module_names",
-           "set_backend", "get_backend", "set_rlrr_impl", "official_rlrr_linear", "INITS", "IMPLS"]
+def apply_rlrr(model: nn.Module, rank: int = 1, init: str = "official", impl: str = "function") -> list[str]:
+    """RLRR exactly as the official ViT code places it; freezes all but adapters and head.
+
+    RLRR on q, k, v, proj, fc1, fc2 of every block; SSF after norm1, norm2, the final norm and the patch
+    embedding. Returns the replaced module names. ``impl="official"`` keeps the materialised-W' formulation
+    (for benchmarks); the default runs :class:`peft.rlrr_function.RLRRLinearFunction`.
+    """
+    check_fresh(model)
+    changed = inject_rlrr(model, rank=rank, init=init, impl=impl)
+    freeze_for_adapters(model)
+    return changed
+
+
+METHOD = Method(
+    "rlrr", lambda model, rlrr_rank=1, rlrr_init="official", rlrr_impl="function": apply_rlrr(
+        model, rank=rlrr_rank, init=rlrr_init, impl=rlrr_impl),
+    "RLRR on q,k,v,proj,fc1,fc2 + SSF on the norms and the patch embedding, + head", lr=3e-3,
+    lr_note="the official RLRR VTAB-1k learning rate for CIFAR-100 (at batch 32; scale vectors need larger "
+            "steps than weights, and a larger batch only makes each step less noisy)",
+    options={"rlrr_rank": Option(1, "RLRR rescaling rank (the official ViT code uses 1)"),
+             "rlrr_init": Option("official", "RLRR init: official (kaiming, not the base model at step 0) | "
+                                             "identity (S_out = 0: starts as the base model)", INITS),
+             "rlrr_impl": Option("function", "function (W' rebuilt in backward, optional CUDA kernel) | official "
+                                             "(the official formula, autograd keeps W'; for benchmarks)", IMPLS)},
+    paper="Dong et al., Low-Rank Rescaled Vision Transformer Fine-Tuning: A Residual Design Approach, CVPR 2024")
+
+__all__ = ["METHOD", "RLRRLinear", "apply_rlrr", "inject_rlrr", "rlrr_module_names", "set_backend", "get_backend",
+           "set_rlrr_impl", "INITS", "IMPLS"]

@@ -5,31 +5,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .lora import LoRALinear
-from .rlrr import RLRRLinear, SSFConv2d, SSFLayerNorm
+from .base import Adapter, replace_module
 
 
 @torch.no_grad()
 def merge_adapters(model: nn.Module) -> list[str]:
     """Fold every adapter into the layer it wraps, in place; returns the merged module names.
 
+    Every adapter's ``merge()`` returns the plain layer that takes its place (see :mod:`peft.base`):
     RLRR/LoRA wrappers become plain ``nn.Linear`` (W ⊙ (1 + S_out S_in), b + f; or W₀ + (α/r) B A),
     SSF after a LayerNorm goes into its affine (γ' = s ⊙ γ, β' = s ⊙ β + t), SSF after the patch embedding
     into the conv (W'[o] = s[o] W[o], b' = s ⊙ b + t). Afterwards the model holds only standard modules
     with the original names, so ``loaders.save_npz`` exports it. Merged layers are frozen.
     """
-    merged = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, (RLRRLinear, SSFLayerNorm, SSFConv2d)):
-            plain = module.merge()
-        elif isinstance(module, LoRALinear):
-            plain = module.merged_linear()  # LoRALinear.merge() folds in place and keeps the wrapper
-        else:
-            continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, plain)
-        merged.append(name)
-    return merged
+    outermost = [(name, m) for name, m in model.named_modules() if isinstance(m, Adapter)]
+    outermost = [(n, m) for n, m in outermost if not any(n.startswith(o + ".") for o, _ in outermost)]
+    for _, module in outermost:  # refuse before changing anything
+        if not module.MERGEABLE:
+            module.merge()  # raises NotMergeableError with the method's own reason
+    for name, module in outermost:
+        replace_module(model, name, module.merge())
+    return [name for name, _ in outermost]
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

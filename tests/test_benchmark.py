@@ -1,4 +1,4 @@
-"""tools/benchmark.py: the tool runs every CPU mode and writes its report; the analytic FLOP count is exact.
+"""The benchmark (peft.bench, tools/benchmark.py): the tool runs every CPU mode and writes its report; the analytic FLOP count is exact.
 
 No timing assertions: the numbers depend on the machine and on what else runs on it.
 """
@@ -15,10 +15,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vit
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-import benchmark  # noqa: E402
-
-peft = vit.require_project_peft()
+import peft
+from peft.bench import flops, harness, suite
+from peft.cli import benchmark
 CPU_MODES = ["head", "mlp", "lora", "rlrr", "rlrr-official", "full", "merged"]
 
 
@@ -45,7 +44,7 @@ def test_every_cpu_mode_in_one_process(tmp_path, capsys):
     opts = benchmark.parse_options(["--model", "testing", "--device", "cpu", "--batch-sizes", "2", "--repeats", "1",
                                     "--warmup", "0", "--no-isolate", "--output-dir", str(tmp_path),
                                     "--modes", *CPU_MODES, "rlrr-kernel"])
-    report = benchmark.run(opts)
+    report = suite.run(opts)
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert saved["results"] == report["results"]
     by_mode = _check_rows(saved["results"], CPU_MODES, 2)
@@ -66,7 +65,7 @@ def test_isolated_worker_processes_report_peak_rss(tmp_path):
     opts = benchmark.parse_options(["--model", "testing", "--device", "cpu", "--batch-sizes", "2", "--repeats", "1",
                                     "--warmup", "0", "--output-dir", str(tmp_path), "--modes", "lora", "merged"])
     assert opts.isolate
-    report = benchmark.run(opts)
+    report = suite.run(opts)
     by_mode = _check_rows(report["results"], ["lora", "merged"], 2)
     for r in by_mode.values():  # a fresh interpreter with torch imported and a model built
         assert r["infer_peak_mib"] > 50
@@ -80,22 +79,23 @@ def test_peak_rss_is_per_process_and_resettable():
     """A child started by subprocess (vfork + exec) must not report its parent's peak, and a reset must work."""
     ballast = torch.ones(64 * 2**20 // 4)  # 64 MiB resident in this (parent) process
     ballast.add_(1)
-    assert benchmark._peak_rss_mib() >= 64
-    code = "import sys; sys.path.insert(0, sys.argv[1]); import benchmark; print(benchmark._peak_rss_mib())"
-    out = subprocess.run([sys.executable, "-c", code, os.path.dirname(benchmark.__file__)], capture_output=True,
+    assert harness._peak_rss_mib() >= 64
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from peft.bench import harness; print(harness._peak_rss_mib())"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code, root], capture_output=True,
                          text=True, check=True).stdout
     child_peak = float(out.split()[-1])
-    assert child_peak < benchmark._peak_rss_mib()  # the child's own peak (~its torch import), not ours
+    assert child_peak < harness._peak_rss_mib()  # the child's own peak (~its torch import), not ours
     del ballast
-    current = benchmark._reset_peak_rss()
-    assert current is not None and benchmark._peak_rss_mib() <= current + 8
+    current = harness._reset_peak_rss()
+    assert current is not None and harness._peak_rss_mib() <= current + 8
 
 
 def test_interleaved_rows_are_timed_round_robin_without_memory(tmp_path):
     opts = benchmark.parse_options(["--model", "testing", "--device", "cpu", "--batch-sizes", "2", "--repeats", "2",
                                     "--warmup", "0", "--interleave", "--output-dir", str(tmp_path),
                                     "--modes", "rlrr", "merged", "rlrr-kernel"])
-    results = benchmark.run(opts)["results"]
+    results = suite.run(opts)["results"]
     assert [r["mode"] for r in results] == ["rlrr", "merged", "rlrr-kernel"]
     assert "skipped" in results[2]
     for r in results[:2]:
@@ -120,7 +120,7 @@ def _counted_flops(model, images, labels, train):
 
 
 def test_forward_flops_of_vit_b16_match_the_published_count():
-    macs = benchmark.forward_macs(vit.get_config("ViT-B/16"))
+    macs = flops.forward_macs(vit.get_config("ViT-B/16"))
     assert sum(macs.values()) == pytest.approx(17.56e9, rel=1e-3)  # 17.56 GMACs = 35.1 GFLOPs (timm, fvcore)
 
 
@@ -143,7 +143,7 @@ def test_analytic_flops_equal_torch_flop_counter(mode, pre_logits):
     vit.set_fused_attention(model, False)
     images = torch.randn(batch, config.in_channels, config.image_size, config.image_size)
     labels = torch.randint(0, config.num_classes, (batch,))
-    analytic = benchmark.train_macs(config, mode, batch)
+    analytic = flops.train_macs(config, mode, batch)
     assert _counted_flops(model, images, labels, train=False) == pytest.approx(2 * analytic["forward"] * batch)
     assert _counted_flops(model, images, labels, train=True) == pytest.approx(2 * analytic["train"] * batch)
 
@@ -158,7 +158,7 @@ def test_official_rlrr_differs_only_by_its_elementwise_rank1_products():
     vit.set_fused_attention(model, False)
     images = torch.randn(batch, 3, config.image_size, config.image_size)
     labels = torch.randint(0, config.num_classes, (batch,))
-    analytic = benchmark.train_macs(config, "rlrr-official", batch)
-    rank1 = sum(o * i for o, i in benchmark._rlrr_shapes(config))  # one multiply per weight element
+    analytic = flops.train_macs(config, "rlrr-official", batch)
+    rank1 = sum(o * i for o, i in flops._rlrr_shapes(config))  # one multiply per weight element
     assert _counted_flops(model, images, labels, train=False) == 2 * (analytic["forward"] * batch - rank1)
     assert _counted_flops(model, images, labels, train=True) == 2 * (analytic["train"] * batch - 3 * rank1)

@@ -312,7 +312,7 @@ def test_idx_parser_errors(tmp_path):
 
 
 def test_fashion_mnist_local_file_checked_and_missing_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "FASHION_MNIST_SYSTEM_DIRS", [tmp_path / "nowhere"])
+    monkeypatch.setattr(D.fashion_mnist, "FASHION_MNIST_SYSTEM_DIRS", [tmp_path / "nowhere"])
     with pytest.raises(DataNotFoundError, match="dataset-fashion-mnist"):
         load_dataset("fashion_mnist", tmp_path, download=False)
     folder = tmp_path / "fashion-mnist"
@@ -340,7 +340,7 @@ def test_real_fashion_mnist():
     # independent read of the last test image and label straight from the files
     raw = gzip.decompress((FASHION_DIR / "t10k-images-idx3-ubyte.gz").read_bytes())
     lab = gzip.decompress((FASHION_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes())
-    assert len(raw) == 7_840_016 and hashlib.sha256(raw).hexdigest() == D.FASHION_MNIST_SHA256["t10k-images-idx3-ubyte"]
+    assert len(raw) == 7_840_016 and hashlib.sha256(raw).hexdigest() == D.fashion_mnist.FASHION_MNIST_SHA256["t10k-images-idx3-ubyte"]
     np.testing.assert_array_equal(test.images[-1, :, :, 0].numpy(), np.frombuffer(raw[-784:], np.uint8).reshape(28, 28))
     assert int(test.labels[-1]) == lab[-1]
     assert 60 < float(train.images.float().mean()) < 90  # mostly dark background, as the real set

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from peft import distributed as pdist
-from peft import training
+from peft.finetune import distributed as pdist
+from peft.finetune import trainer as training
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from peft import evaluation as ev
+from peft.finetune import metrics
+from peft.finetune import report as report_files
 
 
 def pairwise_auc(scores, positive):
@@ -20,19 +21,19 @@ def pairwise_auc(scores, positive):
 def test_perfect_and_reversed_scores_give_auc_one_and_zero():
     positive = np.array([1, 1, 0, 0, 1, 0], dtype=bool)
     scores = np.where(positive, 0.9, 0.1) + np.arange(6) * 0.01  # every positive above every negative
-    fpr, tpr, _ = ev.roc_curve(scores, positive)
-    assert ev.auc(fpr, tpr) == 1.0
-    fpr, tpr, _ = ev.roc_curve(-scores, positive)
-    assert ev.auc(fpr, tpr) == 0.0
+    fpr, tpr, _ = metrics.roc_curve(scores, positive)
+    assert metrics.auc(fpr, tpr) == 1.0
+    fpr, tpr, _ = metrics.roc_curve(-scores, positive)
+    assert metrics.auc(fpr, tpr) == 0.0
 
 
 def test_roc_points_of_a_hand_worked_example():
     # scores sorted: 0.9(P) 0.8(N) 0.7(P) 0.6(N); thresholds pass one score at a time.
-    fpr, tpr, thr = ev.roc_curve([0.7, 0.9, 0.6, 0.8], [1, 1, 0, 0])
+    fpr, tpr, thr = metrics.roc_curve([0.7, 0.9, 0.6, 0.8], [1, 1, 0, 0])
     np.testing.assert_allclose(fpr, [0, 0, 0.5, 0.5, 1])
     np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1, 1])
     np.testing.assert_allclose(thr[1:], [0.9, 0.8, 0.7, 0.6])
-    assert ev.auc(fpr, tpr) == pytest.approx(0.75)  # 3 of 4 positive-negative pairs ordered correctly
+    assert metrics.auc(fpr, tpr) == pytest.approx(0.75)  # 3 of 4 positive-negative pairs ordered correctly
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -40,38 +41,38 @@ def test_auc_equals_pairwise_probability_with_ties(seed):
     rng = np.random.default_rng(seed)
     scores = rng.integers(0, 6, size=40) / 5.0  # many ties
     positive = rng.random(40) < 0.4
-    fpr, tpr, _ = ev.roc_curve(scores, positive)
-    assert 0 <= ev.auc(fpr, tpr) <= 1
-    assert ev.auc(fpr, tpr) == pytest.approx(pairwise_auc(scores, positive), abs=1e-12)
+    fpr, tpr, _ = metrics.roc_curve(scores, positive)
+    assert 0 <= metrics.auc(fpr, tpr) <= 1
+    assert metrics.auc(fpr, tpr) == pytest.approx(pairwise_auc(scores, positive), abs=1e-12)
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0) and fpr[-1] == tpr[-1] == 1
 
 
 def test_roc_needs_both_classes():
     with pytest.raises(ValueError, match="positives and negatives"):
-        ev.roc_curve([0.1, 0.2], [1, 1])
+        metrics.roc_curve([0.1, 0.2], [1, 1])
 
 
 def test_confusion_precision_recall_f1_by_hand():
     y_true = [0, 0, 0, 1, 1, 2]
     y_pred = [0, 0, 1, 1, 2, 2]
-    cm = ev.confusion_matrix(y_true, y_pred, 3)
+    cm = metrics.confusion_matrix(y_true, y_pred, 3)
     np.testing.assert_array_equal(cm, [[2, 1, 0], [0, 1, 1], [0, 0, 1]])
-    r = ev.precision_recall_f1(cm)
+    r = metrics.precision_recall_f1(cm)
     # class 0: tp 2, predicted 2, actual 3; class 1: tp 1, predicted 2, actual 2; class 2: tp 1, pred 2, actual 1
     np.testing.assert_allclose(r["precision"], [1.0, 0.5, 0.5])
     np.testing.assert_allclose(r["recall"], [2 / 3, 0.5, 1.0])
     np.testing.assert_allclose(r["f1"], [0.8, 0.5, 2 / 3])
     np.testing.assert_array_equal(r["support"], [3, 2, 1])
-    norm = ev.normalize_rows(cm)
+    norm = metrics.normalize_rows(cm)
     np.testing.assert_allclose(norm.sum(axis=1), 1.0)
     np.testing.assert_allclose(norm[0], [2 / 3, 1 / 3, 0])
 
 
 def test_absent_class_gives_zero_row_not_nan():
-    cm = ev.confusion_matrix([0, 0, 1], [0, 1, 1], 3)
-    norm = ev.normalize_rows(cm)
+    cm = metrics.confusion_matrix([0, 0, 1], [0, 1, 1], 3)
+    norm = metrics.normalize_rows(cm)
     assert np.isfinite(norm).all() and norm[2].sum() == 0
-    r = ev.precision_recall_f1(cm)
+    r = metrics.precision_recall_f1(cm)
     assert np.isfinite(r["f1"]).all()
 
 
@@ -83,7 +84,7 @@ def test_report_files_are_written_and_consistent(tmp_path):
     classes = ["a", "b", "c", "d"]
     history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.1, "train_accuracy": 0.5, "val_accuracy": 0.4},
                {"epoch": 2, "train_loss": 0.8, "val_loss": 0.9, "train_accuracy": 0.6, "val_accuracy": 0.5}]
-    summary = ev.write_evaluation_report(tmp_path, probs, labels, classes, history, prefix="test")
+    summary = report_files.write_evaluation_report(tmp_path, probs, labels, classes, history, prefix="test")
     for name in ("test_confusion.png", "test_confusion.csv", "test_report.txt", "test_report.json",
                  "test_report.csv", "test_roc.png", "history.csv", "curves.png"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -95,4 +96,4 @@ def test_report_files_are_written_and_consistent(tmp_path):
         assert row["support"] == int((labels == i).sum())
     cm = np.loadtxt(tmp_path / "test_confusion.csv", delimiter=",", skiprows=1)
     assert cm.sum() == 200
-    np.testing.assert_allclose(ev.normalize_rows(cm).sum(1), 1.0)
+    np.testing.assert_allclose(metrics.normalize_rows(cm).sum(1), 1.0)

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -314,27 +310,3 @@ def test_opt_target_prefix_ignores_optimizer_state(tmp_path):
     params["opt/state/step"] = np.zeros((), np.float32)
     model = load_npz(_write(tmp_path / "opt.npz", params))
     assert model.config == CONFIG
-
-
-# ── the Hugging Face peft clash ─────────────────────────────────────────────────────────────────────────
-
-def test_require_project_peft_explains_a_hugging_face_clash(tmp_path):
-    fake = tmp_path / "site" / "peft"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("# stands in for Hugging Face's PyPI package 'peft'\n__version__ = '0.0'\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(REPO)]))
-    code = textwrap.dedent("""
-        import vit
-        try:
-            vit.require_project_peft()
-        except ImportError as e:
-            print(e)
-        else:
-            print("NO ERROR")
-    """)
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "NO ERROR" not in out.stdout
-    assert "Hugging Face" in out.stdout and "pip uninstall peft" in out.stdout
-    assert str(fake) in out.stdout  # says which file was imported

@@ -9,9 +9,10 @@ from torch import nn
 import vit
 from peft import kernels
 
-peft = vit.require_project_peft()
+import peft  # noqa: E402  (this project's, from the repository root)
 from peft.lora import LoRALinear  # noqa: E402
-from peft.rlrr import SSF, RLRRLinear, SSFConv2d, SSFLayerNorm  # noqa: E402
+from peft.rlrr import RLRRLinear  # noqa: E402
+from peft.ssf import SSF, SSFConv2d, SSFLayerNorm  # noqa: E402
 
 ADAPTER_CLASSES = (RLRRLinear, LoRALinear, SSF, SSFLayerNorm, SSFConv2d)
 
@@ -129,9 +130,7 @@ def test_wrappers_on_a_linear_without_bias(cls):
         expected = x @ (base.weight + layer.delta_weight()).t()
         if cls is RLRRLinear:
             expected = expected + layer.f
-            merged = layer.merge()
-        else:
-            merged = layer.merged_linear()
+        merged = layer.merge()  # every wrapper: a new plain layer
         torch.testing.assert_close(layer(x), expected)
         torch.testing.assert_close(merged(x), expected)
     assert type(merged) is nn.Linear and not any(p.requires_grad for p in merged.parameters())
@@ -148,7 +147,7 @@ def test_lora_merge_unmerge_and_export():
         w0 = q.weight.clone()
         for m in model.modules():
             if isinstance(m, LoRALinear):
-                m.merge()
+                m.merge_in_place()
         assert q.merged
         torch.testing.assert_close(q.weight, w0 + (q.lora_B @ q.lora_A) * 6 / 4)
         assert rel_err(model(x), adapted) <= 1e-5

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from peft import kernels
-from peft.functional import RLRRLinearFunction, official_rlrr_linear, rlrr_scale_grads, rlrr_weight
+from peft.functional import official_rlrr_linear, rlrr_scale_grads, rlrr_weight
+from peft.rlrr_function import RLRRLinearFunction
 
 
 def naive(x, w, b, s_out, s_in, f):

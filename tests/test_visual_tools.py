@@ -5,6 +5,7 @@ Each CLI runs as a subprocess on a Google-layout .npz written by npz_factory and
 of a model with RLRR or LoRA applied come from the adapted attention, and forward is unchanged.
 """
 
+import importlib
 import os
 import subprocess
 import sys
@@ -126,8 +127,7 @@ def test_patch_filters_cli(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("tool", ["attention_map", "pos_embed", "patch_filters"])
 def test_help_has_an_example(tool, monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(TOOLS))
-    module = __import__(tool)
+    module = importlib.import_module(f"peft.cli.{tool}")
     with pytest.raises(SystemExit) as exit_info:
         module.parse_args(["--help"])
     assert exit_info.value.code == 0
@@ -136,13 +136,12 @@ def test_help_has_an_example(tool, monkeypatch, capsys):
 
 
 def test_missing_default_weights_say_how_to_get_them(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(TOOLS))
     monkeypatch.setenv("VIT_PEFT_CACHE", str(tmp_path))
-    import attention_map
+    from peft.cli import visual
 
-    with pytest.raises(SystemExit) as exit_info:
-        attention_map.load_model(None)
-    message = str(exit_info.value.code)
+    with pytest.raises(FileNotFoundError) as exit_info:
+        visual.load_model(None)
+    message = str(exit_info.value)
     assert str(tmp_path / "ViT-B_16.npz") in message and "fetch_weights" in message and "--checkpoint" in message
 
 
@@ -161,7 +160,8 @@ def perturb_adapters(model, names, seed=0):
 
 @pytest.mark.parametrize("method", ["rlrr", "lora"])
 def test_attention_maps_with_adapters_applied(checkpoint, method):
-    peft = vit.require_project_peft()
+    import peft
+
     if not hasattr(peft, f"apply_{method}"):
         pytest.skip(f"peft.apply_{method} not available yet")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -184,10 +184,8 @@ def test_attention_maps_with_adapters_applied(checkpoint, method):
 
 def test_fine_tuning_checkpoint_gives_model_and_class_names(monkeypatch, tmp_path):
     """A full-state checkpoint in tools/finetune.py's format: the model and its class names come back."""
-    vit.require_project_peft()
-    import peft.checkpoint as checkpoint_module
-    monkeypatch.syspath_prepend(str(TOOLS))
-    import attention_map
+    import peft.finetune.checkpoint as checkpoint_module
+    from peft.cli import visual as attention_map
 
     torch.manual_seed(0)
     model = vit.VisionTransformer(CONFIG)
@@ -206,8 +204,7 @@ def test_fine_tuning_checkpoint_gives_model_and_class_names(monkeypatch, tmp_pat
 
 def test_patch_filters_sum_channels_in_process(checkpoint, tmp_path, monkeypatch):
     """--sum-channels: PCA of the channel-summed filters, what a greyscale (R = G = B) input sees."""
-    monkeypatch.syspath_prepend(str(TOOLS))
-    import patch_filters
+    from peft.cli import patch_filters
 
     out = tmp_path / "grey.png"
     patch_filters.main(["--checkpoint", str(checkpoint), "--sum-channels", "--output", str(out), "--save-npy"])

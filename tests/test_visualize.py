@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import vit
+from vit import plots as P
 from vit import visualize as V
 
 
@@ -171,13 +172,13 @@ def test_patch_filter_pca_returns_fewer_when_fewer_exist():
 def test_plots_return_figures_with_expected_panels():
     from matplotlib.figure import Figure
 
-    images = V.denormalize(torch.rand(2, 3, 32, 32) * 2 - 1)
+    images = P.denormalize(torch.rand(2, 3, 32, 32) * 2 - 1)
     assert images.shape == (2, 32, 32, 3) and images.min() >= 0 and images.max() <= 1
-    fig = V.plot_attention(images, [("rollout", np.random.rand(2, 4, 4)), ("head 1", np.random.rand(2, 4, 4))],
+    fig = P.plot_attention(images, [("rollout", np.random.rand(2, 4, 4)), ("head 1", np.random.rand(2, 4, 4))],
                            titles=["a", "b"])
     assert isinstance(fig, Figure) and len(fig.axes) == 3 * 2 + 1  # panels + colour bar
-    fig = V.plot_pos_embed_similarity(V.pos_embed_similarity(torch.randn(1, 17, 8)))
+    fig = P.plot_pos_embed_similarity(V.pos_embed_similarity(torch.randn(1, 17, 8)))
     assert len(fig.axes) == 2
     comps, explained = V.patch_filter_pca(torch.randn(16, 3, 4, 4))
-    fig = V.plot_patch_filters(comps, explained, raw=torch.randn(7, 3, 4, 4))
+    fig = P.plot_patch_filters(comps, explained, raw=torch.randn(7, 3, 4, 4))
     assert len(fig.axes) == len(comps) + 7

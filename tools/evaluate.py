@@ -1,51 +1,13 @@
 #!/usr/bin/env python3
-"""Re-create a fine-tuning run's evaluation files from its checkpoint: confusion matrix, per-class report,
-ROC curves, training curves. The engine is peft.evaluation.evaluate_checkpoint."""
+"""`python tools/evaluate.py --help`: the command line is peft/cli/evaluate.py (also `vit-peft evaluate` when installed)."""
 
 import os
 import sys
 
-# Let `python tools/evaluate.py` work from a checkout without `pip install -e .`: put the repo root first.
+# Run from a checkout without installing: the repository root first, so that `peft` is this project's.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import typing  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import vit  # noqa: E402
-
-vit.require_project_peft()  # fail clearly if Hugging Face's peft shadows ours
-from peft import evaluation, training  # noqa: E402
-
-EXAMPLES = """examples:
-  python tools/evaluate.py runs/cifar10-rlrr                 # best.pt of a run, files into that folder
-  python tools/evaluate.py runs/cifar10-rlrr/checkpoint.pt --split val --output-dir runs/eval-latest
-  python tools/evaluate.py runs/quickstart/rlrr --weights moved/pretrained.npz
-"""
-
-
-@dataclass
-class EvaluateOptions:
-    CHOICES: typing.ClassVar[dict] = {"split": ("test", "val")}
-    checkpoint: str = ""  # a checkpoint file, or a run folder (its best.pt)
-    split: str = "test"  # test | val (the held-out validation split of the run)
-    weights: typing.Optional[str] = None  # base .npz if it moved since training (sha256 must match)
-    data: typing.Optional[str] = None  # dataset (default: the one the run used)
-    data_root: typing.Optional[str] = None  # dataset cache folder
-    output_dir: typing.Optional[str] = None  # where the files go (default: the checkpoint's folder)
-    batch_size: int = 256  # images per forward pass
-    max_samples: int = -1  # cap the split (-1: as in the run; 0: the whole split)
-    device: str = "auto"  # auto | cpu | cuda
-
-
-def main(argv=None) -> int:
-    o = training.parse_options(argv, cls=EvaluateOptions, description=__doc__, epilog=EXAMPLES,
-                               positional=("checkpoint",))
-    training.setup_logging()
-    result = evaluation.evaluate_checkpoint(o.checkpoint, o.output_dir, o.split, o.weights, o.data, o.data_root,
-                                            o.device, o.batch_size, None if o.max_samples == 0 else o.max_samples)
-    print(f"{o.split} accuracy {result[o.split + '_accuracy']:.4f} (mode {result['mode']}, epoch {result['epoch']})")
-    return 0
-
+from peft.cli.evaluate import cli  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

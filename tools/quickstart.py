@@ -1,133 +1,13 @@
 #!/usr/bin/env python3
-"""Offline quick start: pretrain a small ViT from scratch, then fine-tune it with every mode, on a laptop CPU.
-
-1. Pretrain "ViT-Mini/4" (28 px, patch 4, D=96, 4 blocks) from scratch on Fashion-MNIST classes 0-4
-   (T-shirt, trouser, pullover, dress, coat) and export it in Google's .npz layout: pretrained.npz.
-2. Fine-tune that .npz on the five *other* classes (5-9: sandal, shirt, sneaker, bag, ankle boot) with each
-   mode (head, mlp, lora, rlrr, full), a fresh head every time.
-3. Print a table of test accuracy, trainable parameters and time per mode; save it as results.md/.json.
-
-Everything runs in this process through peft.training (the engine of tools/finetune.py). Needs only the
-Fashion-MNIST files (Debian package dataset-fashion-mnist, or downloaded once into the data cache).
-"""
+"""`python tools/quickstart.py --help`: the command line is peft/cli/quickstart.py (also `vit-peft quickstart` when installed)."""
 
 import os
 import sys
 
-# Let `python tools/quickstart.py` work from a checkout without `pip install -e .`: put the repo root first.
+# Run from a checkout without installing: the repository root first, so that `peft` is this project's.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import vit  # noqa: E402
-
-vit.require_project_peft()  # fail clearly if Hugging Face's peft shadows ours
-from peft import training  # noqa: E402
-
-log = logging.getLogger("quickstart")
-
-EXAMPLES = """examples:
-  python tools/quickstart.py                      # about 5-10 minutes on 2 CPU cores
-  python tools/quickstart.py --modes rlrr,lora    # only some modes (reuses runs/quickstart/pretrained.npz)
-  python tools/quickstart.py --retrain            # pretrain again even if pretrained.npz exists
-"""
-
-
-@dataclass
-class QuickstartOptions:
-    output_dir: str = "runs/quickstart"  # everything goes here: pretrained.npz, one folder per mode, results.md
-    modes: str = "head,mlp,lora,rlrr,full"  # comma-separated fine-tuning modes to compare
-    pretrain_classes: str = "0-4"  # Fashion-MNIST classes for pretraining from scratch
-    finetune_classes: str = "5-9"  # the other classes, for fine-tuning
-    pretrain_samples: int = 27000  # training images for pretraining (all 27,000 left after the validation split)
-    pretrain_epochs: int = 5  # pretraining epochs
-    pretrain_lr: float = 2e-3  # AdamW peak learning rate from scratch
-    finetune_samples: int = 1500  # training images per fine-tuning run (a low-data transfer task)
-    finetune_epochs: int = 5  # fine-tuning epochs per mode
-    eval_samples: int = 1000  # cap on validation and test images per run (validation runs every epoch)
-    batch_size: int = 64  # global batch size
-    augment: bool = False  # random crop + flip (off: in runs this short they slow learning more than they help)
-    retrain: bool = False  # pretrain again even if pretrained.npz exists
-    data: str = "fashion_mnist"  # dataset name (Fashion-MNIST is the one that works offline)
-    data_root: str = ""  # dataset cache folder (default: the Debian package, else $VIT_PEFT_DATA)
-    seed: int = 0  # random seed for every run
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch CPU threads (0: torch's default)
-    progress: bool = True  # tqdm progress bars
-
-
-# Fine-tuning learning rates for this small model (D=96): higher than ViT-B/16's defaults because the runs are
-# only ~70 steps; same ordering and reasons as training.DEFAULT_LR.
-QUICKSTART_LR = {"head": 1e-2, "mlp": 1e-3, "lora": 3e-3, "rlrr": 1e-2, "full": 1e-3}
-
-
-def pretrain(q: QuickstartOptions, out: Path) -> Path:
-    npz = out / "pretrained.npz"
-    if npz.is_file() and not q.retrain:
-        log.info("using the existing %s (pass --retrain to pretrain again)", npz)
-        return npz
-    opts = training.FinetuneOptions(
-        mode="full", weights="none", model="ViT-Mini/4", data=q.data, data_root=q.data_root or None,
-        classes=q.pretrain_classes, max_train_samples=q.pretrain_samples, max_eval_samples=q.eval_samples,
-        epochs=q.pretrain_epochs, warmup_epochs=0.5, batch_size=q.batch_size, lr=q.pretrain_lr, seed=q.seed,
-        augment=q.augment, device=q.device, threads=q.threads or None, output_dir=str(out / "pretrain"), export_npz=str(npz),
-        progress=q.progress)
-    t = time.perf_counter()
-    m = training.run(opts)
-    log.info("pretrained in %.0f s: test accuracy %.4f on classes %s", time.perf_counter() - t,
-             m["test_accuracy"], q.pretrain_classes)
-    return npz
-
-
-def finetune(q: QuickstartOptions, npz: Path, mode: str, out: Path) -> dict:
-    opts = training.FinetuneOptions(
-        mode=mode, weights=str(npz), data=q.data, data_root=q.data_root or None, classes=q.finetune_classes,
-        max_train_samples=q.finetune_samples, max_eval_samples=q.eval_samples, epochs=q.finetune_epochs,
-        warmup_epochs=0.5, batch_size=q.batch_size, lr=QUICKSTART_LR[mode], seed=q.seed,
-        augment=q.augment, device=q.device,
-        threads=q.threads or None, output_dir=str(out / mode), progress=q.progress)
-    return training.run(opts)
-
-
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| mode | test accuracy | val accuracy | trainable params | % of model | time (s) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['mode']} | {r['test_accuracy']:.4f} | {r['val_accuracy']:.4f} | "
-                     f"{r['trainable_parameters']:,} | {100 * r['trainable_parameters'] / r['total_parameters']:.2f} | "
-                     f"{r['time_seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
-
-
-def main(argv=None) -> int:
-    q = training.parse_options(argv, cls=QuickstartOptions, description=__doc__, epilog=EXAMPLES)
-    training.setup_logging()
-    out = Path(q.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    npz = pretrain(q, out)
-    rows = []
-    for mode in [m.strip() for m in q.modes.split(",") if m.strip()]:
-        m = finetune(q, npz, mode, out)
-        rows.append({k: m[k] for k in ("mode", "test_accuracy", "val_accuracy", "trainable_parameters",
-                                       "total_parameters", "time_seconds", "images_per_second", "epochs")})
-    table = markdown_table(rows)
-    total = time.perf_counter() - t0
-    header = (f"Fine-tuning ViT-Mini/4 (pretrained from scratch on Fashion-MNIST classes {q.pretrain_classes}) "
-              f"on classes {q.finetune_classes}: {q.finetune_samples} training images, {q.finetune_epochs} epochs, "
-              f"test on up to {q.eval_samples} images. Total time {total:.0f} s.\n\n")
-    (out / "results.md").write_text(header + table)
-    (out / "results.json").write_text(json.dumps({"options": dataclasses.asdict(q), "total_seconds": total,
-                                                  "results": rows}, indent=2) + "\n")
-    print("\n" + header + table)
-    print(f"saved {out / 'results.md'} and {out / 'results.json'}")
-    return 0
-
+from peft.cli.quickstart import cli  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

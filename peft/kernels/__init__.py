@@ -1,4 +1,4 @@
-"""The optional fused CUDA kernel behind :class:`peft.functional.RLRRLinearFunction`.
+"""The optional fused CUDA kernel behind :class:`peft.rlrr_function.RLRRLinearFunction`.
 
 Two kernels (``rlrr_kernel.cu``, plain CUDA; bound to PyTorch in ``rlrr_binding.cpp``):
 
@@ -35,6 +35,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+from ..functional import rlrr_scale_grads, rlrr_weight as reference_weight
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +107,6 @@ def self_test(ext, device: str = "cuda") -> None:
     Small random problems on the current CUDA device: fp32 (tolerance 1e-5 relative to the largest value) and
     bf16 (the kernel's W' may differ from the reference by one bf16 rounding step).
     """
-    from ..functional import rlrr_scale_grads, rlrr_weight as reference_weight
-
     gen = torch.Generator(device="cpu").manual_seed(0)
     stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
     for out_f, in_f, rank in ((67, 131, 1), (130, 45, 3)):

@@ -6,7 +6,8 @@ The design goal is that N processes compute *the same optimisation* as one proce
   union of the per-rank micro-batches is exactly the single-process batch;
 - each rank's loss is ``sum(per-sample losses) * world_size / global_batch_size``; DDP averages gradients over
   ranks, which turns this into the mean over the global batch whatever the slice sizes are;
-- evaluation shards the index range into contiguous pieces *without padding* (a padded sampler would count some
+- evaluation shards the index range into contiguous pieces *without padding* (``loaders.datasets.shard_bounds``,
+  the project's one sharding scheme) (a padded sampler would count some
   images twice) and sums correct/total counts with ``all_reduce``; predictions are gathered in rank order, which
   restores the original order.
 """
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from loaders.datasets import shard_bounds
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,20 @@ def init_distributed(device: str | None = None) -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
+def setup_logging(ctx: DistContext | None = None, level=logging.INFO) -> None:
+    """Messages from the main process only (others log warnings and errors)."""
+    main = ctx is None or ctx.is_main
+    logging.basicConfig(level=level if main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``--precision`` on ``device``, or None for plain fp32."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
 def cleanup(ctx: DistContext) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
@@ -87,25 +104,6 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
-
-
-def broadcast_object(obj, ctx: DistContext):
-    """Rank 0's value of a small Python object (such as a decision to stop) on every rank."""
-    if not ctx.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Contiguous, non-overlapping [start, stop) of ``range(n)`` for one rank; sizes differ by at most one.
-
-    Sharding without padding means every item is seen exactly once over all ranks.
-    """
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 def rank_slice(batch: torch.Tensor, ctx: DistContext) -> torch.Tensor:

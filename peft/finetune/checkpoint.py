@@ -24,7 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import vit
+from loaders import load_npz
 from loaders.atomic import atomic_write
+from loaders.download import file_digest
+
+from .. import modes, state
 
 log = logging.getLogger(__name__)
 
@@ -115,27 +120,21 @@ def _to_tuples(x):
 def build_base_model(model_config: dict, base_weights: dict | None, weights: str | os.PathLike | None = None,
                      verify: bool = True):
     """The model before adapters: the recorded .npz (or ``weights`` instead), or a fresh one from the config."""
-    import vit
-
     config = vit.ViTConfig(**model_config)
     if base_weights is None:  # trained from scratch: the checkpoint holds every parameter
         return vit.VisionTransformer(config)
-    import loaders
-
     path = Path(weights) if weights is not None else Path(base_weights["path"])
     if not path.is_file():
         raise FileNotFoundError(
             f"base weights {path} (recorded name {base_weights.get('name')!r}) not found; pass weights=... "
             "(--weights PATH) pointing to the same .npz file")
     if verify and base_weights.get("sha256"):
-        from loaders.download import file_digest
-
         digest = file_digest(path, "sha256")
         if digest != base_weights["sha256"]:
             raise CheckpointMismatch(
                 f"base weights {path} have sha256 {digest}, but the checkpoint was trained on "
                 f"{base_weights.get('name')!r} with sha256 {base_weights['sha256']}")
-    return loaders.load_npz(path, num_classes=config.num_classes, image_size=config.image_size)
+    return load_npz(path, num_classes=config.num_classes, image_size=config.image_size)
 
 
 def load_model_from_checkpoint(path: str | os.PathLike, weights: str | os.PathLike | None = None,
@@ -146,20 +145,17 @@ def load_model_from_checkpoint(path: str | os.PathLike, weights: str | os.PathLi
     since training (its sha256 must match the recorded one). Returns ``(model, meta)`` where meta is the
     checkpoint dict without state tensors (config, mode, classes, options, history, ...).
     """
-    import vit
-
-    peft = vit.require_project_peft()
     ckpt = load_checkpoint(path)
-    state = ckpt["state_dict"]
+    saved = ckpt["state_dict"]
     if ckpt["state_dict_kind"] == "full":  # from scratch or full fine-tuning: every parameter is stored
         model = vit.VisionTransformer(vit.ViTConfig(**ckpt["model_config"]))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(saved, strict=False)
         if missing or unexpected:
             raise CheckpointMismatch(f"{ckpt['path']}: missing keys {missing}, unexpected keys {unexpected}")
     else:  # base .npz (sha256-checked) + the trained adapters and head
         model = build_base_model(ckpt["model_config"], ckpt["base_weights"], weights)
-        peft.apply_mode(model, ckpt["mode"], **ckpt["mode_options"])
-        peft.load_adapter_state_dict(model, state)
+        modes.apply_mode(model, ckpt["mode"], **ckpt["mode_options"])
+        state.load_adapter_state_dict(model, saved)
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "training_state")}
     return model.to(device).eval(), meta
 
@@ -167,3 +163,23 @@ def load_model_from_checkpoint(path: str | os.PathLike, weights: str | os.PathLi
 def config_dict(config) -> dict:
     """ViTConfig → plain dict for the checkpoint."""
     return dataclasses.asdict(config)
+
+
+def load_for_inference(checkpoint, image_size: int | None = None, weights=None):
+    """Any model file the visual tools accept: ``(model, class names or None, short description)``, eval, CPU.
+
+    ``checkpoint``: a Google-layout ``.npz`` (also merged fine-tuned models), or a fine-tuning checkpoint ``.pt``
+    or run folder (base weights + adapters). ``image_size``: resize the position embedding (``.npz`` only).
+    ``weights``: the base ``.npz`` of a fine-tuning checkpoint if it moved since training.
+    """
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_file() and path.suffix == ".npz":
+        return load_npz(path, image_size=image_size), None, path.name
+    model, meta = load_model_from_checkpoint(path, weights=weights)
+    if image_size is not None and image_size != model.config.image_size:
+        raise CheckpointMismatch(f"--image-size {image_size} only applies to .npz checkpoints; {path} was "
+                                 f"fine-tuned at {model.config.image_size} px")
+    resolved = Path(meta.get("path", path))  # a run folder resolves to its best.pt or checkpoint.pt
+    return model, meta.get("classes"), f"{resolved.parent.name}/{resolved.name} ({meta.get('mode', '?')})"

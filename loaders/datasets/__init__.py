@@ -1,0 +1,56 @@
+"""Image datasets as in-memory uint8 tensors, without torchvision.
+
+Every loader returns an :class:`ImageDataset`: all images of one split as a uint8 tensor (N, H, W, C) with C in
+{1, 3}, int64 labels (N,), the class names and a name. Small vision benchmarks fit in memory (CIFAR-10 train is
+150 MB), so batches are plain tensor indexing (:func:`iterate_batches`) and augmentation runs on the training
+device (:class:`loaders.transforms.BatchTransform`).
+
+One module per source (``cifar``, ``fashion_mnist``, ``tiny_imagenet``, ``folder``); ``base`` holds the container,
+``archives`` the checksum/download/member checks every archive goes through, ``selection`` class subsets and
+splits, ``batches`` batching and the project's one sharding scheme. :func:`load_dataset` picks the source by name.
+The default data root is $VIT_PEFT_DATA, else ~/.cache/vit-peft/data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import DATA_ENV, SPLITS, DataNotFoundError, DatasetError, ImageDataset, check_split, default_data_root
+from .batches import count_batches, iterate_batches, shard_bounds, shard_indices
+from .cifar import CIFAR_ARCHIVES, RestrictedUnpickler, load_cifar, restricted_unpickle
+from .fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, load_fashion_mnist, parse_idx, read_idx
+from .folder import load_image_folder
+from .selection import parse_class_spec, random_subset, select_classes, split_indices, split_train_val
+from .tiny_imagenet import load_tiny_imagenet
+
+_ALIASES = {"cifar10": "cifar10", "cifar100": "cifar100", "fashionmnist": "fashion_mnist",
+            "tinyimagenet": "tiny_imagenet", "tinyimagenet200": "tiny_imagenet"}
+DATASETS = ("cifar10", "cifar100", "fashion_mnist", "tiny_imagenet")
+
+
+def load_dataset(name: str, root: str | Path | None = None, split: str = "train",
+                 download: bool = True) -> ImageDataset:
+    """Load one split of a dataset by name ("cifar10", "cifar100", "fashion_mnist", "tiny_imagenet"; "-" and
+    "_" optional) or from an image folder path. `root` defaults to $VIT_PEFT_DATA or ~/.cache/vit-peft/data.
+    With download=False a missing dataset raises DataNotFoundError saying where to put the files."""
+    check_split(split)
+    key = _ALIASES.get(str(name).lower().replace("-", "").replace("_", ""))
+    if key in CIFAR_ARCHIVES:
+        return load_cifar(key, root, split, download)
+    if key == "fashion_mnist":
+        return load_fashion_mnist(root, split, download)
+    if key == "tiny_imagenet":
+        return load_tiny_imagenet(root, split, download)
+    if Path(name).expanduser().is_dir():
+        return load_image_folder(name, split)
+    raise DataNotFoundError(f"unknown dataset {name!r}: expected one of {DATASETS} or an existing folder "
+                            f"<folder>/<class>/<image>.png")
+
+
+
+__all__ = ["CIFAR_ARCHIVES", "DATASETS", "DATA_ENV", "DataNotFoundError", "DatasetError", "FASHION_MNIST_CLASSES",
+           "FASHION_MNIST_FILES", "ImageDataset", "RestrictedUnpickler", "SPLITS", "count_batches",
+           "default_data_root", "iterate_batches", "load_cifar", "load_dataset", "load_fashion_mnist",
+           "load_image_folder", "load_tiny_imagenet", "parse_class_spec", "parse_idx", "random_subset", "read_idx",
+           "restricted_unpickle", "select_classes", "shard_bounds", "shard_indices", "split_indices",
+           "split_train_val"]

@@ -1,0 +1,150 @@
+"""An analytic FLOP model of ViT fine-tuning: what each mode must compute per image, forward and backward.
+
+2 FLOPs per multiply-add; only matrix products are counted (patch embedding, the linear layers, the two
+attention products, the head, LoRA's and RLRR's rank-r products). LayerNorm, softmax, GELU, bias and residual
+adds, SSF and the optimizer are not counted. The backward pass is counted layer by layer: the activation
+gradient only where something below still needs it, the weight gradient only where the weight or an adapter
+that needs it (RLRR needs the full dYᵀX) trains. ``tests/test_benchmark.py`` checks it against
+``torch.utils.flop_counter.FlopCounterMode`` on real passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vit.config import ViTConfig
+
+LORA_RANK, LORA_TARGETS, RLRR_RANK = 8, ("q", "v"), 1  # peft's defaults; the FLOP count uses the same
+
+
+def forward_macs(config: ViTConfig) -> dict[str, int]:
+    """Multiply-adds of one image's forward pass through the plain ViT, by part.
+
+    With N = 1 + patches tokens, D hidden, M mlp_dim, L layers, K classes, C·P² values per patch:
+    patch embedding (N−1)·D·C·P²; per block q, k, v, proj 4·N·D², attention scores and weighted sum 2·N²·D,
+    MLP 2·N·D·M; head D·K on the CLS token (plus D·R for a pre-logits layer of size R).
+    """
+    c = config
+    n, d, m = 1 + c.num_patches, c.hidden_size, c.mlp_dim
+    rep = c.representation_size
+    head = (d * rep + rep * c.num_classes) if rep else d * c.num_classes
+    return {
+        "patch_embed": c.num_patches * d * c.in_channels * c.patch_size ** 2,
+        "qkv_proj": c.num_layers * 4 * n * d * d,
+        "attention": c.num_layers * 2 * n * n * d,
+        "mlp": c.num_layers * 2 * n * d * m,
+        "head": head,
+    }
+
+
+@dataclass
+class _Linear:
+    """One linear layer in the FLOP model: tokens × in × out multiply-adds per matrix product."""
+    name: str
+    tokens: int
+    fan_in: int
+    fan_out: int
+    weight_trains: bool = False  # full / mlp modes: its own weight gets a gradient
+    adapter: str | None = None  # "lora" or "rlrr"
+
+
+def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int = LORA_RANK,
+               lora_targets=LORA_TARGETS, rlrr_rank: int = RLRR_RANK) -> dict[str, float]:
+    """Multiply-adds per image of a forward pass and of a training step (forward + backward) in ``mode``.
+
+    Rules (what autograd must compute, nothing more):
+    * forward: :func:`forward_macs`, plus LoRA's two rank-r products per target (tokens·r·(in + out)) and,
+      for RLRR, S_out·S_in per adapted layer (out·r·in, once per step, so divided by the batch size; counted
+      for the official formula too, where broadcasting does the same multiplications);
+    * backward of a linear layer: the activation gradient dX (tokens·in·out) only if its input depends on
+      something trainable; the weight gradient dW = dYᵀX (tokens·in·out) if its weight trains or it has RLRR
+      (whose scale gradients are built from the full dYᵀX), plus RLRR's two rank-r reductions (2·out·r·in per
+      step) and, on the Function path, W' rebuilt for dX; LoRA: dB, d(Ax) and dA (tokens·r·(2·out + in)) and,
+      when the input needs a gradient, the branch's dX (tokens·r·in);
+    * attention core: dV = Pᵀ dO if V needs a gradient; dP = dO Vᵀ if Q or K does; then dQ, dK each if needed
+      (N²·D each); the patch embedding's weight gradient only in full mode (the image never needs one).
+    """
+    if mode == "timm-lora":  # HF peft's LoRA on timm's fused qkv layer
+        mode, lora_targets = "lora", ("qkv",)
+    mode = {"merged": "head", "timm": "full"}.get(mode, mode)  # merged: the plain ViT; timm: full fine-tuning
+    base_mode = "rlrr" if mode.startswith("rlrr") else mode
+    if base_mode not in ("head", "mlp", "lora", "rlrr", "full"):
+        raise ValueError(f"no FLOP model for mode {mode!r}")
+    c = config
+    n, d, m = 1 + c.num_patches, c.hidden_size, c.mlp_dim
+    fwd = dict(forward_macs(c))
+    per_step = 0.0  # work done once per step whatever the batch size (RLRR's W' and its gradient sums)
+    bwd = 0.0
+
+    # Embedding: patch conv (its weight trains only in full mode), CLS and positions (full), SSF (rlrr).
+    stream_grad = base_mode in ("full", "rlrr")  # does the residual stream entering block 0 need a gradient?
+    if base_mode == "full":
+        bwd += fwd["patch_embed"]  # dW of the conv; never dX (the image)
+
+    def linear(lin: _Linear, input_grad: bool) -> bool:
+        """Add this layer's forward extras and backward work; return whether its output needs a gradient."""
+        nonlocal bwd, per_step
+        t, i, o = lin.tokens, lin.fan_in, lin.fan_out
+        if input_grad:
+            bwd += t * i * o  # dX = dY W
+        if lin.weight_trains or lin.adapter == "rlrr":
+            bwd += t * i * o  # dW = dYᵀ X
+        if lin.adapter == "rlrr":
+            per_step += o * rlrr_rank * i  # W' = W ⊙ (1 + S_out S_in) in forward
+            per_step += 2 * o * rlrr_rank * i  # (G ⊙ W) S_inᵀ and S_outᵀ (G ⊙ W)
+            if mode != "rlrr-official" and input_grad:
+                per_step += o * rlrr_rank * i  # the Function rebuilds W' for dX
+        if lin.adapter == "lora":
+            r = lora_rank
+            fwd["lora"] = fwd.get("lora", 0) + t * r * (i + o)
+            bwd += t * r * (2 * o + i)  # dB = dYᵀ (A x), d(Ax) = dY B, dA = d(Ax)ᵀ x
+            if input_grad:
+                bwd += t * r * i  # the branch's share of dX
+        return input_grad or lin.weight_trains or lin.adapter is not None
+
+    def adapter_on(name: str) -> str | None:
+        if base_mode == "rlrr" or (base_mode == "lora" and name in lora_targets):
+            return base_mode
+        return None
+
+    mlp_trains = base_mode in ("mlp", "full")
+    attn_trains = base_mode == "full"
+    for _ in range(c.num_layers):
+        # norm1 (+ SSF in rlrr): its output needs a gradient if the stream does or its SSF trains
+        h1 = stream_grad or base_mode in ("rlrr", "full")
+        if "qkv" in lora_targets and base_mode == "lora":  # one fused (D → 3D) layer, as in timm
+            qkv = dict.fromkeys("qkv", linear(_Linear("qkv", n, d, 3 * d, attn_trains, "lora"), h1))
+        else:
+            qkv = {name: linear(_Linear(name, n, d, d, attn_trains, adapter_on(name)), h1) for name in "qkv"}
+        # attention core: scores S = Q Kᵀ, P = softmax(S), O = P V
+        if qkv["v"]:
+            bwd += n * n * d  # dV = Pᵀ dO
+        if qkv["q"] or qkv["k"]:
+            bwd += n * n * d  # dP = dO Vᵀ
+            bwd += n * n * d * (int(qkv["q"]) + int(qkv["k"]))  # dQ = dS K, dK = dSᵀ Q
+        o_grad = any(qkv.values())
+        stream_grad = linear(_Linear("proj", n, d, d, attn_trains, adapter_on("proj")), o_grad) or stream_grad
+        h2 = stream_grad or base_mode in ("rlrr", "full")
+        a = linear(_Linear("fc1", n, d, m, mlp_trains, adapter_on("fc1")), h2)
+        stream_grad = linear(_Linear("fc2", n, m, d, mlp_trains, adapter_on("fc2")), a) or stream_grad
+
+    # final norm (+ SSF), CLS token, optional pre-logits, head (always trains)
+    feat_grad = stream_grad or base_mode in ("rlrr", "full")
+    rep = c.representation_size
+    if rep:
+        pre = linear(_Linear("pre_logits", 1, d, rep, base_mode == "full"), feat_grad)
+        linear(_Linear("head", 1, rep, c.num_classes, True), pre)
+    else:
+        linear(_Linear("head", 1, d, c.num_classes, True), feat_grad)
+
+    forward = sum(fwd.values())
+    if base_mode == "rlrr":
+        forward_step = forward + sum(RLRR_RANK * o * i for o, i in _rlrr_shapes(c)) / batch_size
+    else:
+        forward_step = forward
+    return {"forward": float(forward_step), "train": float(forward + bwd + per_step / batch_size)}
+
+
+def _rlrr_shapes(c: ViTConfig):
+    d, m = c.hidden_size, c.mlp_dim
+    return [(d, d)] * (4 * c.num_layers) + [(m, d), (d, m)] * c.num_layers

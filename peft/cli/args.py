@@ -1,0 +1,119 @@
+"""Command lines from option dataclasses: one ``--flag`` per field, its help from the field's comment.
+
+Every tool's options are a dataclass whose fields carry a trailing ``# comment``; :func:`build_parser` turns
+them into argparse flags (choices from the class's ``CHOICES``), and :func:`method_flags` adds one flag per
+option of every registered PEFT method (``--lora-rank``, ``--rlrr-init``, …), so a new method's options reach
+the command line without touching it. :func:`run_main` gives every tool the same exit behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import logging
+import re
+import sys
+import typing
+
+from loaders.datasets import DatasetError
+from loaders.download import DownloadError
+from loaders.npz import CheckpointError
+
+from ..base import NotMergeableError
+from ..finetune import CheckpointMismatch, OptionsError, TrainingDiverged
+from ..kernels import KernelUnavailableError
+from ..modes import METHODS
+
+log = logging.getLogger("vit-peft")
+
+USAGE_ERROR, RUNTIME_ERROR = 2, 1
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The trailing ``# comment`` of each field line in the dataclass source: one place for the help text."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    pattern = re.compile(r"^\s+(\w+):[^#]*#\s*(.*)$")
+    return {m.group(1): m.group(2) for m in map(pattern.match, source.splitlines()) if m}
+
+
+def build_parser(cls, description: str | None = None, epilog: str | None = None,
+                 positional: tuple[str, ...] = (), prog: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one ``--flag-name`` per dataclass field, default and help from the class.
+
+    Fields whose type is a dict (``method_options``) are skipped: :func:`method_flags` provides them.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    helps = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if kind is dict:
+            continue
+        optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
+        if optional:
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        help_text = helps.get(f.name, "") + ("" if f.default is None else " (default: %(default)s)")
+        choices = getattr(cls, "CHOICES", {}).get(f.name)
+        if f.name in positional:
+            parser.add_argument(f.name, type=kind, help=help_text)
+        elif kind is bool:
+            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                                default=f.default, help=help_text)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, choices=choices,
+                                metavar=None if choices else f.name.upper(), help=help_text)
+    return parser
+
+
+def method_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """Add the options of every registered method as flags (default None: "the method's own default")."""
+    names = []
+    for method in METHODS.values():
+        if not method.options:
+            continue
+        group = parser.add_argument_group(f"--mode {method.name} options")
+        for key, opt in method.options.items():
+            kind = type(opt.default)
+            group.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, choices=opt.choices,
+                               metavar=None if opt.choices else key.upper(),
+                               help=f"{opt.help} (default: {opt.default})")
+            names.append(key)
+    return names
+
+
+def parse_options(argv=None, cls=None, with_methods: bool = False, **parser_kw):
+    """Parse ``argv`` into an instance of the dataclass ``cls``; method flags go into ``method_options``."""
+    parser = build_parser(cls, **parser_kw)
+    method_keys = method_flags(parser) if with_methods else []
+    args = vars(parser.parse_args(argv))
+    given = {k: args.pop(k) for k in method_keys}
+    if with_methods:
+        args["method_options"] = {k: v for k, v in given.items() if v is not None}
+    return cls(**args)
+
+
+# Errors whose message says all (missing files, failed downloads, mismatched checkpoints, divergence).
+EXPECTED_ERRORS = (TrainingDiverged, CheckpointMismatch, CheckpointError, DatasetError, DownloadError,
+                   FileNotFoundError, NotMergeableError, KernelUnavailableError)
+
+
+def run_main(main, argv=None, name: str = "vit-peft") -> int:
+    """Run a tool's ``main(argv)`` with the project's exit behaviour: 0 done, 2 a usage error (bad flag,
+    one line naming it), 1 a runtime error (missing file, bad checkpoint, divergence: one line, no traceback),
+    130 on Ctrl-C."""
+    try:
+        return main(argv) or 0
+    except OptionsError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except EXPECTED_ERRORS as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return RUNTIME_ERROR
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,146 @@
+"""Where does the classifier look? Attention rollout and per-head CLS attention for a few images.
+
+Draws the images (top row, titled with the predicted class and its probability), then heat maps over them:
+attention rollout (Abnar & Zuidema 2020), the last layer's CLS→patch attention for each head, and with
+--per-layer the rollout through layers 1..l. Saves the figure as PNG and the raw maps as .npy beside it:
+<stem>_rollout.npy (B, g, g), <stem>_cls_heads.npy (B, H, g, g), <stem>_per_layer.npy (L, B, g, g).
+The computations are in vit/visualize.py, the figure in vit/plots.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from loaders.datasets import DatasetError, load_dataset
+from loaders.images import read_images
+from loaders.transforms import BatchTransform
+from vit import plots, visualize
+
+from .args import run_main
+from .visual import check_common, load_model, tool_parser
+
+log = logging.getLogger("attention_map")
+
+EXAMPLES = """examples:
+  python tools/attention_map.py --checkpoint ~/.cache/vit-peft/ViT-B_16.npz cat.jpg dog.jpg
+  python tools/attention_map.py --checkpoint runs/quickstart/pretrained.npz \\
+      --dataset fashion_mnist --split test --index 0 1 2 3 --per-layer --output img/attention_map.png
+  python tools/attention_map.py --checkpoint runs/quickstart/rlrr --dataset fashion_mnist --index 7
+"""
+
+
+def read_labels(path) -> list[str]:
+    """One class name per line (blank lines ignored)."""
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def load_dataset_samples(name: str, indices, split: str, root=None):
+    """``(uint8 images (B, H, W, C), labels (B,), class names)`` picked from a dataset by index."""
+    ds = load_dataset(name, root=root, split=split)
+    bad = [i for i in indices if not -len(ds.labels) <= i < len(ds.labels)]
+    if bad:
+        raise DatasetError(f"--index {bad} out of range for {ds.name} {split} ({len(ds.labels)} images)")
+    idx = torch.tensor(indices, dtype=torch.long)
+    return ds.images[idx], ds.labels[idx], list(ds.classes)
+
+
+def _short(name: str, width: int = 18) -> str:
+    return name if len(name) <= width else name[:width - 1] + "…"
+
+
+
+def parse_args(argv=None):
+    p = tool_parser("attention_map", __doc__, EXAMPLES)
+    p.add_argument("images", nargs="*", help="image files (any format PIL reads)")
+    p.add_argument("--dataset", help="take images from a dataset: cifar10, cifar100, fashion_mnist, "
+                                     "tiny_imagenet or a folder (see loaders.datasets)")
+    p.add_argument("--index", type=int, nargs="+", default=[0], help="dataset sample indices (default: 0)")
+    p.add_argument("--split", default="test", choices=("train", "test"), help="dataset split (default: test)")
+    p.add_argument("--data-root", help="dataset folder (default: $VIT_PEFT_DATA or ~/.cache/vit-peft/data)")
+    p.add_argument("--image-size", type=int, help="run a .npz model at this resolution (position "
+                                                  "embedding resized; a multiple of the patch size)")
+    p.add_argument("--labels", help="text file with one class name per line (overrides other names)")
+    p.add_argument("--head-fusion", default="mean", choices=visualize.HEAD_FUSIONS,
+                   help="how rollout combines the heads of a layer (default: mean)")
+    p.add_argument("--discard-ratio", type=float, default=0.0,
+                   help="fraction of the lowest patch-to-patch attentions dropped per layer before rollout, "
+                        "in [0, 1); CLS row and column are always kept (default: 0)")
+    p.add_argument("--per-layer", action="store_true", help="also show the rollout through each layer")
+    p.add_argument("--output", default="runs/attention_map.png", help="PNG to write; the .npy masks go "
+                                                                       "beside it (default: runs/attention_map.png)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    args = p.parse_args(argv)
+    if not args.images and not args.dataset:
+        p.error("give image files and/or --dataset NAME --index I ...")
+    if not 0.0 <= args.discard_ratio < 1.0:
+        p.error(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
+    if args.image_size is not None and args.image_size < 1:
+        p.error(f"--image-size must be positive, got {args.image_size}")
+    check_common(p, args)
+    return args
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    model, classes, desc = load_model(args.checkpoint, args.image_size, args.weights)
+    cfg = model.config
+    log.info("model %s: %d px, patch %d, %d layers, %d heads, %d classes", desc, cfg.image_size,
+             cfg.patch_size, cfg.num_layers, cfg.num_heads, cfg.num_classes)
+
+    batches, truth = [], []
+    if args.images:
+        batches.append(read_images(args.images, cfg.image_size))
+        truth += [None] * len(args.images)
+    if args.dataset:
+        images, labels, ds_classes = load_dataset_samples(args.dataset, args.index, args.split, args.data_root)
+        if classes is None and len(ds_classes) == cfg.num_classes:
+            classes = ds_classes  # a plain .npz carries no names; the dataset's fit if the counts agree
+        batches += [images]
+        truth += [ds_classes[int(y)] for y in labels]
+    to_input = BatchTransform(cfg.image_size, train=False)  # the evaluation transform: resize, mean = std = 0.5
+    x = torch.cat([to_input(b) for b in batches])
+    if args.labels:
+        classes = read_labels(args.labels)
+    if classes is not None and len(classes) != cfg.num_classes:
+        log.warning("%d class names for a %d-class model: showing indices", len(classes), cfg.num_classes)
+        classes = None
+
+    model.to(args.device)
+    maps = visualize.attention_maps(model, x.to(args.device), args.head_fusion, args.discard_ratio,
+                                    args.per_layer)
+    prob, pred = maps.probs.max(dim=-1)
+    titles = []
+    for i, (p, c) in enumerate(zip(prob.tolist(), pred.tolist())):
+        name = _short(classes[c]) if classes else f"class {c}"
+        titles.append(f"{name} {p:.2f}" + (f"\n(true: {_short(truth[i])})" if truth[i] else ""))
+        log.info("image %d: predicted %s (p=%.3f)%s", i, classes[c] if classes else c, p,
+                 f", true {truth[i]}" if truth[i] else "")
+
+    fusion = args.head_fusion + (f", discard {args.discard_ratio:g}" if args.discard_ratio else "")
+    rows = [(f"rollout\n({fusion})", maps.rollout.numpy())]
+    rows += [(f"last layer\nhead {h + 1}", maps.cls_heads[:, h].numpy()) for h in range(cfg.num_heads)]
+    if maps.per_layer is not None:
+        rows += [(f"rollout\n{'layer 1' if l == 0 else f'layers 1-{l + 1}'}", m.numpy())
+                 for l, m in enumerate(maps.per_layer)]
+    fig = plots.plot_attention(plots.denormalize(x), rows, titles,
+                                   title=f"Where {desc} looks (top: predicted class and its probability)")
+
+    arrays = {"rollout": maps.rollout.numpy(), "cls_heads": maps.cls_heads.numpy()}
+    if maps.per_layer is not None:
+        arrays["per_layer"] = maps.per_layer.numpy()
+    written = plots.save_outputs(fig, args.output, dpi=args.dpi, arrays=arrays)
+    log.info("wrote %s", ", ".join(map(str, written)))
+    return 0
+
+
+def cli(argv=None) -> int:
+    return run_main(main, argv, "attention_map")
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

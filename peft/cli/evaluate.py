@@ -1,0 +1,50 @@
+"""Re-create a fine-tuning run's evaluation files from its checkpoint: confusion matrix, per-class report,
+ROC curves, training curves. The engine is peft.finetune.predict.evaluate_checkpoint."""
+
+from __future__ import annotations
+
+import sys
+import typing
+from dataclasses import dataclass
+
+from ..finetune.distributed import setup_logging
+from ..finetune.predict import evaluate_checkpoint
+from .args import parse_options, run_main
+
+EXAMPLES = """examples:
+  python tools/evaluate.py runs/cifar10-rlrr                 # best.pt of a run, files into that folder
+  python tools/evaluate.py runs/cifar10-rlrr/checkpoint.pt --split val --output-dir runs/eval-latest
+  python tools/evaluate.py runs/quickstart/rlrr --weights moved/pretrained.npz
+"""
+
+
+@dataclass
+class EvaluateOptions:
+    CHOICES: typing.ClassVar[dict] = {"split": ("test", "val")}
+    checkpoint: str = ""  # a checkpoint file, or a run folder (its best.pt)
+    split: str = "test"  # test | val (the held-out validation split of the run)
+    weights: typing.Optional[str] = None  # base .npz if it moved since training (sha256 must match)
+    data: typing.Optional[str] = None  # dataset (default: the one the run used)
+    data_root: typing.Optional[str] = None  # dataset cache folder
+    output_dir: typing.Optional[str] = None  # where the files go (default: the checkpoint's folder)
+    batch_size: int = 256  # images per forward pass
+    max_samples: int = -1  # cap the split (-1: as in the run; 0: the whole split)
+    device: str = "auto"  # auto | cpu | cuda
+
+
+def main(argv=None) -> int:
+    o = parse_options(argv, EvaluateOptions, description=__doc__, epilog=EXAMPLES, positional=("checkpoint",),
+                      prog="evaluate")
+    setup_logging()
+    result = evaluate_checkpoint(o.checkpoint, o.output_dir, o.split, o.weights, o.data, o.data_root,
+                                 o.device, o.batch_size, None if o.max_samples == 0 else o.max_samples)
+    print(f"{o.split} accuracy {result[o.split + '_accuracy']:.4f} (mode {result['mode']}, epoch {result['epoch']})")
+    return 0
+
+
+def cli(argv=None) -> int:
+    return run_main(main, argv, "evaluate")
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

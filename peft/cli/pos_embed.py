@@ -1,0 +1,57 @@
+"""Position-embedding similarity, as in Figure 7 (centre) of the ViT paper (Dosovitskiy et al., ICLR 2021).
+
+The CLS position is dropped; for each input patch position (row i, column j) one tile shows the cosine
+similarity of its position embedding to those of all positions, on a fixed colour scale [-1, 1]. A trained
+ViT shows a bright spot at the patch's own place and similar rows and columns: it has learned 2-D distance.
+The computation is vit.visualize.pos_embed_similarity, the figure vit.plots'.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from vit import plots, visualize
+
+from .args import run_main
+from .visual import check_common, load_model, tool_parser
+
+log = logging.getLogger("pos_embed")
+
+EXAMPLES = """examples:
+  python tools/pos_embed.py --checkpoint ~/.cache/vit-peft/ViT-B_16.npz --output img/pos_embed.png
+  python tools/pos_embed.py --checkpoint runs/quickstart/pretrained.npz
+"""
+
+
+def parse_args(argv=None):
+    p = tool_parser("pos_embed", __doc__, EXAMPLES)
+    p.add_argument("--cmap", default="viridis", help="matplotlib colour map (default: viridis)")
+    p.add_argument("--output", default="runs/pos_embed.png", help="PNG to write (default: runs/pos_embed.png)")
+    p.add_argument("--save-npy", action="store_true", help="also save the (g, g, g, g) similarities as <stem>.npy")
+    args = p.parse_args(argv)
+    check_common(p, args)
+    return args
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    model, _, desc = load_model(args.checkpoint, weights=args.weights)
+    sim = visualize.pos_embed_similarity(model.pos_embed)
+    g = sim.shape[0]
+    log.info("model %s: %dx%d position grid, embedding size %d", desc, g, g, model.pos_embed.shape[-1])
+    fig = plots.plot_pos_embed_similarity(
+        sim, title=f"Position embedding similarity ({desc}, {g}x{g} patches)", cmap=args.cmap)
+    written = plots.save_outputs(fig, args.output, dpi=args.dpi,
+                                     arrays={"": sim.numpy()} if args.save_npy else None)
+    log.info("wrote %s", ", ".join(map(str, written)))
+    return 0
+
+
+def cli(argv=None) -> int:
+    return run_main(main, argv, "pos_embed")
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,54 @@
+"""The model a run starts from: Google's weights (a path or a known name, fetched once) or a fresh preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import vit
+from loaders import fetch_weights, load_npz
+from loaders.download import file_digest
+from loaders.weights import KNOWN_WEIGHTS
+
+from .options import FinetuneOptions, OptionsError
+
+
+def resolve_weights(spec: str) -> tuple[Path, str]:
+    """``--weights`` → (local .npz path, name): an existing file as is, else a known name fetched and cached."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path, path.name
+    if spec in KNOWN_WEIGHTS:
+        return Path(fetch_weights(spec)), spec
+    raise OptionsError(f"--weights {spec!r} is neither an existing .npz file nor a known name "
+                       f"({', '.join(KNOWN_WEIGHTS)}), nor 'none'")
+
+
+def build_model(opts: FinetuneOptions, num_classes: int, weights: tuple[Path, str] | None = None):
+    """The model before adapters and a record of its base weights (None when training from scratch).
+
+    ``weights``: an already resolved (path, name) for ``opts.weights``.
+    """
+    if opts.from_scratch:
+        overrides = {"num_classes": num_classes}
+        if opts.image_size:
+            overrides["image_size"] = opts.image_size
+        if opts.dropout is not None:
+            overrides.update(dropout_rate=opts.dropout)
+        model = vit.VisionTransformer(vit.get_config(opts.model, **overrides))
+        return model, None
+    path, name = weights or resolve_weights(opts.weights)
+    model = load_npz(path, num_classes=num_classes, image_size=opts.image_size)
+    if opts.dropout is not None:
+        set_dropout(model, opts.dropout)
+    base = {"name": name, "path": str(path.resolve()), "sha256": file_digest(path, "sha256")}
+    return model, base
+
+
+def set_dropout(model, rate: float) -> None:
+    """Change every dropout rate (a fresh config records it too); attention-probability dropout is left as is."""
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Dropout) and not name.endswith("attn_drop"):
+            m.p = rate
+    model.config = model.config.replace(dropout_rate=rate)

@@ -1,0 +1,117 @@
+"""The options of one fine-tuning run, with their defaults and the checks that make them fail early.
+
+Recipe (after the RLRR paper's official VTAB code, Dong et al., CVPR 2024): AdamW, linear warmup then cosine
+decay per optimizer step, no weight decay on biases, norm parameters and adapter/SSF vectors, inputs at
+mean = std = 0.5, bf16 autocast on GPU. Each field's trailing comment is its ``--help`` text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+
+from ..modes import MODES, get_method
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SCRATCH_LR = 1e-3  # training from scratch (--weights none): nothing pretrained to preserve
+
+
+@dataclass
+class FinetuneOptions:
+    CHOICES: typing.ClassVar[dict] = {"mode": MODES, "precision": PRECISIONS}
+    mode: str = "rlrr"  # what trains: one of peft.modes.MODES (see --help for the list)
+    weights: str = "ViT-B_16"  # base weights: a .npz path, a known name (downloaded once, cached), or none
+    model: str = "ViT-B/16"  # model preset for --weights none (training from scratch); else the .npz decides
+    data: str = "cifar10"  # cifar10 | cifar100 | fashion_mnist | tiny_imagenet | an image folder (class/x.png)
+    data_root: typing.Optional[str] = None  # where datasets are cached (default $VIT_PEFT_DATA or ~/.cache)
+    classes: typing.Optional[str] = None  # train/test on a class subset, e.g. 0-4 or 1,3,5 (relabelled 0..k-1)
+    image_size: typing.Optional[int] = None  # input resolution (default: the weights' own, 224 for Google's)
+    val_fraction: float = 0.1  # share of the training set held out for model selection (never the test set)
+    max_train_samples: typing.Optional[int] = None  # use a random subset of the training split (quick runs)
+    max_eval_samples: typing.Optional[int] = None  # cap validation and test sets (quick runs)
+    epochs: int = 5  # passes over the training split
+    warmup_epochs: float = 1.0  # linear warmup length, then cosine decay to zero
+    batch_size: int = 128  # global batch per optimizer step (split over processes and --grad-accum)
+    grad_accum: int = 1  # micro-batches per optimizer step (same result, less memory)
+    lr: typing.Optional[float] = None  # peak learning rate (default: the mode's, peft.modes)
+    weight_decay: typing.Optional[float] = None  # AdamW decay on matrices (default 5e-5, official; 0.05 scratch)
+    clip_grad: float = 1.0  # clip the global gradient norm (0: off)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    augment: bool = True  # random crop (reflect padding) and horizontal flip of training images
+    dropout: typing.Optional[float] = None  # override the model's dropout rate (the official RLRR recipe: 0.1)
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp16 (with GradScaler) | fp32
+    seed: int = 42  # seeds every random stream (the official recipe uses 42)
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 (under torchrun each process takes GPU LOCAL_RANK)
+    threads: typing.Optional[int] = None  # CPU threads for torch (default: torch's choice)
+    eval_batch_size: int = 256  # images per forward pass when evaluating (per process)
+    output_dir: str = "runs/finetune"  # checkpoints, metrics.json, history.csv, plots
+    resume: bool = False  # continue from <output-dir>/checkpoint.pt (same options)
+    stop_after_epoch: typing.Optional[int] = None  # end the run after this epoch as if interrupted (resumable)
+    export_npz: typing.Optional[str] = None  # at the end, write the merged best model as a Google-layout .npz
+    progress: bool = True  # tqdm progress bars
+    # The chosen method's own options (--lora-rank, --rlrr-init, ...: the flags come from the registry,
+    # peft.modes); only options of --mode are allowed, unset ones take the method's published default.
+    method_options: dict = dataclasses.field(default_factory=dict)
+
+    def mode_options(self) -> dict:
+        """Keyword arguments for peft.apply_mode: every option of the mode, defaults filled in."""
+        method = get_method(self.mode)
+        return {k: self.method_options.get(k, o.default) for k, o in method.options.items()}
+
+    @property
+    def from_scratch(self) -> bool:
+        return self.weights.lower() == "none"
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return SCRATCH_LR if self.from_scratch else get_method(self.mode).lr
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> "FinetuneOptions":
+        """Options as stored in a checkpoint or options.json (unknown keys ignored; the method options of
+        checkpoints written before the registry, stored as top-level ``lora_*`` / ``rlrr_*`` keys, accepted)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in stored.items() if k in known}
+        method = get_method(kwargs.get("mode", cls.mode))
+        legacy = {k: stored[k] for k in method.options if k in stored}
+        kwargs["method_options"] = {**legacy, **kwargs.get("method_options", {})}
+        return cls(**kwargs)
+
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 0.05 if self.from_scratch else 5e-5
+
+
+class OptionsError(ValueError):
+    """A command-line option that cannot work; the message names the flag."""
+
+
+
+
+def check_options(opts: FinetuneOptions) -> None:
+    if opts.mode not in MODES:
+        raise OptionsError(f"--mode {opts.mode!r}: choose one of {', '.join(MODES)}")
+    if opts.from_scratch and opts.mode != "full":
+        raise OptionsError(
+            f"--weights none trains from scratch, which needs --mode full (got --mode {opts.mode}): "
+            f"{opts.mode} fine-tunes a small part of a pretrained model, and a random backbone has nothing "
+            "to adapt. Pass --weights PATH|NAME, or --mode full.")
+    for flag, value, low in (("--epochs", opts.epochs, 1), ("--batch-size", opts.batch_size, 1),
+                             ("--grad-accum", opts.grad_accum, 1), ("--eval-batch-size", opts.eval_batch_size, 1)):
+        if value < low:
+            raise OptionsError(f"{flag} must be at least {low}, got {value}")
+    if opts.batch_size % opts.grad_accum:
+        raise OptionsError(f"--batch-size {opts.batch_size} is not divisible by --grad-accum {opts.grad_accum}")
+    if not 0 <= opts.val_fraction < 1:
+        raise OptionsError(f"--val-fraction must be in [0, 1), got {opts.val_fraction}")
+    if opts.precision not in PRECISIONS:
+        raise OptionsError(f"--precision {opts.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    method = get_method(opts.mode)
+    foreign = sorted(set(opts.method_options) - set(method.options))
+    if foreign:
+        flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        raise OptionsError(f"{flags} do(es) not apply to --mode {opts.mode}; its options are "
+                           f"{', '.join('--' + k.replace('_', '-') for k in method.options) or 'none'}")

@@ -1,0 +1,341 @@
+"""One fine-tuning run: build, train, select on validation, test once, write the reports.
+
+Reproducibility: every random stream (Python, numpy, torch, CUDA, the data-order generator and the
+augmentation generator) is seeded from ``--seed`` and saved in each checkpoint; an interrupted run resumed
+with ``--resume`` continues to the same result. Data parallelism (torchrun) splits each global batch into
+contiguous per-rank slices, so N processes run the same optimisation as one (see ``distributed``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import loaders
+from loaders.transforms import BatchTransform
+
+from .. import modes, state
+from . import checkpoint as ckpt_io
+from . import distributed as pdist
+from . import predict, report
+from .build import build_model, resolve_weights
+from .data import prepare_data
+from .optim import param_groups, warmup_cosine
+from .options import FinetuneOptions, check_options
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left in place."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def compute_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Sum (not mean) of per-sample cross-entropies: the caller divides by the global batch size."""
+    return F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
+
+
+def trainable_state(model, mode_is_full: bool) -> dict:
+    if mode_is_full:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return state.adapter_state_dict(model)
+
+
+def load_trainable_state(model, saved: dict, mode_is_full: bool, source: str) -> None:
+    if mode_is_full:
+        missing, unexpected = model.load_state_dict(saved, strict=False)
+        if missing or unexpected:
+            raise ckpt_io.CheckpointMismatch(f"{source}: missing keys {missing}, unexpected keys {unexpected}")
+    else:
+        state.load_adapter_state_dict(model, saved)
+
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+class Trainer:
+    """One fine-tuning run. ``Trainer(opts).run()`` is what ``tools/finetune.py`` does."""
+
+    def __init__(self, opts: FinetuneOptions, ctx: pdist.DistContext | None = None):
+        check_options(opts)
+        self.opts = opts
+        self.ctx = ctx or pdist.init_distributed(opts.device)
+        self.out = Path(opts.output_dir)
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+
+    # -- building ------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        opts, ctx = self.opts, self.ctx
+        seed_everything(opts.seed)
+        # Weights first: a missing download should fail before minutes of data loading.
+        weights = None if opts.from_scratch else resolve_weights(opts.weights)
+        self.data = prepare_data(opts, ctx)
+        k = len(self.data.classes)
+        self.model, self.base_weights = build_model(opts, k, weights)
+        seed_everything(opts.seed)  # adapters initialise identically whatever the data loading consumed
+        self.mode_options = opts.mode_options()
+        self.full = opts.mode == "full"
+        changed = modes.apply_mode(self.model, opts.mode, **self.mode_options)
+        log.info("mode %s%s: %d modules given adapters", opts.mode,
+                 f" {self.mode_options}" if self.mode_options else "", len(changed))
+        self.model.to(ctx.device)
+        self.trainable, self.total = state.trainable_parameters(self.model)
+        log.info("trainable parameters: %s of %s (%.3f%%)", f"{self.trainable:,}", f"{self.total:,}",
+                 100 * self.trainable / self.total)
+        image_size = self.model.config.image_size
+        self.train_tf = BatchTransform(image_size, train=opts.augment)
+        self.eval_tf = BatchTransform(image_size, train=False)
+
+        self.lr = opts.resolved_lr()
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, opts.resolved_weight_decay()), lr=self.lr,
+                                           betas=(0.9, 0.999))
+        self.steps_per_epoch = math.ceil(len(self.data.train_labels) / opts.batch_size)
+        self.total_steps = opts.epochs * self.steps_per_epoch
+        warmup = min(self.total_steps, round(opts.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(warmup, self.total_steps))
+        self.amp_dtype = pdist.autocast_dtype(opts.precision, ctx.device)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
+        self.generators = {
+            "data_order": torch.Generator().manual_seed(opts.seed),
+            "augment": torch.Generator(device=ctx.device).manual_seed(opts.seed + 1),
+        }
+        self.epoch, self.step, self.best_val, self.history = 0, 0, -1.0, []
+        self.train_seconds, self.train_images = 0.0, 0
+        if opts.resume:
+            self.resume()
+        self.ddp = self.model
+        if ctx.distributed:
+            # Frozen parameters are not part of DDP's reducer; every trainable one is used in each forward.
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                find_unused_parameters=False)
+
+    def plain_mode_options(self) -> dict:
+        """Mode options as plain types (tuples become lists), as stored in checkpoints."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.mode_options.items()}
+
+    def checkpoint_dict(self, with_training_state: bool) -> dict:
+        opts = self.opts
+        d = {
+            "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION,
+            "model_config": ckpt_io.config_dict(self.model.config),
+            "mode": opts.mode, "mode_options": self.plain_mode_options(),
+            "base_weights": self.base_weights,
+            "state_dict_kind": "full" if self.full else "adapters",
+            "state_dict": trainable_state(self.model, self.full),
+            "classes": self.data.classes, "data": opts.data,
+            "options": dataclasses.asdict(opts),
+            "epoch": self.epoch, "step": self.step, "best_val_accuracy": self.best_val,
+            "history": self.history, "trainable_parameters": self.trainable, "total_parameters": self.total,
+        }
+        if with_training_state:
+            d["training_state"] = {
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": ckpt_io.capture_rng(self.generators),
+                "train_seconds": self.train_seconds, "train_images": self.train_images,
+            }
+        return d
+
+    def resume(self) -> None:
+        path = self.out / ckpt_io.LATEST
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path} (check --output-dir)")
+        ck = ckpt_io.load_checkpoint(path)
+        for key, now in (("mode", self.opts.mode), ("mode_options", self.plain_mode_options()),
+                         ("model_config", ckpt_io.config_dict(self.model.config))):
+            if ck[key] != now:
+                raise ckpt_io.CheckpointMismatch(f"--resume: {path} has {key} {ck[key]}, this run has {now}")
+        if (ck["base_weights"] or {}).get("sha256") != (self.base_weights or {}).get("sha256"):
+            raise ckpt_io.CheckpointMismatch(f"--resume: {path} was trained from other base weights "
+                                             f"({ck['base_weights']}) than {self.base_weights}")
+        load_trainable_state(self.model, ck["state_dict"], self.full, str(path))
+        ts = ck["training_state"]
+        self.optimizer.load_state_dict(ts["optimizer"])
+        self.scheduler.load_state_dict(ts["scheduler"])
+        self.scaler.load_state_dict(ts["scaler"])
+        ckpt_io.restore_rng(ts["rng"], self.generators)
+        self.epoch, self.step, self.best_val = ck["epoch"], ck["step"], ck["best_val_accuracy"]
+        self.history = ck["history"]
+        self.train_seconds, self.train_images = ts["train_seconds"], ts["train_images"]
+        log.info("resumed from %s: epoch %d, step %d, best val accuracy %.4f", path, self.epoch, self.step,
+                 self.best_val)
+
+    # -- training ------------------------------------------------------------------------------------------
+    def train_epoch(self) -> dict:
+        """One pass over the training split; returns mean loss and accuracy over the epoch (all ranks)."""
+        opts, ctx, d = self.opts, self.ctx, self.data
+        self.ddp.train()
+        n = len(d.train_labels)
+        order = torch.randperm(n, generator=self.generators["data_order"]).to(ctx.device)
+        totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, count
+        bar = tqdm(total=n, desc=f"epoch {self.epoch + 1}/{opts.epochs}", unit="img", leave=False,
+                   disable=not (ctx.is_main and opts.progress), dynamic_ncols=True)
+        start = time.perf_counter()
+        for first in range(0, n, opts.batch_size):
+            batch = order[first:first + opts.batch_size]
+            n_global = batch.numel()
+            stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+            # Every rank augments the whole global batch with the shared generator, keeps its contiguous slice
+            # and splits that into --grad-accum micro-batches: whatever the number of processes and
+            # micro-batches, the union is exactly the batch one process would see, random crops included.
+            images = pdist.rank_slice(self.train_tf(d.train_images[batch], generator=self.generators["augment"]),
+                                      ctx)
+            labels = pdist.rank_slice(d.train_labels[batch], ctx)
+            chunks = list(zip(images.tensor_split(opts.grad_accum), labels.tensor_split(opts.grad_accum)))
+            for i, (x, y) in enumerate(chunks):
+                sync = i == len(chunks) - 1 or not ctx.distributed
+                with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                    with torch.autocast(ctx.device.type, dtype=self.amp_dtype or torch.float32,
+                                        enabled=self.amp_dtype is not None):
+                        logits = self.ddp(x)
+                    loss_sum = compute_loss(logits, y, opts.label_smoothing)
+                    # DDP averages over ranks; × world / n_global makes that the mean over the global batch.
+                    self.scaler.scale(loss_sum * (ctx.world_size / n_global)).backward()
+                stats += torch.stack([loss_sum.detach().double(), (logits.argmax(-1) == y).sum().double(),
+                                      torch.tensor(y.numel(), dtype=torch.float64, device=ctx.device)])
+            pdist.all_reduce_sum(stats, ctx)
+            if not torch.isfinite(stats[0]):
+                self.optimizer.zero_grad(set_to_none=True)
+                bar.close()
+                raise TrainingDiverged(
+                    f"loss is {stats[0].item()} at epoch {self.epoch + 1}, step {self.step + 1}: training "
+                    f"stopped. The last good checkpoint (end of epoch {self.epoch}) is "
+                    f"{self.out / ckpt_io.LATEST}. Try a lower --lr (now {self.lr:g}), --precision fp32, or "
+                    f"--clip-grad.")
+            self.scaler.unscale_(self.optimizer)
+            if opts.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                               opts.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            self.step += 1
+            totals += stats
+            elapsed = time.perf_counter() - start
+            bar.update(n_global)
+            bar.set_postfix(loss=f"{stats[0].item() / n_global:.4f}", acc=f"{totals[1].item() / totals[2].item():.3f}",
+                            lr=f"{lr:.2e}", img_s=f"{bar.n / max(elapsed, 1e-9):.1f}")
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        bar.close()
+        self.train_seconds += seconds
+        self.train_images += n
+        return {"train_loss": totals[0].item() / n, "train_accuracy": totals[1].item() / n,
+                "train_seconds": seconds, "train_images_per_second": n / seconds}
+
+    def evaluate(self, images, labels, desc=None) -> tuple[torch.Tensor, dict]:
+        probs = predict.predict(self.model, images, self.eval_tf, self.opts.eval_batch_size, self.ctx,
+                                   self.amp_dtype, desc=desc if self.opts.progress else None)
+        labels = labels.cpu()
+        if labels.numel() == 0:
+            return probs, {"loss": float("nan"), "accuracy": float("nan")}
+        nll = -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean().item()
+        acc = (probs.argmax(-1) == labels).double().mean().item()
+        return probs, {"loss": nll, "accuracy": acc}
+
+    def save(self, name: str, with_training_state: bool) -> None:
+        if self.ctx.is_main:
+            ckpt_io.save_atomic(self.checkpoint_dict(with_training_state), self.out / name)
+
+    def run(self) -> dict:
+        """Train, select on validation, test the selected model, write every report; returns metrics."""
+        opts, ctx = self.opts, self.ctx
+        t0 = time.perf_counter()
+        self.setup()
+        if ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2) + "\n")
+        has_val = len(self.data.val_labels) > 0
+        while self.epoch < opts.epochs:
+            if opts.stop_after_epoch is not None and self.epoch >= opts.stop_after_epoch:
+                log.info("stopping after epoch %d (--stop-after-epoch); continue with --resume", self.epoch)
+                return {"stopped_after_epoch": self.epoch}
+            row = {"epoch": self.epoch + 1}
+            row.update(self.train_epoch())
+            self.epoch += 1
+            row["step"] = self.step
+            _, val = self.evaluate(self.data.val_images, self.data.val_labels)
+            row.update(val_loss=val["loss"], val_accuracy=val["accuracy"], lr=self.scheduler.get_last_lr()[0])
+            self.history.append(row)
+            log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f img/s", self.epoch,
+                     opts.epochs, row["train_loss"], row["train_accuracy"], val["loss"], val["accuracy"],
+                     row["train_images_per_second"])
+            improved = (val["accuracy"] > self.best_val) if has_val else True
+            if improved:
+                self.best_val = val["accuracy"] if has_val else float("nan")
+                self.save(ckpt_io.BEST, with_training_state=False)
+            self.save(ckpt_io.LATEST, with_training_state=True)
+            pdist.barrier(ctx)
+        return self.finish(time.perf_counter() - t0)
+
+    def finish(self, seconds: float) -> dict:
+        """Load the best-on-validation model, evaluate it on the test split, write reports and the .npz."""
+        opts, ctx = self.opts, self.ctx
+        best = ckpt_io.load_checkpoint(self.out / ckpt_io.BEST)
+        load_trainable_state(self.model, best["state_dict"], self.full, str(self.out / ckpt_io.BEST))
+        probs, test = self.evaluate(self.data.test_images, self.data.test_labels, desc="test")
+        metrics = {
+            "mode": opts.mode, "mode_options": self.plain_mode_options(),
+            "data": opts.data, "classes": opts.classes, "weights": opts.weights,
+            "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+            "val_accuracy": best["best_val_accuracy"], "best_epoch": best["epoch"],
+            "trainable_parameters": self.trainable, "total_parameters": self.total,
+            "epochs": self.epoch, "steps": self.step, "batch_size": opts.batch_size, "lr": self.lr,
+            "weight_decay": opts.resolved_weight_decay(), "world_size": ctx.world_size,
+            "images_per_second": self.train_images / max(self.train_seconds, 1e-9),
+            "train_seconds": self.train_seconds, "time_seconds": seconds,
+            "num_train": len(self.data.train_labels), "num_val": len(self.data.val_labels),
+            "num_test": len(self.data.test_labels), "device": str(ctx.device),
+        }
+        if ctx.is_main:
+            summary = report.write_evaluation_report(self.out, probs.numpy(), self.data.test_labels.cpu().numpy(),
+                                                         self.data.classes, self.history, prefix="test")
+            metrics.update(test_macro_f1=summary["macro_f1"], test_mean_auc=summary["mean_auc"])
+            report.write_json(metrics, self.out / "metrics.json")
+            if opts.export_npz:
+                export_npz(self.model, opts.export_npz)
+            log.info("test accuracy %.4f (best val %.4f at epoch %d); reports in %s", test["accuracy"],
+                     best["best_val_accuracy"], best["epoch"], self.out)
+        pdist.barrier(ctx)
+        return metrics
+
+
+def export_npz(model, path) -> Path:
+    """Merge the adapters into a copy of the model and save it in Google's .npz layout."""
+    merged = copy.deepcopy(model).cpu().float()
+    state.merge_adapters(merged)  # in place: plain nn.Linear / LayerNorm / Conv2d with the original names
+    path = loaders.save_npz(merged, path)
+    log.info("exported the merged model to %s", path)
+    return Path(path)
+
+
+def run(opts: FinetuneOptions, ctx: pdist.DistContext | None = None) -> dict:
+    """``tools/finetune.py`` as a function: one complete run (also under torchrun)."""
+    ctx = ctx or pdist.init_distributed(opts.device)
+    pdist.setup_logging(ctx)
+    try:
+        return Trainer(opts, ctx).run()
+    finally:
+        pdist.cleanup(ctx)

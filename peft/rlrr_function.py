@@ -1,0 +1,106 @@
+"""The RLRR linear map as a memory-lean autograd Function (the layer behind :class:`peft.rlrr.RLRRLinear`).
+
+Autograd through the naive formula keeps W' (and its fp32 intermediates) alive until backward: one out×in
+tensor per adapted layer, the same whatever the batch size. :class:`RLRRLinearFunction` saves only x, W,
+S_out and S_in and rebuilds W' in backward (an elementwise pass, cheap next to the two GEMMs). The math is
+:mod:`peft.functional`'s; on CUDA, ``peft.kernels`` can replace its two elementwise/reduction steps by fused
+kernels (``VIT_PEFT_KERNEL=auto|cuda``); the GEMMs stay on cuBLAS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+from .functional import _acc_dtype, rlrr_scale_grads, rlrr_weight
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the GEMMs run in: the autocast dtype when autocast is on for x's device, else x's dtype."""
+    device_type = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        enabled = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+    if not enabled or not x.is_floating_point() or x.dtype == torch.float64:
+        return x.dtype
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+def _autocast_off(device_type: str):
+    """A context with autocast disabled for ``device_type`` (a no-op where autocast does not exist)."""
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
+
+
+class RLRRLinearFunction(torch.autograd.Function):
+    """y = x (W ⊙ (1 + S_out S_in))ᵀ + b + f, saving only x, W, S_out, S_in for backward.
+
+    Arguments: x (..., in), weight (out, in), bias (out,) or None, s_out (out, r), s_in (r, in), f (out,).
+    Under autocast, W' is built directly in the autocast dtype and x is cast to it, as ``F.linear`` would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, s_out, s_in, f):
+        dtype = _compute_dtype(x)
+        fused = kernels.use_kernel(x, weight, s_out.shape[1], dtype)
+        with _autocast_off(x.device.type):
+            xc = x.to(dtype)  # no copy when x already has the compute dtype
+            build = kernels.rlrr_weight if fused else rlrr_weight
+            w_eff = build(weight, s_out, s_in, dtype)
+            b_eff = f.to(_acc_dtype(f.dtype)) if bias is None else bias.to(_acc_dtype(bias.dtype)) + f
+            y = F.linear(xc, w_eff, b_eff.to(dtype))
+        ctx.save_for_backward(xc, weight, s_out, s_in)  # not w_eff: it is rebuilt in backward
+        ctx.fused = fused
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.f_dtype = f.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        xc, weight, s_out, s_in = ctx.saved_tensors
+        need_x, need_w, need_b, need_so, need_si, need_f = ctx.needs_input_grad
+        dtype = xc.dtype
+        grad_x = grad_w = grad_b = grad_so = grad_si = grad_f = None
+        with _autocast_off(grad_y.device.type):
+            dy = grad_y.to(dtype)
+            if need_x:
+                build = kernels.rlrr_weight if ctx.fused else rlrr_weight
+                w_eff = build(weight, s_out, s_in, dtype)
+                grad_x = (dy @ w_eff).to(ctx.x_dtype)  # (..., in)
+                del w_eff
+            if need_w or need_so or need_si:
+                dy2 = dy.reshape(-1, dy.shape[-1])  # (M, out)
+                x2 = xc.reshape(-1, xc.shape[-1])  # (M, in)
+                g = dy2.t() @ x2  # (out, in): the full weight gradient, from cuBLAS
+                if need_so or need_si:
+                    if ctx.fused:
+                        grad_so, grad_si = kernels.rlrr_grad_scales(g, weight, s_out, s_in)
+                    else:
+                        grad_so, grad_si = rlrr_scale_grads(g, weight, s_out, s_in)
+                    grad_so = grad_so.to(s_out.dtype) if need_so else None
+                    grad_si = grad_si.to(s_in.dtype) if need_si else None
+                if need_w:  # only when someone unfreezes W: ∂L/∂W = G ⊙ (1 + S_out S_in)
+                    acc = _acc_dtype(g.dtype, s_out.dtype)
+                    grad_w = (g.to(acc) * torch.mm(s_out.to(acc), s_in.to(acc)).add_(1.0)).to(weight.dtype)
+                del g
+            if need_b or need_f:
+                db = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=_acc_dtype(dy.dtype))  # (out,)
+                grad_b = db.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
+                grad_f = db.to(ctx.f_dtype) if need_f else None
+        return grad_x, grad_w, grad_b, grad_so, grad_si, grad_f
+
+
+def rlrr_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s_out: torch.Tensor,
+                s_in: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """RLRR linear map through :class:`RLRRLinearFunction` (W' rebuilt in backward instead of saved)."""
+    return RLRRLinearFunction.apply(x, weight, bias, s_out, s_in, f)
