@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image  # Pillow comes with matplotlib
 
 from .errors import DatasetError
 
@@ -20,8 +21,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 
 def open_image(path):
     """A fully loaded PIL image (palette images converted to RGBA); DatasetError naming the file otherwise."""
-    from PIL import Image  # Pillow ships with matplotlib; imported here so that `import loaders` stays light
-
     try:
         with Image.open(path) as im:
             im.load()
@@ -42,8 +41,6 @@ def decode_image(data: bytes, source: str, mode: str = "RGB") -> np.ndarray:
 
 def read_image(path, mode: str = "RGB", size: int | None = None) -> np.ndarray:
     """An image file as uint8 (H, W, 3) (``mode`` "RGB"), resized to size×size with PIL bilinear if given."""
-    from PIL import Image
-
     im = open_image(path).convert(mode)
     if size is not None and im.size != (size, size):
         im = im.resize((size, size), Image.Resampling.BILINEAR)

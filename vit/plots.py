@@ -11,8 +11,10 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import matplotlib
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from .visualize import divide_by_max, upsample_masks
 
@@ -23,8 +25,6 @@ def denormalize(images: torch.Tensor, mean: float = 0.5, std: float = 0.5) -> np
 
 
 def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
     return Figure(figsize=(width, height), dpi=100)
 
 
@@ -87,8 +87,6 @@ def _mosaic(tiles: np.ndarray, gap: int = 1) -> np.ndarray:
 def plot_pos_embed_similarity(sim: torch.Tensor | np.ndarray, title: str = "Position embedding similarity",
                               cmap: str = "viridis", size: float = 6.0):
     """The ViT paper's figure: tile (i, j) shows the cosine similarity of position (i, j) to all positions."""
-    import matplotlib
-
     sim = np.asarray(sim)
     g = sim.shape[0]
     gap = max(1, g // 8)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from ..images import IMAGE_EXTENSIONS, open_image
@@ -35,8 +36,6 @@ def load_image_folder(path: str | Path, split: str = "train", name: str | None =
     converted to RGB (C = 3; alpha dropped). Sizes: images of a size other than the most common one are resized to
     it with PIL bilinear filtering (aspect ratio not kept), with a warning saying how many.
     """
-    from PIL import Image
-
     check_split(split)
     path = Path(path).expanduser()
     if not path.is_dir():
