@@ -158,17 +158,23 @@ def test_forced_cuda_backend_fails_clearly_on_cpu_and_auto_falls_back():
 
 
 class _FakeExtension:
-    """Stands in for the compiled extension: the PyTorch math, optionally with a deliberate error."""
+    """Stands in for the compiled extension: the exact math in float64, optionally with a deliberate error.
+
+    A real kernel never sees autocast, so neither does this stand-in (it disables autocast around its math).
+    """
 
     def __init__(self, weight_error=0.0, grad_error=0.0):
         self.weight_error, self.grad_error = weight_error, grad_error
 
     def rlrr_weight_out(self, w, s_out, s_in, out, stream):
-        out.copy_(rlrr_weight(w, s_out, s_in, out.dtype).float() * (1 + self.weight_error))
+        with torch.autocast("cpu", enabled=False):
+            exact = w.double() * (1 + s_out.double() @ s_in.double())
+            out.copy_((exact * (1 + self.weight_error)).to(out.dtype))
 
     def rlrr_grad_scales(self, g, w, s_out, s_in, stream):
-        so, si = rlrr_scale_grads(g, w, s_out, s_in)
-        return so, si * (1 + self.grad_error)
+        with torch.autocast("cpu", enabled=False):
+            gw = g.double() * w.double()
+            return (gw @ s_in.double().t()).float(), (s_out.double().t() @ gw * (1 + self.grad_error)).float()
 
 
 def test_kernel_self_test_accepts_the_specification_and_rejects_a_wrong_kernel():
@@ -177,3 +183,46 @@ def test_kernel_self_test_accepts_the_specification_and_rejects_a_wrong_kernel()
         kernels.self_test(_FakeExtension(weight_error=1e-3), device="cpu")
     with pytest.raises(RuntimeError, match="grad s_in"):
         kernels.self_test(_FakeExtension(grad_error=1e-4), device="cpu")
+
+
+def test_kernel_self_test_is_not_fooled_by_the_callers_autocast():
+    """Regression: the first RLRR forward of GPU training reaches the self-test inside bf16 autocast. The reference
+    must still be the exact math, or a correct kernel fails (it did: error 5e-3 against a tolerance of 1e-5)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kernels.self_test(_FakeExtension(), device="cpu")
+        with pytest.raises(kernels.SelfTestError, match="self-test failed"):
+            kernels.self_test(_FakeExtension(grad_error=1e-4), device="cpu")
+
+
+def test_failed_self_test_is_remembered_but_a_transient_error_is_not(monkeypatch):
+    import torch.utils.cpp_extension as cpp
+
+    calls = {"build": 0}
+    outcome = {"test": None}
+    real_self_test = kernels.self_test
+
+    def fake_load(**kw):
+        calls["build"] += 1
+        return _FakeExtension(grad_error=1e-4 if outcome["test"] == "wrong" else 0.0)
+
+    def fake_self_test(ext, device="cuda"):
+        if outcome["test"] == "oom":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        real_self_test(ext, device="cpu")
+
+    monkeypatch.setattr(cpp, "load", fake_load)
+    monkeypatch.setattr(kernels, "self_test", fake_self_test)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "_extension", None)
+    monkeypatch.setattr(kernels, "_failure", None)
+    outcome["test"] = "oom"
+    with pytest.raises(kernels.KernelUnavailableError, match="out of memory"):
+        kernels.load_extension()
+    outcome["test"] = "wrong"  # the next call tries again (OOM was not remembered) and the self-test fails
+    with pytest.raises(kernels.KernelUnavailableError, match="failed its self-test"):
+        kernels.load_extension()
+    assert calls["build"] == 2
+    outcome["test"] = None
+    with pytest.raises(kernels.KernelUnavailableError, match="failed its self-test"):
+        kernels.load_extension()  # remembered: not built again
+    assert calls["build"] == 2

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 import loaders
 from loaders.transforms import BatchTransform
 
-from .. import modes, state
+from .. import kernels, modes, state
+from ..rlrr import RLRRLinear
 from . import checkpoint as ckpt_io
 from . import distributed as pdist
 from . import predict, report
@@ -98,6 +99,8 @@ class Trainer:
         log.info("mode %s%s: %d modules given adapters", opts.mode,
                  f" {self.mode_options}" if self.mode_options else "", len(changed))
         self.model.to(ctx.device)
+        if any(isinstance(m, RLRRLinear) and m.impl == "function" for m in self.model.modules()):
+            log.info("RLRR layers run on the %s", kernels.describe(ctx.device))  # once, with the reason
         self.trainable, self.total = state.trainable_parameters(self.model)
         log.info("trainable parameters: %s of %s (%.3f%%)", f"{self.trainable:,}", f"{self.total:,}",
                  100 * self.trainable / self.total)

@@ -13,7 +13,7 @@ Ranks 1..8 run on the kernel; larger ranks and float64 use the PyTorch path (the
 Which path runs is chosen by :func:`set_backend` or the environment variable ``VIT_PEFT_KERNEL``:
 
 * ``auto`` (default): the kernel for CUDA tensors when it builds and passes its self-test; otherwise one
-  warning and the PyTorch path.
+  warning and the PyTorch path. ``describe(device)`` says which path is taken and why (training logs it).
 * ``cuda``: the kernel, or a clear error if it cannot be used (no GPU, no compiler, failed self-test, tensors
   on the CPU).
 * ``torch``: always the PyTorch reference path.
@@ -29,6 +29,7 @@ the specification instead of silently training with wrong gradients.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -51,7 +52,7 @@ ENV_VAR = "VIT_PEFT_KERNEL"
 _backend_override: str | None = None
 _lock = threading.Lock()
 _extension = None
-_build_error: BaseException | None = None
+_failure: str | None = None  # why the kernel is never used in this process (build error, failed self-test)
 _warned: set[str] = set()
 
 
@@ -77,58 +78,128 @@ def get_backend() -> str:
     return value
 
 
+def _autocast_disabled():
+    """Autocast off on every device type: the self-test compares exact math, whatever the caller runs under."""
+    stack = contextlib.ExitStack()
+    for device_type in ("cpu", "cuda"):
+        try:
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        except RuntimeError:  # a device type this build of torch has no autocast for
+            pass
+    return stack
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Errors that say nothing about the kernel (out of memory, an interrupted build): tried again next time."""
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, KeyboardInterrupt)) or "out of memory" in str(exc).lower()
+
+
 def load_extension():
-    """Build (first call) or load the compiled extension; raises KernelUnavailableError with the reason."""
-    global _extension, _build_error
+    """Build (first call) or load the compiled extension and self-test it; raises KernelUnavailableError.
+
+    A build error or a failed self-test is remembered for the rest of the process (the kernel is then never
+    used); a transient error such as running out of memory is not, so the next call tries again.
+    """
+    global _extension, _failure
     with _lock:
         if _extension is not None:
             return _extension
-        if _build_error is not None:
-            raise KernelUnavailableError(f"the RLRR CUDA kernel could not be built: {_build_error}") from _build_error
+        if _failure is not None:
+            raise KernelUnavailableError(_failure)
         if not torch.cuda.is_available():
             raise KernelUnavailableError("the RLRR CUDA kernel needs a CUDA device and none is available")
         try:
-            from torch.utils.cpp_extension import load
+            from torch.utils.cpp_extension import load  # needs a compiler and ninja: only on first use
 
             log.info("building the RLRR CUDA kernel (first use; cached afterwards)")
             ext = load(name=EXTENSION_NAME, sources=[str(s) for s in SOURCES],
                        extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as exc:  # compiler missing, CUDA/toolkit mismatch, ...
+            reason = f"the RLRR CUDA kernel could not be built: {exc}"
+            if not _is_transient(exc):
+                _failure = reason
+            raise KernelUnavailableError(reason) from exc
+        try:
             self_test(ext)
-        except Exception as exc:  # compiler missing, CUDA/toolkit mismatch, a failed self-test, ...
-            _build_error = exc
-            raise KernelUnavailableError(f"the RLRR CUDA kernel could not be built: {exc}") from exc
+        except SelfTestError as exc:
+            _failure = f"the RLRR CUDA kernel failed its self-test, so it is not used: {exc}"
+            raise KernelUnavailableError(_failure) from exc
+        except Exception as exc:
+            reason = f"the RLRR CUDA kernel's self-test could not run: {type(exc).__name__}: {exc}"
+            if not _is_transient(exc):
+                _failure = reason
+            raise KernelUnavailableError(reason) from exc
         _extension = ext
+        log.info("RLRR CUDA kernel built and self-tested")
         return _extension
+
+
+# (weight dtype, W' dtype, tolerance relative to the largest value): what training produces. The kernel's W'
+# may differ from the reference by one rounding step of its output dtype.
+WEIGHT_CASES = ((torch.float32, torch.float32, 1e-5), (torch.float32, torch.bfloat16, 1e-2),
+                (torch.float32, torch.float16, 2e-3), (torch.float16, torch.float16, 2e-3),
+                (torch.bfloat16, torch.bfloat16, 1e-2))
+# (G dtype, W dtype): G comes from cuBLAS in the compute dtype (bf16/fp16 under autocast), W is the fp32 master
+# (or fp16 for a half model). Sums are fp32 in both, over the same rounded inputs: tolerance 1e-5.
+GRAD_CASES = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+              (torch.float16, torch.float16))
 
 
 def self_test(ext, device: str = "cuda") -> None:
     """Compare both kernels of a freshly built extension with the PyTorch specification; raise if they differ.
 
-    Small random problems on the current CUDA device: fp32 (tolerance 1e-5 relative to the largest value) and
-    bf16 (the kernel's W' may differ from the reference by one bf16 rounding step).
+    Small random problems (ranks 1 and 3, shapes that are not multiples of any block size) in every dtype pair of
+    :data:`WEIGHT_CASES` and :data:`GRAD_CASES`, with autocast disabled: the reference must be the exact math
+    even when the first RLRR layer runs inside ``torch.autocast`` (as training on a GPU does).
     """
     gen = torch.Generator(device="cpu").manual_seed(0)
-    stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
-    for out_f, in_f, rank in ((67, 131, 1), (130, 45, 3)):
-        w, g = (torch.randn(out_f, in_f, generator=gen).to(device) for _ in range(2))
-        s_out = torch.randn(out_f, rank, generator=gen).to(device)
-        s_in = torch.randn(rank, in_f, generator=gen).to(device)
-        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
-            got = torch.empty(w.shape, dtype=dtype, device=w.device)
-            ext.rlrr_weight_out(w, s_out, s_in, got, stream)
-            want = reference_weight(w, s_out, s_in, dtype)
-            _check_close(f"rlrr_weight {dtype} rank {rank}", got.float(), want.float(), tol)
-        got_so, got_si = ext.rlrr_grad_scales(g, w, s_out, s_in, stream)
-        want_so, want_si = rlrr_scale_grads(g, w, s_out, s_in)
-        _check_close(f"grad s_out rank {rank}", got_so, want_so, 1e-5)
-        _check_close(f"grad s_in rank {rank}", got_si, want_si, 1e-5)
+    with _autocast_disabled():
+        stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
+        for out_f, in_f, rank in ((67, 131, 1), (130, 45, 3)):
+            w32, g32 = (torch.randn(out_f, in_f, generator=gen).to(device) for _ in range(2))
+            s_out = torch.randn(out_f, rank, generator=gen).to(device)
+            s_in = torch.randn(rank, in_f, generator=gen).to(device)
+            for w_dtype, dtype, tol in WEIGHT_CASES:
+                w = w32.to(w_dtype)
+                got = torch.empty(w.shape, dtype=dtype, device=w.device)
+                ext.rlrr_weight_out(w, s_out, s_in, got, stream)
+                want = reference_weight(w, s_out, s_in, dtype)
+                _check_close(f"rlrr_weight W {w_dtype} -> {dtype} rank {rank}", got.float(), want.float(), tol)
+            for g_dtype, w_dtype in GRAD_CASES:
+                g, w = g32.to(g_dtype), w32.to(w_dtype)
+                got_so, got_si = ext.rlrr_grad_scales(g, w, s_out, s_in, stream)
+                want_so, want_si = rlrr_scale_grads(g, w, s_out, s_in)
+                what = f"G {g_dtype} W {w_dtype} rank {rank}"
+                _check_close(f"grad s_out {what}", got_so, want_so, 1e-5)
+                _check_close(f"grad s_in {what}", got_si, want_si, 1e-5)
+
+
+class SelfTestError(RuntimeError):
+    """A kernel result differs from the PyTorch specification."""
 
 
 def _check_close(what: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
-    err = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
+    err = (got.float() - want.float()).abs().max().item() / max(want.float().abs().max().item(), 1e-30)
     if not err <= tol:  # also catches NaN
-        raise RuntimeError(f"self-test failed: {what} differs from the PyTorch specification "
-                           f"(max error {err:.2e} relative to the largest value, tolerance {tol:.0e})")
+        raise SelfTestError(f"self-test failed: {what} differs from the PyTorch specification "
+                            f"(max error {err:.2e} relative to the largest value, tolerance {tol:.0e})")
+
+
+def describe(device) -> str:
+    """Which RLRR path layers on ``device`` take under the current backend, and why (builds the kernel if needed)."""
+    device = torch.device(device)
+    backend = get_backend()
+    if backend == "torch":
+        return f"PyTorch path ({ENV_VAR}=torch)"
+    if device.type != "cuda":
+        return f"PyTorch path (tensors on {device.type}; the kernel is CUDA only)"
+    try:
+        load_extension()
+    except KernelUnavailableError as exc:
+        if backend == "cuda":
+            raise
+        return f"PyTorch path ({ENV_VAR}=auto: {exc})"
+    return f"fused CUDA kernel ({ENV_VAR}={backend}, self-test passed)"
 
 
 def kernel_available() -> bool:
@@ -194,5 +265,6 @@ def rlrr_grad_scales(grad_weight: torch.Tensor, weight: torch.Tensor, s_out: tor
     return grad_s_out, grad_s_in
 
 
-__all__ = ["BACKENDS", "ENV_VAR", "KernelUnavailableError", "MAX_RANK", "get_backend", "kernel_available",
-           "load_extension", "rlrr_grad_scales", "rlrr_weight", "self_test", "set_backend", "use_kernel"]
+__all__ = ["BACKENDS", "ENV_VAR", "KernelUnavailableError", "MAX_RANK", "SelfTestError", "describe", "get_backend",
+           "kernel_available", "load_extension", "rlrr_grad_scales", "rlrr_weight", "self_test", "set_backend",
+           "use_kernel"]
