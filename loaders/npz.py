@@ -1,19 +1,16 @@
-"""Google's ViT ``.npz`` checkpoints ⇄ :class:`vit.VisionTransformer`, driven by one table.
+"""Google's ViT ``.npz`` checkpoints ⇄ :class:`vit.VisionTransformer`, driven by one table (``loaders.npz_table``).
 
 Reference: google-research/vision_transformer (``vit_jax/checkpoint.py`` writes and reads these files).
-A checkpoint is a flat ``.npz`` archive of float32 arrays keyed by Flax parameter paths joined with "/",
-for example ``Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel``. Each key maps to
-exactly one PyTorch tensor; what differs is the memory layout, which a named *converter* fixes:
+A checkpoint is a zip of ``.npy`` float32 arrays keyed by Flax parameter paths joined with "/", for example
+``Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel``. Accepted: the published files'
+pre-linen numbering, the names Google's current Flax code writes, and either under an ``opt/target/`` prefix
+(optimizer state beside it is skipped without being decompressed).
 
-    dense         Flax Dense kernel (in, out)            ⇄ nn.Linear weight (out, in)
-    attn_in       q/k/v kernel split per head (D, H, Dh)  ⇄ nn.Linear weight (H*Dh, D)
-    attn_in_bias  q/k/v bias (H, Dh)                     ⇄ (H*Dh,)
-    attn_out      out kernel (H, Dh, D)                   ⇄ nn.Linear weight (D, H*Dh)
-    conv          patch kernel HWIO (P, P, C, D)          ⇄ nn.Conv2d weight OIHW (D, C, P, P)
-    as_is         the same array (biases, LayerNorm scale/bias, cls, pos_embedding)
-
-Every converter is an einops pattern; reading it right to left gives the inverse, so the table below drives
-both :func:`load_npz` and :func:`save_npz`, and a save → load round trip is bit-exact.
+Reading is defensive and streaming: every member's ``.npy`` header (key, shape, dtype) is checked against the
+architecture its shapes describe before any array is decompressed; a declared size that the member's
+compressed size cannot hold is refused; arrays are then read one at a time straight into the model, so the
+peak memory of :func:`load_npz` stays near the model's own size whatever the file claims. Nothing is ever
+unpickled. Every failure is a :class:`CheckpointError` naming the file and the key.
 """
 
 from __future__ import annotations
@@ -22,123 +19,43 @@ import logging
 import math
 import re
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from einops import rearrange
+
+from vit import VisionTransformer, ViTConfig, resample_pos_embed
+from vit.model import RESIZE_METHODS
 
 from .atomic import atomic_write
-from vit import VisionTransformer, ViTConfig, resample_pos_embed
+from .errors import CheckpointError
+from .npz_table import CONVERTERS, NAMINGS, Converter, checkpoint_table, detect_naming
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "Converter", "CONVERTERS", "checkpoint_table", "read_npz", "infer_config",
-           "load_npz", "save_npz", "params_to_model", "model_to_params"]
+__all__ = ["CheckpointError", "Converter", "CONVERTERS", "NAMINGS", "RESIZE_METHODS", "ZERO_HEAD_MESSAGE",
+           "checkpoint_table", "has_zero_head", "read_npz", "infer_config", "load_npz", "save_npz",
+           "params_to_model", "model_to_params"]
+
+TARGET_PREFIX = "opt/target/"  # Flax optimizer exports keep the parameters under this path
+MAX_DEFLATE_RATIO = 1100  # deflate cannot expand data by more than ~1032x: a larger claim is a crafted file
+ZERO_HEAD_MESSAGE = ("this checkpoint's head is all zero (Google's ImageNet-21k files have no trained classifier): "
+                     "fine-tune first")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or does not fit the model; the message names file and keys."""
+class ArrayInfo(NamedTuple):
+    """What a member's .npy header declares, read before any data is decompressed."""
 
-
-# ── converters ───────────────────────────────────────────────────────────────────────────────────────────
-
-@dataclass(frozen=True)
-class Converter:
-    """A layout change written as an einops pattern from the npz layout to the PyTorch layout."""
-
-    name: str
-    pattern: str  # "npz axes -> torch axes"; letters: d hidden, h heads, k head dim, i/o in/out, p/q patch
+    shape: tuple[int, ...]
+    dtype: np.dtype
 
     @property
-    def inverse_pattern(self) -> str:
-        npz, torch_ = self.pattern.split("->")
-        return f"{torch_.strip()} -> {npz.strip()}"
-
-    def _axes(self, num_heads: int) -> dict:
-        return {"h": num_heads} if re.search(r"\bh\b", self.pattern) else {}
-
-    def to_torch(self, array, num_heads: int):
-        return rearrange(array, self.pattern, **self._axes(num_heads))
-
-    def to_npz(self, tensor, num_heads: int):
-        return rearrange(tensor, self.inverse_pattern, **self._axes(num_heads))
-
-    def npz_shape(self, torch_shape, num_heads: int) -> tuple[int, ...]:
-        """The shape a checkpoint array must have to become a tensor of ``torch_shape`` (no memory used)."""
-        meta = torch.empty(torch_shape, device="meta")
-        return tuple(self.to_npz(meta, num_heads).shape)
-
-
-dense = Converter("dense", "i o -> o i")
-attn_in = Converter("attn_in", "d h k -> (h k) d")
-attn_in_bias = Converter("attn_in_bias", "h k -> (h k)")
-attn_out = Converter("attn_out", "h k d -> d (h k)")
-conv = Converter("conv", "p q i o -> o i p q")  # HWIO -> OIHW
-as_is = Converter("as_is", "... -> ...")
-CONVERTERS = {c.name: c for c in (dense, attn_in, attn_in_bias, attn_out, conv, as_is)}
-
-
-# ── the table: (PyTorch name, npz key, converter) ───────────────────────────────────────────────────────
-
-_BLOCK = "Transformer/encoderblock_{i}"
-_ATTN = _BLOCK + "/MultiHeadDotProductAttention_1"
-_MLP = _BLOCK + "/MlpBlock_3"
-
-EMBEDDING_ROWS = [
-    ("patch_embed.weight", "embedding/kernel", conv),
-    ("patch_embed.bias", "embedding/bias", as_is),
-    ("cls_token", "cls", as_is),
-    ("pos_embed", "Transformer/posembed_input/pos_embedding", as_is),
-]
-BLOCK_ROWS = [  # repeated for i = 0 .. num_layers-1
-    ("blocks.{i}.norm1.weight", _BLOCK + "/LayerNorm_0/scale", as_is),
-    ("blocks.{i}.norm1.bias", _BLOCK + "/LayerNorm_0/bias", as_is),
-    ("blocks.{i}.attn.q.weight", _ATTN + "/query/kernel", attn_in),
-    ("blocks.{i}.attn.q.bias", _ATTN + "/query/bias", attn_in_bias),
-    ("blocks.{i}.attn.k.weight", _ATTN + "/key/kernel", attn_in),
-    ("blocks.{i}.attn.k.bias", _ATTN + "/key/bias", attn_in_bias),
-    ("blocks.{i}.attn.v.weight", _ATTN + "/value/kernel", attn_in),
-    ("blocks.{i}.attn.v.bias", _ATTN + "/value/bias", attn_in_bias),
-    ("blocks.{i}.attn.proj.weight", _ATTN + "/out/kernel", attn_out),
-    ("blocks.{i}.attn.proj.bias", _ATTN + "/out/bias", as_is),
-    ("blocks.{i}.norm2.weight", _BLOCK + "/LayerNorm_2/scale", as_is),
-    ("blocks.{i}.norm2.bias", _BLOCK + "/LayerNorm_2/bias", as_is),
-    ("blocks.{i}.mlp.fc1.weight", _MLP + "/Dense_0/kernel", dense),
-    ("blocks.{i}.mlp.fc1.bias", _MLP + "/Dense_0/bias", as_is),
-    ("blocks.{i}.mlp.fc2.weight", _MLP + "/Dense_1/kernel", dense),
-    ("blocks.{i}.mlp.fc2.bias", _MLP + "/Dense_1/bias", as_is),
-]
-FINAL_NORM_ROWS = [
-    ("norm.weight", "Transformer/encoder_norm/scale", as_is),
-    ("norm.bias", "Transformer/encoder_norm/bias", as_is),
-]
-PRE_LOGITS_ROWS = [  # only in the original ImageNet-21k files (representation_size set)
-    ("pre_logits.weight", "pre_logits/kernel", dense),
-    ("pre_logits.bias", "pre_logits/bias", as_is),
-]
-HEAD_ROWS = [
-    ("head.weight", "head/kernel", dense),
-    ("head.bias", "head/bias", as_is),
-]
-
-
-def checkpoint_table(config: ViTConfig) -> list[tuple[str, str, Converter]]:
-    """Every (PyTorch name, npz key, converter) row for a model with this config, in file order."""
-    rows = list(EMBEDDING_ROWS)
-    for i in range(config.num_layers):
-        rows += [(t.format(i=i), k.format(i=i), c) for t, k, c in BLOCK_ROWS]
-    rows += FINAL_NORM_ROWS
-    if config.representation_size:
-        rows += PRE_LOGITS_ROWS
-    return rows + HEAD_ROWS
+    def ndim(self) -> int:
+        return len(self.shape)
 
 
 # ── reading files ────────────────────────────────────────────────────────────────────────────────────────
-
-TARGET_PREFIX = "opt/target/"  # Flax optimizer exports keep the parameters under this path
-
 
 def _describe_non_npz(path: Path, head: bytes) -> str | None:
     """What a file that is not an .npz archive looks like, from its first bytes (None: it is a zip)."""
@@ -161,131 +78,247 @@ def _describe_non_npz(path: Path, head: bytes) -> str | None:
     return f"its first bytes {head[:8]!r} are not a zip archive (.npz files start with b'PK')"
 
 
+
+class NpzArchive:
+    """An open ``.npz`` file: member headers up front, arrays decompressed one at a time on request.
+
+    ``keys`` / ``info(key)`` come from the headers only. With an ``opt/target/`` prefix, only the members under
+    it are considered (keys without the prefix); the optimizer state beside them is never decompressed.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        path = self.path
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        if path.is_dir():
+            raise CheckpointError(f"checkpoint {path} is a directory, expected an .npz file")
+        with open(path, "rb") as f:
+            head = f.read(64)
+        problem = _describe_non_npz(path, head)
+        if problem:
+            raise CheckpointError(f"{path} is not an .npz checkpoint: {problem}")
+        try:
+            self.zip = zipfile.ZipFile(path)
+            members = self.zip.infolist()
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+            raise self._corrupt(e) from e
+        names = [m.filename for m in members]
+        if any(n.endswith("data.pkl") for n in names):
+            self.close()
+            raise CheckpointError(f"{path} is not an .npz checkpoint: it is a PyTorch torch.save file (a zip holding "
+                                  "data.pkl); load it with torch.load(..., weights_only=True)")
+        not_arrays = [n for n in names if not n.endswith(".npy")]
+        if not_arrays:
+            self.close()
+            raise CheckpointError(f"{path} is a zip archive but not an .npz: members {_some(not_arrays, 5)} "
+                                  "are not .npy arrays")
+        by_key = {m.filename[:-4]: m for m in members}
+        if any(k.startswith(TARGET_PREFIX) for k in by_key):
+            others = [k for k in by_key if not k.startswith(TARGET_PREFIX)]
+            if others:
+                log.info("%s: using the arrays under %r, skipping %d others (optimizer state), e.g. %s", path,
+                         TARGET_PREFIX, len(others), others[0])
+            by_key = {k[len(TARGET_PREFIX):]: m for k, m in by_key.items() if k.startswith(TARGET_PREFIX)}
+        if not by_key:
+            self.close()
+            raise CheckpointError(f"{path} is an .npz archive with no arrays in it")
+        self.members = by_key
+        self._infos = {}
+
+    def _corrupt(self, e: BaseException) -> CheckpointError:
+        size = self.path.stat().st_size
+        return CheckpointError(f"{self.path} ({size:,} bytes) looks like a truncated or corrupt .npz/zip file "
+                               f"({type(e).__name__}: {e}); download it again")
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.members)
+
+    def _header(self, f, key: str) -> tuple[ArrayInfo, bool]:
+        try:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read:
+                raise ValueError(f".npy format version {version} (1.0 and 2.0 are read)")
+            shape, fortran, dtype = read[version](f, max_header_size=10_000)
+        except Exception as e:  # a malformed header (ValueError, SyntaxError, ...): never a bare exception
+            raise CheckpointError(f"{self.path}: array {key!r} has an unreadable .npy header "
+                                  f"({type(e).__name__}: {str(e)[:120]})") from e
+        if dtype.hasobject:
+            raise CheckpointError(f"{self.path}: array {key!r} cannot be read without pickle (dtype {dtype}; "
+                                  "refused)")
+        if any((not isinstance(d, int)) or d < 0 for d in shape):
+            raise CheckpointError(f"{self.path}: array {key!r} declares an invalid shape {shape}")
+        return ArrayInfo(tuple(shape), dtype), fortran
+
+    def info(self, key: str) -> ArrayInfo:
+        """Shape and dtype of ``key`` from its header (a few hundred bytes decompressed)."""
+        if key not in self._infos:
+            member = self.members[key]
+            try:
+                with self.zip.open(member) as f:
+                    info, _ = self._header(f, key)
+            except CheckpointError:
+                raise
+            except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as e:
+                raise self._corrupt(e) from e
+            nbytes = math.prod(info.shape) * info.dtype.itemsize
+            if nbytes > MAX_DEFLATE_RATIO * member.compress_size + (1 << 16):
+                raise CheckpointError(
+                    f"{self.path}: array {key!r} declares {nbytes:,} bytes {info.shape} but its member holds "
+                    f"{member.compress_size:,} compressed bytes: a truncated or crafted file")
+            self._infos[key] = info
+        return self._infos[key]
+
+    def read(self, key: str) -> np.ndarray:
+        """Decompress one array (its declared size was checked against its compressed size by :meth:`info`)."""
+        info = self.info(key)
+        try:
+            with self.zip.open(self.members[key]) as f:
+                _, fortran = self._header(f, key)
+                array = np.empty(info.shape[::-1] if fortran else info.shape, dtype=info.dtype)
+                view = memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
+                got = 0
+                while got < len(view):  # straight into the array: no second copy of the data
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+        except CheckpointError:
+            raise
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as e:  # CRC errors too
+            raise CheckpointError(f"{self.path}: array {key!r} is corrupt ({type(e).__name__}: {e}); "
+                                  "download the file again") from e
+        if got != len(view):
+            raise CheckpointError(f"{self.path}: array {key!r} is truncated ({got:,} of {len(view):,} bytes)")
+        return array.T if fortran else array
+
+    def close(self) -> None:
+        if getattr(self, "zip", None) is not None:
+            self.zip.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _ArrayDict:
+    """The :class:`NpzArchive` interface over arrays already in memory (``params_to_model`` on a dict)."""
+
+    def __init__(self, params: dict[str, np.ndarray]):
+        if any(k.startswith(TARGET_PREFIX) for k in params):
+            params = {k[len(TARGET_PREFIX):]: v for k, v in params.items() if k.startswith(TARGET_PREFIX)}
+        self.params = params
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.params)
+
+    def info(self, key: str) -> ArrayInfo:
+        a = np.asarray(self.params[key])
+        return ArrayInfo(tuple(a.shape), a.dtype)
+
+    def read(self, key: str) -> np.ndarray:
+        return np.asarray(self.params[key])
+
+
 def read_npz(path) -> dict[str, np.ndarray]:
-    """All arrays of a Google-style ``.npz`` file, keys without an ``opt/target/`` prefix.
+    """All model arrays of a Google-style ``.npz`` file, keys without an ``opt/target/`` prefix.
 
     Never unpickles anything. Anything that is not a readable .npz (a missing, empty, truncated or text file,
     a torch.save ``.pt``) raises :class:`CheckpointError` saying which file and what it looks like.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory, expected an .npz file")
-    with open(path, "rb") as f:
-        head = f.read(64)
-    problem = _describe_non_npz(path, head)
-    if problem:
-        raise CheckpointError(f"{path} is not an .npz checkpoint: {problem}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            names = archive.files
-            with zipfile.ZipFile(path) as z:
-                members = z.namelist()
-            if any(m.endswith("data.pkl") for m in members):
-                raise CheckpointError(
-                    f"{path} is not an .npz checkpoint: it is a PyTorch torch.save file (a zip holding "
-                    "data.pkl); load it with torch.load(..., weights_only=True)")
-            not_arrays = [m for m in members if not m.endswith(".npy")]
-            if not_arrays:
-                raise CheckpointError(f"{path} is a zip archive but not an .npz: members {not_arrays[:5]} "
-                                      "are not .npy arrays")
-            params = {}
-            for name in names:
-                try:
-                    params[name] = archive[name]
-                except ValueError as e:  # object arrays need pickle, which is refused
-                    raise CheckpointError(f"{path}: array {name!r} cannot be read without pickle ({e})") from e
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        size = path.stat().st_size
-        raise CheckpointError(
-            f"{path} ({size:,} bytes) looks like a truncated or corrupt .npz/zip file ({type(e).__name__}: {e}); "
-            "download it again") from e
-    if not params:
-        raise CheckpointError(f"{path} is an .npz archive with no arrays in it")
-    return _strip_prefix(params, path)
-
-
-def _strip_prefix(params: dict[str, np.ndarray], source="checkpoint") -> dict[str, np.ndarray]:
-    if not any(k.startswith(TARGET_PREFIX) for k in params):
-        return dict(params)
-    others = [k for k in params if not k.startswith(TARGET_PREFIX)]
-    if others:
-        log.info("%s: using the %d arrays under %r, ignoring %d others (optimizer state), e.g. %s",
-                 source, len(params) - len(others), TARGET_PREFIX, len(others), others[0])
-    return {k[len(TARGET_PREFIX):]: v for k, v in params.items() if k.startswith(TARGET_PREFIX)}
+    with NpzArchive(path) as archive:
+        return {key: archive.read(key).copy() for key in archive.keys}
 
 
 # ── the config is written in the shapes ─────────────────────────────────────────────────────────────────
 
-def _shape(params, key, ndim, what, source):
-    if key not in params:
+def _shape(arrays, key, ndim, what, source):
+    if key not in arrays.keys:
         raise CheckpointError(f"{source}: cannot infer {what}: key {key!r} is missing")
-    shape = tuple(params[key].shape)
+    shape = arrays.info(key).shape
     if len(shape) != ndim:
         raise CheckpointError(f"{source}: cannot infer {what}: {key!r} has shape {shape}, expected {ndim} dims")
+    if 0 in shape:
+        raise CheckpointError(f"{source}: cannot infer {what}: {key!r} has an empty dimension {shape}")
     return shape
 
 
-def infer_config(params: dict[str, np.ndarray], source: str = "checkpoint") -> ViTConfig:
-    """Read the ViTConfig from array shapes (hidden size, patch, depth, heads, MLP width, grid, head)."""
-    params = _strip_prefix(params, source)
-    if any(k.startswith("ResNet/") for k in params):
+def _infer(arrays, source: str) -> tuple[ViTConfig, str]:
+    keys = arrays.keys
+    if any(k.startswith("ResNet/") for k in keys):
         raise CheckpointError(f"{source} is a hybrid ResNet+ViT checkpoint ('ResNet/...' keys); only plain "
                               "ViT checkpoints (patch embedding by one convolution) are supported")
-    p, q, channels, hidden = _shape(params, "embedding/kernel", 4, "patch size and hidden size", source)
+    p, q, channels, hidden = _shape(arrays, "embedding/kernel", 4, "patch size and hidden size", source)
     if p != q:
         raise CheckpointError(f"{source}: 'embedding/kernel' has shape {(p, q, channels, hidden)}: "
                               "patches must be square (expected HWIO kernel (P, P, C, D))")
 
-    blocks = sorted({int(m.group(1)) for k in params if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))})
+    blocks = sorted({int(m.group(1)) for k in keys if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))})
     if not blocks:
+        detect_naming(keys, source)  # names a big_vision file (scanned blocks) before the generic message
         raise CheckpointError(f"{source}: cannot infer depth: no 'Transformer/encoderblock_<i>/...' keys")
-    missing = sorted(set(range(blocks[-1] + 1)) - set(blocks))
-    if missing:
-        raise CheckpointError(f"{source}: encoder blocks {missing} are missing (found blocks up to {blocks[-1]})")
+    if blocks[-1] != len(blocks) - 1:  # bounded by the blocks present: no range() over a crafted huge number
+        present = set(blocks)
+        missing = [i for i in range(len(blocks)) if i not in present]
+        raise CheckpointError(f"{source}: encoder blocks {missing[:10]}{' ...' if len(missing) > 10 else ''} are "
+                              f"missing (found {len(blocks)} blocks, numbered up to {blocks[-1]})")
+    naming = detect_naming(keys, source)
+    names = NAMINGS[naming]
 
-    qkey = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"
-    if qkey in params and params[qkey].ndim != 3:
+    qkey = f"Transformer/encoderblock_0/{names['attn']}/query/kernel"
+    if qkey in keys and arrays.info(qkey).ndim != 3:
         raise CheckpointError(
-            f"{source}: cannot infer num_heads: {qkey!r} has shape {tuple(params[qkey].shape)}; Google's layout "
+            f"{source}: cannot infer num_heads: {qkey!r} has shape {arrays.info(qkey).shape}; Google's layout "
             f"splits heads, (D, H, Dh) = ({hidden}, H, {hidden}/H)")
-    d, heads, head_dim = _shape(params, qkey, 3, "num_heads", source)
+    d, heads, head_dim = _shape(arrays, qkey, 3, "num_heads", source)
     if d != hidden or heads * head_dim != hidden:
         raise CheckpointError(f"{source}: cannot infer num_heads: {qkey!r} has shape {(d, heads, head_dim)}, "
                               f"expected (D, H, Dh) with D = H*Dh = {hidden} (the hidden size of 'embedding/kernel')")
 
-    _, mlp_dim = _shape(params, "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel", 2, "mlp_dim", source)
+    _, mlp_dim = _shape(arrays, f"Transformer/encoderblock_0/{names['mlp']}/Dense_0/kernel", 2, "mlp_dim", source)
 
     pos_key = "Transformer/posembed_input/pos_embedding"
-    _, tokens, _ = _shape(params, pos_key, 3, "image size", source)
+    _, tokens, _ = _shape(arrays, pos_key, 3, "image size", source)
     grid = math.isqrt(max(tokens - 1, 0))
     if grid * grid != tokens - 1 or grid == 0:
         raise CheckpointError(f"{source}: {pos_key!r} has {tokens} positions; expected 1 CLS + a square grid "
                               "of patches (e.g. 1 + 14*14 = 197)")
 
     representation_size = None
-    if "pre_logits/kernel" in params:
-        representation_size = _shape(params, "pre_logits/kernel", 2, "representation_size", source)[1]
-    _, num_classes = _shape(params, "head/kernel", 2, "num_classes", source)
+    if "pre_logits/kernel" in keys:
+        representation_size = _shape(arrays, "pre_logits/kernel", 2, "representation_size", source)[1]
+    _, num_classes = _shape(arrays, "head/kernel", 2, "num_classes", source)
     try:
-        return ViTConfig(image_size=grid * p, patch_size=p, hidden_size=hidden, mlp_dim=mlp_dim,
-                         num_heads=heads, num_layers=blocks[-1] + 1, num_classes=num_classes,
-                         representation_size=representation_size, in_channels=channels)
+        config = ViTConfig(image_size=grid * p, patch_size=p, hidden_size=hidden, mlp_dim=mlp_dim,
+                           num_heads=heads, num_layers=len(blocks), num_classes=num_classes,
+                           representation_size=representation_size, in_channels=channels)
     except ValueError as e:
         raise CheckpointError(f"{source}: inconsistent shapes: {e}") from e
+    return config, naming
+
+
+def infer_config(params, source: str = "checkpoint") -> ViTConfig:
+    """Read the ViTConfig from array shapes (hidden size, patch, depth, heads, MLP width, grid, head).
+
+    ``params``: a dict of arrays, or an open :class:`NpzArchive` (headers only).
+    """
+    arrays = params if isinstance(params, NpzArchive) else _ArrayDict(params)
+    return _infer(arrays, source)[0]
 
 
 # ── loading ──────────────────────────────────────────────────────────────────────────────────────────────
 
-def _check_against_table(params, config, source):
-    """Missing keys, unexpected keys and every shape, all reported at once, before anything is copied."""
-    table = checkpoint_table(config)
+def _check_against_table(arrays, config, naming, source):
+    """Missing keys, unexpected keys, every shape and dtype, all reported at once, from the headers alone."""
+    table = checkpoint_table(config, naming)
     expected = {key for _, key, _ in table}
-    missing = [key for _, key, _ in table if key not in params]
-    unexpected = sorted(set(params) - expected)
+    missing = [key for _, key, _ in table if key not in arrays.keys]
+    unexpected = sorted(set(arrays.keys) - expected)
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {_some(missing)}")
@@ -293,16 +326,18 @@ def _check_against_table(params, config, source):
         problems.append(f"unexpected keys ({len(unexpected)}): {_some(unexpected)}")
     torch_shapes = _torch_shapes(config)
     for name, key, conv_ in table:
-        if key in params:
+        if key in arrays.keys:
             want = conv_.npz_shape(torch_shapes[name], config.num_heads)
-            if tuple(params[key].shape) != want:
-                problems.append(f"{key!r} has shape {tuple(params[key].shape)}, expected {want} "
+            info = arrays.info(key)
+            if info.shape != want:
+                problems.append(f"{key!r} has shape {info.shape}, expected {want} "
                                 f"(for {name}, converter {conv_.name})")
-            elif not np.issubdtype(params[key].dtype, np.floating):
-                problems.append(f"{key!r} has dtype {params[key].dtype}, expected floating point")
+            elif not np.issubdtype(info.dtype, np.floating):
+                problems.append(f"{key!r} has dtype {info.dtype}, expected floating point")
     if problems:
+        shown = problems[:6] + ([f"... ({len(problems) - 6} more problems)"] if len(problems) > 6 else [])
         raise CheckpointError(f"{source} does not fit the ViT its shapes describe ({_describe(config)}):\n  "
-                              + "\n  ".join(problems))
+                              + "\n  ".join(shown))
 
 
 def _some(keys: list[str], limit: int = 20) -> str:
@@ -321,13 +356,20 @@ def _torch_shapes(config: ViTConfig) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in VisionTransformer(config).state_dict().items()}
 
 
-def params_to_model(params: dict[str, np.ndarray], num_classes: int | None = None,
-                    image_size: int | None = None, *, dropout_rate: float = 0.0,
-                    attention_dropout_rate: float = 0.0, source: str = "checkpoint") -> VisionTransformer:
-    """Build a VisionTransformer from Google-layout arrays (what :func:`load_npz` does after reading)."""
-    params = _strip_prefix(params, source)
-    file_config = infer_config(params, source)
-    _check_against_table(params, file_config, source)
+def has_zero_head(model: VisionTransformer) -> bool:
+    """True when the classifier head is exactly zero (Google's ImageNet-21k files ship it so on purpose)."""
+    return not bool(model.head.weight.detach().any()) and not bool(model.head.bias.detach().any())
+
+
+def params_to_model(params, num_classes: int | None = None, image_size: int | None = None, *,
+                    dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0, resize: str = "google",
+                    source: str = "checkpoint") -> VisionTransformer:
+    """Build a VisionTransformer from Google-layout arrays (a dict, or an open :class:`NpzArchive`)."""
+    if resize not in RESIZE_METHODS:
+        raise CheckpointError(f"resize={resize!r}: choose one of {', '.join(RESIZE_METHODS)}")
+    arrays = params if isinstance(params, NpzArchive) else _ArrayDict(params)
+    file_config, naming = _infer(arrays, source)
+    _check_against_table(arrays, file_config, naming, source)
 
     config = file_config.replace(dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate)
     if num_classes is not None:  # Google's fine-tuning: no pre_logits, a new zero-initialised head
@@ -336,10 +378,10 @@ def params_to_model(params: dict[str, np.ndarray], num_classes: int | None = Non
         config = config.replace(num_classes=num_classes, representation_size=None)
     if image_size is not None and image_size != config.image_size:
         p = config.patch_size
-        if image_size % p:
+        if image_size < 1 or image_size % p:
             raise CheckpointError(
                 f"{source}: image_size={image_size} is not divisible by the checkpoint's patch size {p}; "
-                f"use a multiple of {p} such as {image_size // p * p or p} or {(image_size // p + 1) * p}")
+                f"use a multiple of {p} such as {max(image_size // p, 1) * p} or {(max(image_size, 0) // p + 1) * p}")
         config = config.replace(image_size=image_size)
 
     with torch.device("meta"):  # no random init: every tensor is overwritten below
@@ -348,50 +390,55 @@ def params_to_model(params: dict[str, np.ndarray], num_classes: int | None = Non
     state = model.state_dict()
     loaded = set()
     with torch.no_grad():
-        for name, key, conv_ in checkpoint_table(file_config):
-            if name not in state:  # pre_logits/head when num_classes is given
+        for name, key, conv_ in checkpoint_table(file_config, naming):  # one array in memory at a time
+            if name not in state or (name.startswith("head.") and num_classes is not None):
                 continue
-            if name.startswith("head.") and num_classes is not None:
-                continue
-            value = torch.from_numpy(np.ascontiguousarray(conv_.to_torch(params[key], config.num_heads)))
+            value = torch.from_numpy(np.ascontiguousarray(conv_.to_torch(arrays.read(key), config.num_heads)))
             if name == "pos_embed" and config.grid_size != file_config.grid_size:
                 log.info("%s: resizing the position embedding from a %dx%d to a %dx%d patch grid "
-                         "(image size %d -> %d), CLS position kept", source, file_config.grid_size,
+                         "(image size %d -> %d, %s), CLS position kept", source, file_config.grid_size,
                          file_config.grid_size, config.grid_size, config.grid_size,
-                         file_config.image_size, config.image_size)
-                value = resample_pos_embed(value.float(), config.grid_size)
+                         file_config.image_size, config.image_size, resize)
+                value = resample_pos_embed(value.float(), config.grid_size, method=resize)
             state[name].copy_(value)
             loaded.add(name)
+            del value
         if num_classes is not None:
             model.head.weight.zero_()
             model.head.bias.zero_()
             loaded |= {"head.weight", "head.bias"}
+        elif has_zero_head(model):
+            log.warning("%s: %s", source, ZERO_HEAD_MESSAGE)
     assert loaded == set(state), f"table does not cover {sorted(set(state) - loaded)}"  # a bug, not bad input
     return model.eval()
 
 
 def load_npz(path, num_classes: int | None = None, image_size: int | None = None, *,
-             dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0) -> VisionTransformer:
+             dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0,
+             resize: str = "google") -> VisionTransformer:
     """Load a Google ViT ``.npz`` checkpoint into a VisionTransformer (eval mode, float32).
 
-    The config (size, depth, heads, patch, resolution, pre_logits, classes) is read from the array shapes.
-    Every key and shape is checked before anything is copied. ``num_classes=K`` drops ``pre_logits`` and
-    starts a zero-initialised K-way head (Google's fine-tuning recipe); ``image_size=S`` resizes the
-    position-embedding grid bilinearly (S must be a multiple of the patch size). The dropout rates are not
-    stored in checkpoints; set them here for fine-tuning (the model is returned in eval mode either way).
+    The config (size, depth, heads, patch, resolution, pre_logits, classes) is read from the array headers, and
+    every key, shape and dtype is checked before any array is decompressed. ``num_classes=K`` drops
+    ``pre_logits`` and starts a zero-initialised K-way head (Google's fine-tuning recipe); ``image_size=S``
+    resizes the position-embedding grid (S a multiple of the patch size) with ``resize``: "google" (default:
+    ``scipy.ndimage.zoom(order=1)`` as Google's ``load_pretrained`` and the official RLRR code, corners
+    aligned), "bilinear" (half-pixel, timm's npz loader) or "bicubic" (antialiased, timm's
+    ``resample_abs_pos_embed``). Dropout rates are not stored in checkpoints; set them here for fine-tuning.
+    A loaded head that is all zero (Google's ImageNet-21k files) gives one warning.
     """
-    return params_to_model(read_npz(path), num_classes=num_classes, image_size=image_size,
-                           dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate,
-                           source=str(path))
+    with NpzArchive(path) as archive:
+        return params_to_model(archive, num_classes=num_classes, image_size=image_size, dropout_rate=dropout_rate,
+                               attention_dropout_rate=attention_dropout_rate, resize=resize, source=str(path))
 
 
 # ── saving ───────────────────────────────────────────────────────────────────────────────────────────────
 
-def model_to_params(model: VisionTransformer) -> dict[str, np.ndarray]:
+def model_to_params(model: VisionTransformer, naming: str = "pre-linen") -> dict[str, np.ndarray]:
     """The model's weights as Google-layout float32 arrays (the inverse of :func:`params_to_model`)."""
     config = model.config
     state = model.state_dict()
-    table = checkpoint_table(config)
+    table = checkpoint_table(config, naming)
     names = {name for name, _, _ in table}
     missing = sorted(names - set(state))
     unexpected = sorted(set(state) - names)
@@ -408,10 +455,12 @@ def model_to_params(model: VisionTransformer) -> dict[str, np.ndarray]:
     return out
 
 
-def save_npz(model: VisionTransformer, path) -> Path:
-    """Write the model in Google's ``.npz`` layout, atomically (a temp file in the same folder, then rename)."""
+def save_npz(model: VisionTransformer, path, naming: str = "pre-linen") -> Path:
+    """Write the model in Google's ``.npz`` layout, atomically (a temp file in the same folder, then rename).
+
+    ``naming``: "pre-linen" (the published files' block names, default) or "linen" (Google's current code)."""
     path = Path(path)
-    params = model_to_params(model)
+    params = model_to_params(model, naming)
     if not path.parent.is_dir():
         raise CheckpointError(f"cannot save {path}: folder {path.parent} does not exist")
     with atomic_write(path) as f:

@@ -134,7 +134,9 @@ def test_image_size_resizes_the_position_grid(tmp_path, caplog):
         model = load_npz(src, image_size=48)
     assert model.config.image_size == 48 and model.pos_embed.shape == (1, 1 + 36, CONFIG.hidden_size)
     assert torch.equal(model.pos_embed[:, :1], pos[:, :1])  # CLS position kept
-    assert torch.equal(model.pos_embed.detach(), vit.resample_pos_embed(pos, 6))
+    assert torch.equal(model.pos_embed.detach(), vit.resample_pos_embed(pos, 6, method="google"))  # the default
+    timm_like = load_npz(src, image_size=48, resize="bilinear")
+    assert torch.equal(timm_like.pos_embed.detach(), vit.resample_pos_embed(pos, 6))
     assert "4x4" in caplog.text and "6x6" in caplog.text and str(src) in caplog.text
     with torch.no_grad():
         assert model(_images(model.config)).shape == (2, 10)

@@ -208,13 +208,21 @@ def record_attention(model: nn.Module):
             h.remove()
 
 
+RESIZE_METHODS = ("google", "bilinear", "bicubic")
+
+
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int | tuple[int, int],
-                       num_prefix_tokens: int = 1) -> torch.Tensor:
+                       num_prefix_tokens: int = 1, method: str = "bilinear") -> torch.Tensor:
     """Resize a (1, prefix + g*g, D) position embedding to a new patch grid, keeping the prefix (CLS) rows.
 
-    The square grid is interpolated bilinearly (like timm; Google uses ``scipy.ndimage.zoom`` order 1).
-    The same grid size returns the input unchanged.
+    ``method``: "google" is linear interpolation with corners aligned, what Google's ``load_pretrained`` gets
+    from ``scipy.ndimage.zoom(order=1)`` (output sample i sits at i·(g-1)/(g'-1) of the input), computed in
+    float64; "bilinear" is half-pixel bilinear (timm's npz loader); "bicubic" is antialiased half-pixel bicubic
+    (timm's ``resample_abs_pos_embed``). The target may be non-square and smaller; the same grid returns the
+    input unchanged.
     """
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"unknown position-embedding resize {method!r}; choose one of {', '.join(RESIZE_METHODS)}")
     gh, gw = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     old = math.isqrt(grid.shape[1])
@@ -223,6 +231,11 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int | tuple[int, int],
     if (gh, gw) == (old, old):
         return pos_embed
     grid = rearrange(grid, "1 (gh gw) d -> 1 d gh gw", gh=old)
-    grid = F.interpolate(grid.float(), size=(gh, gw), mode="bilinear", align_corners=False).to(pos_embed.dtype)
-    grid = rearrange(grid, "1 d gh gw -> 1 (gh gw) d")
+    if method == "google":
+        grid = F.interpolate(grid.double(), size=(gh, gw), mode="bilinear", align_corners=True)
+    elif method == "bilinear":
+        grid = F.interpolate(grid.float(), size=(gh, gw), mode="bilinear", align_corners=False)
+    else:
+        grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False, antialias=True)
+    grid = rearrange(grid.to(pos_embed.dtype), "1 d gh gw -> 1 (gh gw) d")
     return torch.cat([prefix, grid], dim=1)

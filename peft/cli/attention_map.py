@@ -17,8 +17,10 @@ import torch
 
 from loaders.datasets import DatasetError, load_dataset
 from loaders.images import read_images
+from loaders.npz import ZERO_HEAD_MESSAGE, has_zero_head
 from loaders.transforms import BatchTransform
 from vit import plots, visualize
+from vit.model import RESIZE_METHODS
 
 from .args import run_main
 from .visual import check_common, load_model, tool_parser
@@ -63,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--data-root", help="dataset folder (default: $VIT_PEFT_DATA or ~/.cache/vit-peft/data)")
     p.add_argument("--image-size", type=int, help="run a .npz model at this resolution (position "
                                                   "embedding resized; a multiple of the patch size)")
+    p.add_argument("--pos-embed-resize", default="google", choices=RESIZE_METHODS,
+                   help="how --image-size resizes the position grid (default: google, scipy zoom order 1)")
     p.add_argument("--labels", help="text file with one class name per line (overrides other names)")
     p.add_argument("--head-fusion", default="mean", choices=visualize.HEAD_FUSIONS,
                    help="how rollout combines the heads of a layer (default: mean)")
@@ -87,7 +91,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    model, classes, desc = load_model(args.checkpoint, args.image_size, args.weights)
+    model, classes, desc = load_model(args.checkpoint, args.image_size, args.weights, args.pos_embed_resize)
     cfg = model.config
     log.info("model %s: %d px, patch %d, %d layers, %d heads, %d classes", desc, cfg.image_size,
              cfg.patch_size, cfg.num_layers, cfg.num_heads, cfg.num_classes)
@@ -114,10 +118,14 @@ def main(argv=None) -> int:
     maps = visualize.attention_maps(model, x.to(args.device), args.head_fusion, args.discard_ratio,
                                     args.per_layer)
     prob, pred = maps.probs.max(dim=-1)
+    zero_head = has_zero_head(model)
+    if zero_head:
+        log.warning("%s: %s; the maps show attention, the titles no prediction", desc, ZERO_HEAD_MESSAGE)
     titles = []
     for i, (p, c) in enumerate(zip(prob.tolist(), pred.tolist())):
         name = _short(classes[c]) if classes else f"class {c}"
-        titles.append(f"{name} {p:.2f}" + (f"\n(true: {_short(truth[i])})" if truth[i] else ""))
+        guess = "head all zero:\nfine-tune first" if zero_head else f"{name} {p:.2f}"
+        titles.append(guess + (f"\n(true: {_short(truth[i])})" if truth[i] else ""))
         log.info("image %d: predicted %s (p=%.3f)%s", i, classes[c] if classes else c, p,
                  f", true {truth[i]}" if truth[i] else "")
 

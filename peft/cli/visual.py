@@ -22,9 +22,9 @@ def default_checkpoint() -> Path:
     return path
 
 
-def load_model(checkpoint=None, image_size=None, weights=None):
+def load_model(checkpoint=None, image_size=None, weights=None, resize="google"):
     """:func:`peft.finetune.checkpoint.load_for_inference` with the cached ViT-B/16 as the default."""
-    return load_for_inference(checkpoint or default_checkpoint(), image_size, weights)
+    return load_for_inference(checkpoint or default_checkpoint(), image_size, weights, resize)
 
 
 def tool_parser(prog: str, description: str, examples: str) -> argparse.ArgumentParser:

@@ -39,10 +39,11 @@ def build_model(opts: FinetuneOptions, num_classes: int, weights: tuple[Path, st
         model = vit.VisionTransformer(vit.get_config(opts.model, **overrides))
         return model, None
     path, name = weights or resolve_weights(opts.weights)
-    model = load_npz(path, num_classes=num_classes, image_size=opts.image_size)
+    model = load_npz(path, num_classes=num_classes, image_size=opts.image_size, resize=opts.pos_embed_resize)
     if opts.dropout is not None:
         set_dropout(model, opts.dropout)
-    base = {"name": name, "path": str(path.resolve()), "sha256": file_digest(path, "sha256")}
+    base = {"name": name, "path": str(path.resolve()), "sha256": file_digest(path, "sha256"),
+            "pos_embed_resize": opts.pos_embed_resize}
     return model, base
 
 

@@ -134,7 +134,9 @@ def build_base_model(model_config: dict, base_weights: dict | None, weights: str
             raise CheckpointMismatch(
                 f"base weights {path} have sha256 {digest}, but the checkpoint was trained on "
                 f"{base_weights.get('name')!r} with sha256 {base_weights['sha256']}")
-    return load_npz(path, num_classes=config.num_classes, image_size=config.image_size)
+    # Checkpoints from before the resize option were trained on the half-pixel bilinear grid.
+    resize = base_weights.get("pos_embed_resize", "bilinear")
+    return load_npz(path, num_classes=config.num_classes, image_size=config.image_size, resize=resize)
 
 
 def load_model_from_checkpoint(path: str | os.PathLike, weights: str | os.PathLike | None = None,
@@ -165,7 +167,7 @@ def config_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-def load_for_inference(checkpoint, image_size: int | None = None, weights=None):
+def load_for_inference(checkpoint, image_size: int | None = None, weights=None, resize: str = "google"):
     """Any model file the visual tools accept: ``(model, class names or None, short description)``, eval, CPU.
 
     ``checkpoint``: a Google-layout ``.npz`` (also merged fine-tuned models), or a fine-tuning checkpoint ``.pt``
@@ -176,7 +178,7 @@ def load_for_inference(checkpoint, image_size: int | None = None, weights=None):
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_file() and path.suffix == ".npz":
-        return load_npz(path, image_size=image_size), None, path.name
+        return load_npz(path, image_size=image_size, resize=resize), None, path.name
     model, meta = load_model_from_checkpoint(path, weights=weights)
     if image_size is not None and image_size != model.config.image_size:
         raise CheckpointMismatch(f"--image-size {image_size} only applies to .npz checkpoints; {path} was "

@@ -11,6 +11,8 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 
+from vit.model import RESIZE_METHODS
+
 from ..modes import MODES, get_method
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -19,14 +21,15 @@ SCRATCH_LR = 1e-3  # training from scratch (--weights none): nothing pretrained 
 
 @dataclass
 class FinetuneOptions:
-    CHOICES: typing.ClassVar[dict] = {"mode": MODES, "precision": PRECISIONS}
-    mode: str = "rlrr"  # what trains: one of peft.modes.MODES (see --help for the list)
+    CHOICES: typing.ClassVar[dict] = {"mode": MODES, "precision": PRECISIONS, "pos_embed_resize": RESIZE_METHODS}
+    mode: str = "rlrr"  # what trains: one of the registered methods (peft/modes.py)
     weights: str = "ViT-B_16"  # base weights: a .npz path, a known name (downloaded once, cached), or none
     model: str = "ViT-B/16"  # model preset for --weights none (training from scratch); else the .npz decides
     data: str = "cifar10"  # cifar10 | cifar100 | fashion_mnist | tiny_imagenet | an image folder (class/x.png)
     data_root: typing.Optional[str] = None  # where datasets are cached (default $VIT_PEFT_DATA or ~/.cache)
     classes: typing.Optional[str] = None  # train/test on a class subset, e.g. 0-4 or 1,3,5 (relabelled 0..k-1)
     image_size: typing.Optional[int] = None  # input resolution (default: the weights' own, 224 for Google's)
+    pos_embed_resize: str = "google"  # position-grid resize at another resolution: google (scipy zoom) | bilinear | bicubic
     val_fraction: float = 0.1  # share of the training set held out for model selection (never the test set)
     max_train_samples: typing.Optional[int] = None  # use a random subset of the training split (quick runs)
     max_eval_samples: typing.Optional[int] = None  # cap validation and test sets (quick runs)

@@ -10,11 +10,12 @@ import torch
 from tqdm.auto import tqdm
 
 from loaders.images import read_image
+from loaders.npz import ZERO_HEAD_MESSAGE, has_zero_head
 from loaders.transforms import BatchTransform
 
 from . import distributed as pdist
 from . import report
-from .checkpoint import load_model_from_checkpoint
+from .checkpoint import CheckpointMismatch, load_model_from_checkpoint
 from .data import prepare_data
 from .options import FinetuneOptions
 
@@ -64,6 +65,8 @@ def evaluate_checkpoint(path, output_dir=None, split: str = "test", weights=None
     """
     ctx = pdist.DistContext(device=pdist.resolve_device(device))
     model, meta = load_model_from_checkpoint(path, weights=weights, device=ctx.device)
+    if has_zero_head(model):
+        log.warning("%s: %s", path, ZERO_HEAD_MESSAGE)
     opts = FinetuneOptions.from_dict(meta["options"])
     opts.data = data or opts.data
     opts.data_root = data_root or opts.data_root
@@ -91,7 +94,12 @@ def evaluate_checkpoint(path, output_dir=None, split: str = "test", weights=None
 
 @torch.no_grad()
 def predict_files(model, paths, classes: list[str], top_k: int = 5, device="cpu") -> list[list[tuple[str, float]]]:
-    """Top-k (class name, probability) per image file, resized with the evaluation transform."""
+    """Top-k (class name, probability) per image file, resized with the evaluation transform.
+
+    A model whose head is all zero (Google's ImageNet-21k files) raises instead of reporting "class 0, 0.00".
+    """
+    if has_zero_head(model):
+        raise CheckpointMismatch(ZERO_HEAD_MESSAGE)
     tf = BatchTransform(model.config.image_size, train=False)
     model.eval()
     results = []
