@@ -10,14 +10,18 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import lora, rlrr, selective
+from . import adaptformer, bitfit, lora, rlrr, selective, ssf, vpt
 from .base import Method
 
 _ENTRIES: tuple[Method, ...] = (
     selective.HEAD,
     selective.MLP,
     selective.FULL,
+    bitfit.METHOD,
+    vpt.METHOD,
+    adaptformer.METHOD,
     lora.METHOD,
+    ssf.METHOD,
     rlrr.METHOD,
 )
 

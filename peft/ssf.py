@@ -1,7 +1,9 @@
-"""SSF: scale and shift features, y = γ ⊙ x + β, after a frozen layer (Lian et al., NeurIPS 2022).
+"""SSF: scale and shift features, y = γ ⊙ x + β, after a frozen layer.
 
-Used by RLRR (after the norms and the patch embedding, as in the official RLRR code) and by the SSF method
-(after every operation). The wrappers keep the wrapped layer's frozen ``weight``/``bias`` under their old names
+Paper: Lian et al., "Scaling & Shifting Your Features: A New Baseline for Efficient Model Tuning", NeurIPS 2022.
+The SSF method puts it after every operation of the ViT (norm1, q, k, v, proj, norm2, fc1, fc2 in every block,
+the patch embedding and the final norm: 205,824 parameters for ViT-B/16), initialised γ ~ N(1, 0.02),
+β ~ N(0, 0.02) as in the paper's code. RLRR uses the same wrappers after the norms and the patch embedding. The wrappers keep the wrapped layer's frozen ``weight``/``bias`` under their old names
 and merge back into a plain layer of the same type: after a LayerNorm γ' = s ⊙ γ, β' = s ⊙ β + t; after the
 patch convolution W'[o] = s[o] W[o], b' = s ⊙ b + t.
 """
@@ -13,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from .base import Adapter
+from .base import Adapter, Method, Option, check_fresh, freeze_for_adapters, replace_module
 
 INITS = ("official", "identity")
 
@@ -109,3 +111,61 @@ class SSFConv2d(Adapter, nn.Conv2d):
         conv.bias.copy_(t if self.bias is None else s * self.bias + t)
         conv.requires_grad_(False)
         return conv
+
+
+class SSFLinear(Adapter, nn.Linear):
+    """A frozen Linear followed by SSF on its outputs. Keeps ``weight``/``bias``; merges to W' = diag(s) W,
+    b' = s ⊙ b + t."""
+
+    ADAPTER_PARAMS = ()
+
+    def __init__(self, linear: nn.Linear, init: str = "official"):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(False)
+        self.ssf = SSF(linear.out_features, init, device=linear.weight.device, dtype=linear.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ssf(super().forward(x))
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        s, t = self.ssf.scale, self.ssf.shift
+        out = nn.Linear(self.in_features, self.out_features, device=self.weight.device, dtype=self.weight.dtype)
+        out.weight.copy_(self.weight * s[:, None])
+        out.bias.copy_(t if self.bias is None else s * self.bias + t)
+        return out.requires_grad_(False)
+
+
+SSF_TARGETS = ("norm1", "attn.q", "attn.k", "attn.v", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")  # per block
+
+
+def wrap_ssf(module: nn.Module, init: str = "official") -> nn.Module:
+    """The SSF wrapper for a plain Linear, LayerNorm or Conv2d."""
+    for cls, wrapper in ((nn.Linear, SSFLinear), (nn.LayerNorm, SSFLayerNorm), (nn.Conv2d, SSFConv2d)):
+        if type(module) is cls:
+            return wrapper(module, init)
+    raise TypeError(f"SSF wraps a plain nn.Linear / nn.LayerNorm / nn.Conv2d, got {type(module).__name__} "
+                    "(adapters already applied?)")
+
+
+def apply_ssf(model: nn.Module, init: str = "official") -> list[str]:
+    """SSF after every operation of a :class:`vit.VisionTransformer`; freezes all but SSF and the head."""
+    check_fresh(model)
+    names = ["patch_embed"] + [f"blocks.{i}.{t}" for i in range(len(model.blocks)) for t in SSF_TARGETS] + ["norm"]
+    for name in names:
+        replace_module(model, name, wrap_ssf(model.get_submodule(name), init))
+    freeze_for_adapters(model)
+    return names
+
+
+METHOD = Method(
+    "ssf", lambda model, ssf_init="official": apply_ssf(model, ssf_init),
+    "scale and shift after every operation (norms, q, k, v, proj, fc1, fc2, patch embedding), + head", lr=3e-3,
+    lr_note="the rate of RLRR's scale vectors (the same kind of parameter); SSF's own VTAB runs tune it per task",
+    options={"ssf_init": Option("official", "SSF init: official (scale ~ N(1, 0.02), shift ~ N(0, 0.02)) | "
+                                            "identity (scale 1, shift 0: starts as the base model)", INITS)},
+    paper="Lian et al., Scaling & Shifting Your Features: A New Baseline for Efficient Model Tuning, NeurIPS 2022")

@@ -220,8 +220,8 @@ def test_apply_mode_options_and_errors():
         peft.apply_rlrr(model)
     with pytest.raises(TypeError, match="lora_rnak"):
         peft.apply_mode(make_model(), "lora", lora_rnak=4)
-    with pytest.raises(ValueError, match="mode 'bitfit'"):
-        peft.apply_mode(make_model(), "bitfit")
+    with pytest.raises(ValueError, match="mode 'prefix-tuning'"):
+        peft.apply_mode(make_model(), "prefix-tuning")
     with pytest.raises(ValueError, match="init"):
         peft.apply_rlrr(make_model(), init="zeros")
 

@@ -119,14 +119,19 @@ def attention_rollout(attentions: Sequence[torch.Tensor], head_fusion: str = "me
 
 def per_layer_rollout(attentions: Sequence[torch.Tensor], head_fusion: str = "mean", discard_ratio: float = 0.0,
                       num_prefix_tokens: int = 1, grid_size: int | tuple[int, int] | None = None,
-                      as_grid: bool = True) -> torch.Tensor:
+                      as_grid: bool = True, fresh_tokens: slice | None = None) -> torch.Tensor:
     """Rollout through layers 1..l for every l: (L, B, gh, gw) (or (L, B, N - prefix)), each divided by its max.
 
     The last entry is :func:`attention_rollout`; earlier ones show how attention spreads with depth.
+    ``fresh_tokens``: positions whose input is replaced at every layer (VPT-deep's prompts): before each layer
+    their rows of R become identity rows, so no path from the image runs through a replaced token.
     """
     layers = rollout_layers(attentions, head_fusion, discard_ratio, num_prefix_tokens)
     rolled, r = [], None
     for a in layers:
+        if r is not None and fresh_tokens is not None:
+            r = r.clone()
+            r[:, fresh_tokens] = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)[fresh_tokens]
         r = a if r is None else a @ r  # R_l = Â_l R_{l-1}: later layers multiply from the left
         rolled.append(r[:, 0, num_prefix_tokens:])  # CLS row, patch columns: (B, N - prefix)
     out = torch.stack(rolled).float()
@@ -163,12 +168,18 @@ class AttentionMaps:
     rollout: torch.Tensor  # (B, g, g) attention rollout, divided by its max
     cls_heads: torch.Tensor  # (B, H, g, g) last layer's CLS→patch attention per head (raw probabilities)
     per_layer: torch.Tensor | None  # (L, B, g, g) rollout through layers 1..l, or None
+    prefix_share: torch.Tensor  # (B, H) last layer's CLS attention on extra prefix tokens (VPT prompts; else 0)
 
 
 @torch.no_grad()
 def attention_maps(model: nn.Module, images: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0,
                    per_layer: bool = False) -> AttentionMaps:
-    """Run ``model`` (a VisionTransformer, adapters allowed) on normalised images and collect its maps."""
+    """Run ``model`` (a VisionTransformer, adapters allowed) on normalised images and collect its maps.
+
+    The prefix tokens (CLS, plus any prompt tokens a method such as VPT inserts after it) are found from the
+    shapes: N - g·g. They are kept out of the patch grid; extra ones are treated as replaced at every layer
+    (VPT-deep) in the rollout, and the CLS attention they receive is reported as ``prefix_share``.
+    """
     fuse_heads(torch.zeros(1, 1, 1, 1), head_fusion)  # fail on a bad mode before running the model
     was_training = model.training
     model.eval()
@@ -178,10 +189,13 @@ def attention_maps(model: nn.Module, images: torch.Tensor, head_fusion: str = "m
     finally:
         model.train(was_training)
     g = model.config.grid_size
-    layers = per_layer_rollout(attentions, head_fusion, discard_ratio, grid_size=g)
+    prefix = attentions[-1].shape[-1] - g * g
+    fresh = slice(1, prefix) if prefix > 1 else None
+    layers = per_layer_rollout(attentions, head_fusion, discard_ratio, prefix, grid_size=g, fresh_tokens=fresh)
     return AttentionMaps(probs=logits.float().softmax(dim=-1).cpu(), rollout=layers[-1].cpu(),
-                         cls_heads=cls_attention(attentions[-1], grid_size=g).float().cpu(),
-                         per_layer=layers.cpu() if per_layer else None)
+                         cls_heads=cls_attention(attentions[-1], prefix, grid_size=g).float().cpu(),
+                         per_layer=layers.cpu() if per_layer else None,
+                         prefix_share=attentions[-1][:, :, 0, 1:prefix].sum(-1).float().cpu())
 
 
 # ---------------------------------------------------------------------------------------------------------

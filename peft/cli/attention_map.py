@@ -117,6 +117,9 @@ def main(argv=None) -> int:
     model.to(args.device)
     maps = visualize.attention_maps(model, x.to(args.device), args.head_fusion, args.discard_ratio,
                                     args.per_layer)
+    if maps.prefix_share.any():  # prompt tokens (VPT): kept out of the grid, their share reported here
+        log.info("last layer: CLS gives %.1f%% of its attention to the prompt tokens (mean over heads and images)",
+                 100 * float(maps.prefix_share.mean()))
     prob, pred = maps.probs.max(dim=-1)
     zero_head = has_zero_head(model)
     if zero_head:

@@ -1,0 +1,94 @@
+"""BitFit: train every bias of the backbone (and the head), nothing else.
+
+Paper: Ben Zaken, Ravfogel & Goldberg, "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based
+Masked Language-models", ACL 2022. In a ViT the biases are those of the patch embedding, q/k/v/proj, fc1/fc2
+and every LayerNorm: 102,912 for ViT-B/16.
+
+Each layer gets a wrapper of its own type that shares the frozen weight and owns a *copy* of the bias, so the
+pretrained bias stays intact (several tasks can share one backbone, see ``peft.adapters``) and ``merge()``
+returns the plain layer with the trained bias.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Adapter, Method, check_fresh, freeze_for_adapters, replace_module
+
+
+class _OwnBias(Adapter):
+    """Shares the wrapped layer's frozen ``weight``; ``bias`` is a trainable copy."""
+
+    ADAPTER_PARAMS = ("bias",)
+
+    def _take(self, layer: nn.Module) -> None:
+        self.weight = layer.weight
+        self.weight.requires_grad_(False)
+        self.bias = nn.Parameter(layer.bias.detach().clone())
+
+    @torch.no_grad()
+    def _plain(self, plain: nn.Module) -> nn.Module:
+        plain.weight.copy_(self.weight)
+        plain.bias.copy_(self.bias)
+        return plain.requires_grad_(False)
+
+
+class BitFitLinear(_OwnBias, nn.Linear):
+    def __init__(self, layer: nn.Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self._take(layer)
+
+    def merge(self) -> nn.Linear:
+        w = self.weight
+        return self._plain(nn.Linear(self.in_features, self.out_features, device=w.device, dtype=w.dtype))
+
+
+class BitFitLayerNorm(_OwnBias, nn.LayerNorm):
+    def __init__(self, layer: nn.LayerNorm):
+        nn.Module.__init__(self)
+        self.normalized_shape, self.eps, self.elementwise_affine = layer.normalized_shape, layer.eps, True
+        self._take(layer)
+
+    def merge(self) -> nn.LayerNorm:
+        w = self.weight
+        return self._plain(nn.LayerNorm(self.normalized_shape, eps=self.eps, device=w.device, dtype=w.dtype))
+
+
+class BitFitConv2d(_OwnBias, nn.Conv2d):
+    def __init__(self, layer: nn.Conv2d):
+        w = layer.weight
+        super().__init__(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                         padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                         padding_mode=layer.padding_mode, device="meta", dtype=w.dtype)
+        self._take(layer)
+
+    def merge(self) -> nn.Conv2d:
+        w = self.weight
+        return self._plain(nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                                     padding=self.padding, dilation=self.dilation, groups=self.groups,
+                                     padding_mode=self.padding_mode, device=w.device, dtype=w.dtype))
+
+
+WRAPPERS = {nn.Linear: BitFitLinear, nn.LayerNorm: BitFitLayerNorm, nn.Conv2d: BitFitConv2d}
+
+
+def apply_bitfit(model: nn.Module) -> list[str]:
+    """Every bias of the backbone trains (the head too); returns the wrapped module names."""
+    check_fresh(model)
+    names = [n for n, m in model.named_modules()
+             if type(m) in WRAPPERS and getattr(m, "bias", None) is not None and not n.startswith("head")]
+    for name in names:
+        layer = model.get_submodule(name)
+        replace_module(model, name, WRAPPERS[type(layer)](layer))
+    freeze_for_adapters(model)
+    return names
+
+
+METHOD = Method(
+    "bitfit", apply_bitfit, "every bias of the backbone (patch embedding, q/k/v/proj, fc1/fc2, LayerNorms), + head",
+    lr=1e-3, lr_note="the rate of the other vector-only methods here (LoRA, head): biases are few and start "
+                     "at their pretrained values; not taken from a published ViT config",
+    paper="Ben Zaken et al., BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked "
+          "Language-models, ACL 2022")

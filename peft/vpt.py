@@ -1,0 +1,77 @@
+"""VPT-deep: learnable prompt tokens at the input of every encoder block.
+
+Paper: Jia et al., "Visual Prompt Tuning", ECCV 2022. ``vpt_tokens`` prompts (default 10) are inserted right after
+CLS at the input of block 0; at every later block the previous block's outputs at those positions are replaced
+by that block's own prompts. Prompts are initialised U(-v, v) with v = sqrt(6 / (3·P² + D)) and pass through
+dropout (0.1, as in the paper's VTAB runs). 12 × 10 × 768 = 92,160 parameters for ViT-B/16.
+
+The classifier still reads the CLS token; the attention maps have 1 + p prefix tokens before the patch grid
+(``vit.visualize.attention_maps`` finds them from the shapes and keeps them out of the grid). Prompts add tokens
+to the sequence, so VPT cannot be merged into plain layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import Adapter, Method, NotMergeableError, Option, check_fresh, freeze_for_adapters, replace_module
+
+
+class VPTBlock(Adapter, nn.Module):
+    """An encoder block with its own prompts: inserted after CLS (``insert``, block 0) or replacing the previous
+    block's prompt outputs. Shares the block's sub-modules (same parameter names) and runs its forward."""
+
+    ADAPTER_PARAMS = ("prompts",)
+    MERGEABLE = False
+
+    def __init__(self, block: nn.Module, num_tokens: int, insert: bool, init_bound: float, dropout: float = 0.1):
+        super().__init__()
+        if num_tokens < 1:
+            raise ValueError(f"vpt_tokens must be at least 1, got {num_tokens}")
+        for name, child in block.named_children():
+            self.add_module(name, child)  # norm1, attn, norm2, mlp: the same modules, the same names
+        self._block_forward = type(block).forward  # the block's own computation, run on these sub-modules
+        dim = block.norm1.normalized_shape[0]
+        ref = block.norm1.weight
+        self.prompts = nn.Parameter(torch.empty(num_tokens, dim, device=ref.device, dtype=ref.dtype))
+        nn.init.uniform_(self.prompts, -init_bound, init_bound)
+        self.prompt_dropout = nn.Dropout(dropout)
+        self.num_tokens, self.insert = num_tokens, insert
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, 1 + p + patches, D)
+        prompts = self.prompt_dropout(self.prompts).expand(x.shape[0], -1, -1).to(x.dtype)
+        rest = x[:, 1:] if self.insert else x[:, 1 + self.num_tokens:]
+        return self._block_forward(self, torch.cat([x[:, :1], prompts, rest], dim=1))
+
+    def merge(self) -> nn.Module:
+        raise NotMergeableError("VPT cannot be merged: its prompt tokens lengthen the token sequence, which no "
+                                "plain layer can hold; keep the adapter (peft.adapter_state_dict) instead")
+
+    def extra_repr(self) -> str:
+        return f"num_tokens={self.num_tokens}, insert={self.insert}"
+
+
+def apply_vpt(model: nn.Module, num_tokens: int = 10, dropout: float = 0.1) -> list[str]:
+    """VPT-deep on every block of a :class:`vit.VisionTransformer`; freezes all but the prompts and the head."""
+    check_fresh(model)
+    c = model.config
+    bound = math.sqrt(6.0 / (c.in_channels * c.patch_size**2 + c.hidden_size))
+    names = [f"blocks.{i}" for i in range(len(model.blocks))]
+    for i, name in enumerate(names):
+        replace_module(model, name, VPTBlock(model.get_submodule(name), num_tokens, insert=i == 0,
+                                             init_bound=bound, dropout=dropout))
+    freeze_for_adapters(model)
+    return names
+
+
+METHOD = Method(
+    "vpt", lambda model, vpt_tokens=10, vpt_dropout=0.1: apply_vpt(model, vpt_tokens, vpt_dropout),
+    "VPT-deep: prompt tokens at the input of every block, + head", lr=3e-3, mergeable=False,
+    lr_note="prompts are new inputs learned from scratch, like RLRR's vectors; VPT's own runs (SGD) tune it "
+            "per task",
+    options={"vpt_tokens": Option(10, "VPT prompt tokens per block"),
+             "vpt_dropout": Option(0.1, "dropout on the prompt tokens")},
+    paper="Jia et al., Visual Prompt Tuning, ECCV 2022")
