@@ -10,7 +10,8 @@
 This top level is the adapter library and imports only torch: ``base`` (the adapter contract and registry
 entry), one file per method (``selective``: head/mlp/full, ``lora``, ``rlrr`` with ``ssf``), ``functional`` (the
 RLRR specification), ``rlrr_function`` (its autograd Function), ``kernels`` (the optional fused CUDA kernel),
-``modes`` (the registry), ``state`` (adapter state dicts, merging). The fine-tuning engine is ``peft.finetune``,
+``modes`` (the registry), ``state`` (adapter state dicts, merging), ``adapters`` (named adapters: many tasks
+on one frozen backbone). The fine-tuning engine is ``peft.finetune``,
 the benchmark ``peft.bench``, the command lines ``peft.cli``; those import ``vit`` and ``loaders``.
 """
 
@@ -24,9 +25,11 @@ from .modes import DEFAULT_LR, METHODS, MODE_OPTIONS, MODES, apply_mode, get_met
 from .rlrr import RLRRLinear, apply_rlrr, set_backend
 from .rlrr_function import RLRRLinearFunction, rlrr_linear
 from .ssf import SSF, SSFConv2d, SSFLayerNorm
-from .state import adapter_state_dict, load_adapter_state_dict, merge_adapters, trainable_parameters
+from .adapters import (active_adapter, adapter_names, adapter_state_dict, add_adapter, load_adapter_state_dict,
+                       set_adapter)
+from .state import merge_adapters, trainable_parameters
 
-__all__ = ["Adapter", "DEFAULT_LR", "LoRALinear", "METHODS", "MODES", "MODE_OPTIONS", "Method", "NotMergeableError",
+__all__ = ["active_adapter", "adapter_names", "add_adapter", "set_adapter", "Adapter", "DEFAULT_LR", "LoRALinear", "METHODS", "MODES", "MODE_OPTIONS", "Method", "NotMergeableError",
            "Option", "RLRRLinear", "RLRRLinearFunction", "SSF", "SSFConv2d", "SSFLayerNorm", "adapter_parameter_names",
            "adapter_state_dict", "apply_lora", "apply_mode", "apply_rlrr", "freeze_all_but", "get_method",
            "kernel_available", "load_adapter_state_dict", "merge_adapters", "official_rlrr_linear", "rlrr_linear",

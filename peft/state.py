@@ -39,18 +39,12 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@torch.no_grad()
-def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state`` into the model's trainable parameters. Strict: keys and shapes must match exactly.
-
-    The model must have been prepared the same way (same apply_mode and options) as when it was saved;
-    otherwise a ValueError lists the missing keys, unexpected keys and shape mismatches.
-    """
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(set(params) - set(state))
-    unexpected = sorted(set(state) - set(params))
-    wrong = [f"{n}: checkpoint {tuple(state[n].shape)} vs model {tuple(params[n].shape)}"
-             for n in sorted(set(params) & set(state)) if tuple(state[n].shape) != tuple(params[n].shape)]
+def check_state_fits(params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], what: str) -> None:
+    """Raise a ValueError listing missing keys, unexpected keys and shape mismatches of ``saved`` vs ``params``."""
+    missing = sorted(set(params) - set(saved))
+    unexpected = sorted(set(saved) - set(params))
+    wrong = [f"{n}: checkpoint {tuple(saved[n].shape)} vs model {tuple(params[n].shape)}"
+             for n in sorted(set(params) & set(saved)) if tuple(saved[n].shape) != tuple(params[n].shape)]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -59,8 +53,19 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
             parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
         if wrong:
             parts.append(f"shape mismatches ({len(wrong)}): {'; '.join(wrong)}")
-        raise ValueError("adapter state does not fit this model (apply the same mode and options first): "
+        raise ValueError(f"adapter state does not fit {what} (apply the same mode and options first): "
                          + " | ".join(parts))
+
+
+@torch.no_grad()
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the model's trainable parameters. Strict: keys and shapes must match exactly.
+
+    The model must have been prepared the same way (same apply_mode and options) as when it was saved;
+    otherwise a ValueError lists the missing keys, unexpected keys and shape mismatches.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    check_state_fits(params, state, "this model")
     for n, p in params.items():
         p.copy_(state[n])
 

@@ -124,7 +124,7 @@ def test_forward_flops_of_vit_b16_match_the_published_count():
     assert sum(macs.values()) == pytest.approx(17.56e9, rel=1e-3)  # 17.56 GMACs = 35.1 GFLOPs (timm, fvcore)
 
 
-@pytest.mark.parametrize("mode", ["head", "mlp", "lora", "rlrr", "full"])
+@pytest.mark.parametrize("mode", peft.MODES)
 @pytest.mark.parametrize("pre_logits", [None, 12])
 def test_analytic_flops_equal_torch_flop_counter(mode, pre_logits):
     """The analytic per-mode count equals what FlopCounterMode counts on a forward and a training step.

@@ -4,6 +4,7 @@ checkpoint contents, option errors, rebuilding a model from a checkpoint, and th
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -238,3 +239,26 @@ def test_quickstart_pipeline_end_to_end_on_a_tiny_budget(tmp_path):
     assert head["trainable_parameters"] < rlrr["trainable_parameters"] < head["total_parameters"] / 10
     assert "| rlrr |" in (out / "results.md").read_text()
     assert (out / "rlrr" / "best.pt").is_file()
+
+
+@needs_fmnist
+def test_several_adapter_checkpoints_share_one_backbone_in_evaluate_and_predict(tmp_path, mini_npz, capsys):
+    from PIL import Image
+
+    from peft.finetune.checkpoint import load_tasks
+    from peft.finetune.predict import evaluate_tasks
+
+    runs = {}
+    for mode in ("lora", "vpt"):
+        opts = tiny(tmp_path, mode, mode=mode, weights=str(mini_npz), epochs=1, max_train_samples=64, lr=1e-2)
+        runs[mode] = training.run(opts)
+    model, metas = load_tasks([tmp_path / "lora", tmp_path / "vpt"])
+    assert list(metas) == ["lora", "vpt"] and sum(1 for _ in model.blocks) == 4  # one backbone
+    results = evaluate_tasks([tmp_path / "lora", tmp_path / "vpt"], tmp_path / "eval")
+    for r in results:  # each task, on its own data, scores what its own run reported
+        assert r["test_accuracy"] == pytest.approx(runs[r["task"]]["test_accuracy"], abs=1e-12), r["task"]
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "shoe.png")
+    assert predict_cli.main([str(tmp_path / "shoe.png"), "--checkpoint", str(tmp_path / "lora"),
+                             str(tmp_path / "vpt")]) == 0
+    out = capsys.readouterr().out
+    assert "== lora (lora, 5 classes)" in out and "== vpt (vpt, 5 classes)" in out

@@ -15,17 +15,21 @@ from dataclasses import dataclass
 from vit.config import ViTConfig
 
 LORA_RANK, LORA_TARGETS, RLRR_RANK = 8, ("q", "v"), 1  # peft's defaults; the FLOP count uses the same
+VPT_TOKENS, ADAPTFORMER_DIM = 10, 8
+VECTOR_MODES = ("bitfit", "ssf")  # trainable vectors after every layer: gradients flow everywhere, no dW
+MODELED = ("head", "mlp", "lora", "rlrr", "full", "vpt", "adaptformer") + VECTOR_MODES
 
 
-def forward_macs(config: ViTConfig) -> dict[str, int]:
+def forward_macs(config: ViTConfig, extra_tokens: int = 0) -> dict[str, int]:
     """Multiply-adds of one image's forward pass through the plain ViT, by part.
 
     With N = 1 + patches tokens, D hidden, M mlp_dim, L layers, K classes, C·P² values per patch:
     patch embedding (N−1)·D·C·P²; per block q, k, v, proj 4·N·D², attention scores and weighted sum 2·N²·D,
-    MLP 2·N·D·M; head D·K on the CLS token (plus D·R for a pre-logits layer of size R).
+    MLP 2·N·D·M; head D·K on the CLS token (plus D·R for a pre-logits layer of size R). ``extra_tokens``:
+    prompt tokens every block also processes (VPT).
     """
     c = config
-    n, d, m = 1 + c.num_patches, c.hidden_size, c.mlp_dim
+    n, d, m = 1 + c.num_patches + extra_tokens, c.hidden_size, c.mlp_dim
     rep = c.representation_size
     head = (d * rep + rep * c.num_classes) if rep else d * c.num_classes
     return {
@@ -45,7 +49,7 @@ class _Linear:
     fan_in: int
     fan_out: int
     weight_trains: bool = False  # full / mlp modes: its own weight gets a gradient
-    adapter: str | None = None  # "lora" or "rlrr"
+    adapter: str | None = None  # "lora", "rlrr", or "vector" (a trained bias or SSF after it: no extra products)
 
 
 def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int = LORA_RANK,
@@ -68,16 +72,20 @@ def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int
         mode, lora_targets = "lora", ("qkv",)
     mode = {"merged": "head", "timm": "full"}.get(mode, mode)  # merged: the plain ViT; timm: full fine-tuning
     base_mode = "rlrr" if mode.startswith("rlrr") else mode
-    if base_mode not in ("head", "mlp", "lora", "rlrr", "full"):
+    if base_mode not in MODELED:
         raise ValueError(f"no FLOP model for mode {mode!r}")
     c = config
-    n, d, m = 1 + c.num_patches, c.hidden_size, c.mlp_dim
-    fwd = dict(forward_macs(c))
+    extra = VPT_TOKENS if base_mode == "vpt" else 0
+    n, d, m = 1 + c.num_patches + extra, c.hidden_size, c.mlp_dim
+    fwd = dict(forward_macs(c, extra))
     per_step = 0.0  # work done once per step whatever the batch size (RLRR's W' and its gradient sums)
     bwd = 0.0
 
     # Embedding: patch conv (its weight trains only in full mode), CLS and positions (full), SSF (rlrr).
-    stream_grad = base_mode in ("full", "rlrr")  # does the residual stream entering block 0 need a gradient?
+    # Does the residual stream entering block 0 need a gradient? Where something trains in the embedding (full;
+    # RLRR's, SSF's and BitFit's patch-embedding vectors) or in block 0's input itself (VPT's prompts).
+    everywhere = base_mode in ("full", "rlrr") + VECTOR_MODES  # something trains after every norm
+    stream_grad = everywhere or base_mode == "vpt"
     if base_mode == "full":
         bwd += fwd["patch_embed"]  # dW of the conv; never dX (the image)
 
@@ -105,13 +113,13 @@ def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int
     def adapter_on(name: str) -> str | None:
         if base_mode == "rlrr" or (base_mode == "lora" and name in lora_targets):
             return base_mode
-        return None
+        return "vector" if base_mode in VECTOR_MODES else None  # a trained bias / SSF: its output needs a gradient
 
     mlp_trains = base_mode in ("mlp", "full")
     attn_trains = base_mode == "full"
     for _ in range(c.num_layers):
         # norm1 (+ SSF in rlrr): its output needs a gradient if the stream does or its SSF trains
-        h1 = stream_grad or base_mode in ("rlrr", "full")
+        h1 = stream_grad or everywhere
         if "qkv" in lora_targets and base_mode == "lora":  # one fused (D → 3D) layer, as in timm
             qkv = dict.fromkeys("qkv", linear(_Linear("qkv", n, d, 3 * d, attn_trains, "lora"), h1))
         else:
@@ -124,12 +132,16 @@ def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int
             bwd += n * n * d * (int(qkv["q"]) + int(qkv["k"]))  # dQ = dS K, dK = dSᵀ Q
         o_grad = any(qkv.values())
         stream_grad = linear(_Linear("proj", n, d, d, attn_trains, adapter_on("proj")), o_grad) or stream_grad
-        h2 = stream_grad or base_mode in ("rlrr", "full")
+        h2 = stream_grad or everywhere
         a = linear(_Linear("fc1", n, d, m, mlp_trains, adapter_on("fc1")), h2)
         stream_grad = linear(_Linear("fc2", n, m, d, mlp_trains, adapter_on("fc2")), a) or stream_grad
+        if base_mode == "adaptformer":  # x + mlp(norm2(x)) + s·up(ReLU(down(x))): both projections train
+            fwd["adapter"] = fwd.get("adapter", 0) + 2 * n * d * ADAPTFORMER_DIM
+            down = linear(_Linear("down", n, d, ADAPTFORMER_DIM, True), stream_grad)
+            stream_grad = linear(_Linear("up", n, ADAPTFORMER_DIM, d, True), down)
 
     # final norm (+ SSF), CLS token, optional pre-logits, head (always trains)
-    feat_grad = stream_grad or base_mode in ("rlrr", "full")
+    feat_grad = stream_grad or everywhere
     rep = c.representation_size
     if rep:
         pre = linear(_Linear("pre_logits", 1, d, rep, base_mode == "full"), feat_grad)

@@ -27,7 +27,7 @@ from .flops import LORA_RANK, train_macs
 
 log = logging.getLogger(__name__)
 
-ROWS = ("head", "mlp", "lora", "rlrr", "rlrr-kernel", "rlrr-official", "full", "merged", "timm", "timm-lora")
+ROWS = modes.MODES + ("rlrr-kernel", "rlrr-official", "merged", "timm", "timm-lora")  # every method, and more
 INFERENCE_ONLY = ("merged",)
 RESULT_PREFIX = "BENCH_RESULT "  # a worker prints its result as one JSON line after this marker
 PACKAGE = __name__.split(".")[0]  # "peft" in a checkout, "vit_peft" when installed

@@ -8,20 +8,21 @@ import typing
 from dataclasses import dataclass
 
 from ..finetune.distributed import setup_logging
-from ..finetune.predict import evaluate_checkpoint
+from ..finetune.predict import evaluate_checkpoint, evaluate_tasks
 from .args import parse_options, run_main
 
 EXAMPLES = """examples:
   python tools/evaluate.py runs/cifar10-rlrr                 # best.pt of a run, files into that folder
   python tools/evaluate.py runs/cifar10-rlrr/checkpoint.pt --split val --output-dir runs/eval-latest
   python tools/evaluate.py runs/quickstart/rlrr --weights moved/pretrained.npz
+  python tools/evaluate.py runs/quickstart/rlrr,runs/quickstart/lora,runs/quickstart/vpt   # one backbone
 """
 
 
 @dataclass
 class EvaluateOptions:
     CHOICES: typing.ClassVar[dict] = {"split": ("test", "val")}
-    checkpoint: str = ""  # a checkpoint file, or a run folder (its best.pt)
+    checkpoint: str = ""  # a checkpoint file or a run folder (its best.pt); several, comma-separated: one backbone
     split: str = "test"  # test | val (the held-out validation split of the run)
     weights: typing.Optional[str] = None  # base .npz if it moved since training (sha256 must match)
     data: typing.Optional[str] = None  # dataset (default: the one the run used)
@@ -36,8 +37,14 @@ def main(argv=None) -> int:
     o = parse_options(argv, EvaluateOptions, description=__doc__, epilog=EXAMPLES, positional=("checkpoint",),
                       prog="evaluate")
     setup_logging()
+    cap = None if o.max_samples == 0 else o.max_samples
+    paths = [c for c in o.checkpoint.split(",") if c]
+    if len(paths) > 1:  # several adapter checkpoints over one backbone in memory, each on its own data
+        for r in evaluate_tasks(paths, o.output_dir, o.split, o.weights, o.data_root, o.device, o.batch_size, cap):
+            print(f"{r['task']}: {o.split} accuracy {r[o.split + '_accuracy']:.4f} (mode {r['mode']})")
+        return 0
     result = evaluate_checkpoint(o.checkpoint, o.output_dir, o.split, o.weights, o.data, o.data_root,
-                                 o.device, o.batch_size, None if o.max_samples == 0 else o.max_samples)
+                                 o.device, o.batch_size, cap)
     print(f"{o.split} accuracy {result[o.split + '_accuracy']:.4f} (mode {result['mode']}, epoch {result['epoch']})")
     return 0
 

@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from ..finetune.checkpoint import load_model_from_checkpoint
+from ..adapters import set_adapter
+from ..finetune.checkpoint import load_model_from_checkpoint, load_tasks
 from ..finetune.distributed import resolve_device
 from ..finetune.predict import predict_files
 from .args import run_main
@@ -14,6 +15,7 @@ from .args import run_main
 EXAMPLES = """examples:
   python tools/predict.py cat.png dog.jpg --checkpoint runs/cifar10-rlrr
   python tools/predict.py shoe.png --checkpoint runs/quickstart/rlrr/best.pt --top-k 3
+  python tools/predict.py shoe.png --checkpoint runs/quickstart/rlrr runs/quickstart/lora   # one backbone
 """
 
 
@@ -21,7 +23,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="predict", description=__doc__, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image files (any format PIL reads; resized like evaluation)")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint file or a run folder (its best.pt)")
+    p.add_argument("--checkpoint", required=True, nargs="+",
+                   help="a checkpoint file or a run folder (its best.pt); several adapter checkpoints of one base "
+                        "share one backbone in memory and each reports its own top classes")
     p.add_argument("--weights", default=None, help="base .npz if it moved since training (sha256 must match)")
     p.add_argument("--top-k", type=int, default=5, help="classes to print per image (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
@@ -30,11 +34,19 @@ def main(argv=None) -> int:
         p.error(f"--top-k must be at least 1, got {a.top_k}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     device = resolve_device(a.device)
-    model, meta = load_model_from_checkpoint(a.checkpoint, weights=a.weights, device=device)
-    for path, top in zip(a.images, predict_files(model, a.images, meta["classes"], a.top_k, device)):
-        print(path)
-        for rank, (name, prob) in enumerate(top, 1):
-            print(f"  {rank}. {name:<24} {prob:.4f}")
+    if len(a.checkpoint) == 1:
+        model, meta = load_model_from_checkpoint(a.checkpoint[0], weights=a.weights, device=device)
+        tasks = {None: meta}
+    else:
+        model, tasks = load_tasks(a.checkpoint, weights=a.weights, device=device)
+    for task, meta in tasks.items():
+        if task is not None:
+            set_adapter(model, task)
+            print(f"== {task} ({meta['mode']}, {len(meta['classes'])} classes)")
+        for path, top in zip(a.images, predict_files(model, a.images, meta["classes"], a.top_k, device)):
+            print(path)
+            for rank, (name, prob) in enumerate(top, 1):
+                print(f"  {rank}. {name:<24} {prob:.4f}")
     return 0
 
 

@@ -29,7 +29,7 @@ from loaders import load_npz
 from loaders.atomic import atomic_write
 from loaders.download import file_digest
 
-from .. import modes, state
+from .. import adapters, modes, state
 
 log = logging.getLogger(__name__)
 
@@ -185,3 +185,31 @@ def load_for_inference(checkpoint, image_size: int | None = None, weights=None, 
                                  f"fine-tuned at {model.config.image_size} px")
     resolved = Path(meta.get("path", path))  # a run folder resolves to its best.pt or checkpoint.pt
     return model, meta.get("classes"), f"{resolved.parent.name}/{resolved.name} ({meta.get('mode', '?')})"
+
+
+def load_tasks(paths, weights=None, device: str | torch.device = "cpu"):
+    """Several PEFT checkpoints trained from the same base weights, as named adapters on *one* backbone.
+
+    Returns ``(model, {name: meta})``; ``peft.set_adapter(model, name)`` switches between them (names are the
+    run folders', made unique). Every checkpoint must hold adapters (not a full state) over base weights with
+    the same sha256 and architecture; otherwise a CheckpointMismatch says which differs.
+    """
+    metas, model, first = {}, None, None
+    for path in paths:
+        ckpt = load_checkpoint(path)
+        if ckpt["state_dict_kind"] != "adapters":
+            raise CheckpointMismatch(f"{ckpt['path']} stores every parameter (mode {ckpt['mode']}); only adapter "
+                                     "checkpoints can share one backbone")
+        config = {k: v for k, v in ckpt["model_config"].items() if k != "num_classes"}
+        if first is None:
+            first = (ckpt["base_weights"].get("sha256"), config, ckpt["path"])
+            model = build_base_model(ckpt["model_config"], ckpt["base_weights"], weights)
+        elif (ckpt["base_weights"].get("sha256"), config) != first[:2]:
+            raise CheckpointMismatch(f"{ckpt['path']} was trained from other base weights or another architecture "
+                                     f"than {first[2]}; one backbone can only carry adapters of the same base")
+        name = Path(ckpt["path"]).parent.name or "task"
+        name = name if name not in metas else f"{name}-{len(metas)}"
+        adapters.add_adapter(model, name, ckpt["mode"], num_classes=len(ckpt["classes"]), **ckpt["mode_options"])
+        adapters.load_adapter_state_dict(model, ckpt["state_dict"], name=name)
+        metas[name] = {k: v for k, v in ckpt.items() if k not in ("state_dict", "training_state")}
+    return model.to(device).eval(), metas

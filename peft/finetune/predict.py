@@ -15,7 +15,8 @@ from loaders.transforms import BatchTransform
 
 from . import distributed as pdist
 from . import report
-from .checkpoint import CheckpointMismatch, load_model_from_checkpoint
+from ..adapters import set_adapter
+from .checkpoint import CheckpointMismatch, load_model_from_checkpoint, load_tasks
 from .data import prepare_data
 from .options import FinetuneOptions
 
@@ -56,15 +57,17 @@ def _num_outputs(model) -> int:
 
 def evaluate_checkpoint(path, output_dir=None, split: str = "test", weights=None, data: str | None = None,
                         data_root: str | None = None, device: str = "auto", batch_size: int = 256,
-                        max_samples: int | None = -1) -> dict:
+                        max_samples: int | None = -1, loaded=None) -> dict:
     """Re-create a run's evaluation files from a checkpoint (tools/evaluate.py).
 
     The data split is rebuilt from the options recorded in the checkpoint (dataset, classes, validation
     fraction and seed), so ``split="val"`` is the same held-out set the run selected on. ``max_samples=-1``
-    keeps the run's own ``--max-eval-samples``; None evaluates the whole split.
+    keeps the run's own ``--max-eval-samples``; None evaluates the whole split. ``loaded``: an already built
+    ``(model, meta)`` (one task of a shared backbone, see :func:`evaluate_tasks`).
     """
     ctx = pdist.DistContext(device=pdist.resolve_device(device))
-    model, meta = load_model_from_checkpoint(path, weights=weights, device=ctx.device)
+    model, meta = loaded or load_model_from_checkpoint(path, weights=weights, device=ctx.device)
+    model.to(ctx.device)
     if has_zero_head(model):
         log.warning("%s: %s", path, ZERO_HEAD_MESSAGE)
     opts = FinetuneOptions.from_dict(meta["options"])
@@ -108,4 +111,18 @@ def predict_files(model, paths, classes: list[str], top_k: int = 5, device="cpu"
         values, idx = probs.topk(min(top_k, probs.numel()))
         results.append([(classes[i] if i < len(classes) else str(i), float(v)) for v, i in
                         zip(values.tolist(), idx.tolist())])
+    return results
+
+
+def evaluate_tasks(paths, output_dir=None, split: str = "test", weights=None, data_root=None, device: str = "auto",
+                   batch_size: int = 256, max_samples: int | None = -1) -> list[dict]:
+    """Evaluate several adapter checkpoints over one shared backbone (one base model in memory), each on its own
+    data; reports go to ``<output_dir>/<task>`` (default: each checkpoint's folder)."""
+    model, metas = load_tasks(paths, weights)
+    results = []
+    for name, meta in metas.items():
+        set_adapter(model, name)
+        out = Path(output_dir) / name if output_dir else None
+        results.append({"task": name, **evaluate_checkpoint(meta["path"], out, split, weights, None, data_root, device,
+                                                            batch_size, max_samples, loaded=(model, meta))})
     return results
