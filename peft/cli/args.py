@@ -22,12 +22,24 @@ from loaders.npz import CheckpointError
 
 from ..base import NotMergeableError
 from ..finetune import CheckpointMismatch, OptionsError, TrainingDiverged
+from ..finetune.rundir import RunFolderBusy
 from ..kernels import KernelUnavailableError
 from ..modes import METHODS
 
 log = logging.getLogger("vit-peft")
 
 USAGE_ERROR, RUNTIME_ERROR = 2, 1
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the flag and what it accepts (exit code 2)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _field_comments(cls) -> dict[str, str]:
@@ -46,8 +58,7 @@ def build_parser(cls, description: str | None = None, epilog: str | None = None,
 
     Fields whose type is a dict (``method_options``) are skipped: :func:`method_flags` provides them.
     """
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog=prog, description=description, epilog=epilog)
     hints = typing.get_type_hints(cls)
     helps = _field_comments(cls)
     for f in dataclasses.fields(cls):
@@ -99,7 +110,7 @@ def parse_options(argv=None, cls=None, with_methods: bool = False, **parser_kw):
 
 # Errors whose message says all (missing files, failed downloads, mismatched checkpoints, divergence).
 EXPECTED_ERRORS = (TrainingDiverged, CheckpointMismatch, CheckpointError, DatasetError, DownloadError,
-                   FileNotFoundError, NotMergeableError, KernelUnavailableError)
+                   FileNotFoundError, NotMergeableError, KernelUnavailableError, RunFolderBusy)
 
 
 def run_main(main, argv=None, name: str = "vit-peft") -> int:

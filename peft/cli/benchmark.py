@@ -53,14 +53,14 @@ import sys
 from ..bench.harness import ROWS
 from ..bench.suite import BenchmarkOptions, run
 from ..finetune import OptionsError
-from .args import run_main
+from .args import Parser, run_main
 
 MODES = ROWS
 
 
 def parse_options(argv=None) -> BenchmarkOptions:
-    p = argparse.ArgumentParser(prog="benchmark", description=__doc__.split("\n\n")[0], epilog=__doc__.split("examples:")[1].join(
-        ["examples:", ""]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="benchmark", description=__doc__.split("\n\n")[0],
+               epilog=__doc__.split("examples:")[1].join(["examples:", ""]))
     d = BenchmarkOptions()
     p.add_argument("--model", default=d.model, help=f"model preset (default: {d.model})")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=d.batch_sizes,

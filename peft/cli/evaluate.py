@@ -7,6 +7,7 @@ import sys
 import typing
 from dataclasses import dataclass
 
+from ..finetune import OptionsError
 from ..finetune.distributed import setup_logging
 from ..finetune.predict import evaluate_checkpoint, evaluate_tasks
 from .args import parse_options, run_main
@@ -36,6 +37,10 @@ class EvaluateOptions:
 def main(argv=None) -> int:
     o = parse_options(argv, EvaluateOptions, description=__doc__, epilog=EXAMPLES, positional=("checkpoint",),
                       prog="evaluate")
+    if o.batch_size < 1:
+        raise OptionsError(f"--batch-size must be at least 1, got {o.batch_size}")
+    if o.max_samples < -1:
+        raise OptionsError(f"--max-samples must be -1 (as in the run), 0 (the whole split) or positive, got {o.max_samples}")
     setup_logging()
     cap = None if o.max_samples == 0 else o.max_samples
     paths = [c for c in o.checkpoint.split(",") if c]

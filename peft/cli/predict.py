@@ -10,7 +10,7 @@ from ..adapters import set_adapter
 from ..finetune.checkpoint import load_model_from_checkpoint, load_tasks
 from ..finetune.distributed import resolve_device
 from ..finetune.predict import predict_files
-from .args import run_main
+from .args import Parser, run_main
 
 EXAMPLES = """examples:
   python tools/predict.py cat.png dog.jpg --checkpoint runs/cifar10-rlrr
@@ -20,8 +20,7 @@ EXAMPLES = """examples:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="predict", description=__doc__, epilog=EXAMPLES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="predict", description=__doc__, epilog=EXAMPLES)
     p.add_argument("images", nargs="+", help="image files (any format PIL reads; resized like evaluation)")
     p.add_argument("--checkpoint", required=True, nargs="+",
                    help="a checkpoint file or a run folder (its best.pt); several adapter checkpoints of one base "

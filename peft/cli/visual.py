@@ -8,6 +8,7 @@ from pathlib import Path
 import loaders
 
 from ..finetune.checkpoint import load_for_inference
+from .args import Parser
 
 
 def default_checkpoint() -> Path:
@@ -29,8 +30,7 @@ def load_model(checkpoint=None, image_size=None, weights=None, resize="google"):
 
 def tool_parser(prog: str, description: str, examples: str) -> argparse.ArgumentParser:
     """The flags every visual tool shares: which model (``--checkpoint``, ``--weights``) and ``--dpi``."""
-    p = argparse.ArgumentParser(prog=prog, description=description, epilog=examples,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=prog, description=description, epilog=examples)
     p.add_argument("--checkpoint", help="Google .npz, fine-tuning checkpoint .pt or run folder "
                                         "(default: ~/.cache/vit-peft/ViT-B_16.npz)")
     p.add_argument("--weights", help="base .npz for a fine-tuning checkpoint whose base weights moved")

@@ -55,7 +55,11 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint file (or ``best.pt``/``checkpoint.pt`` inside a run folder) with weights_only=True."""
     path = resolve_checkpoint_path(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, corrupt pickle stream, a file of another kind: name the file
+        raise CheckpointMismatch(f"{path} is not a readable checkpoint (truncated or corrupt? "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0][:160]})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointMismatch(f"{path} is not a checkpoint written by tools/finetune.py (format {FORMAT!r})")
     if ckpt.get("version", 0) > VERSION:

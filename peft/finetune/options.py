@@ -10,8 +10,11 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 from vit.model import RESIZE_METHODS
+
+from loaders.datasets import parse_class_spec
 
 from ..modes import MODES, get_method
 
@@ -49,7 +52,8 @@ class FinetuneOptions:
     threads: typing.Optional[int] = None  # CPU threads for torch (default: torch's choice)
     eval_batch_size: int = 256  # images per forward pass when evaluating (per process)
     output_dir: str = "runs/finetune"  # checkpoints, metrics.json, history.csv, plots
-    resume: bool = False  # continue from <output-dir>/checkpoint.pt (same options)
+    resume: bool = False  # continue from <output-dir>/checkpoint.pt (same options; --epochs may grow)
+    overwrite: bool = False  # start afresh in an --output-dir that holds another run (its files are replaced)
     stop_after_epoch: typing.Optional[int] = None  # end the run after this epoch as if interrupted (resumable)
     export_npz: typing.Optional[str] = None  # at the end, write the merged best model as a Google-layout .npz
     progress: bool = True  # tqdm progress bars
@@ -92,6 +96,33 @@ class OptionsError(ValueError):
     """A command-line option that cannot work; the message names the flag."""
 
 
+# What --resume lets change: how long to train (the schedule is recomputed for the new length), where and how
+# results are shown. Everything else (lr, batch size, schedule, seed, data, mode and its options, ...) alters
+# the optimisation, and a resume that changes it is refused, naming the options.
+RESUMABLE = ("epochs", "resume", "overwrite", "stop_after_epoch", "export_npz", "progress", "device", "threads",
+             "eval_batch_size", "output_dir")
+
+
+def changed_options(stored: dict, opts: "FinetuneOptions") -> list[str]:
+    """Options of ``opts`` that differ from the stored ones and may not change on resume."""
+    now = dataclasses.asdict(opts)
+    return [k for k in now if k not in RESUMABLE and k in stored and stored[k] != now[k]]
+
+
+def _device_problem(name: str) -> str | None:
+    import torch
+
+    if name in ("auto", "cpu"):
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return f"--device {name!r}: expected auto, cpu, cuda or cuda:N"
+    if device.type not in ("cpu", "cuda"):
+        return f"--device {name!r}: expected auto, cpu, cuda or cuda:N"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)"
+    return None
 
 
 def check_options(opts: FinetuneOptions) -> None:
@@ -103,9 +134,32 @@ def check_options(opts: FinetuneOptions) -> None:
             f"{opts.mode} fine-tunes a small part of a pretrained model, and a random backbone has nothing "
             "to adapt. Pass --weights PATH|NAME, or --mode full.")
     for flag, value, low in (("--epochs", opts.epochs, 1), ("--batch-size", opts.batch_size, 1),
-                             ("--grad-accum", opts.grad_accum, 1), ("--eval-batch-size", opts.eval_batch_size, 1)):
-        if value < low:
+                             ("--grad-accum", opts.grad_accum, 1), ("--eval-batch-size", opts.eval_batch_size, 1),
+                             ("--max-train-samples", opts.max_train_samples, 1),
+                             ("--max-eval-samples", opts.max_eval_samples, 1), ("--image-size", opts.image_size, 1),
+                             ("--threads", opts.threads, 1), ("--stop-after-epoch", opts.stop_after_epoch, 0)):
+        if value is not None and value < low:
             raise OptionsError(f"{flag} must be at least {low}, got {value}")
+    for flag, value, lo, hi in (("--warmup-epochs", opts.warmup_epochs, 0, None), ("--lr", opts.lr, 0, None),
+                                ("--weight-decay", opts.weight_decay, 0, None), ("--clip-grad", opts.clip_grad, 0, None),
+                                ("--label-smoothing", opts.label_smoothing, 0, 1), ("--dropout", opts.dropout, 0, 1)):
+        if value is None:
+            continue
+        if value < lo or (hi is not None and value >= hi) or (flag == "--lr" and value == 0) or value != value:
+            bounds = f"in [{lo}, {hi})" if hi is not None else ("positive" if flag == "--lr" else "at least 0")
+            raise OptionsError(f"{flag} must be {bounds}, got {value}")
+    problem = _device_problem(opts.device)
+    if problem:
+        raise OptionsError(problem)
+    if opts.classes:
+        try:
+            parse_class_spec(opts.classes, range(1 << 30))  # indices only: the dataset checks its own range
+        except ValueError as e:
+            raise OptionsError(f"--classes {opts.classes!r}: {str(e).split(': ', 1)[-1]}") from None
+    if opts.export_npz and not opts.from_scratch and Path(opts.export_npz).expanduser().resolve() == \
+            Path(opts.weights).expanduser().resolve():
+        raise OptionsError(f"--export-npz {opts.export_npz} is the --weights file: it would overwrite the base "
+                           "weights; choose another path")
     if opts.batch_size % opts.grad_accum:
         raise OptionsError(f"--batch-size {opts.batch_size} is not divisible by --grad-accum {opts.grad_accum}")
     if not 0 <= opts.val_fraction < 1:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..modes import MODES, get_method
-from .options import FinetuneOptions
+from .options import FinetuneOptions, OptionsError
 from .trainer import run
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,15 @@ def markdown_table(rows: list[dict]) -> str:
 def run_quickstart(q: QuickstartOptions) -> dict:
     """The whole quick start: pretrain (or reuse pretrained.npz), fine-tune every mode, write results.md/.json."""
     modes = [m.strip() for m in q.modes.split(",") if m.strip()]
-    for mode in modes:
-        get_method(mode)  # an unknown mode fails before minutes of pretraining
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:  # fail before minutes of pretraining
+        raise OptionsError(f"--modes {q.modes!r}: {', '.join(unknown) or 'no mode'} is not one of {', '.join(MODES)}")
+    for flag in ("pretrain_samples", "pretrain_epochs", "finetune_samples", "finetune_epochs", "eval_samples",
+                 "batch_size"):
+        if getattr(q, flag) < 1:
+            raise OptionsError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(q, flag)}")
+    if q.pretrain_lr <= 0 or q.threads < 0:
+        raise OptionsError("--pretrain-lr must be positive and --threads at least 0")
     out = Path(q.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

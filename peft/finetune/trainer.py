@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -34,7 +33,8 @@ from . import predict, report
 from .build import build_model, resolve_weights
 from .data import prepare_data
 from .optim import param_groups, warmup_cosine
-from .options import FinetuneOptions, check_options
+from .options import RESUMABLE, FinetuneOptions, changed_options, check_options
+from .rundir import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,15 @@ class Trainer:
     def setup(self) -> None:
         opts, ctx = self.opts, self.ctx
         seed_everything(opts.seed)
-        # Weights first: a missing download should fail before minutes of data loading.
-        weights = None if opts.from_scratch else resolve_weights(opts.weights)
+        # Weights first: a missing download should fail before minutes of data loading. In DDP the first local
+        # rank downloads (once per machine, behind the download's own lock); the others wait, then reuse it.
+        weights = None
+        if not opts.from_scratch:
+            if ctx.local_rank == 0:
+                weights = resolve_weights(opts.weights)
+            pdist.barrier(ctx)
+            if weights is None:
+                weights = resolve_weights(opts.weights)
         self.data = prepare_data(opts, ctx)
         k = len(self.data.classes)
         self.model, self.base_weights = build_model(opts, k, weights)
@@ -163,6 +170,14 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {path} (check --output-dir)")
         ck = ckpt_io.load_checkpoint(path)
+        changed = changed_options(ck.get("options", {}), self.opts)
+        if changed:
+            was = ck["options"]
+            listed = ", ".join(f"--{k.replace('_', '-')} ({was[k]!r} -> {getattr(self.opts, k)!r})" for k in changed)
+            raise ckpt_io.CheckpointMismatch(
+                f"--resume: {listed} differ from the run in {self.out}, and they change the optimisation; only "
+                f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE if k not in ('resume', 'overwrite'))} "
+                "may change on resume (start a new run in another --output-dir instead)")
         for key, now in (("mode", self.opts.mode), ("mode_options", self.plain_mode_options()),
                          ("model_config", ckpt_io.config_dict(self.model.config))):
             if ck[key] != now:
@@ -264,12 +279,19 @@ class Trainer:
 
     def run(self) -> dict:
         """Train, select on validation, test the selected model, write every report; returns metrics."""
+        folder = RunFolder(self.out, self.opts.resume, self.opts.overwrite) if self.ctx.is_main else None
+        try:
+            return self._run()
+        finally:
+            if folder is not None:
+                folder.release()
+
+    def _run(self) -> dict:
         opts, ctx = self.opts, self.ctx
         t0 = time.perf_counter()
         self.setup()
         if ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2) + "\n")
+            report.write_json(dataclasses.asdict(opts), self.out / "options.json")
         has_val = len(self.data.val_labels) > 0
         while self.epoch < opts.epochs:
             if opts.stop_after_epoch is not None and self.epoch >= opts.stop_after_epoch:
