@@ -16,7 +16,8 @@ from pathlib import Path
 
 from vit import get_config
 
-from .download import DownloadError, download_file
+from .atomic import atomic_write
+from .download import DownloadError, download_file, file_digest
 from .npz import CheckpointError, infer_config, read_npz
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,14 @@ def fetch_weights(name: str = "ViT-B_16", cache_dir=None, url: str | None = None
     info = KNOWN_WEIGHTS.get(key)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     dest = cache / (key if key.endswith(".npz") else f"{key}.npz")
+    sidecar = dest.with_name(dest.name + ".sha256")  # written for downloads without a published checksum
     if dest.is_file() and (info is None or info.sha256 is None):
-        return dest  # verified by structure when it was downloaded (or put there by hand)
+        if sidecar.is_file():  # tell a complete file from one truncated or changed since it was downloaded
+            want, _, want_size = sidecar.read_text().strip().partition(" ")
+            if dest.stat().st_size != int(want_size or -1) or file_digest(dest, "sha256") != want:
+                raise DownloadError(f"{dest} does not match the sha256 recorded when it was downloaded ({sidecar}): "
+                                    "it is truncated or was changed; delete both to download it again")
+        return dest  # verified when it was downloaded (or put there by hand)
     if info is None and url is None:
         if name.endswith(".npz") or os.sep in name:
             raise DownloadError(f"checkpoint file {local} does not exist")
@@ -83,6 +90,9 @@ def fetch_weights(name: str = "ViT-B_16", cache_dir=None, url: str | None = None
                   desc=key)
     if info is not None and info.sha256 is None:
         _verify_structure(dest, info.config, source)
+    if info is None or info.sha256 is None:
+        with atomic_write(sidecar, "w") as f:
+            f.write(f"{file_digest(dest, 'sha256')} {dest.stat().st_size}\n")
     return dest
 
 

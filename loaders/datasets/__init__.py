@@ -34,6 +34,9 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
     "_" optional) or from an image folder path. `root` defaults to $VIT_PEFT_DATA or ~/.cache/vit-peft/data.
     With download=False a missing dataset raises DataNotFoundError saying where to put the files."""
     check_split(split)
+    if not str(name).strip():
+        raise DataNotFoundError("no dataset given (empty name): expected one of "
+                                f"{', '.join(DATASETS)} or a folder path")
     key = _ALIASES.get(str(name).lower().replace("-", "").replace("_", ""))
     if key in CIFAR_ARCHIVES:
         return load_cifar(key, root, split, download)

@@ -7,8 +7,8 @@ Debian's recompressed .gz files both pass.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +36,28 @@ FASHION_MNIST_SYSTEM_DIRS = [Path("/usr/share/datasets/fashion-mnist")]
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def _read_maybe_gzip(path: Path) -> bytes:
-    raw = Path(path).read_bytes()
+MAX_IDX_BYTES = 64 << 20  # the largest Fashion-MNIST file decompresses to 47,040,016 bytes
+
+
+def _read_maybe_gzip(path: Path, limit: int = MAX_IDX_BYTES) -> bytes:
+    """The file's bytes, gunzipped if it is gzip; a stream that would decompress past ``limit`` (a gzip bomb or
+    not an idx file) or is corrupt is a DatasetError naming the file."""
+    with open(path, "rb") as f:
+        raw = f.read(limit + 1)
     if raw[:2] != b"\x1f\x8b":
+        if len(raw) > limit:
+            raise DatasetError(f"{path}: larger than {limit:,} bytes, too large for a Fashion-MNIST idx file")
         return raw
+    inflate = zlib.decompressobj(wbits=31)  # gzip framing
     try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DatasetError(f"{path}: corrupt gzip data ({type(e).__name__}: {e})") from e
+        data = inflate.decompress(raw, limit + 1)
+        if len(data) > limit or inflate.unconsumed_tail:
+            raise DatasetError(f"{path}: decompresses to more than {limit:,} bytes; not a Fashion-MNIST idx file")
+        if not inflate.eof:
+            raise DatasetError(f"{path}: corrupt gzip data (the stream ends early: truncated file?)")
+    except zlib.error as e:
+        raise DatasetError(f"{path}: corrupt gzip data ({e})") from e
+    return data
 
 
 def parse_idx(data: bytes, source: str = "idx data", ndim: int | None = None) -> np.ndarray:
