@@ -54,6 +54,7 @@ _lock = threading.Lock()
 _extension = None
 _failure: str | None = None  # why the kernel is never used in this process (build error, failed self-test)
 _warned: set[str] = set()
+_host_build = None  # a host (CPU) build of the kernel source, installed by the tests: CPU tensors then use it
 
 
 class KernelUnavailableError(RuntimeError):
@@ -185,12 +186,27 @@ def _check_close(what: str, got: torch.Tensor, want: torch.Tensor, tol: float) -
                             f"(max error {err:.2e} relative to the largest value, tolerance {tol:.0e})")
 
 
+@contextlib.contextmanager
+def use_host_build(ext):
+    """Inside the ``with``, CPU tensors take the fused path through ``ext``, a build of ``rlrr_kernel.cu`` for the
+    host (``tests/kernel_host``: CUDA emulated on the CPU). This is how the tests execute the kernel's own source
+    on machines without a GPU; nothing else installs one."""
+    global _host_build
+    previous, _host_build = _host_build, ext
+    try:
+        yield ext
+    finally:
+        _host_build = previous
+
+
 def describe(device) -> str:
     """Which RLRR path layers on ``device`` take under the current backend, and why (builds the kernel if needed)."""
     device = torch.device(device)
     backend = get_backend()
     if backend == "torch":
         return f"PyTorch path ({ENV_VAR}=torch)"
+    if device.type == "cpu" and _host_build is not None:
+        return "fused kernel (a host build of the CUDA source, as the tests install)"
     if device.type != "cuda":
         return f"PyTorch path (tensors on {device.type}; the kernel is CUDA only)"
     try:
@@ -230,6 +246,8 @@ def use_kernel(x: torch.Tensor, weight: torch.Tensor, rank: int, dtype: torch.dt
     if unsupported is not None:  # a limit of the kernel, not of the machine: fall back in both modes
         _warn_once(f"unsupported:{unsupported}", f"RLRR kernel does not handle {unsupported}; using PyTorch")
         return False
+    if _host_build is not None and not x.is_cuda and not weight.is_cuda:
+        return True
     if not (x.is_cuda and weight.is_cuda):
         if backend == "cuda":
             raise KernelUnavailableError(
@@ -248,8 +266,11 @@ def use_kernel(x: torch.Tensor, weight: torch.Tensor, rank: int, dtype: torch.dt
 
 def rlrr_weight(weight: torch.Tensor, s_out: torch.Tensor, s_in: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """W ⊙ (1 + s_out @ s_in) as a new (out, in) tensor of ``dtype``, computed by the CUDA kernel."""
-    ext = load_extension()
     out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    if not weight.is_cuda and _host_build is not None:
+        _host_build.rlrr_weight_out(weight, s_out, s_in, out, 0)
+        return out
+    ext = load_extension()
     with torch.cuda.device(weight.device):
         ext.rlrr_weight_out(weight, s_out, s_in, out, torch.cuda.current_stream().cuda_stream)
     return out
@@ -258,6 +279,8 @@ def rlrr_weight(weight: torch.Tensor, s_out: torch.Tensor, s_in: torch.Tensor, d
 def rlrr_grad_scales(grad_weight: torch.Tensor, weight: torch.Tensor, s_out: torch.Tensor,
                      s_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(∂s_out (out, r), ∂s_in (r, in)) in float32 from G = dYᵀX and W, computed by the CUDA kernel."""
+    if not weight.is_cuda and _host_build is not None:
+        return _host_build.rlrr_grad_scales(grad_weight, weight, s_out, s_in, 0)
     ext = load_extension()
     with torch.cuda.device(weight.device):
         grad_s_out, grad_s_in = ext.rlrr_grad_scales(grad_weight, weight, s_out, s_in,
@@ -266,5 +289,6 @@ def rlrr_grad_scales(grad_weight: torch.Tensor, weight: torch.Tensor, s_out: tor
 
 
 __all__ = ["BACKENDS", "ENV_VAR", "KernelUnavailableError", "MAX_RANK", "SelfTestError", "describe", "get_backend",
+           "use_host_build",
            "kernel_available", "load_extension", "rlrr_grad_scales", "rlrr_weight", "self_test", "set_backend",
            "use_kernel"]
