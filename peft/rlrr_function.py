@@ -51,7 +51,7 @@ class RLRRLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, s_out, s_in, f):
         dtype = _compute_dtype(x)
-        fused = kernels.use_kernel(x, weight, s_out.shape[1], dtype)
+        fused = kernels.use_kernel(x.device.type, weight.device.type, s_out.shape[1], dtype, weight.dtype)
         with _autocast_off(x.device.type):
             xc = x.to(dtype)  # no copy when x already has the compute dtype
             build = kernels.rlrr_weight if fused else rlrr_weight
@@ -68,13 +68,16 @@ class RLRRLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         xc, weight, s_out, s_in = ctx.saved_tensors
+        # The kernels' outputs carry no autograd graph, so a graph of this backward (create_graph=True, e.g. a
+        # gradient penalty) is built on the PyTorch path, which is differentiable; otherwise terms would drop.
+        fused = ctx.fused and not torch.is_grad_enabled()
         need_x, need_w, need_b, need_so, need_si, need_f = ctx.needs_input_grad
         dtype = xc.dtype
         grad_x = grad_w = grad_b = grad_so = grad_si = grad_f = None
         with _autocast_off(grad_y.device.type):
             dy = grad_y.to(dtype)
             if need_x:
-                build = kernels.rlrr_weight if ctx.fused else rlrr_weight
+                build = kernels.rlrr_weight if fused else rlrr_weight
                 w_eff = build(weight, s_out, s_in, dtype)
                 grad_x = (dy @ w_eff).to(ctx.x_dtype)  # (..., in)
                 del w_eff
@@ -83,7 +86,7 @@ class RLRRLinearFunction(torch.autograd.Function):
                 x2 = xc.reshape(-1, xc.shape[-1])  # (M, in)
                 g = dy2.t() @ x2  # (out, in): the full weight gradient, from cuBLAS
                 if need_so or need_si:
-                    if ctx.fused:
+                    if fused:
                         grad_so, grad_si = kernels.rlrr_grad_scales(g, weight, s_out, s_in)
                     else:
                         grad_so, grad_si = rlrr_scale_grads(g, weight, s_out, s_in)

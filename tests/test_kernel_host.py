@@ -10,6 +10,7 @@ fail when the kernel is wrong. Skipped only where no C++ compiler exists.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -146,3 +147,63 @@ def test_the_tests_catch_a_wrong_kernel(name, monkeypatch):
             except AssertionError:
                 failures += 1
     assert failures > 0, f"the mutant {name!r} passed every check"
+
+
+def _layer(rank=1):
+    from torch import nn
+
+    from peft.rlrr import RLRRLinear
+
+    torch.manual_seed(0)
+    return RLRRLinear(nn.Linear(45, 67), rank=rank)
+
+
+@pytest.mark.parametrize("path", ["torch", "fused"])
+def test_an_rlrr_layer_compiles_with_zero_graph_breaks(host, path):
+    import torch._dynamo
+
+    layer = _layer(rank=2)
+    x = torch.randn(3, 45, requires_grad=True)
+
+    def step(x):
+        return layer(x).square().sum()
+
+    torch._dynamo.reset()
+    kernels.set_backend("torch" if path == "torch" else "cuda")
+    try:
+        with kernels.use_host_build(host) if path == "fused" else contextlib.nullcontext():
+            explanation = torch._dynamo.explain(step)(x)
+            compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+            loss = compiled(x)
+            loss.backward()
+            expected = layer(x.detach().requires_grad_()).square().sum()
+    finally:
+        kernels.set_backend(None)
+        torch._dynamo.reset()
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert layer.s_out.grad is not None and layer.s_in.grad is not None
+
+
+def test_a_graph_of_the_fused_backward_keeps_every_term(host):
+    """A gradient penalty (create_graph=True) through the fused path equals the naive formula's, instead of
+    silently dropping the terms that run through the kernels' outputs."""
+    torch.manual_seed(1)
+    x = torch.randn(4, 45, requires_grad=True)
+    w, b = torch.randn(67, 45), torch.randn(67)
+    s_out, s_in = torch.randn(67, 1, requires_grad=True), torch.randn(1, 45, requires_grad=True)
+    f = torch.zeros(67, requires_grad=True)
+
+    def penalty(fn):
+        gx, = torch.autograd.grad(fn(x).tanh().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (s_out, s_in))
+
+    naive = penalty(lambda x: torch.nn.functional.linear(x, w * (1 + s_out @ s_in), b + f))
+    kernels.set_backend("cuda")
+    try:
+        with kernels.use_host_build(host):
+            fused = penalty(lambda x: RLRRLinearFunction.apply(x, w, b, s_out, s_in, f))
+    finally:
+        kernels.set_backend(None)
+    for a, c in zip(fused, naive):
+        assert ((a - c).norm() / c.norm()).item() < 1e-5

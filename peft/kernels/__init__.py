@@ -233,25 +233,29 @@ def _warn_once(key: str, message: str) -> None:
         log.warning(message)
 
 
-def use_kernel(x: torch.Tensor, weight: torch.Tensor, rank: int, dtype: torch.dtype) -> bool:
-    """Decide, for one call, whether the fused kernel runs (True) or the PyTorch path (False)."""
+def use_kernel(x_device: str, weight_device: str, rank: int, dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """Decide whether the fused kernel runs (True) or the PyTorch path (False), from plain values only.
+
+    Under ``torch.compile`` this is evaluated once at trace time and its answer baked into the graph
+    (``assume_constant_result``), so the decision itself causes no graph break.
+    """
     backend = get_backend()
     if backend == "torch":
         return False
     unsupported = None
     if rank > MAX_RANK:
         unsupported = f"rank {rank} > {MAX_RANK}"
-    elif dtype not in KERNEL_DTYPES or weight.dtype not in KERNEL_DTYPES:
-        unsupported = f"dtype {dtype} / weight dtype {weight.dtype}"
+    elif dtype not in KERNEL_DTYPES or weight_dtype not in KERNEL_DTYPES:
+        unsupported = f"dtype {dtype} / weight dtype {weight_dtype}"
     if unsupported is not None:  # a limit of the kernel, not of the machine: fall back in both modes
         _warn_once(f"unsupported:{unsupported}", f"RLRR kernel does not handle {unsupported}; using PyTorch")
         return False
-    if _host_build is not None and not x.is_cuda and not weight.is_cuda:
+    if _host_build is not None and x_device == weight_device == "cpu":
         return True
-    if not (x.is_cuda and weight.is_cuda):
+    if not (x_device == weight_device == "cuda"):
         if backend == "cuda":
             raise KernelUnavailableError(
-                f"{ENV_VAR}=cuda but the RLRR layer runs on {x.device}/{weight.device}; move the model and "
+                f"{ENV_VAR}=cuda but the RLRR layer runs on {x_device}/{weight_device}; move the model and "
                 f"inputs to CUDA or set {ENV_VAR}=auto or torch")
         return False  # auto on the CPU: the PyTorch path is the only one, nothing to warn about
     try:
@@ -264,28 +268,60 @@ def use_kernel(x: torch.Tensor, weight: torch.Tensor, rank: int, dtype: torch.dt
     return True
 
 
-def rlrr_weight(weight: torch.Tensor, s_out: torch.Tensor, s_in: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """W ⊙ (1 + s_out @ s_in) as a new (out, in) tensor of ``dtype``, computed by the CUDA kernel."""
+if hasattr(torch, "compiler") and hasattr(torch.compiler, "assume_constant_result"):
+    use_kernel = torch.compiler.assume_constant_result(use_kernel)
+
+
+# ── the kernels as torch.library custom ops: opaque to torch.compile, with shape-only fake implementations ──
+# One namespace per import name, so that a checkout's `peft` and an installed `vit_peft` never register twice.
+OPS = "vit_peft" if __name__.split(".")[0] == "vit_peft" else f"vit_peft_{__name__.split('.')[0]}"
+
+
+def _extension_for(t: torch.Tensor):
+    return _host_build if not t.is_cuda and _host_build is not None else load_extension()
+
+
+def _stream_of(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+@torch.library.custom_op(f"{OPS}::rlrr_weight", mutates_args=())
+def _rlrr_weight_op(weight: torch.Tensor, s_out: torch.Tensor, s_in: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    if not weight.is_cuda and _host_build is not None:
-        _host_build.rlrr_weight_out(weight, s_out, s_in, out, 0)
-        return out
-    ext = load_extension()
-    with torch.cuda.device(weight.device):
-        ext.rlrr_weight_out(weight, s_out, s_in, out, torch.cuda.current_stream().cuda_stream)
+    _extension_for(weight).rlrr_weight_out(weight, s_out, s_in, out, _stream_of(weight))
     return out
+
+
+@_rlrr_weight_op.register_fake
+def _(weight, s_out, s_in, dtype):
+    return weight.new_empty(weight.shape, dtype=dtype)
+
+
+@torch.library.custom_op(f"{OPS}::rlrr_grad_scales", mutates_args=())
+def _rlrr_grad_scales_op(grad_weight: torch.Tensor, weight: torch.Tensor, s_out: torch.Tensor,
+                         s_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_s_out, grad_s_in = _extension_for(weight).rlrr_grad_scales(grad_weight, weight, s_out, s_in,
+                                                                     _stream_of(weight))
+    return grad_s_out, grad_s_in
+
+
+@_rlrr_grad_scales_op.register_fake
+def _(grad_weight, weight, s_out, s_in):
+    rows, cols, rank = weight.shape[0], weight.shape[1], s_out.shape[1]
+    return weight.new_empty((rows, rank), dtype=torch.float32), weight.new_empty((rank, cols), dtype=torch.float32)
+
+
+def rlrr_weight(weight: torch.Tensor, s_out: torch.Tensor, s_in: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W ⊙ (1 + s_out @ s_in) as a new (out, in) tensor of ``dtype``, computed by the fused kernel (a custom op)."""
+    with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():
+        return _rlrr_weight_op(weight, s_out, s_in, dtype)
 
 
 def rlrr_grad_scales(grad_weight: torch.Tensor, weight: torch.Tensor, s_out: torch.Tensor,
                      s_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(∂s_out (out, r), ∂s_in (r, in)) in float32 from G = dYᵀX and W, computed by the CUDA kernel."""
-    if not weight.is_cuda and _host_build is not None:
-        return _host_build.rlrr_grad_scales(grad_weight, weight, s_out, s_in, 0)
-    ext = load_extension()
-    with torch.cuda.device(weight.device):
-        grad_s_out, grad_s_in = ext.rlrr_grad_scales(grad_weight, weight, s_out, s_in,
-                                                     torch.cuda.current_stream().cuda_stream)
-    return grad_s_out, grad_s_in
+    """(∂s_out (out, r), ∂s_in (r, in)) in float32 from G = dYᵀX and W, computed by the fused kernel."""
+    with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():
+        return _rlrr_grad_scales_op(grad_weight, weight, s_out, s_in)
 
 
 __all__ = ["BACKENDS", "ENV_VAR", "KernelUnavailableError", "MAX_RANK", "SelfTestError", "describe", "get_backend",

@@ -58,13 +58,14 @@ void check_status(int status, const char* what) {
 
 }  // namespace
 
-// `stream` is a cudaStream_t as an integer (torch.cuda.current_stream().cuda_stream); the caller has made
-// the tensors' device current.
+// `stream` is a cudaStream_t as an integer: the current stream of the weight's device, read by the custom op
+// (peft/kernels/__init__.py) when it runs, not when a graph is traced. The device guard makes that device current.
 
 // W' = W ⊙ (1 + s_out s_in), written into `out` (same shape as W; float32, float16 or bfloat16).
 void rlrr_weight_out(const torch::Tensor& weight, const torch::Tensor& s_out, const torch::Tensor& s_in,
                      torch::Tensor out, int64_t stream) {
     const int rank = check_inputs(weight, s_out, s_in);
+    const c10::DeviceGuard guard(weight.device());  // the launch goes to the weight's device, whatever is current
     TORCH_CHECK(out.is_cuda() && out.device() == weight.device() && out.sizes() == weight.sizes() &&
                     out.is_contiguous(),
                 "RLRR kernel: out must be a contiguous CUDA tensor shaped like the weight");
@@ -82,6 +83,7 @@ std::vector<torch::Tensor> rlrr_grad_scales(const torch::Tensor& grad_weight, co
                                             const torch::Tensor& s_out, const torch::Tensor& s_in,
                                             int64_t stream) {
     const int rank = check_inputs(weight, s_out, s_in);
+    const c10::DeviceGuard guard(weight.device());
     TORCH_CHECK(grad_weight.is_cuda() && grad_weight.device() == weight.device() &&
                     grad_weight.sizes() == weight.sizes(),
                 "RLRR kernel: the weight gradient must be a CUDA tensor shaped like the weight, got ",
