@@ -32,7 +32,8 @@ class AdaptFormerBlock(Adapter, nn.Module):
         super().__init__()
         if dim < 1:
             raise ValueError(f"adaptformer_dim must be at least 1, got {dim}")
-        self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
+        for name, child in block.named_children():  # norm1, attn, norm2, mlp (+ drop paths): shared, same names
+            self.add_module(name, child)
         width = block.norm1.normalized_shape[0]
         ref = block.norm1.weight
         self.adapter_down = nn.Linear(width, dim, device=ref.device, dtype=ref.dtype)
@@ -45,9 +46,10 @@ class AdaptFormerBlock(Adapter, nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D)
-        x = x + self.attn(self.norm1(x))
+        drop1, drop2 = getattr(self, "drop_path1", nn.Identity()), getattr(self, "drop_path2", nn.Identity())
+        x = x + drop1(self.attn(self.norm1(x)))
         branch = self.adapter_up(self.adapter_dropout(F.relu(self.adapter_down(x))))
-        return x + self.mlp(self.norm2(x)) + self.scale * branch
+        return x + drop2(self.mlp(self.norm2(x))) + self.scale * branch
 
     def merge(self) -> nn.Module:
         raise NotMergeableError("AdaptFormer cannot be merged: its adapter has a ReLU between the two projections, "

@@ -5,8 +5,8 @@
 """
 
 from .config import CONFIGS, ViTConfig, get_config
-from .model import (Attention, EncoderBlock, Mlp, VisionTransformer, record_attention, resample_pos_embed,
-                    set_fused_attention)
+from .model import (Attention, DropPath, EncoderBlock, Mlp, VisionTransformer, record_attention, resample_pos_embed,
+                    set_drop_path, set_fused_attention)
 
-__all__ = ["CONFIGS", "ViTConfig", "get_config", "Attention", "EncoderBlock", "Mlp", "VisionTransformer",
-           "record_attention", "resample_pos_embed", "set_fused_attention"]
+__all__ = ["CONFIGS", "ViTConfig", "get_config", "Attention", "DropPath", "EncoderBlock", "Mlp", "VisionTransformer",
+           "record_attention", "resample_pos_embed", "set_drop_path", "set_fused_attention"]

@@ -23,9 +23,13 @@ class ViTConfig:
     representation_size: int | None = None  # width of the Dense+tanh "pre_logits" layer (i21k files), or None
     dropout_rate: float = 0.0  # dropout after the embeddings, inside the MLP and on the attention output
     attention_dropout_rate: float = 0.0  # dropout on the attention probabilities
+    drop_path_rate: float = 0.0  # largest residual-branch drop rate (last block), rising linearly from 0 at block 0
+    drop_path_mode: str = "sample"  # sample: stochastic depth (a sample's whole branch) | element: per element
     in_channels: int = 3
 
     def __post_init__(self):
+        if self.drop_path_mode not in ("sample", "element"):
+            raise ValueError(f"drop_path_mode must be 'sample' or 'element', got {self.drop_path_mode!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.image_size % self.patch_size:

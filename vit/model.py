@@ -89,20 +89,52 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
-class EncoderBlock(nn.Module):
-    """Pre-norm Transformer block: x + attn(norm1(x)), then + mlp(norm2(x))."""
+class DropPath(nn.Module):
+    """Randomly drop a residual branch while training, scaled by 1/(1-p) (identity in eval mode or at p = 0).
 
-    def __init__(self, config: ViTConfig):
+    mode "sample": stochastic depth (Huang et al., ECCV 2016; timm's DropPath): each sample's whole branch is kept
+    or dropped. mode "element": every element independently, i.e. plain dropout on the branch, which is what the
+    official RLRR code applies under the name drop_path.
+    """
+
+    def __init__(self, p: float = 0.0, mode: str = "sample"):
+        super().__init__()
+        self.p, self.mode = p, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.mode == "element":
+            return F.dropout(x, self.p, training=True)
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, mode={self.mode}"
+
+
+def drop_path_rates(config: ViTConfig) -> list[float]:
+    """Per-block drop-path rates, rising linearly from 0 (first block) to ``drop_path_rate`` (last block)."""
+    n = config.num_layers
+    return [config.drop_path_rate * i / max(n - 1, 1) for i in range(n)]
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm1(x)), then + mlp(norm2(x)) (each branch through drop-path)."""
+
+    def __init__(self, config: ViTConfig, drop_path: float = 0.0):
         super().__init__()
         d = config.hidden_size
         self.norm1 = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
         self.attn = Attention(d, config.num_heads, config.attention_dropout_rate, config.dropout_rate)
+        self.drop_path1 = DropPath(drop_path, config.drop_path_mode)
         self.norm2 = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(d, config.mlp_dim, config.dropout_rate)
+        self.drop_path2 = DropPath(drop_path, config.drop_path_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class VisionTransformer(nn.Module):
@@ -117,7 +149,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.num_patches, d))
         self.pos_drop = nn.Dropout(config.dropout_rate)
-        self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(EncoderBlock(config, p) for p in drop_path_rates(config))
         self.norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
         # Only the original ImageNet-21k checkpoints have this Dense+tanh layer before the head.
         rep = config.representation_size
@@ -173,6 +205,15 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def set_drop_path(model: nn.Module, rate: float, mode: str = "sample") -> None:
+    """Set the model's drop-path (rate of the last block, linear from 0; ``mode`` "sample" or "element")."""
+    model.config = model.config.replace(drop_path_rate=rate, drop_path_mode=mode)
+    for block, p in zip(model.blocks, drop_path_rates(model.config)):
+        for m in block.modules():
+            if isinstance(m, DropPath):
+                m.p, m.mode = p, mode
 
 
 def set_fused_attention(model: nn.Module, fused: bool) -> None:

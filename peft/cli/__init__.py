@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import sys
 
-from . import attention_map, benchmark, evaluate, finetune, patch_filters, pos_embed, predict, quickstart
+from . import attention_map, benchmark, evaluate, finetune, patch_filters, pos_embed, predict, quickstart, vtab
 
 COMMANDS = {"finetune": finetune, "evaluate": evaluate, "predict": predict, "quickstart": quickstart,
             "attention-map": attention_map, "pos-embed": pos_embed, "patch-filters": patch_filters,
-            "benchmark": benchmark}
+            "benchmark": benchmark, "vtab": vtab}
 
 
 def main(argv=None) -> int:

@@ -36,12 +36,15 @@ def build_model(opts: FinetuneOptions, num_classes: int, weights: tuple[Path, st
             overrides["image_size"] = opts.image_size
         if opts.dropout is not None:
             overrides.update(dropout_rate=opts.dropout)
+        overrides.update(drop_path_rate=opts.drop_path, drop_path_mode=opts.drop_path_mode)
         model = vit.VisionTransformer(vit.get_config(opts.model, **overrides))
         return model, None
     path, name = weights or resolve_weights(opts.weights)
     model = load_npz(path, num_classes=num_classes, image_size=opts.image_size, resize=opts.pos_embed_resize)
     if opts.dropout is not None:
         set_dropout(model, opts.dropout)
+    if opts.drop_path:
+        vit.set_drop_path(model, opts.drop_path, opts.drop_path_mode)
     base = {"name": name, "path": str(path.resolve()), "sha256": file_digest(path, "sha256"),
             "pos_embed_resize": opts.pos_embed_resize}
     return model, base
@@ -50,6 +53,6 @@ def build_model(opts: FinetuneOptions, num_classes: int, weights: tuple[Path, st
 def set_dropout(model, rate: float) -> None:
     """Change every dropout rate (a fresh config records it too); attention-probability dropout is left as is."""
     for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Dropout) and not name.endswith("attn_drop"):
+        if isinstance(m, torch.nn.Dropout) and not name.endswith("attn_drop"):  # not DropPath: see set_drop_path
             m.p = rate
     model.config = model.config.replace(dropout_rate=rate)

@@ -1,8 +1,10 @@
 """The options of one fine-tuning run, with their defaults and the checks that make them fail early.
 
-Recipe (after the RLRR paper's official VTAB code, Dong et al., CVPR 2024): AdamW, linear warmup then cosine
-decay per optimizer step, no weight decay on biases, norm parameters and adapter/SSF vectors, inputs at
-mean = std = 0.5, bf16 autocast on GPU. Each field's trailing comment is its ``--help`` text.
+The project's recipe: AdamW, linear warmup then cosine decay per optimizer step, weight decay on weight matrices
+only (never on biases, norm parameters, CLS/positions or adapter/SSF vectors; the official RLRR code decays some
+of those, see ``decay_groups``), inputs at mean = std = 0.5, bf16 autocast on GPU. ``--recipe rlrr-official``
+takes the official RLRR code's per-task settings for VTAB-1k and FGVC instead (:func:`apply_recipe`). Each
+field's trailing comment is its ``--help`` text.
 """
 
 from __future__ import annotations
@@ -15,20 +17,29 @@ from pathlib import Path
 from vit.model import RESIZE_METHODS
 
 from loaders.datasets import parse_class_spec
+from loaders.datasets.fgvc import FGVC_SETS
+from loaders.datasets.vtab import task_info
 
 from ..modes import MODES, get_method
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PROTOCOLS = ("final", "tune")
+RECIPES = ("project", "rlrr-official")
+DECAY_GROUPS = ("project", "official")
 SCRATCH_LR = 1e-3  # training from scratch (--weights none): nothing pretrained to preserve
 
 
 @dataclass
 class FinetuneOptions:
-    CHOICES: typing.ClassVar[dict] = {"mode": MODES, "precision": PRECISIONS, "pos_embed_resize": RESIZE_METHODS}
+    CHOICES: typing.ClassVar[dict] = {"mode": MODES, "precision": PRECISIONS, "pos_embed_resize": RESIZE_METHODS,
+                                      "protocol": PROTOCOLS, "recipe": RECIPES, "decay_groups": DECAY_GROUPS,
+                                      "drop_path_mode": ("sample", "element")}
     mode: str = "rlrr"  # what trains: one of the registered methods (peft/modes.py)
     weights: str = "ViT-B_16"  # base weights: a .npz path, a known name (downloaded once, cached), or none
     model: str = "ViT-B/16"  # model preset for --weights none (training from scratch); else the .npz decides
-    data: str = "cifar10"  # cifar10 | cifar100 | fashion_mnist | tiny_imagenet | an image folder (class/x.png)
+    data: str = "cifar10"  # cifar10 | cifar100 | fashion_mnist | tiny_imagenet | vtab-1k:TASK | fgvc:NAME | a folder
+    protocol: str = "final"  # vtab-1k: final (train800val200, test once at the end) | tune (train800, select on val200)
+    recipe: str = "project"  # project | rlrr-official (the official per-task recipe of vtab-1k/fgvc; see README)
     data_root: typing.Optional[str] = None  # where datasets are cached (default $VIT_PEFT_DATA or ~/.cache)
     classes: typing.Optional[str] = None  # train/test on a class subset, e.g. 0-4 or 1,3,5 (relabelled 0..k-1)
     image_size: typing.Optional[int] = None  # input resolution (default: the weights' own, 224 for Google's)
@@ -37,15 +48,22 @@ class FinetuneOptions:
     max_train_samples: typing.Optional[int] = None  # use a random subset of the training split (quick runs)
     max_eval_samples: typing.Optional[int] = None  # cap validation and test sets (quick runs)
     epochs: int = 5  # passes over the training split
-    warmup_epochs: float = 1.0  # linear warmup length, then cosine decay to zero
+    warmup_epochs: float = 1.0  # linear warmup length, then cosine decay to --min-lr
+    warmup_lr: float = 0.0  # learning rate the warmup starts from (the official recipe: 1e-7)
+    min_lr: float = 0.0  # learning rate the cosine ends at (the official recipe: 1e-8)
     batch_size: int = 128  # global batch per optimizer step (split over processes and --grad-accum)
     grad_accum: int = 1  # micro-batches per optimizer step (same result, less memory)
     lr: typing.Optional[float] = None  # peak learning rate (default: the mode's, peft.modes)
-    weight_decay: typing.Optional[float] = None  # AdamW decay on matrices (default 5e-5, official; 0.05 scratch)
+    weight_decay: typing.Optional[float] = None  # AdamW decay (default 5e-5, the official rate; 0.05 from scratch)
+    decay_groups: str = "project"  # what decays: project (matrices only) | official (RLRR code: s_in, s_out, patch SSF, head)
     clip_grad: float = 1.0  # clip the global gradient norm (0: off)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
-    augment: bool = True  # random crop (reflect padding) and horizontal flip of training images
-    dropout: typing.Optional[float] = None  # override the model's dropout rate (the official RLRR recipe: 0.1)
+    augment: bool = True  # augment training images (--crop, --flip)
+    crop: bool = True  # with --augment: random crop after reflect padding by size/8
+    flip: bool = True  # with --augment: random horizontal flip
+    dropout: typing.Optional[float] = None  # override the model's dropout rate
+    drop_path: float = 0.0  # residual-branch drop rate of the last block (linear from 0 at the first)
+    drop_path_mode: str = "sample"  # sample: stochastic depth | element: per-element dropout (what the RLRR code does)
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp16 (with GradScaler) | fp32
     seed: int = 42  # seeds every random stream (the official recipe uses 42)
     device: str = "auto"  # auto | cpu | cuda | cuda:1 (under torchrun each process takes GPU LOCAL_RANK)
@@ -148,6 +166,17 @@ def check_options(opts: FinetuneOptions) -> None:
         if value < lo or (hi is not None and value >= hi) or (flag == "--lr" and value == 0) or value != value:
             bounds = f"in [{lo}, {hi})" if hi is not None else ("positive" if flag == "--lr" else "at least 0")
             raise OptionsError(f"{flag} must be {bounds}, got {value}")
+    if not 0 <= opts.drop_path < 1:
+        raise OptionsError(f"--drop-path must be in [0, 1), got {opts.drop_path}")
+    if opts.warmup_lr < 0 or opts.min_lr < 0:
+        raise OptionsError("--warmup-lr and --min-lr must be at least 0")
+    if opts.data.startswith(("vtab-1k:", "fgvc:")):
+        try:
+            benchmark_task(opts.data)
+        except ValueError as e:  # DataNotFoundError: unknown task
+            raise OptionsError(f"--data {opts.data}: {e}") from None
+        if opts.classes:
+            raise OptionsError("--classes does not apply to vtab-1k/fgvc tasks (they are used whole)")
     problem = _device_problem(opts.device)
     if problem:
         raise OptionsError(problem)
@@ -172,3 +201,38 @@ def check_options(opts: FinetuneOptions) -> None:
         flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
         raise OptionsError(f"{flags} do(es) not apply to --mode {opts.mode}; its options are "
                            f"{', '.join('--' + k.replace('_', '-') for k in method.options) or 'none'}")
+
+
+def apply_recipe(opts: FinetuneOptions) -> FinetuneOptions:
+    """``--recipe rlrr-official``: the official RLRR code's recipe for the task of ``--data`` (vtab-1k:TASK or
+    fgvc:NAME): its lr (for --mode rlrr; other modes keep their own rate), weight decay and its grouping,
+    drop-path as element-wise dropout, horizontal flip on/off, no random crop, batch 32, 100 epochs with 10
+    warmup epochs from 1e-7 and a cosine to 1e-8, 224 px. A field the command line set to something other than
+    its default wins over the recipe."""
+    if opts.recipe == "project":
+        return opts
+    task = benchmark_task(opts.data)
+    if task is None:
+        raise OptionsError(f"--recipe {opts.recipe} needs --data vtab-1k:TASK or fgvc:NAME, got {opts.data!r}")
+    recipe = dict(batch_size=32, epochs=100, warmup_epochs=10.0, warmup_lr=1e-7, min_lr=1e-8, weight_decay=task.weight_decay,
+                  decay_groups="official", drop_path=task.drop_path, drop_path_mode="element", flip=task.flip, crop=False,
+                  image_size=224, clip_grad=0.0, seed=42)
+    if opts.mode == "rlrr":
+        recipe["lr"] = task.lr
+    defaults = FinetuneOptions()
+    changes = {k: v for k, v in recipe.items() if getattr(opts, k) == getattr(defaults, k)}
+    if "warmup_epochs" in changes:  # 10 of 100 epochs: a tenth of the run, also when --epochs shortens it
+        changes["warmup_epochs"] = 0.1 * changes.get("epochs", opts.epochs)
+    return dataclasses.replace(opts, **changes)
+
+
+def benchmark_task(data: str):
+    """The :class:`loaders.datasets.vtab.Task` of ``vtab-1k:TASK`` / ``fgvc:NAME`` (None for other data)."""
+    kind, _, name = data.partition(":")
+    if kind == "vtab-1k":
+        return task_info(name)
+    if kind == "fgvc":
+        if name not in FGVC_SETS:
+            raise OptionsError(f"--data fgvc:{name}: the FGVC sets are {', '.join(FGVC_SETS)}")
+        return FGVC_SETS[name].task
+    return None

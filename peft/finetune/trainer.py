@@ -33,7 +33,7 @@ from . import predict, report
 from .build import build_model, resolve_weights
 from .data import prepare_data
 from .optim import param_groups, warmup_cosine
-from .options import RESUMABLE, FinetuneOptions, changed_options, check_options
+from .options import RESUMABLE, FinetuneOptions, apply_recipe, changed_options, check_options
 from .rundir import RunFolder
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class Trainer:
     """One fine-tuning run. ``Trainer(opts).run()`` is what ``tools/finetune.py`` does."""
 
     def __init__(self, opts: FinetuneOptions, ctx: pdist.DistContext | None = None):
+        opts = apply_recipe(opts)
         check_options(opts)
         self.opts = opts
         self.ctx = ctx or pdist.init_distributed(opts.device)
@@ -112,16 +113,19 @@ class Trainer:
         log.info("trainable parameters: %s of %s (%.3f%%)", f"{self.trainable:,}", f"{self.total:,}",
                  100 * self.trainable / self.total)
         image_size = self.model.config.image_size
-        self.train_tf = BatchTransform(image_size, train=opts.augment)
+        self.train_tf = BatchTransform(image_size, train=opts.augment and (opts.crop or opts.flip),
+                                       crop_padding=None if opts.crop else 0, flip=opts.flip)
         self.eval_tf = BatchTransform(image_size, train=False)
 
         self.lr = opts.resolved_lr()
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, opts.resolved_weight_decay()), lr=self.lr,
+        groups = param_groups(self.model, opts.resolved_weight_decay(), opts.decay_groups)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr,
                                            betas=(0.9, 0.999))
         self.steps_per_epoch = math.ceil(len(self.data.train_labels) / opts.batch_size)
         self.total_steps = opts.epochs * self.steps_per_epoch
         warmup = min(self.total_steps, round(opts.warmup_epochs * self.steps_per_epoch))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(warmup, self.total_steps))
+        schedule = warmup_cosine(warmup, self.total_steps, opts.warmup_lr / self.lr, opts.min_lr / self.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.amp_dtype = pdist.autocast_dtype(opts.precision, ctx.device)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
         self.generators = {
@@ -320,11 +324,19 @@ class Trainer:
         opts, ctx = self.opts, self.ctx
         best = ckpt_io.load_checkpoint(self.out / ckpt_io.BEST)
         load_trainable_state(self.model, best["state_dict"], self.full, str(self.out / ckpt_io.BEST))
-        probs, test = self.evaluate(self.data.test_images, self.data.test_labels, desc="test")
+        # Test once, on the model validation (or the last epoch) chose; without a test split (tuning) the final
+        # report is the validation split's.
+        has_test = len(self.data.test_labels) > 0
+        split = "test" if has_test else "val"
+        images, labels = ((self.data.test_images, self.data.test_labels) if has_test else
+                          (self.data.val_images, self.data.val_labels))
+        probs, test = self.evaluate(images, labels, desc=split)
         metrics = {
             "mode": opts.mode, "mode_options": self.plain_mode_options(),
             "data": opts.data, "classes": opts.classes, "weights": opts.weights,
-            "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+            "test_accuracy": test["accuracy"] if has_test else None, "test_loss": test["loss"] if has_test else None,
+            "splits": self.data.splits, "selected_on": self.data.splits["val"] or "last epoch (no validation split)",
+            "protocol": opts.protocol, "recipe": opts.recipe,
             "val_accuracy": best["best_val_accuracy"], "best_epoch": best["epoch"],
             "trainable_parameters": self.trainable, "total_parameters": self.total,
             "epochs": self.epoch, "steps": self.step, "batch_size": opts.batch_size, "lr": self.lr,
@@ -335,13 +347,13 @@ class Trainer:
             "num_test": len(self.data.test_labels), "device": str(ctx.device),
         }
         if ctx.is_main:
-            summary = report.write_evaluation_report(self.out, probs.numpy(), self.data.test_labels.cpu().numpy(),
-                                                         self.data.classes, self.history, prefix="test")
-            metrics.update(test_macro_f1=summary["macro_f1"], test_mean_auc=summary["mean_auc"])
+            summary = report.write_evaluation_report(self.out, probs.numpy(), labels.cpu().numpy(),
+                                                     self.data.classes, self.history, prefix=split)
+            metrics.update({f"{split}_macro_f1": summary["macro_f1"], f"{split}_mean_auc": summary["mean_auc"]})
             report.write_json(metrics, self.out / "metrics.json")
             if opts.export_npz:
                 export_npz(self.model, opts.export_npz)
-            log.info("test accuracy %.4f (best val %.4f at epoch %d); reports in %s", test["accuracy"],
+            log.info("%s accuracy %.4f (best val %.4f at epoch %d); reports in %s", split, test["accuracy"],
                      best["best_val_accuracy"], best["epoch"], self.out)
         pdist.barrier(ctx)
         return metrics

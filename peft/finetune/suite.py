@@ -1,0 +1,231 @@
+"""A benchmark suite as one command: every task × method × seed, resumable, with the paper's numbers beside ours.
+
+``run_suite(SuiteOptions(...))`` fine-tunes each (task, mode, seed) into ``<output-dir>/<task>/<mode>/seed-<s>``
+through the engine of ``tools/finetune.py`` (so each run keeps its own protocol: VTAB-1k "final" trains on
+train800val200 and tests once at the end; "tune" trains on train800 and selects and reports on val200; FGVC
+selects on val and reports test). A run whose ``metrics.json`` exists is finished and skipped on restart; one
+interrupted half-way resumes from its checkpoint. After every run the results are written again:
+``results.json`` (per task and mode, and a ``summary`` per mode: ``mean_of_tasks`` over the tasks run,
+``mean_of_groups`` over the Natural / Specialized / Structured means present, and the group means),
+``results.csv``, ``results.md`` (the RLRR paper's published rows beside ours, each mean named) and
+``results.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from loaders.datasets import load_dataset, select_classes
+from loaders.datasets.fgvc import FGVC_SETS
+from loaders.datasets.vtab import GROUPS, REHEARSAL_TASKS, VTAB_TASKS, task_info, write_vtab_task
+
+from ..modes import MODES
+from .options import FinetuneOptions, OptionsError
+from .trainer import run
+
+log = logging.getLogger(__name__)
+
+SUITES = ("vtab", "fgvc")
+# The RLRR paper (Dong et al., CVPR 2024), Tables 2-3, ViT-B/16 ImageNet-21k: VTAB-1k group means, the mean of
+# the 19 tasks, the mean of the three group means; FGVC mean of the five sets. None: not published there.
+PUBLISHED_VTAB = {  # mode: (Natural, Specialized, Structured, mean of 19 tasks, mean of group means)
+    "rlrr": (82.7, 85.8, 61.8, 74.5, 76.75), "lora": (79.5, 84.6, 59.8, 72.3, 74.6),
+    "ssf": (81.6, 86.6, 59.0, 73.1, 75.7), "full": (75.9, 83.4, 47.6, 65.6, 68.96),
+    "head": (68.9, 77.2, 26.9, 52.9, 57.6), "vpt": (None, None, None, 69.4, None),
+}
+PUBLISHED_FGVC = {"rlrr": 90.4, "ssf": 90.7, "lora": 89.5, "full": 88.5, "head": 79.3}
+
+
+@dataclass
+class SuiteOptions:
+    CHOICES = {"suite": SUITES, "protocol": ("final", "tune"), "recipe": ("project", "rlrr-official")}
+    data_root: str = ""  # folder with one sub-folder per VTAB-1k task, or VPT's FGVC folders
+    suite: str = "vtab"  # vtab | fgvc
+    tasks: str = "all"  # all, or comma-separated task names (vtab-1k tasks / fgvc: cub,nabirds,flowers,dogs,cars)
+    modes: str = "rlrr"  # comma-separated methods, or all
+    weights: str = "ViT-B_16"  # base weights (a .npz path or a known name)
+    output_dir: str = "runs/vtab"  # one folder per task/mode/seed, and the results files
+    protocol: str = "final"  # vtab-1k: final (train800val200 -> test once) | tune (train800 -> val200)
+    recipe: str = "rlrr-official"  # rlrr-official (the official per-task recipe) | project
+    epochs: int = 0  # 0: the recipe's (100)
+    seeds: str = "42"  # comma-separated seeds; results are their mean
+    image_size: int = 0  # 0: the recipe's (224)
+    batch_size: int = 0  # 0: the recipe's (32)
+    max_train_samples: int = 0  # 0: every image of the training list
+    rehearsal: bool = False  # the offline rehearsal: Fashion-MNIST cut VTAB-style into --data-root (tasks: fmnist_*)
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    progress: bool = True  # tqdm progress bars
+
+
+def task_names(o: SuiteOptions) -> list[str]:
+    known = list(FGVC_SETS) if o.suite == "fgvc" else list(REHEARSAL_TASKS if o.rehearsal else VTAB_TASKS)
+    names = known if o.tasks == "all" else [t.strip() for t in o.tasks.split(",") if t.strip()]
+    unknown = [t for t in names if t not in known and not (o.suite == "vtab" and t in REHEARSAL_TASKS)]
+    if unknown or not names:
+        raise OptionsError(f"--tasks: {', '.join(unknown) or 'none given'}; the {o.suite} tasks are {', '.join(known)}")
+    return names
+
+
+def mode_names(o: SuiteOptions) -> list[str]:
+    names = list(MODES) if o.modes == "all" else [m.strip() for m in o.modes.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODES]
+    if unknown or not names:
+        raise OptionsError(f"--modes: {', '.join(unknown) or 'none given'} is not one of {', '.join(MODES)} (or all)")
+    return names
+
+
+def make_rehearsal(root: Path, data_root=None) -> list[str]:
+    """Two VTAB-style tasks from real Fashion-MNIST (classes 0-4 and 5-9; 800/200/1000 images) under ``root``."""
+    names = []
+    for task, classes in (("fmnist_clothes", "0-4"), ("fmnist_shoes_bags", "5-9")):
+        folder = Path(root) / task
+        if not (folder / "test.txt").is_file():
+            train = select_classes(load_dataset("fashion_mnist", data_root, "train"), classes)
+            test = select_classes(load_dataset("fashion_mnist", data_root, "test"), classes)
+            write_vtab_task(folder, train, test, seed=len(names))
+        names.append(task)
+    return names
+
+
+def run_options(o: SuiteOptions, task: str, mode: str, seed: int, out: Path) -> FinetuneOptions:
+    data = f"fgvc:{task}" if o.suite == "fgvc" else f"vtab-1k:{task}"
+    kw = dict(mode=mode, weights=o.weights, data=data, data_root=o.data_root or None, protocol=o.protocol,
+              recipe=o.recipe, seed=seed, device=o.device, threads=o.threads or None, progress=o.progress,
+              output_dir=str(out), resume=(out / "checkpoint.pt").is_file())
+    for field in ("epochs", "image_size", "batch_size", "max_train_samples"):
+        if getattr(o, field):
+            kw[field] = getattr(o, field)
+    return FinetuneOptions(**kw)
+
+
+def run_suite(o: SuiteOptions) -> dict:
+    """Every requested task × mode × seed (finished ones skipped), then the results files."""
+    if o.rehearsal:
+        if not o.data_root:
+            raise OptionsError("--rehearsal writes its Fashion-MNIST tasks into --data-root: give one")
+        make_rehearsal(Path(o.data_root))
+    tasks, modes = task_names(o), mode_names(o)
+    try:
+        seeds = [int(s) for s in o.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise OptionsError(f"--seeds {o.seeds!r}: expected comma-separated integers") from None
+    out = Path(o.output_dir)
+    rows = []
+    for task in tasks:
+        for mode in modes:
+            for seed in seeds:
+                folder = out / task / mode / f"seed-{seed}"
+                done = folder / "metrics.json"
+                if done.is_file():
+                    log.info("%s / %s / seed %d: finished earlier, skipped", task, mode, seed)
+                    metrics = json.loads(done.read_text())
+                else:
+                    log.info("%s / %s / seed %d", task, mode, seed)
+                    metrics = run(run_options(o, task, mode, seed, folder))
+                rows.append({"task": task, "mode": mode, "seed": seed, **metrics})
+                write_results(o, rows, out)
+    return write_results(o, rows, out)
+
+
+def _accuracy(m: dict) -> tuple[float, str]:
+    if m.get("test_accuracy") is not None:
+        return m["test_accuracy"], m["splits"]["test"]
+    return m["val_accuracy"], m["splits"]["val"]
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per task and mode (mean over seeds), and per mode the means named as the field names them."""
+    tasks: dict = {}
+    for r in rows:
+        acc, split = _accuracy(r)
+        entry = tasks.setdefault(r["task"], {}).setdefault(r["mode"], {
+            "accuracies": [], "split": split, "trainable_parameters": r["trainable_parameters"],
+            "epochs": r["epochs"], "seconds": 0.0, "selected_on": r.get("selected_on"), "splits": r.get("splits")})
+        entry["accuracies"].append(acc)
+        entry["seconds"] += r["time_seconds"]
+    for per_mode in tasks.values():
+        for e in per_mode.values():
+            e["accuracy"] = float(np.mean(e["accuracies"]))
+            e["test_accuracy"] = e["accuracy"] if e["split"] in ("test",) else None
+    summary = {}
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        accs = {t: per[mode]["accuracy"] for t, per in tasks.items() if mode in per}
+        groups: dict = {}
+        for t, a in accs.items():
+            groups.setdefault(task_info(t).group if t in VTAB_TASKS or t in REHEARSAL_TASKS else "FGVC", []).append(a)
+        group_means = {g: float(np.mean(v)) for g, v in groups.items()}
+        summary[mode] = {"mean_of_tasks": float(np.mean(list(accs.values()))),
+                         "mean_of_groups": float(np.mean(list(group_means.values()))),
+                         "groups": group_means, "tasks_run": len(accs)}
+    return {"tasks": tasks, "summary": summary}
+
+
+def markdown(o: SuiteOptions, results: dict) -> str:
+    tasks, summary = results["tasks"], results["summary"]
+    names = list(tasks)
+    groups = [g for g in GROUPS + ("Rehearsal", "FGVC") if any(g in s["groups"] for s in summary.values())]
+    split = next(iter(next(iter(tasks.values())).values()))["split"] if tasks else "test"
+    head = ["mode"] + names + [f"{g} mean" for g in groups] + ["mean of tasks", "mean of group means", "params"]
+    lines = [f"Accuracy (%) on each task's {split} split, {o.protocol} protocol, recipe {o.recipe}; "
+             "'mean of tasks' averages the tasks run, 'mean of group means' averages the group means present "
+             "(NOAH-style tables print the latter, the RLRR paper the former).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for mode, s in summary.items():
+        cells = [f"{100 * tasks[t][mode]['accuracy']:.1f}" if mode in tasks[t] else "–" for t in names]
+        cells += [f"{100 * s['groups'][g]:.1f}" if g in s["groups"] else "–" for g in groups]
+        params = next(tasks[t][mode]["trainable_parameters"] for t in names if mode in tasks[t])
+        lines.append("| " + " | ".join([mode] + cells + [f"{100 * s['mean_of_tasks']:.1f}",
+                                                        f"{100 * s['mean_of_groups']:.1f}", f"{params:,}"]) + " |")
+    if o.suite == "vtab" and not o.rehearsal:
+        lines += ["", "Published (RLRR paper, Table 2; ViT-B/16 ImageNet-21k, all 19 tasks):", "",
+                  "| mode | Natural | Specialized | Structured | mean of 19 tasks | mean of group means |",
+                  "|---|---|---|---|---|---|"]
+        for mode, row in PUBLISHED_VTAB.items():
+            lines.append(f"| {mode} (paper) | " + " | ".join("–" if v is None else f"{v}" for v in row) + " |")
+    if o.suite == "fgvc":
+        lines += ["", "Published FGVC mean of the five sets (RLRR paper, Table 3): " +
+                  ", ".join(f"{m} {v}" for m, v in PUBLISHED_FGVC.items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    tasks, summary = results["tasks"], results["summary"]
+    modes, names = list(summary), list(tasks)
+    fig = Figure(figsize=(max(6.0, 1.0 + 0.5 * len(names) * max(1, len(modes)) / 3), 4.0))
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(modes))
+    for j, mode in enumerate(modes):
+        xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(names))]
+        ax.bar(xs, [100 * tasks[t][mode]["accuracy"] if mode in tasks[t] else 0 for t in names], width, label=mode)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_results(o: SuiteOptions, rows: list[dict], out: Path) -> dict:
+    results = {"options": dataclasses.asdict(o), **summarise(rows)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "group", "mode", "accuracy", "split", "seeds", "trainable_parameters", "epochs", "seconds"])
+        for t, per in results["tasks"].items():
+            group = task_info(t).group if o.suite == "vtab" else "FGVC"
+            for mode, e in per.items():
+                w.writerow([t, group, mode, f"{e['accuracy']:.6f}", e["split"], len(e["accuracies"]),
+                            e["trainable_parameters"], e["epochs"], f"{e['seconds']:.1f}"])
+    (out / "results.md").write_text(markdown(o, results))
+    plot(results, out / "results.png")
+    return results
