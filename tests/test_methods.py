@@ -157,3 +157,18 @@ def test_vpt_prompts_are_inserted_then_replaced_and_maps_keep_them_out_of_the_gr
     maps = visualize.attention_maps(model, x, per_layer=True)
     assert maps.rollout.shape == (3, 4, 4) and maps.cls_heads.shape == (3, 2, 4, 4)
     assert maps.prefix_share.shape == (3, 2) and (maps.prefix_share > 0).all() and (maps.prefix_share < 1).all()
+
+
+@pytest.mark.parametrize("method", ["rollout", "grad-rollout"])
+@pytest.mark.parametrize("mode", peft.MODES)
+def test_attention_maps_work_for_every_method(mode, method):
+    from vit import visualize
+
+    model = make_model()
+    peft.apply_mode(model, mode)
+    randomize_adapters(model)
+    maps = visualize.attention_maps(model, images(), per_layer=True, method=method)
+    assert maps.rollout.shape == (3, 4, 4) and torch.isfinite(maps.rollout).all()
+    assert (maps.rollout.flatten(1).amax(1) - 1).abs().max() < 1e-6  # each map divided by its max
+    assert maps.per_layer.shape == (2, 3, 4, 4)
+    assert (maps.prefix_share > 0).all() == (mode == "vpt")

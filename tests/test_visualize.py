@@ -182,3 +182,48 @@ def test_plots_return_figures_with_expected_panels():
     comps, explained = V.patch_filter_pca(torch.randn(16, 3, 4, 4))
     fig = P.plot_patch_filters(comps, explained, raw=torch.randn(7, 3, 4, 4))
     assert len(fig.axes) == len(comps) + 7
+
+
+def test_grad_rollout_equals_an_independent_finite_difference_computation():
+    """Gradient-weighted rollout on a tiny model against a computation that shares nothing with the library but
+    the model: ∂logit/∂A by central finite differences through a hook that perturbs one attention entry, then
+    the formula (mean over heads of A ⊙ max(∂y/∂A, 0); (Ā + I)/2 row-normalised; product; CLS row) in numpy."""
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(vit.get_config("testing", num_layers=2)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    target = 3
+    maps = V.attention_maps(model, x, method="grad-rollout", target=target)
+
+    with vit.record_attention(model) as attn:
+        model(x)
+    attn = [a[0].numpy() for a in attn]  # (H, N, N) per layer
+    eps, grads = 1e-6, []
+    for layer, a in enumerate(attn):
+        g = np.zeros_like(a)
+        softmax = model.blocks[layer].attn.softmax
+        for idx in np.ndindex(*a.shape):
+            values = []
+            for sign in (1, -1):
+                def nudge(_m, _i, out, idx=idx, sign=sign):
+                    out = out.clone()
+                    out[(0, *idx)] += sign * eps
+                    return out
+                h = softmax.register_forward_hook(nudge)
+                with torch.no_grad(), vit.record_attention(model):
+                    values.append(model(x)[0, target].item())
+                h.remove()
+            g[idx] = (values[0] - values[1]) / (2 * eps)
+        grads.append(g)
+    r = None
+    for a, g in zip(attn, grads):
+        fused = (a * np.maximum(g, 0)).mean(0)
+        fused = (fused + np.eye(len(fused))) / 2
+        fused /= fused.sum(-1, keepdims=True)
+        r = fused if r is None else fused @ r
+    expected = r[0, 1:].reshape(4, 4)
+    np.testing.assert_allclose(maps.rollout[0].numpy(), expected / expected.max(), atol=1e-5)
+    plain = V.attention_maps(model, x)  # the class-agnostic rollout is a different map
+    assert not np.allclose(plain.rollout.numpy(), maps.rollout.numpy(), atol=1e-3)

@@ -224,11 +224,13 @@ def set_fused_attention(model: nn.Module, fused: bool) -> None:
 
 
 @contextlib.contextmanager
-def record_attention(model: nn.Module):
+def record_attention(model: nn.Module, keep_grad: bool = False):
     """Collect post-softmax attention probabilities, one (B, H, N, N) tensor per block, in block order.
 
     Inside the ``with`` the model runs its manual attention path and forward hooks on each
-    ``attn.softmax`` record what it returns; afterwards the previous paths are restored.
+    ``attn.softmax`` record what it returns; afterwards the previous paths are restored. With
+    ``keep_grad=True`` the maps stay in the autograd graph and keep their ``.grad`` after a backward pass
+    (for gradient-weighted rollout); otherwise they are detached.
 
         with record_attention(model) as maps:
             logits = model(images)
@@ -237,7 +239,13 @@ def record_attention(model: nn.Module):
     attns = [m for m in model.modules() if isinstance(m, Attention)]
     previous = [a.fused for a in attns]
     maps: list[torch.Tensor] = []
-    hooks = [a.softmax.register_forward_hook(lambda _m, _i, out: maps.append(out.detach())) for a in attns]
+
+    def record(_module, _inputs, out):
+        if keep_grad and out.requires_grad:
+            out.retain_grad()
+        maps.append(out if keep_grad else out.detach())
+
+    hooks = [a.softmax.register_forward_hook(record) for a in attns]
     try:
         for a in attns:
             a.fused = False

@@ -119,14 +119,18 @@ def attention_rollout(attentions: Sequence[torch.Tensor], head_fusion: str = "me
 
 def per_layer_rollout(attentions: Sequence[torch.Tensor], head_fusion: str = "mean", discard_ratio: float = 0.0,
                       num_prefix_tokens: int = 1, grid_size: int | tuple[int, int] | None = None,
-                      as_grid: bool = True, fresh_tokens: slice | None = None) -> torch.Tensor:
+                      as_grid: bool = True, fresh_tokens: slice | None = None,
+                      gradients: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Rollout through layers 1..l for every l: (L, B, gh, gw) (or (L, B, N - prefix)), each divided by its max.
 
     The last entry is :func:`attention_rollout`; earlier ones show how attention spreads with depth.
     ``fresh_tokens``: positions whose input is replaced at every layer (VPT-deep's prompts): before each layer
     their rows of R become identity rows, so no path from the image runs through a replaced token.
+    ``gradients``: the attention maps' gradients for one class: gradient-weighted rollout (:func:`grad_rollout_layers`
+    instead of head fusion).
     """
-    layers = rollout_layers(attentions, head_fusion, discard_ratio, num_prefix_tokens)
+    layers = (rollout_layers(attentions, head_fusion, discard_ratio, num_prefix_tokens) if gradients is None else
+              grad_rollout_layers(attentions, gradients, discard_ratio, num_prefix_tokens))
     rolled, r = [], None
     for a in layers:
         if r is not None and fresh_tokens is not None:
@@ -171,9 +175,39 @@ class AttentionMaps:
     prefix_share: torch.Tensor  # (B, H) last layer's CLS attention on extra prefix tokens (VPT prompts; else 0)
 
 
+def grad_rollout_layers(attentions: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor],
+                        discard_ratio: float = 0.0, num_prefix_tokens: int = 1) -> list[torch.Tensor]:
+    """Class-specific layers for gradient-weighted rollout: Ā_l = mean over heads of A_l ⊙ max(∂y_c/∂A_l, 0),
+    then the usual discard and (Ā + I)/2 with rows re-normalised (Chefer et al., "Generic Attention-model
+    Explainability", ICCV 2021, weight the attention by its positive gradients this way)."""
+    if len(attentions) != len(gradients) or not attentions:
+        raise ValueError("grad-rollout needs one gradient per attention map (run the model with keep_grad=True)")
+    return [normalize_layer(discard_lowest((a.double() * g.double().clamp_min(0)).mean(dim=1), discard_ratio,
+                                           num_prefix_tokens)) for a, g in zip(attentions, gradients)]
+
+
+def attention_gradients(model: nn.Module, images: torch.Tensor, target: int | torch.Tensor | None = None):
+    """Attention maps, their gradients for class ``target`` (default: each image's predicted class), and the
+    logits: ``(maps, grads, logits)`` with maps and grads (B, H, N, N) per block."""
+    images = images.detach().requires_grad_(True)  # a graph to the maps even when every weight is frozen
+    with torch.enable_grad(), record_attention(model, keep_grad=True) as maps:
+        logits = model(images)
+        if target is None:
+            target = logits.argmax(-1)
+        target = torch.as_tensor(target, device=logits.device).expand(logits.shape[0])
+        logits.gather(1, target[:, None]).sum().backward()
+    grads = [m.grad for m in maps]
+    if any(g is None for g in grads):
+        raise RuntimeError("no gradient reached the attention maps")
+    return [m.detach() for m in maps], [g.detach() for g in grads], logits.detach()
+
+
+METHODS = ("rollout", "grad-rollout")
+
+
 @torch.no_grad()
 def attention_maps(model: nn.Module, images: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0,
-                   per_layer: bool = False) -> AttentionMaps:
+                   per_layer: bool = False, method: str = "rollout", target=None) -> AttentionMaps:
     """Run ``model`` (a VisionTransformer, adapters allowed) on normalised images and collect its maps.
 
     The prefix tokens (CLS, plus any prompt tokens a method such as VPT inserts after it) are found from the
@@ -181,17 +215,23 @@ def attention_maps(model: nn.Module, images: torch.Tensor, head_fusion: str = "m
     (VPT-deep) in the rollout, and the CLS attention they receive is reported as ``prefix_share``.
     """
     fuse_heads(torch.zeros(1, 1, 1, 1), head_fusion)  # fail on a bad mode before running the model
+    if method not in METHODS:
+        raise ValueError(f"unknown attention method {method!r}; choose one of {', '.join(METHODS)}")
     was_training = model.training
     model.eval()
     try:
-        with record_attention(model) as attentions:
-            logits = model(images)
+        if method == "grad-rollout":
+            attentions, gradients, logits = attention_gradients(model, images, target)
+        else:
+            with record_attention(model) as attentions:
+                logits = model(images)
     finally:
         model.train(was_training)
     g = model.config.grid_size
     prefix = attentions[-1].shape[-1] - g * g
     fresh = slice(1, prefix) if prefix > 1 else None
-    layers = per_layer_rollout(attentions, head_fusion, discard_ratio, prefix, grid_size=g, fresh_tokens=fresh)
+    layers = per_layer_rollout(attentions, head_fusion, discard_ratio, prefix, grid_size=g, fresh_tokens=fresh,
+                               gradients=gradients if method == "grad-rollout" else None)
     return AttentionMaps(probs=logits.float().softmax(dim=-1).cpu(), rollout=layers[-1].cpu(),
                          cls_heads=cls_attention(attentions[-1], prefix, grid_size=g).float().cpu(),
                          per_layer=layers.cpu() if per_layer else None,

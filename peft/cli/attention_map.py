@@ -74,6 +74,10 @@ def parse_args(argv=None):
                    help="fraction of the lowest patch-to-patch attentions dropped per layer before rollout, "
                         "in [0, 1); CLS row and column are always kept (default: 0)")
     p.add_argument("--per-layer", action="store_true", help="also show the rollout through each layer")
+    p.add_argument("--method", default="rollout", choices=visualize.METHODS,
+                   help="rollout (class-agnostic) or grad-rollout (attention weighted by its positive gradients for "
+                        "--target, then rolled out) (default: rollout)")
+    p.add_argument("--target", type=int, help="class index for --method grad-rollout (default: the predicted class)")
     p.add_argument("--output", default="runs/attention_map.png", help="PNG to write; the .npy masks go "
                                                                        "beside it (default: runs/attention_map.png)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -115,8 +119,10 @@ def main(argv=None) -> int:
         classes = None
 
     model.to(args.device)
+    if args.target is not None and not 0 <= args.target < cfg.num_classes:
+        raise DatasetError(f"--target {args.target} is not a class of this {cfg.num_classes}-class model")
     maps = visualize.attention_maps(model, x.to(args.device), args.head_fusion, args.discard_ratio,
-                                    args.per_layer)
+                                    args.per_layer, method=args.method, target=args.target)
     if maps.prefix_share.any():  # prompt tokens (VPT): kept out of the grid, their share reported here
         log.info("last layer: CLS gives %.1f%% of its attention to the prompt tokens (mean over heads and images)",
                  100 * float(maps.prefix_share.mean()))
@@ -133,7 +139,9 @@ def main(argv=None) -> int:
                  f", true {truth[i]}" if truth[i] else "")
 
     fusion = args.head_fusion + (f", discard {args.discard_ratio:g}" if args.discard_ratio else "")
-    rows = [(f"rollout\n({fusion})", maps.rollout.numpy())]
+    label = ("grad-rollout\n(class " + ("pred." if args.target is None else str(args.target)) + ")"
+             if args.method == "grad-rollout" else f"rollout\n({fusion})")
+    rows = [(label, maps.rollout.numpy())]
     rows += [(f"last layer\nhead {h + 1}", maps.cls_heads[:, h].numpy()) for h in range(cfg.num_heads)]
     if maps.per_layer is not None:
         rows += [(f"rollout\n{'layer 1' if l == 0 else f'layers 1-{l + 1}'}", m.numpy())
