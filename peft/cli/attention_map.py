@@ -23,7 +23,7 @@ from vit import plots, visualize
 from vit.model import RESIZE_METHODS
 
 from .args import run_main
-from .visual import check_common, load_model, tool_parser
+from .visual import check_common, load_model, save, tool_parser
 
 log = logging.getLogger("attention_map")
 
@@ -152,8 +152,7 @@ def main(argv=None) -> int:
     arrays = {"rollout": maps.rollout.numpy(), "cls_heads": maps.cls_heads.numpy()}
     if maps.per_layer is not None:
         arrays["per_layer"] = maps.per_layer.numpy()
-    written = plots.save_outputs(fig, args.output, dpi=args.dpi, arrays=arrays)
-    log.info("wrote %s", ", ".join(map(str, written)))
+    save(fig, args, arrays, log)
     return 0
 
 

@@ -14,7 +14,7 @@ import sys
 from vit import plots, visualize
 
 from .args import run_main
-from .visual import check_common, load_model, tool_parser
+from .visual import check_common, load_model, save, tool_parser
 
 log = logging.getLogger("patch_filters")
 
@@ -60,9 +60,7 @@ def main(argv=None) -> int:
         title=f"Patch-embedding filters of {desc}: first {len(comps)} principal components\n"
               f"({d} filters of {c}x{p}x{p}{', summed over RGB' if args.sum_channels else ''}; "
               "% = share of variance)")
-    written = plots.save_outputs(fig, args.output, dpi=args.dpi,
-                                     arrays={"": comps.numpy()} if args.save_npy else None)
-    log.info("wrote %s", ", ".join(map(str, written)))
+    save(fig, args, {"": comps.numpy()} if args.save_npy else None, log)
     return 0
 
 

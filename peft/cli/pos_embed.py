@@ -14,7 +14,7 @@ import sys
 from vit import plots, visualize
 
 from .args import run_main
-from .visual import check_common, load_model, tool_parser
+from .visual import check_common, load_model, save, tool_parser
 
 log = logging.getLogger("pos_embed")
 
@@ -43,9 +43,7 @@ def main(argv=None) -> int:
     log.info("model %s: %dx%d position grid, embedding size %d", desc, g, g, model.pos_embed.shape[-1])
     fig = plots.plot_pos_embed_similarity(
         sim, title=f"Position embedding similarity ({desc}, {g}x{g} patches)", cmap=args.cmap)
-    written = plots.save_outputs(fig, args.output, dpi=args.dpi,
-                                     arrays={"": sim.numpy()} if args.save_npy else None)
-    log.info("wrote %s", ", ".join(map(str, written)))
+    save(fig, args, {"": sim.numpy()} if args.save_npy else None, log)
     return 0
 
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 import loaders
+from vit import plots
 
 from ..finetune.checkpoint import load_for_inference
 from .args import Parser
@@ -41,3 +42,11 @@ def tool_parser(prog: str, description: str, examples: str) -> argparse.Argument
 def check_common(p: argparse.ArgumentParser, args) -> None:
     if not 10 <= args.dpi <= 1200:
         p.error(f"--dpi must be in 10..1200, got {args.dpi}")
+
+
+def save(fig, args, arrays: dict | None = None, log=None) -> list:
+    """Write the tool's figure to ``--output`` at ``--dpi`` (and its arrays beside it); log what was written."""
+    written = plots.save_outputs(fig, args.output, dpi=args.dpi, arrays=arrays)
+    if log is not None:
+        log.info("wrote %s", ", ".join(map(str, written)))
+    return written
