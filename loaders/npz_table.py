@@ -127,11 +127,19 @@ def detect_naming(keys, source: str = "checkpoint") -> str:
     for name, parts in NAMINGS.items():
         if {parts["attn"], parts["mlp"]} <= block0:
             return name
-    if any(k == "pos_embedding" or k.startswith("Transformer/encoderblock/") for k in keys):
+    if is_big_vision(keys):
         raise CheckpointError(
-            f"{source} looks like a big_vision checkpoint (a top-level 'pos_embedding' or scanned "
-            "'Transformer/encoderblock/' arrays); big_vision's ViTs are a different model (position embeddings "
-            "without a CLS slot, GAP/MAP heads) and are not supported")
+            f"{source} is a big_vision checkpoint ({'params/ prefix, ' if any(k.startswith('params/') for k in keys) else ''}"
+            "a top-level 'pos_embedding' or scanned 'Transformer/encoderblock/' arrays). big_vision's ViTs are a "
+            "different model: position embeddings without a CLS slot (the CLS token, when there is one, is added "
+            "after them), global-average or MAP-head pooling, optionally stacked (scanned) blocks; not supported")
     known = "; ".join(f"{n}: {', '.join(p.values())}" for n, p in NAMINGS.items())
     raise CheckpointError(f"{source}: encoder block 0 has sub-modules {sorted(block0) or 'none'}, which match no "
                           f"known naming ({known})")
+
+
+def is_big_vision(keys) -> bool:
+    """big_vision's layout, as timm's npz loader recognises it: arrays under ``params/`` (``params/img/`` for SigLIP),
+    a top-level ``pos_embedding`` instead of ``Transformer/posembed_input/pos_embedding``, or scanned blocks."""
+    return any(k.startswith("params/") or k == "pos_embedding" or k.startswith("Transformer/encoderblock/")
+               or k.startswith("MAPHead_") for k in keys)

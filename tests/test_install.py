@@ -11,8 +11,7 @@ machine's torch through a ``.pth`` line, so nothing is downloaded and the machin
 
 from __future__ import annotations
 
-import hashlib
-import os
+import shutil
 import site
 import subprocess
 import sys
@@ -39,7 +38,13 @@ def build_wheel(project: Path, dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def our_wheel(tmp_path_factory) -> Path:
-    return build_wheel(ROOT, tmp_path_factory.mktemp("wheel"))
+    """The project's wheel, built from a copy of its files (setuptools writes build/ beside the sources)."""
+    copy = tmp_path_factory.mktemp("project")
+    for name in ("vit", "loaders", "peft"):
+        shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, copy / name)
+    return build_wheel(copy, tmp_path_factory.mktemp("wheel"))
 
 
 def test_wheel_holds_only_our_three_packages_and_every_source_file(our_wheel):

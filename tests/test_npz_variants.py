@@ -137,8 +137,11 @@ def test_unknown_naming_and_big_vision_are_named(tmp_path):
     bv.update({f"Transformer/encoderblock/{k.split('/', 2)[2]}": np.stack([v, v])
                for k, v in _rename(params, "linen").items() if "encoderblock_0/" in k})
     _write(tmp_path / "bv.npz", bv)
-    with pytest.raises(CheckpointError, match="big_vision"):
+    with pytest.raises(CheckpointError, match="big_vision checkpoint .*without a CLS slot"):
         load_npz(tmp_path / "bv.npz")
+    _write(tmp_path / "params.npz", {f"params/{k}": v for k, v in _rename(params, "linen").items()})
+    with pytest.raises(CheckpointError, match=r"big_vision checkpoint \(params/ prefix"):  # as timm recognises it
+        load_npz(tmp_path / "params.npz")
 
 
 def test_all_zero_head_warns_once(tmp_path, caplog):
