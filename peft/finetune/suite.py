@@ -200,16 +200,18 @@ def markdown(o: SuiteOptions, results: dict) -> str:
 def plot(results: dict, path: Path) -> None:
     tasks, summary = results["tasks"], results["summary"]
     modes, names = list(summary), list(tasks)
-    fig = Figure(figsize=(max(6.0, 1.0 + 0.5 * len(names) * max(1, len(modes)) / 3), 4.0))
+    fig = Figure(figsize=(max(6.0, 1.5 + 0.25 * len(names) * max(1, len(modes))), 4.2))
     ax = fig.subplots()
     width = 0.8 / max(1, len(modes))
+    values = [100 * e["accuracy"] for per in tasks.values() for e in per.values()]
     for j, mode in enumerate(modes):
         xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(names))]
         ax.bar(xs, [100 * tasks[t][mode]["accuracy"] if mode in tasks[t] else 0 for t in names], width, label=mode)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(max(0.0, min(values, default=0) - 10), min(100.0, max(values, default=100) + 3))
     ax.set_ylabel("accuracy (%)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
