@@ -76,7 +76,7 @@ class HostKernel:
     def weight(self, w: torch.Tensor, s_out: torch.Tensor, s_in: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         w = w.contiguous()
         so, si = s_out.float().contiguous(), s_in.float().contiguous()
-        out = torch.empty(w.shape, dtype=dtype)
+        out = torch.full(w.shape, float("nan"), dtype=dtype)  # an element the kernel misses stays NaN
         status = self.lib.rlrr_weight(w.data_ptr(), DTYPE_CODES[w.dtype], so.data_ptr(), si.data_ptr(), out.data_ptr(),
                                       DTYPE_CODES[dtype], w.shape[0], w.shape[1], so.shape[1], None)
         if status != 0:
@@ -90,7 +90,7 @@ class HostKernel:
         n_out, n_in = ctypes.c_int64(), ctypes.c_int64()
         self.lib.rlrr_grad_workspace(rows, cols, rank, ctypes.byref(n_out), ctypes.byref(n_in))
         part_out, part_in = torch.empty(max(n_out.value, 1)), torch.empty(max(n_in.value, 1))
-        gso, gsi = torch.empty(rows, rank), torch.empty(rank, cols)
+        gso, gsi = torch.full((rows, rank), float("nan")), torch.full((rank, cols), float("nan"))
         status = self.lib.rlrr_grad(g.data_ptr(), DTYPE_CODES[g.dtype], w.data_ptr(), DTYPE_CODES[w.dtype],
                                     so.data_ptr(), si.data_ptr(), gso.data_ptr(), gsi.data_ptr(), part_out.data_ptr(),
                                     part_in.data_ptr(), rows, cols, rank, None)
