@@ -23,7 +23,7 @@ from torch import nn
 from . import kernels
 from .base import Adapter, Method, Option, check_fresh, freeze_for_adapters, replace_module
 from .functional import official_rlrr_linear, rlrr_weight
-from .rlrr_function import rlrr_linear
+from .rlrr_function import WEIGHT_MEMORY, WeightCache, rlrr_linear
 from .ssf import INITS, SSFConv2d, SSFLayerNorm
 
 IMPLS = ("function", "official")
@@ -47,7 +47,8 @@ class RLRRLinear(Adapter, nn.Module):
     fused CUDA kernel). impl="official": the official three-pass formula with autograd keeping W' (benchmarks).
     """
 
-    def __init__(self, base: nn.Linear, rank: int = 1, init: str = "official", impl: str = "function"):
+    def __init__(self, base: nn.Linear, rank: int = 1, init: str = "official", impl: str = "function",
+                 weight_memory: str = "rebuild"):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"RLRRLinear wraps nn.Linear, got {type(base).__name__}")
@@ -57,7 +58,11 @@ class RLRRLinear(Adapter, nn.Module):
             raise ValueError(f"unknown RLRR init {init!r}; choose one of {', '.join(INITS)}")
         if impl not in IMPLS:
             raise ValueError(f"unknown RLRR impl {impl!r}; choose one of {', '.join(IMPLS)}")
+        if weight_memory not in WEIGHT_MEMORY:
+            raise ValueError(f"unknown RLRR weight memory {weight_memory!r}; choose one of {', '.join(WEIGHT_MEMORY)}")
         self.in_features, self.out_features, self.rank, self.impl = base.in_features, base.out_features, rank, impl
+        self.weight_memory = weight_memory  # rebuild | keep | reuse: see peft.rlrr_function.RLRRLinearFunction
+        self._weight_cache = WeightCache()  # a plain attribute: not a buffer, never saved
         self.weight = base.weight  # the same Parameter objects: names and storage unchanged
         self.bias = base.bias
         self.weight.requires_grad_(False)
@@ -81,8 +86,10 @@ class RLRRLinear(Adapter, nn.Module):
         nn.init.zeros_(self.f)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = rlrr_linear if self.impl == "function" else official_rlrr_linear
-        return fn(x, self.weight, self.bias, self.s_out, self.s_in, self.f)
+        if self.impl == "official":
+            return official_rlrr_linear(x, self.weight, self.bias, self.s_out, self.s_in, self.f)
+        return rlrr_linear(x, self.weight, self.bias, self.s_out, self.s_in, self.f, self.weight_memory,
+                           self._weight_cache)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -117,13 +124,14 @@ def rlrr_module_names(model: nn.Module) -> list[str]:
     return names + ["norm"]
 
 
-def inject_rlrr(model: nn.Module, rank: int = 1, init: str = "official", impl: str = "function") -> list[str]:
+def inject_rlrr(model: nn.Module, rank: int = 1, init: str = "official", impl: str = "function",
+                weight_memory: str = "rebuild") -> list[str]:
     """Replace the official placement's modules by RLRR/SSF wrappers (no freezing). Returns their names."""
     changed = []
     for name in rlrr_module_names(model):
         module = model.get_submodule(name)
         if isinstance(module, nn.Linear):
-            wrapper = RLRRLinear(module, rank=rank, init=init, impl=impl)
+            wrapper = RLRRLinear(module, rank=rank, init=init, impl=impl, weight_memory=weight_memory)
         elif isinstance(module, nn.LayerNorm) and type(module) is nn.LayerNorm:
             wrapper = SSFLayerNorm(module, init=init)
         elif type(module) is nn.Conv2d:
@@ -145,7 +153,8 @@ def set_rlrr_impl(model: nn.Module, impl: str) -> None:
             m.impl = impl
 
 
-def apply_rlrr(model: nn.Module, rank: int = 1, init: str = "official", impl: str = "function") -> list[str]:
+def apply_rlrr(model: nn.Module, rank: int = 1, init: str = "official", impl: str = "function",
+               weight_memory: str = "rebuild") -> list[str]:
     """RLRR exactly as the official ViT code places it; freezes all but adapters and head.
 
     RLRR on q, k, v, proj, fc1, fc2 of every block; SSF after norm1, norm2, the final norm and the patch
@@ -153,14 +162,14 @@ def apply_rlrr(model: nn.Module, rank: int = 1, init: str = "official", impl: st
     (for benchmarks); the default runs :class:`peft.rlrr_function.RLRRLinearFunction`.
     """
     check_fresh(model)
-    changed = inject_rlrr(model, rank=rank, init=init, impl=impl)
+    changed = inject_rlrr(model, rank=rank, init=init, impl=impl, weight_memory=weight_memory)
     freeze_for_adapters(model)
     return changed
 
 
 METHOD = Method(
-    "rlrr", lambda model, rlrr_rank=1, rlrr_init="official", rlrr_impl="function": apply_rlrr(
-        model, rank=rlrr_rank, init=rlrr_init, impl=rlrr_impl),
+    "rlrr", lambda model, rlrr_rank=1, rlrr_init="official", rlrr_impl="function", rlrr_weight_memory="rebuild":
+    apply_rlrr(model, rank=rlrr_rank, init=rlrr_init, impl=rlrr_impl, weight_memory=rlrr_weight_memory),
     "RLRR on q,k,v,proj,fc1,fc2 + SSF on the norms and the patch embedding, + head", lr=3e-3,
     lr_note="the official RLRR VTAB-1k learning rate for CIFAR-100 (at batch 32; scale vectors need larger "
             "steps than weights, and a larger batch only makes each step less noisy)",
@@ -168,7 +177,12 @@ METHOD = Method(
              "rlrr_init": Option("official", "RLRR init: official (kaiming, not the base model at step 0) | "
                                              "identity (S_out = 0: starts as the base model)", INITS),
              "rlrr_impl": Option("function", "function (W' rebuilt in backward, optional CUDA kernel) | official "
-                                             "(the official formula, autograd keeps W'; for benchmarks)", IMPLS)},
+                                             "(the official formula, autograd keeps W'; for benchmarks)", IMPLS),
+             "rlrr_weight_memory": Option("rebuild", "rebuild W' in backward | keep the forward's W' until backward "
+                                                     "(+ one W' per layer in flight, ~170 MB bf16 for ViT-B/16) | "
+                                                     "reuse W' while S is unchanged (one persistent W' per layer: "
+                                                     "one build per optimizer step across --grad-accum)",
+                                          WEIGHT_MEMORY)},
     paper="Dong et al., Low-Rank Rescaled Vision Transformer Fine-Tuning: A Residual Design Approach, CVPR 2024")
 
 __all__ = ["METHOD", "RLRRLinear", "apply_rlrr", "inject_rlrr", "rlrr_module_names", "set_backend", "get_backend",

@@ -41,24 +41,56 @@ def _autocast_off(device_type: str):
         return contextlib.nullcontext()
 
 
+WEIGHT_MEMORY = ("rebuild", "keep", "reuse")
+
+
+class WeightCache:
+    """One layer's W', kept while W, S_out and S_in are unchanged (same storage, same version counters).
+
+    An optimizer step changes S_out and S_in in place, which bumps their versions, so W' is built once per step
+    and reused by every gradient-accumulation micro-batch (and evaluation pass) in between.
+    """
+
+    def __init__(self):
+        self.key, self.w_eff = None, None
+
+    def get(self, weight, s_out, s_in, dtype, build):
+        key = (dtype, weight.data_ptr(), weight._version, s_out.data_ptr(), s_out._version, s_in.data_ptr(),
+               s_in._version)
+        if key != self.key:
+            self.w_eff, self.key = build(weight, s_out, s_in, dtype), key
+        return self.w_eff
+
+
 class RLRRLinearFunction(torch.autograd.Function):
     """y = x (W ⊙ (1 + S_out S_in))ᵀ + b + f, saving only x, W, S_out, S_in for backward.
 
-    Arguments: x (..., in), weight (out, in), bias (out,) or None, s_out (out, r), s_in (r, in), f (out,).
+    Arguments: x (..., in), weight (out, in), bias (out,) or None, s_out (out, r), s_in (r, in), f (out,), and
+    optionally ``memory`` and ``cache``: "rebuild" (default) rebuilds W' in backward; "keep" saves the forward's
+    W' for backward instead (+ out×in elements of the compute dtype per layer until backward, one build less);
+    "reuse" also keeps W' in ``cache`` (a :class:`WeightCache`) between calls while S is unchanged (one persistent
+    W' per layer; one build per optimizer step whatever the number of micro-batches; eager only: under
+    ``torch.compile`` it acts as "keep").
     Under autocast, W' is built directly in the autocast dtype and x is cast to it, as ``F.linear`` would.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, s_out, s_in, f):
+    def forward(ctx, x, weight, bias, s_out, s_in, f, *options):
+        memory, cache = options if options else ("rebuild", None)
         dtype = _compute_dtype(x)
         fused = kernels.use_kernel(x.device.type, weight.device.type, s_out.shape[1], dtype, weight.dtype)
         with _autocast_off(x.device.type):
             xc = x.to(dtype)  # no copy when x already has the compute dtype
             build = kernels.rlrr_weight if fused else rlrr_weight
-            w_eff = build(weight, s_out, s_in, dtype)
+            w_eff = cache.get(weight, s_out, s_in, dtype, build) if memory == "reuse" else build(
+                weight, s_out, s_in, dtype)
             b_eff = f.to(_acc_dtype(f.dtype)) if bias is None else bias.to(_acc_dtype(bias.dtype)) + f
             y = F.linear(xc, w_eff, b_eff.to(dtype))
-        ctx.save_for_backward(xc, weight, s_out, s_in)  # not w_eff: it is rebuilt in backward
+        if memory == "rebuild":
+            ctx.save_for_backward(xc, weight, s_out, s_in)  # not w_eff: it is rebuilt in backward
+        else:
+            ctx.save_for_backward(xc, weight, s_out, s_in, w_eff)
+        ctx.n_options = len(options)
         ctx.fused = fused
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -67,18 +99,21 @@ class RLRRLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        xc, weight, s_out, s_in = ctx.saved_tensors
+        xc, weight, s_out, s_in, *kept = ctx.saved_tensors
         # The kernels' outputs carry no autograd graph, so a graph of this backward (create_graph=True, e.g. a
         # gradient penalty) is built on the PyTorch path, which is differentiable; otherwise terms would drop.
         fused = ctx.fused and not torch.is_grad_enabled()
-        need_x, need_w, need_b, need_so, need_si, need_f = ctx.needs_input_grad
+        need_x, need_w, need_b, need_so, need_si, need_f = ctx.needs_input_grad[:6]
         dtype = xc.dtype
         grad_x = grad_w = grad_b = grad_so = grad_si = grad_f = None
         with _autocast_off(grad_y.device.type):
             dy = grad_y.to(dtype)
             if need_x:
-                build = kernels.rlrr_weight if fused else rlrr_weight
-                w_eff = build(weight, s_out, s_in, dtype)
+                if kept and not torch.is_grad_enabled():  # a graph of the backward needs the differentiable build
+                    w_eff = kept[0]
+                else:
+                    build = kernels.rlrr_weight if fused else rlrr_weight
+                    w_eff = build(weight, s_out, s_in, dtype)
                 grad_x = (dy @ w_eff).to(ctx.x_dtype)  # (..., in)
                 del w_eff
             if need_w or need_so or need_si:
@@ -100,10 +135,17 @@ class RLRRLinearFunction(torch.autograd.Function):
                 db = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=_acc_dtype(dy.dtype))  # (out,)
                 grad_b = db.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
                 grad_f = db.to(ctx.f_dtype) if need_f else None
-        return grad_x, grad_w, grad_b, grad_so, grad_si, grad_f
+        return (grad_x, grad_w, grad_b, grad_so, grad_si, grad_f) + (None,) * ctx.n_options
 
 
 def rlrr_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s_out: torch.Tensor,
-                s_in: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """RLRR linear map through :class:`RLRRLinearFunction` (W' rebuilt in backward instead of saved)."""
-    return RLRRLinearFunction.apply(x, weight, bias, s_out, s_in, f)
+                s_in: torch.Tensor, f: torch.Tensor, memory: str = "rebuild",
+                cache: WeightCache | None = None) -> torch.Tensor:
+    """RLRR linear map through :class:`RLRRLinearFunction` (``memory``: see there; the default rebuilds W')."""
+    if memory == "rebuild":
+        return RLRRLinearFunction.apply(x, weight, bias, s_out, s_in, f)
+    if memory not in WEIGHT_MEMORY or (memory == "reuse" and cache is None):
+        raise ValueError(f"memory={memory!r}: choose one of {', '.join(WEIGHT_MEMORY)} (reuse needs a cache)")
+    if memory == "reuse" and torch.compiler.is_compiling():
+        memory = "keep"  # the cache is Python state a compiled graph cannot carry: keep W' for backward instead
+    return RLRRLinearFunction.apply(x, weight, bias, s_out, s_in, f, memory, cache if memory == "reuse" else None)

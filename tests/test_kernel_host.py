@@ -207,3 +207,16 @@ def test_a_graph_of_the_fused_backward_keeps_every_term(host):
         kernels.set_backend(None)
     for a, c in zip(fused, naive):
         assert ((a - c).norm() / c.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("memory", ["keep", "reuse"])
+def test_the_weight_memory_options_compile_too(memory):
+    import torch._dynamo
+    from torch import nn
+
+    from peft.rlrr import RLRRLinear
+
+    layer = RLRRLinear(nn.Linear(45, 67), weight_memory=memory)
+    explanation = torch._dynamo.explain(lambda x: layer(x).sum())(torch.randn(3, 45, requires_grad=True))
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1

@@ -226,3 +226,41 @@ def test_failed_self_test_is_remembered_but_a_transient_error_is_not(monkeypatch
     with pytest.raises(kernels.KernelUnavailableError, match="failed its self-test"):
         kernels.load_extension()  # remembered: not built again
     assert calls["build"] == 2
+
+
+@pytest.mark.parametrize("memory", ["keep", "reuse"])
+def test_weight_memory_options_compute_the_same_and_build_less(memory, monkeypatch):
+    """keep: W' saved from the forward (no rebuild in backward); reuse: W' built once per optimizer step and
+    reused by every micro-batch. Outputs and gradients are bitwise those of the default rebuild path."""
+    from torch import nn
+
+    import peft.rlrr_function as RF
+    from peft.rlrr import RLRRLinear
+
+    kernels.set_backend("torch")
+    torch.manual_seed(0)
+    base = nn.Linear(12, 9)
+    layers = {m: RLRRLinear(base, rank=2, weight_memory=m) for m in ("rebuild", memory)}
+    with torch.no_grad():
+        layers[memory].s_out.copy_(layers["rebuild"].s_out), layers[memory].s_in.copy_(layers["rebuild"].s_in)
+    builds = {"n": 0}
+    real = RF.rlrr_weight
+    monkeypatch.setattr(RF, "rlrr_weight", lambda *a: (builds.__setitem__("n", builds["n"] + 1), real(*a))[1])
+    xs = [torch.randn(4, 12, generator=torch.Generator().manual_seed(i)).requires_grad_() for i in range(3)]
+    grads = {}
+    for m, layer in layers.items():
+        builds["n"] = 0
+        outs = [layer(x) for x in xs]  # three micro-batches of one step
+        sum(o.square().sum() for o in outs).backward()
+        grads[m] = ([o.detach() for o in outs], layer.s_out.grad.clone(), layer.s_in.grad.clone(), builds["n"])
+    ref, got = grads["rebuild"], grads[memory]
+    assert all(torch.equal(a, b) for a, b in zip(ref[0], got[0]))
+    assert torch.equal(ref[1], got[1]) and torch.equal(ref[2], got[2])
+    assert ref[3] == 6 and got[3] == (3 if memory == "keep" else 1)  # 3 forwards + 3 backward rebuilds by default
+    if memory == "reuse":
+        with torch.no_grad():
+            layers[memory].s_out.add_(0.1)  # an optimizer step: S changed, so W' is built again
+        builds["n"] = 0
+        layers[memory](xs[0])
+        assert builds["n"] == 1
+    kernels.set_backend(None)

@@ -2,7 +2,8 @@
 # One prepared GPU check (about 6-8 minutes on one H100/H200), in this order:
 #   1. the GPU kernel tests (kernel vs PyTorch specification on the device) and the host-built kernel tests;
 #   2. a 200-step bf16 RLRR fine-tune of ViT-B/16 on random data that asserts the fused kernel was taken;
-#   3. the benchmark table (rlrr-kernel, rlrr torch path, rlrr-official, lora, full, merged, timm if installed;
+#   3. the benchmark table (rlrr-kernel and its keep/reuse W' options, rlrr torch path, rlrr-official, lora,
+#      full, merged, timm if installed;
 #      batch 64 and 256; compiled twins of rlrr-kernel and full) with CUDA-event timing, peak memory and
 #      achieved TFLOP/s against the FLOP model; JSON, PNG and the markdown table the README shows.
 # Usage: bash tools/gpu_check.sh [OUTPUT_DIR] (default runs/gpu_check). Exits non-zero at the first failure.
@@ -55,6 +56,7 @@ PY
 
 echo "== 3. benchmark"
 python tools/benchmark.py --device cuda --model ViT-B/16 --batch-sizes 64 256 --repeats 5 \
-    --modes rlrr-kernel rlrr rlrr-official lora full merged timm --compile --compile-modes rlrr-kernel full \
+    --modes rlrr-kernel rlrr-kernel-keep rlrr-kernel-reuse rlrr rlrr-official lora full merged timm \
+    --compile --compile-modes rlrr-kernel full \
     --peak-tflops 989 --output-dir "$out/benchmark" 2>&1 | tee "$out/benchmark.txt"
 echo "wrote $out (benchmark.json, benchmark.png, benchmark.md for the README)"

@@ -100,8 +100,8 @@ def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int
         if lin.adapter == "rlrr":
             per_step += o * rlrr_rank * i  # W' = W ⊙ (1 + S_out S_in) in forward
             per_step += 2 * o * rlrr_rank * i  # (G ⊙ W) S_inᵀ and S_outᵀ (G ⊙ W)
-            if mode != "rlrr-official" and input_grad:
-                per_step += o * rlrr_rank * i  # the Function rebuilds W' for dX
+            if mode not in ("rlrr-official", "rlrr-kernel-keep", "rlrr-kernel-reuse") and input_grad:
+                per_step += o * rlrr_rank * i  # the Function rebuilds W' for dX (unless it kept W')
         if lin.adapter == "lora":
             r = lora_rank
             fwd["lora"] = fwd.get("lora", 0) + t * r * (i + o)

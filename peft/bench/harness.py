@@ -27,7 +27,8 @@ from .flops import LORA_RANK, train_macs
 
 log = logging.getLogger(__name__)
 
-ROWS = modes.MODES + ("rlrr-kernel", "rlrr-official", "merged", "timm", "timm-lora")  # every method, and more
+ROWS = modes.MODES + ("rlrr-kernel", "rlrr-kernel-keep", "rlrr-kernel-reuse", "rlrr-official", "merged", "timm",
+                      "timm-lora")  # every method, and more
 INFERENCE_ONLY = ("merged",)
 RESULT_PREFIX = "BENCH_RESULT "  # a worker prints its result as one JSON line after this marker
 PACKAGE = __name__.split(".")[0]  # "peft" in a checkout, "vit_peft" when installed
@@ -113,19 +114,20 @@ def build_model(mode: str, config: ViTConfig, device: torch.device):
     if mode in ("timm", "timm-lora"):
         model, note = _timm_model(mode, config)
         return (model if isinstance(model, str) else model.to(device)), note
-    if mode == "rlrr-kernel":
+    if mode.startswith("rlrr-kernel"):
         if device.type != "cuda":
-            return "rlrr-kernel needs a CUDA device; skipped", ""
+            return f"{mode} needs a CUDA device; skipped", ""
         if not kernels.kernel_available():
             return "rlrr-kernel: the CUDA extension could not be built here; skipped", ""
     model = vit.VisionTransformer(config).to(device)
     note = ""
     if mode in modes.MODES and mode != "rlrr":
         modes.apply_mode(model, mode)
-    elif mode in ("rlrr", "rlrr-kernel", "merged"):
-        kernels.set_backend("cuda" if mode == "rlrr-kernel" else "torch")
-        modes.apply_mode(model, "rlrr", rlrr_impl="function")
-        note = ("RLRRLinearFunction, fused CUDA kernel" if mode == "rlrr-kernel" else
+    elif mode in ("rlrr", "merged") or mode.startswith("rlrr-kernel"):
+        kernels.set_backend("cuda" if mode.startswith("rlrr-kernel") else "torch")
+        memory = mode.rsplit("-", 1)[1] if mode.endswith(("-keep", "-reuse")) else "rebuild"
+        modes.apply_mode(model, "rlrr", rlrr_impl="function", rlrr_weight_memory=memory)
+        note = (f"RLRRLinearFunction, fused CUDA kernel, W' {memory}" if mode.startswith("rlrr-kernel") else
                 "RLRRLinearFunction, PyTorch path (W' rebuilt in backward, not kept)")
         if mode == "merged":
             state.merge_adapters(model)
@@ -289,7 +291,7 @@ def prepare(spec: dict) -> Bench | dict:
     labels = torch.randint(0, config.num_classes, (batch,), generator=g).to(device)
     if device.type == "cpu":
         result["setup_rss_mib"] = _proc_status_mib("VmRSS")
-    backend = {"rlrr-kernel": "cuda", "rlrr": "torch", "rlrr-official": "torch", "merged": None}.get(base_mode)
+    backend = "cuda" if base_mode.startswith("rlrr-kernel") else {"rlrr": "torch", "rlrr-official": "torch"}.get(base_mode)
     return Bench(result, model, device, images, labels, spec["bf16"], backend, opt)
 
 
