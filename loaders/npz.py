@@ -29,7 +29,7 @@ from vit.model import RESIZE_METHODS
 from .atomic import atomic_write
 from .errors import CheckpointError
 from .npz_reader import ArrayInfo, NpzArchive, _ArrayDict, _some, read_npz  # noqa: F401  (re-exported)
-from .npz_table import CONVERTERS, NAMINGS, Converter, checkpoint_table, detect_naming, is_big_vision  # noqa: F401
+from .npz_table import CONVERTERS, NAMINGS, Converter, checkpoint_table, detect_naming, refuse_big_vision  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,7 @@ def _shape(arrays, key, ndim, what, source):
 
 def _infer(arrays, source: str) -> tuple[ViTConfig, str]:
     keys = arrays.keys
-    if is_big_vision(keys):
-        detect_naming(keys, source)  # raises, saying what a big_vision file is and why it is refused
+    refuse_big_vision(keys, source)
     if any(k.startswith("ResNet/") for k in keys):
         raise CheckpointError(f"{source} is a hybrid ResNet+ViT checkpoint ('ResNet/...' keys); only plain "
                               "ViT checkpoints (patch embedding by one convolution) are supported")

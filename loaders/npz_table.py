@@ -123,16 +123,12 @@ def checkpoint_table(config: ViTConfig, naming: str = "pre-linen") -> list[tuple
 
 def detect_naming(keys, source: str = "checkpoint") -> str:
     """Which naming of :data:`NAMINGS` the keys use (looked up in block 0); a clear error for any other."""
+    refuse_big_vision(keys, source)  # its blocks may carry the linen names, yet it is another model
     block0 = {k.split("/")[2] for k in keys if k.startswith("Transformer/encoderblock_0/") and k.count("/") >= 3}
     for name, parts in NAMINGS.items():
         if {parts["attn"], parts["mlp"]} <= block0:
             return name
-    if is_big_vision(keys):
-        raise CheckpointError(
-            f"{source} is a big_vision checkpoint ({'params/ prefix, ' if any(k.startswith('params/') for k in keys) else ''}"
-            "a top-level 'pos_embedding' or scanned 'Transformer/encoderblock/' arrays). big_vision's ViTs are a "
-            "different model: position embeddings without a CLS slot (the CLS token, when there is one, is added "
-            "after them), global-average or MAP-head pooling, optionally stacked (scanned) blocks; not supported")
+    refuse_big_vision(keys, source)
     known = "; ".join(f"{n}: {', '.join(p.values())}" for n, p in NAMINGS.items())
     raise CheckpointError(f"{source}: encoder block 0 has sub-modules {sorted(block0) or 'none'}, which match no "
                           f"known naming ({known})")
@@ -143,3 +139,13 @@ def is_big_vision(keys) -> bool:
     a top-level ``pos_embedding`` instead of ``Transformer/posembed_input/pos_embedding``, or scanned blocks."""
     return any(k.startswith("params/") or k == "pos_embedding" or k.startswith("Transformer/encoderblock/")
                or k.startswith("MAPHead_") for k in keys)
+
+
+def refuse_big_vision(keys, source: str = "checkpoint") -> None:
+    """Raise, saying why, when the keys are big_vision's (see :func:`is_big_vision`)."""
+    if is_big_vision(keys):
+        raise CheckpointError(
+            f"{source} is a big_vision checkpoint ({'params/ prefix, ' if any(k.startswith('params/') for k in keys) else ''}"
+            "a top-level 'pos_embedding' or scanned 'Transformer/encoderblock/' arrays). big_vision's ViTs are a "
+            "different model: position embeddings without a CLS slot (the CLS token, when there is one, is added "
+            "after them), global-average or MAP-head pooling, optionally stacked (scanned) blocks; not supported")

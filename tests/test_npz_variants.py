@@ -142,6 +142,11 @@ def test_unknown_naming_and_big_vision_are_named(tmp_path):
     _write(tmp_path / "params.npz", {f"params/{k}": v for k, v in _rename(params, "linen").items()})
     with pytest.raises(CheckpointError, match=r"big_vision checkpoint \(params/ prefix"):  # as timm recognises it
         load_npz(tmp_path / "params.npz")
+    unscanned = _rename(params, "linen")  # blocks named like Google's linen code, positions big_vision's way
+    unscanned["pos_embedding"] = unscanned.pop("Transformer/posembed_input/pos_embedding")[:, 1:]
+    _write(tmp_path / "unscanned.npz", unscanned)
+    with pytest.raises(CheckpointError, match="big_vision checkpoint"):
+        load_npz(tmp_path / "unscanned.npz")
 
 
 def test_all_zero_head_warns_once(tmp_path, caplog):

@@ -55,7 +55,6 @@ from ..bench.suite import BenchmarkOptions, run
 from ..finetune import OptionsError
 from .args import Parser, run_main
 
-MODES = ROWS
 
 
 def parse_options(argv=None) -> BenchmarkOptions:
@@ -66,15 +65,15 @@ def parse_options(argv=None) -> BenchmarkOptions:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=d.batch_sizes,
                    help="batch sizes (default: 64 256 on CUDA, 8 on CPU)")
     p.add_argument("--device", default=d.device, help="cuda, cpu or auto (default: auto)")
-    p.add_argument("--modes", nargs="+", default=d.modes, choices=MODES, metavar="MODE",
-                   help=f"rows to measure, from: {', '.join(MODES)} (default: all)")
+    p.add_argument("--modes", nargs="+", default=d.modes, choices=ROWS, metavar="MODE",
+                   help=f"rows to measure, from: {', '.join(ROWS)} (default: all)")
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed repetitions, median reported (default: 5)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed warm-up steps per phase (default: 2)")
     p.add_argument("--steps", type=int, default=d.steps, help="steps per repetition (default: 1 CPU, 10 CUDA)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast (default: on for CUDA, off for CPU)")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows for --compile-modes")
-    p.add_argument("--compile-modes", nargs="+", default=d.compile_modes, choices=MODES, metavar="MODE",
+    p.add_argument("--compile-modes", nargs="+", default=d.compile_modes, choices=ROWS, metavar="MODE",
                    help="modes that get a +compile row (default: rlrr-official rlrr)")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--cpu-clock", choices=("wall", "process"), default=d.cpu_clock,

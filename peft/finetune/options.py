@@ -128,8 +128,6 @@ def changed_options(stored: dict, opts: "FinetuneOptions") -> list[str]:
 
 
 def _device_problem(name: str) -> str | None:
-    import torch
-
     if name in ("auto", "cpu"):
         return None
     try:
