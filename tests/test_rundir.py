@@ -122,3 +122,8 @@ def test_every_tool_gives_one_line_and_exit_2_for_a_bad_flag(tool, argv, text, c
         code = e.code
     err = capsys.readouterr().err.strip()
     assert code == 2 and text in err and len(err.splitlines()) == 1, err
+
+
+def test_a_device_that_does_not_exist_is_a_usage_error(capsys):
+    assert exit_code(["--weights", "none", "--mode", "full", "--model", "testing", "--device", "tpu"]) == 2
+    assert "--device 'tpu': expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err

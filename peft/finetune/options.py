@@ -14,11 +14,12 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from vit.model import RESIZE_METHODS
+import torch
 
 from loaders.datasets import parse_class_spec
 from loaders.datasets.fgvc import FGVC_SETS
 from loaders.datasets.vtab import task_info
+from vit.model import RESIZE_METHODS
 
 from ..modes import MODES, get_method
 
