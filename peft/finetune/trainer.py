@@ -370,9 +370,9 @@ def export_npz(model, path) -> Path:
 
 def run(opts: FinetuneOptions, ctx: pdist.DistContext | None = None) -> dict:
     """``tools/finetune.py`` as a function: one complete run (also under torchrun)."""
-    ctx = ctx or pdist.init_distributed(opts.device)
-    pdist.setup_logging(ctx)
+    trainer = Trainer(opts, ctx)  # checks the options before joining a process group or touching a device
+    pdist.setup_logging(trainer.ctx)
     try:
-        return Trainer(opts, ctx).run()
+        return trainer.run()
     finally:
-        pdist.cleanup(ctx)
+        pdist.cleanup(trainer.ctx)
