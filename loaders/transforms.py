@@ -1,15 +1,28 @@
 """Batch transforms that run on the training device: uint8 (B, H, W, C) in, normalised float32 (B, 3, S, S) out.
 
 Doing augmentation on whole batches on the GPU keeps the data pipeline out of the way without worker processes:
-one resize, one pad and one gather per batch, all randomness drawn from a torch.Generator so a seed reproduces an
-epoch exactly. Train mode is the classic small-image recipe (pad + random crop, random horizontal flip); eval mode
-only resizes. Inputs are normalised with mean = std = 0.5 by default, the convention of Google's ViT checkpoints.
+one resampling call per batch, all randomness drawn from a torch.Generator so a seed reproduces an epoch exactly.
+
+Two families, chosen by the data:
+
+* fixed-size images (CIFAR, Fashion-MNIST, VTAB-1k's stored 224²): ``resize="squash"`` to S × S, and in training
+  the classic small-image recipe ``crop="pad"`` (reflect-pad, random crop, random flip);
+* photos of any size (image folders, CSV lists), read as a padded canvas plus each image's (h, w):
+  ``crop="resized"``, timm's RandomResizedCrop (area scale and log-uniform aspect ratio, ten tries, then the
+  whole image clipped to the ratio range) with a random flip, and ``resize="center"`` for evaluation, timm's
+  resize-shorter-side-to-S/crop_pct and centre crop. One batched bilinear resampling (two gathers, a box per
+  sample) rather than a loop over images; the aspect ratio is never distorted. The sampling positions are clamped
+  to each image's own pixels, so the padding of the canvas never leaks in. No antialiasing: the decode cache
+  stores photos at about S / crop_pct, so a crop is shrunk by at most ~1.5×.
+
+Inputs are normalised with mean = std = 0.5 by default, the convention of Google's ViT checkpoints.
 
 `iterate_batches` (defined in loaders.datasets) is re-exported here for convenience.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -19,6 +32,10 @@ from .datasets import count_batches, iterate_batches, shard_indices  # noqa: F40
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area")
 PADDING_MODES = ("reflect", "zeros")
+CROPS = ("pad", "resized")  # training crops: pad + random crop (small fixed-size images) | random resized crop
+RESIZES = ("squash", "center")  # evaluation: stretch to S x S | shorter side to S / crop_pct, centre crop S x S
+RRC_SCALE, RRC_RATIO, CROP_PCT = (0.08, 1.0), (3 / 4, 4 / 3), 0.875  # timm's defaults (timm/data/transforms*.py)
+_RRC_TRIES = 10  # timm's RandomResizedCrop.get_params tries ten boxes before falling back
 
 
 def _per_channel(value: float | Sequence[float], what: str) -> tuple[float, float, float]:
@@ -26,6 +43,24 @@ def _per_channel(value: float | Sequence[float], what: str) -> tuple[float, floa
     if len(vals) != 3:
         raise ValueError(f"{what} must be a number or 3 numbers (R, G, B), got {value!r}")
     return vals
+
+
+def _separable_bilinear(x: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """Sample (B, C, Hc, Wc) at rows ys (B, S) × columns xs (B, S) (pixel coordinates, float64, inside the image):
+    two gathers and two linear blends. Weights are computed in float64, so a whole-pixel position returns that
+    pixel exactly (grid_sample's normalised float32 coordinates are off by ~1e-5 pixel at 300 px)."""
+    B, C, _, Wc = x.shape
+    S = ys.shape[1]
+    y0 = ys.floor().long()
+    x0 = xs.floor().long()
+    y1 = torch.minimum(y0 + 1, torch.full_like(y0, x.shape[2] - 1))
+    x1 = torch.minimum(x0 + 1, torch.full_like(x0, Wc - 1))
+    wy = (ys - y0).to(x.dtype)[:, None, :, None]  # (B, 1, S, 1)
+    wx = (xs - x0).to(x.dtype)[:, None, None, :]  # (B, 1, 1, S)
+    rows = lambda i: torch.gather(x, 2, i[:, None, :, None].expand(B, C, S, Wc))  # noqa: E731
+    r = rows(y0) * (1 - wy) + rows(y1) * wy  # (B, C, S, Wc)
+    cols = lambda i: torch.gather(r, 3, i[:, None, None, :].expand(B, C, S, S))  # noqa: E731
+    return cols(x0) * (1 - wx) + cols(x1) * wx
 
 
 class BatchTransform:
@@ -47,7 +82,9 @@ class BatchTransform:
 
     def __init__(self, image_size: int, train: bool, mean: float | Sequence[float] = 0.5,
                  std: float | Sequence[float] = 0.5, crop_padding: int | None = None, flip: bool = True,
-                 interpolation: str = "bilinear", padding_mode: str = "reflect"):
+                 interpolation: str = "bilinear", padding_mode: str = "reflect", crop: str = "pad",
+                 resize: str = "squash", scale: tuple[float, float] = RRC_SCALE,
+                 ratio: tuple[float, float] = RRC_RATIO, crop_pct: float = CROP_PCT):
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         if interpolation not in INTERPOLATIONS:
@@ -69,26 +106,107 @@ class BatchTransform:
         self.flip = bool(flip)
         self.interpolation = interpolation
         self.padding_mode = padding_mode
+        if crop not in CROPS or resize not in RESIZES:
+            raise ValueError(f"crop must be one of {CROPS} and resize one of {RESIZES}, got {crop!r}, {resize!r}")
+        if not (0 < scale[0] <= scale[1] <= 1) or not (0 < ratio[0] <= ratio[1]) or not 0 < crop_pct <= 1:
+            raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1, 0 < ratio[0] <= ratio[1] and 0 < crop_pct <= 1, "
+                             f"got scale={scale}, ratio={ratio}, crop_pct={crop_pct}")
+        self.crop, self.resize = crop, resize
+        self.scale, self.ratio, self.crop_pct = tuple(map(float, scale)), tuple(map(float, ratio)), float(crop_pct)
+        self._constants: dict = {}
 
     def __repr__(self) -> str:
         return (f"BatchTransform(image_size={self.image_size}, train={self.train}, mean={self.mean}, "
                 f"std={self.std}, crop_padding={self.crop_padding}, flip={self.flip}, "
-                f"interpolation={self.interpolation!r}, padding_mode={self.padding_mode!r})")
+                f"interpolation={self.interpolation!r}, padding_mode={self.padding_mode!r}, crop={self.crop!r}, "
+                f"resize={self.resize!r}, scale={self.scale}, ratio={self.ratio}, crop_pct={self.crop_pct})")
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                 sizes: torch.Tensor | None = None, rows: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """``sizes``: (B, 2) true (h, w) of each image inside a padded canvas (None: every image fills it).
+        ``rows``: (start, stop, n) when ``images`` are rows start:stop of a global batch of n (data parallelism):
+        the randomness of all n is drawn, so each rank gets exactly its slice of the one-process batch."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
             raise ValueError(f"BatchTransform expects uint8 images (B, H, W, C) with C in {{1, 3}}, got "
                              f"{images.dtype} {tuple(images.shape)}")
         S = self.image_size
         x = images.permute(0, 3, 1, 2).float().div_(255)  # (B, C, H, W) in [0, 1]
-        if x.shape[-2:] != (S, S):
+        rows = rows or (0, x.shape[0], x.shape[0])
+        resample = sizes is not None or self.resize == "center" or (self.train and self.crop == "resized")
+        if resample:
+            x = self._resample(x, sizes, generator, rows)
+        elif x.shape[-2:] != (S, S):
             x = self._resize(x)
-        if self.train and (self.crop_padding > 0 or self.flip):
-            x = self._crop_and_flip(x, generator)
+        if self.train and self.crop == "pad" and (self.crop_padding > 0 or self.flip):
+            x = self._crop_and_flip(x, generator, rows)
         x = x.expand(-1, 3, -1, -1)  # greyscale -> 3 equal channels; no-op for RGB
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        mean, std = self._normalisers(x.device)
         return ((x - mean) / std).contiguous()
+
+    def _normalisers(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as (1, 3, 1, 1) tensors, built once per device (no host-to-device copy per batch)."""
+        key = str(device)
+        if key not in self._constants:
+            self._constants[key] = (torch.tensor(self.mean, device=device).view(1, 3, 1, 1),
+                                    torch.tensor(self.std, device=device).view(1, 3, 1, 1))
+        return self._constants[key]
+
+    # -- one box per image, one resampling per batch -----------------------------------------------------------
+    def boxes(self, sizes: torch.Tensor, generator: torch.Generator | None = None,
+              rows: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source boxes (B, 4) float64 (y0, x0, h, w) in pixels of each image, and flips (B,) bool.
+
+        Training with crop="resized": timm's RandomResizedCrop with continuous boxes; otherwise the evaluation
+        box ("center": the centred square of side min(h, w) · S / floor(S / crop_pct); "squash": the whole image).
+        """
+        h, w = sizes[:, 0].double(), sizes[:, 1].double()  # on the device of sizes: no host synchronisation
+        B = len(h)
+        start, stop, n = rows or (0, B, B)
+        flips = torch.zeros(B, dtype=torch.bool, device=h.device)
+        if self.train and self.crop == "resized":
+            dev = generator.device if generator is not None else torch.device("cpu")
+            u = torch.rand(n, _RRC_TRIES, 4, generator=generator, device=dev, dtype=torch.float64)[start:stop]
+            u = u.to(h.device)
+            if self.flip:
+                flips = (torch.rand(n, generator=generator, device=dev) < 0.5)[start:stop].to(h.device)
+            area = (h * w)[:, None] * (self.scale[0] + u[..., 0] * (self.scale[1] - self.scale[0]))
+            lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+            r = torch.exp(lo + u[..., 1] * (hi - lo))
+            cw, ch = torch.sqrt(area * r), torch.sqrt(area / r)
+            fits = (cw <= w[:, None]) & (ch <= h[:, None])
+            pick = fits.double().argmax(1)  # the first box that fits
+            take = lambda t: t.gather(1, pick[:, None])[:, 0]  # noqa: E731
+            cw, ch, uy, ux = take(cw), take(ch), take(u[..., 2]), take(u[..., 3])
+            # no box fits: the whole image, clipped to the ratio range, centred (timm's fallback)
+            aspect = w / h
+            fw = torch.where(aspect < self.ratio[0], w, torch.where(aspect > self.ratio[1], h * self.ratio[1], w))
+            fh = torch.where(aspect < self.ratio[0], w / self.ratio[0], h)
+            ok = fits.any(1)
+            cw, ch = torch.where(ok, cw, fw), torch.where(ok, ch, fh)
+            uy, ux = torch.where(ok, uy, 0.5), torch.where(ok, ux, 0.5)
+            return torch.stack([uy * (h - ch), ux * (w - cw), ch, cw], 1), flips
+        if self.resize == "center":
+            side = torch.minimum(h, w) * self.image_size / math.floor(self.image_size / self.crop_pct)
+            # whole-pixel offsets, as timm's CenterCrop rounds them: a stored 256 px side gives the exact pixels
+            return torch.stack([torch.round((h - side) / 2), torch.round((w - side) / 2), side, side], 1), flips
+        return torch.stack([torch.zeros_like(h), torch.zeros_like(w), h, w], 1), flips
+
+    def _resample(self, x: torch.Tensor, sizes, generator, rows) -> torch.Tensor:
+        B, _, Hc, Wc = x.shape
+        if sizes is None:
+            sizes = torch.tensor([[Hc, Wc]], dtype=torch.int64).expand(B, 2)
+        sizes = sizes.to(x.device, non_blocking=True)
+        boxes, flips = self.boxes(sizes, generator, rows)
+        S = self.image_size
+        j = (torch.arange(S, dtype=torch.float64, device=x.device) + 0.5) / S  # output pixel centres, box fractions
+        jx = torch.where(flips[:, None], 1 - j, j)  # a flipped sample reads its box right to left
+        ys = boxes[:, 0:1] + j * boxes[:, 2:3] - 0.5  # (B, S) source rows in pixel coordinates
+        xs = boxes[:, 1:2] + jx * boxes[:, 3:4] - 0.5
+        ys = torch.minimum(ys.clamp_min(0), (sizes[:, 0:1] - 1).double())  # stay on the image's own pixels
+        xs = torch.minimum(xs.clamp_min(0), (sizes[:, 1:2] - 1).double())
+        if self.interpolation == "nearest":
+            ys, xs = ys.round(), xs.round()
+        return _separable_bilinear(x, ys, xs)
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         S, mode = self.image_size, self.interpolation
@@ -97,17 +215,19 @@ class BatchTransform:
         x = F.interpolate(x, size=(S, S), mode=mode, align_corners=False if smooth else None, antialias=antialias)
         return x.clamp_(0, 1) if mode == "bicubic" else x  # bicubic overshoots
 
-    def _crop_and_flip(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _crop_and_flip(self, x: torch.Tensor, generator: torch.Generator | None, rows) -> torch.Tensor:
         B, _, S, _ = x.shape
         p = self.crop_padding
+        start, stop, n = rows
         rng_device = generator.device if generator is not None else torch.device("cpu")
         if p > 0:
-            offsets = torch.randint(0, 2 * p + 1, (B, 2), generator=generator, device=rng_device).to(x.device)
+            offsets = torch.randint(0, 2 * p + 1, (n, 2), generator=generator, device=rng_device)[start:stop]
+            offsets = offsets.to(x.device)
             x = F.pad(x, (p, p, p, p), mode="reflect" if self.padding_mode == "reflect" else "constant")
         else:
             offsets = torch.zeros(B, 2, dtype=torch.int64, device=x.device)
         if self.flip:
-            flips = (torch.rand(B, generator=generator, device=rng_device) < 0.5).to(x.device)
+            flips = (torch.rand(n, generator=generator, device=rng_device) < 0.5)[start:stop].to(x.device)
         else:
             flips = torch.zeros(B, dtype=torch.bool, device=x.device)
         ar = torch.arange(S, device=x.device)

@@ -44,11 +44,13 @@ def test_the_vtab_table_is_the_official_recipe():
 def test_vtab_lists_sizes_labels_and_the_decode_cache(trees, monkeypatch):
     ds = load_vtab("svhn", "train800val200", trees / "vtab", image_size=32)
     assert ds.images.shape == (18, 32, 32, 3) and ds.num_classes == 10  # sizes from the lists, not their names
-    import loaders.datasets.vtab as V
+    assert ds.load_counts == {"decoded": 18, "from_cache": 0, "skipped": 0}
+    import loaders.datasets.cache as C
 
-    monkeypatch.setattr(V, "open_image", lambda p: (_ for _ in ()).throw(AssertionError("decoded again")))
+    monkeypatch.setattr(C, "_decode_one", lambda job: (_ for _ in ()).throw(AssertionError("decoded again")))
     again = load_vtab("svhn", "train800val200", trees / "vtab", image_size=32)  # from the uint8 cache
-    assert torch.equal(again.images, ds.images) and torch.equal(again.labels, ds.labels)
+    assert again.load_counts == {"decoded": 0, "from_cache": 18, "skipped": 0}
+    assert torch.equal(again.images.to_tensor(), ds.images.to_tensor()) and torch.equal(again.labels, ds.labels)
 
 
 def test_vtab_errors_name_the_file(trees, tmp_path):
@@ -107,9 +109,9 @@ def _count_test_evaluations(monkeypatch):
     calls = []
     real = training.Trainer.evaluate
 
-    def evaluate(self, images, labels, desc=None):
-        calls.append("test" if images is self.data.test_images and len(labels) else "other")
-        return real(self, images, labels, desc)
+    def evaluate(self, ds, desc=None):
+        calls.append("test" if ds is self.data.test and len(ds) else "other")
+        return real(self, ds, desc)
 
     monkeypatch.setattr(training.Trainer, "evaluate", evaluate)
     return calls

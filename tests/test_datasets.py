@@ -356,55 +356,7 @@ def _save(path: Path, arr: np.ndarray, mode=None):
     Image.fromarray(arr, mode).save(path)
 
 
-def test_image_folder_rgb_grey_and_resize(tmp_path):
-    rng = np.random.default_rng(0)
-    a = [rng.integers(0, 256, (6, 8, 3), dtype=np.uint8) for _ in range(3)]
-    grey = rng.integers(0, 256, (6, 8), dtype=np.uint8)
-    big = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-    _save(tmp_path / "zebra" / "0.png", a[0])
-    _save(tmp_path / "zebra" / "1.bmp", a[1])
-    _save(tmp_path / "ant" / "b.png", a[2])
-    _save(tmp_path / "ant" / "a.png", grey)
-    _save(tmp_path / "ant" / "c.png", big)
-    (tmp_path / "ant" / "notes.txt").write_text("not an image")
-    ds = load_dataset(str(tmp_path))
-    assert ds.classes == ["ant", "zebra"]
-    assert ds.images.shape == (5, 6, 8, 3)  # H=6, W=8, the most common size
-    assert ds.labels.tolist() == [0, 0, 0, 1, 1]
-    np.testing.assert_array_equal(ds.images[0].numpy(), np.repeat(grey[:, :, None], 3, axis=2))
-    np.testing.assert_array_equal(ds.images[1].numpy(), a[2])
-    resized = np.asarray(Image.fromarray(big).resize((8, 6), Image.BILINEAR))
-    np.testing.assert_array_equal(ds.images[2].numpy(), resized)
-    np.testing.assert_array_equal(ds.images[3].numpy(), a[0])
-    np.testing.assert_array_equal(ds.images[4].numpy(), a[1])
-    with pytest.raises(DataNotFoundError, match="no test split"):
-        load_dataset(str(tmp_path), split="test")
-
-
-def test_image_folder_all_grey_keeps_one_channel_and_train_test(tmp_path):
-    rng = np.random.default_rng(1)
-    imgs = {}
-    for split, cls, k in [("train", "a", 2), ("train", "b", 1), ("test", "b", 1)]:
-        for i in range(k):
-            arr = rng.integers(0, 256, (5, 5), dtype=np.uint8)
-            imgs[(split, cls, i)] = arr
-            _save(tmp_path / split / cls / f"{i}.png", arr)
-    test = load_dataset(str(tmp_path), split="test")
-    assert test.images.shape == (1, 5, 5, 1) and test.classes == ["a", "b"] and test.labels.tolist() == [1]
-    np.testing.assert_array_equal(test.images[0, :, :, 0].numpy(), imgs[("test", "b", 0)])
-    assert len(load_dataset(str(tmp_path), split="train")) == 3
-
-
-def test_image_folder_errors(tmp_path):
-    with pytest.raises(DataNotFoundError, match="no class"):
-        D.load_image_folder(tmp_path)
-    (tmp_path / "c").mkdir()
-    (tmp_path / "c" / "x.txt").write_text("hi")
-    with pytest.raises(DataNotFoundError, match="no images"):
-        D.load_image_folder(tmp_path)
-    (tmp_path / "c" / "broken.png").write_bytes(b"\x89PNG not really")
-    with pytest.raises(DatasetError, match="broken.png"):
-        D.load_image_folder(tmp_path)
+# Image folders, CSV lists and the decode cache: tests/test_image_data.py
 
 
 # ------------------------------------------------------------------------------------------------------------

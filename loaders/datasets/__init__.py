@@ -1,11 +1,13 @@
-"""Image datasets as in-memory uint8 tensors, without torchvision.
+"""Image datasets without torchvision: small ones in memory, everything else decoded once into a cache on disk.
 
-Every loader returns an :class:`ImageDataset`: all images of one split as a uint8 tensor (N, H, W, C) with C in
-{1, 3}, int64 labels (N,), the class names and a name. Small vision benchmarks fit in memory (CIFAR-10 train is
-150 MB), so batches are plain tensor indexing (:func:`iterate_batches`) and augmentation runs on the training
-device (:class:`loaders.transforms.BatchTransform`).
+Every loader returns an :class:`ImageDataset`: the images of one split, int64 labels (N,), the class names and a
+name. Small vision benchmarks fit in memory (CIFAR-10 train is 150 MB) as a uint8 tensor (N, H, W, C); image
+folders, CSV lists, VTAB-1k and FGVC are decoded once, in parallel, into a memory-mapped
+:class:`~loaders.datasets.store.PixelStore` (``cache``, ``store``) that batches are read from. Augmentation runs
+on the training device (:class:`loaders.transforms.BatchTransform`).
 
-One module per source (``cifar``, ``fashion_mnist``, ``tiny_imagenet``, ``folder``); ``base`` holds the container,
+One module per source (``cifar``, ``fashion_mnist``, ``tiny_imagenet``, ``folder``, ``vtab``, ``fgvc``); ``base``
+holds the container, ``lists`` the untrusting readers of list files,
 ``archives`` the checksum/download/member checks every archive goes through, ``selection`` class subsets and
 splits, ``batches`` batching and the project's one sharding scheme. :func:`load_dataset` picks the source by name.
 The default data root is $VIT_PEFT_DATA, else ~/.cache/vit-peft/data.
@@ -19,7 +21,9 @@ from .base import DATA_ENV, SPLITS, DataNotFoundError, DatasetError, ImageDatase
 from .batches import count_batches, iterate_batches, shard_bounds, shard_indices
 from .cifar import CIFAR_ARCHIVES, RestrictedUnpickler, load_cifar, restricted_unpickle
 from .fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, load_fashion_mnist, parse_idx, read_idx
-from .folder import load_image_folder
+from .cache import CACHE_ENV, CacheReport, decode_cached
+from .folder import LIST_SUFFIXES, Source, load_image_folder, open_source
+from .store import PixelStore, gather_batch
 from .selection import parse_class_spec, random_subset, select_classes, split_indices, split_train_val
 from .tiny_imagenet import load_tiny_imagenet
 
@@ -44,14 +48,16 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
         return load_fashion_mnist(root, split, download)
     if key == "tiny_imagenet":
         return load_tiny_imagenet(root, split, download)
-    if Path(name).expanduser().is_dir():
+    path = Path(name).expanduser()
+    if path.is_dir() or (path.is_file() and path.suffix.lower() in LIST_SUFFIXES):
         return load_image_folder(name, split)
-    raise DataNotFoundError(f"unknown dataset {name!r}: expected one of {DATASETS} or an existing folder "
-                            f"<folder>/<class>/<image>.png")
+    raise DataNotFoundError(f"unknown dataset {name!r}: expected one of {DATASETS} an existing folder "
+                            f"<folder>/<class>/<image>.jpg or a list.csv of 'path,label' lines")
 
 
 
-__all__ = ["CIFAR_ARCHIVES", "DATASETS", "DATA_ENV", "DataNotFoundError", "DatasetError", "FASHION_MNIST_CLASSES",
+__all__ = ["CACHE_ENV", "CacheReport", "LIST_SUFFIXES", "PixelStore", "Source", "decode_cached", "gather_batch",
+           "open_source", "CIFAR_ARCHIVES", "DATASETS", "DATA_ENV", "DataNotFoundError", "DatasetError", "FASHION_MNIST_CLASSES",
            "FASHION_MNIST_FILES", "ImageDataset", "RestrictedUnpickler", "SPLITS", "count_batches",
            "default_data_root", "iterate_batches", "load_cifar", "load_dataset", "load_fashion_mnist",
            "load_image_folder", "load_tiny_imagenet", "parse_class_spec", "parse_idx", "random_subset", "read_idx",

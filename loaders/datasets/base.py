@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 
+from .store import PixelStore
 from ..errors import DataNotFoundError, DatasetError  # noqa: F401  (re-exported)
 
 DATA_ENV = "VIT_PEFT_DATA"
@@ -23,16 +24,20 @@ def default_data_root() -> Path:
 
 @dataclass
 class ImageDataset:
-    """One split of an image classification dataset, fully in memory."""
+    """One split of an image classification dataset: small sets fully in memory (a uint8 tensor), image folders
+    and benchmark lists as a memory-mapped :class:`~loaders.datasets.store.PixelStore` of images of any size."""
 
-    images: torch.Tensor  # (N, H, W, C) uint8, C in {1, 3}
+    images: torch.Tensor | PixelStore  # (N, H, W, C) uint8, C in {1, 3}; or a PixelStore of N images
     labels: torch.Tensor  # (N,) int64 in [0, len(classes))
     classes: list[str]
     name: str = "dataset"
+    load_counts: dict | None = None  # {"decoded": n, "from_cache": n, "skipped": n} when read through the cache
 
     def __post_init__(self):
         im, lab = self.images, self.labels
-        if not isinstance(im, torch.Tensor) or im.dtype != torch.uint8 or im.ndim != 4 or im.shape[-1] not in (1, 3):
+        if isinstance(im, PixelStore):
+            pass
+        elif not isinstance(im, torch.Tensor) or im.dtype != torch.uint8 or im.ndim != 4 or im.shape[-1] not in (1, 3):
             raise DatasetError(f"{self.name}: images must be a uint8 tensor (N, H, W, C) with C in {{1, 3}}, got "
                                f"{getattr(im, 'dtype', type(im))} {tuple(getattr(im, 'shape', ()))}")
         if not isinstance(lab, torch.Tensor) or lab.dtype != torch.int64 or lab.ndim != 1 or len(lab) != len(im):
@@ -48,7 +53,12 @@ class ImageDataset:
 
     def __repr__(self) -> str:
         return (f"ImageDataset(name={self.name!r}, images={tuple(self.images.shape)}, "
-                f"num_classes={self.num_classes})")
+                f"num_classes={self.num_classes}{', on disk' if self.on_disk else ''})")
+
+    @property
+    def on_disk(self) -> bool:
+        """True when the images are a memory-mapped store (streamed in batches), False for an in-memory tensor."""
+        return isinstance(self.images, PixelStore)
 
     @property
     def num_classes(self) -> int:
@@ -56,7 +66,7 @@ class ImageDataset:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """(H, W)."""
+        """(H, W); for a store of mixed sizes the largest of each."""
         return tuple(self.images.shape[1:3])
 
     @property
@@ -69,9 +79,9 @@ class ImageDataset:
 
     def subset(self, indices: torch.Tensor | Sequence[int], name: str | None = None) -> "ImageDataset":
         """The images at `indices` (same classes and labels)."""
-        idx = torch.as_tensor(indices, dtype=torch.int64)
-        return ImageDataset(self.images[idx.to(self.images.device)], self.labels[idx.to(self.labels.device)],
-                            list(self.classes), name or self.name)
+        idx = torch.as_tensor(indices, dtype=torch.int64).cpu()
+        images = (self.images.subset(idx.numpy()) if self.on_disk else self.images[idx.to(self.images.device)])
+        return ImageDataset(images, self.labels[idx.to(self.labels.device)], list(self.classes), name or self.name)
 
 
 

@@ -6,21 +6,20 @@ Stanford Dogs and Stanford Cars.
     <root>/<folder>/...                        Flowers, Dogs, Cars: paths relative to the folder
 
 Class ids are remapped to 0..K-1 in sorted order, as VPT does, from the ids of all three files; K is checked
-against the table. Images are decoded once at the training resolution (bicubic) and cached like VTAB's.
+against the table. Images are decoded once at the training resolution (bicubic) and cached like VTAB's; every
+path in the json files must stay inside the set's folder.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .base import DataNotFoundError, DatasetError, ImageDataset, data_root
-from .vtab import Task, decode_cached
+from .lists import load_json
+from .vtab import Task, decode_list
 
 FGVC_SPLITS = ("train", "val", "test")
 
@@ -45,16 +44,17 @@ def _read(path: Path) -> dict[str, int]:
     if not path.is_file():
         raise DataNotFoundError(f"{path} not found: an FGVC folder in VPT's layout holds train.json, val.json and "
                                 "test.json")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict) or not data or not all(isinstance(v, int) for v in data.values()):
+    data = load_json(path)
+    if not isinstance(data, dict) or not data:
         raise DatasetError(f"{path}: expected a non-empty mapping of image path to integer class id")
+    bad = next(((k, v) for k, v in data.items() if type(v) is not int or v < 0), None)
+    if bad is not None:
+        raise DatasetError(f"{path}: {bad[0]!r} has class id {bad[1]!r}; ids must be non-negative integers")
     return data
 
 
-def load_fgvc(name: str, split: str, root=None, image_size: int = 224) -> ImageDataset:
+def load_fgvc(name: str, split: str, root=None, image_size: int = 224, workers: int | None = None,
+              progress: bool = True) -> ImageDataset:
     if name not in FGVC_SETS:
         raise DataNotFoundError(f"unknown FGVC set {name!r}; the sets are {', '.join(FGVC_SETS)}")
     if split not in FGVC_SPLITS:
@@ -69,8 +69,9 @@ def load_fgvc(name: str, split: str, root=None, image_size: int = 224) -> ImageD
     if len(ids) != spec.task.classes:
         raise DatasetError(f"{folder}: the json files hold {len(ids)} class ids, {name} has {spec.task.classes}")
     remap = {c: i for i, c in enumerate(ids)}  # VPT: sorted original ids -> 0..K-1
-    items = sorted(maps[split].items())
-    key = hashlib.sha256(json.dumps(items).encode()).hexdigest()
-    images = decode_cached(folder / spec.images if spec.images else folder, items, image_size, key, split)
-    labels = torch.tensor([remap[c] for _, c in items], dtype=torch.int64)
-    return ImageDataset(torch.from_numpy(images), labels, [str(c) for c in ids], f"fgvc:{name}-{split}")
+    items = [(rel, c, 0) for rel, c in sorted(maps[split].items())]
+    images_folder = folder / spec.images if spec.images else folder
+    store, counts = decode_list(images_folder, items, image_size, folder / f"{split}.json", f"fgvc-{name}-{split}",
+                                workers, progress)
+    labels = torch.tensor([remap[c] for _, c, _ in items], dtype=torch.int64)
+    return ImageDataset(store, labels, [str(c) for c in ids], f"fgvc:{name}-{split}", load_counts=counts)

@@ -57,8 +57,7 @@ def select_classes(ds: ImageDataset, spec) -> ImageDataset:
     mapping[torch.tensor(keep)] = torch.arange(len(keep))
     new = mapping[ds.labels.cpu()]
     idx = (new >= 0).nonzero().squeeze(1)
-    return ImageDataset(ds.images[idx.to(ds.images.device)], new[idx].to(ds.labels.device),
-                        [ds.classes[c] for c in keep], ds.name)
+    return ImageDataset(ds.subset(idx).images, new[idx].to(ds.labels.device), [ds.classes[c] for c in keep], ds.name)
 
 
 def split_indices(labels: torch.Tensor, val_fraction: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,14 +5,13 @@
 
 The class count of each task comes from :data:`VTAB_TASKS` (with its group and the official RLRR recipe) and
 is checked against the labels found. Images are decoded once, resized to the training resolution with PIL's
-bicubic filter (as the official pipeline), and cached as uint8 beside the lists
-(``<task>/.vit-peft-cache/<list>-<size>.npz``, keyed by the list file's sha256), so 19 tasks × several methods do
-not decode JPEGs every epoch.
+bicubic filter (as the official pipeline), and kept in the decode cache (``loaders.datasets.cache``: in
+``<task>/.vit-peft-cache/`` or $VIT_PEFT_CACHE, keyed by every listed file's path, size and time), so 19 tasks ×
+several methods do not decode JPEGs every epoch. Every listed path must stay inside the task folder.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
-from ..atomic import atomic_write
-from ..images import open_image
+from ..images import StorePolicy
 from .base import DataNotFoundError, DatasetError, ImageDataset, data_root
+from .cache import decode_cached
+from .lists import inside, parse_label, read_text
+from .store import PixelStore
 
 log = logging.getLogger(__name__)
 
 VTAB_LISTS = ("train800", "val200", "train800val200", "test")
-CACHE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -81,54 +80,43 @@ def task_info(task: str) -> Task:
     return table[task]
 
 
-def read_list(path: Path) -> list[tuple[str, int]]:
-    """``relative/path label`` lines; a malformed line is an error naming the file and line."""
+def read_list(path: Path) -> list[tuple[str, int, int]]:
+    """``relative/path label`` lines as (path, label, line number); a malformed line is an error naming the file
+    and line (labels are plain decimal integers; the text is UTF-8)."""
     if not path.is_file():
         raise DataNotFoundError(f"{path} not found: a VTAB-1k task folder holds {', '.join(f'{n}.txt' for n in VTAB_LISTS)}"
                                 f" beside its images")
     items = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         name, _, label = line.strip().rpartition(" ")
-        if not name or not label.lstrip("-").isdigit():
+        if not name:
             raise DatasetError(f"{path}:{n}: expected 'relative/image/path label', got {line!r}")
-        items.append((name, int(label)))
+        items.append((name, parse_label(label, f"{path}:{n}"), n))
     if not items:
         raise DatasetError(f"{path} lists no images")
     return items
 
 
-def decode_cached(folder: Path, items: list[tuple[str, int]], size: int, cache_key: str, what: str) -> np.ndarray:
-    """Images of ``items`` (paths relative to ``folder``) as uint8 (N, size, size, 3), bicubic-resized, cached."""
-    cache = folder / ".vit-peft-cache" / f"{what}-{size}.npz"
-    if cache.is_file():
-        try:
-            with np.load(cache, allow_pickle=False) as z:
-                if int(z["version"]) == CACHE_VERSION and str(z["key"]) == cache_key:
-                    return z["images"]
-        except (OSError, KeyError, ValueError) as e:
-            log.warning("%s: unreadable cache (%s), decoding again", cache, e)
-    images = np.empty((len(items), size, size, 3), np.uint8)
-    for i, (name, _) in enumerate(tqdm(items, desc=f"decoding {folder.name}/{what}", unit="img", disable=None)):
-        path = folder / name
-        if not path.is_file():
-            raise DataNotFoundError(f"{path} is listed in {what} but does not exist")
-        im = open_image(path).convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.Resampling.BICUBIC)
-        images[i] = np.asarray(im)
-    cache.parent.mkdir(exist_ok=True)
-    try:
-        with atomic_write(cache) as f:
-            np.savez(f, images=images, key=np.array(cache_key), version=np.array(CACHE_VERSION))
-    except OSError as e:
-        log.warning("could not write the cache %s (%s); the next run decodes again", cache, e)
-    return images
+def decode_list(folder: Path, items, image_size: int, list_path: Path, name: str, workers: int | None = None,
+                progress: bool = True) -> tuple[PixelStore, dict]:
+    """The images of a benchmark list (paths inside ``folder``), squashed to image_size² with PIL bicubic as the
+    official pipelines do, through the decode cache. Every listed file must decode: the protocol's counts are
+    fixed, so a missing or broken file is an error naming it."""
+    files = [inside(folder, rel, f"{list_path}:{n}" if n else str(list_path)) for rel, _, n in items]
+    store, report = decode_cached(files, folder, name, StorePolicy("square", image_size), workers, progress)
+    if report.reasons:
+        i, why = min(report.reasons.items())
+        raise DatasetError(f"{files[i]} is listed in {list_path} but cannot be read ({why})"
+                           + (f"; {len(report.reasons) - 1} more" if len(report.reasons) > 1 else ""))
+    return store, report.counts()
 
 
-def load_vtab(task: str, split: str, root=None, image_size: int = 224) -> ImageDataset:
-    """One list of a VTAB-1k task (``split`` in train800, val200, train800val200, test) as an ImageDataset."""
+def load_vtab(task: str, split: str, root=None, image_size: int = 224, workers: int | None = None,
+              progress: bool = True) -> ImageDataset:
+    """One list of a VTAB-1k task (``split`` in train800, val200, train800val200, test) as an ImageDataset.
+    ``ds.load_counts`` says how many images were decoded and how many came from the cache."""
     info = task_info(task)
     if split not in VTAB_LISTS:
         raise ValueError(f"VTAB-1k split must be one of {', '.join(VTAB_LISTS)}, got {split!r}")
@@ -138,14 +126,13 @@ def load_vtab(task: str, split: str, root=None, image_size: int = 224) -> ImageD
                                 f"{', '.join(f'{n}.txt' for n in VTAB_LISTS)} (the extracted vtab-1k release)")
     list_path = folder / f"{split}.txt"
     items = read_list(list_path)
-    labels = np.array([label for _, label in items], np.int64)
+    labels = np.array([label for _, label, _ in items], np.int64)
     if labels.min() < 0 or labels.max() >= info.classes:
         raise DatasetError(f"{list_path}: labels span {labels.min()}..{labels.max()}, but {task} has "
                            f"{info.classes} classes (0..{info.classes - 1})")
-    key = hashlib.sha256(list_path.read_bytes()).hexdigest()
-    images = decode_cached(folder, items, image_size, key, split)
-    return ImageDataset(torch.from_numpy(images), torch.from_numpy(labels), [str(c) for c in range(info.classes)],
-                        f"vtab-1k:{task}-{split}")
+    store, counts = decode_list(folder, items, image_size, list_path, f"vtab-{task}-{split}", workers, progress)
+    return ImageDataset(store, torch.from_numpy(labels), [str(c) for c in range(info.classes)],
+                        f"vtab-1k:{task}-{split}", load_counts=counts)
 
 
 def write_vtab_task(folder, train: ImageDataset, test: ImageDataset, seed: int = 0, sizes=(800, 200, 1000)) -> Path:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from loaders.datasets import DatasetError, load_dataset
-from loaders.images import read_images
+from loaders.datasets import DatasetError, gather_batch, load_dataset
+from loaders.images import read_images, resize_array
 from loaders.npz import ZERO_HEAD_MESSAGE, has_zero_head
 from loaders.transforms import BatchTransform
 from vit import plots, visualize
@@ -40,14 +40,20 @@ def read_labels(path) -> list[str]:
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def load_dataset_samples(name: str, indices, split: str, root=None):
-    """``(uint8 images (B, H, W, C), labels (B,), class names)`` picked from a dataset by index."""
+def load_dataset_samples(name: str, indices, split: str, root=None, size: int | None = None):
+    """``(uint8 images (B, H, W, C), labels (B,), class names)`` picked from a dataset by index; images of
+    different sizes (an image folder) are each resized to size × size (PIL bilinear), as image files are."""
     ds = load_dataset(name, root=root, split=split)
     bad = [i for i in indices if not -len(ds.labels) <= i < len(ds.labels)]
     if bad:
         raise DatasetError(f"--index {bad} out of range for {ds.name} {split} ({len(ds.labels)} images)")
-    idx = torch.tensor(indices, dtype=torch.long)
-    return ds.images[idx], ds.labels[idx], list(ds.classes)
+    idx = torch.tensor(indices, dtype=torch.long) % len(ds.labels)
+    images, sizes = gather_batch(ds.images, idx)
+    if sizes is not None or (size is not None and ds.on_disk):
+        hw = sizes.tolist() if sizes is not None else [images.shape[1:3]] * len(idx)
+        images = torch.stack([torch.from_numpy(resize_array(img[:h, :w].numpy(), size)) for img, (h, w) in
+                              zip(images, hw)])
+    return images, ds.labels[idx], list(ds.classes)
 
 
 def _short(name: str, width: int = 18) -> str:
@@ -105,7 +111,8 @@ def main(argv=None) -> int:
         batches.append(read_images(args.images, cfg.image_size))
         truth += [None] * len(args.images)
     if args.dataset:
-        images, labels, ds_classes = load_dataset_samples(args.dataset, args.index, args.split, args.data_root)
+        images, labels, ds_classes = load_dataset_samples(args.dataset, args.index, args.split, args.data_root,
+                                                          cfg.image_size)
         if classes is None and len(ds_classes) == cfg.num_classes:
             classes = ds_classes  # a plain .npz carries no names; the dataset's fit if the counts agree
         batches += [images]

@@ -9,19 +9,23 @@ import sys
 from ..adapters import set_adapter
 from ..finetune.checkpoint import load_model_from_checkpoint, load_tasks
 from ..finetune.distributed import resolve_device
-from ..finetune.predict import predict_files
+from ..finetune.data import is_photo_source
+from ..finetune.options import FinetuneOptions
+from ..finetune.predict import eval_transform, predict_files, predict_folder
 from .args import Parser, run_main
 
 EXAMPLES = """examples:
   python tools/predict.py cat.png dog.jpg --checkpoint runs/cifar10-rlrr
   python tools/predict.py shoe.png --checkpoint runs/quickstart/rlrr/best.pt --top-k 3
   python tools/predict.py shoe.png --checkpoint runs/quickstart/rlrr runs/quickstart/lora   # one backbone
+  python tools/predict.py --data ~/new-photos --checkpoint runs/my-photos   # a folder, through the decode cache
 """
 
 
 def main(argv=None) -> int:
     p = Parser(prog="predict", description=__doc__, epilog=EXAMPLES)
-    p.add_argument("images", nargs="+", help="image files (any format PIL reads; resized like evaluation)")
+    p.add_argument("images", nargs="*", help="image files (any format PIL reads; resized like evaluation)")
+    p.add_argument("--data", default=None, help="a folder: every image under it, decoded once into the cache")
     p.add_argument("--checkpoint", required=True, nargs="+",
                    help="a checkpoint file or a run folder (its best.pt); several adapter checkpoints of one base "
                         "share one backbone in memory and each reports its own top classes")
@@ -31,6 +35,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.top_k < 1:
         p.error(f"--top-k must be at least 1, got {a.top_k}")
+    if not a.images and a.data is None:
+        p.error("give image files, or --data FOLDER")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     device = resolve_device(a.device)
     if len(a.checkpoint) == 1:
@@ -42,7 +48,13 @@ def main(argv=None) -> int:
         if task is not None:
             set_adapter(model, task)
             print(f"== {task} ({meta['mode']}, {len(meta['classes'])} classes)")
-        for path, top in zip(a.images, predict_files(model, a.images, meta["classes"], a.top_k, device)):
+        opts = FinetuneOptions.from_dict(meta.get("options", {}))
+        photos = is_photo_source(opts.data)
+        tf = eval_transform(model.config.image_size, opts, photos)
+        found = list(zip(a.images, predict_files(model, a.images, meta["classes"], a.top_k, device, tf)))
+        if a.data is not None:
+            found += predict_folder(model, a.data, meta["classes"], a.top_k, device, opts.crop_pct)
+        for path, top in found:
             print(path)
             for rank, (name, prob) in enumerate(top, 1):
                 print(f"  {rank}. {name:<24} {prob:.4f}")

@@ -1,38 +1,59 @@
-"""The data of a run: train/val/test splits as uint8 tensors on the training device.
+"""The data of a run: train/val/test splits, each an :class:`~loaders.datasets.ImageDataset`.
 
-The validation split is held out from the training split (stratified, seeded), so the test set never selects
-a checkpoint. In DDP the main process loads (and downloads) first; the others wait, then read the cache.
+Small sets (CIFAR, Fashion-MNIST, Tiny-ImageNet) are tensors moved to the training device once, as before.
+Image folders, CSV lists, VTAB-1k and FGVC are decoded once into a memory-mapped cache
+(``loaders.datasets.cache``) and streamed in batches (``loaders.datasets.stream``): a run's memory does not grow
+with the dataset. The validation split is held out from the training split (stratified, seeded), so the test set
+never selects a checkpoint; a flat folder or a CSV list also gets its test split held out (``--test-fraction``),
+and the file lists of every split are written to the run folder (``splits/``) for ``tools/evaluate.py``.
+In DDP the main process loads (decodes, downloads) first; the others wait, then read the cache.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from loaders.datasets import load_dataset, random_subset, select_classes, split_train_val
+from loaders.datasets import (LIST_SUFFIXES, DatasetError, ImageDataset, load_dataset, open_source, parse_class_spec,
+                              random_subset, select_classes, split_train_val)
 from loaders.datasets.fgvc import load_fgvc
+from loaders.datasets.lists import read_text
 from loaders.datasets.vtab import load_vtab
+from loaders.images import StorePolicy
 
 from . import distributed as pdist
+from . import report
 from .options import FinetuneOptions
 
 log = logging.getLogger(__name__)
 
+SPLIT_NAMES = ("train", "val", "test")
+
 
 @dataclass
 class Data:
-    train_images: torch.Tensor  # uint8 (N, H, W, C) on the training device
-    train_labels: torch.Tensor  # int64 (N,) on the training device
-    val_images: torch.Tensor
-    val_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
     classes: list[str]
     name: str
     splits: dict  # which split of the source trained, selected and tested: {"train": ..., "val": ..., "test": ...}
+    counts: dict = field(default_factory=dict)  # per split: {"decoded": n, "from_cache": n, "skipped": n}
+    skipped: list = field(default_factory=list)  # (relative path, reason) of files that could not be decoded
+    files: dict | None = None  # per split, the relative path and label of each image (folders and lists)
+    photos: bool = False  # images of any size (random-resized-crop / centre-crop transforms)
 
+    # the old attribute names, for code that reads whole splits
+    train_images = property(lambda self: self.train.images)
+    train_labels = property(lambda self: self.train.labels)
+    val_images = property(lambda self: self.val.images)
+    val_labels = property(lambda self: self.val.labels)
+    test_images = property(lambda self: self.test.images)
+    test_labels = property(lambda self: self.test.labels)
 
 
 # Benchmark protocols: which list trains, which selects (None: the last epoch is kept), which tests (None: none).
@@ -45,24 +66,47 @@ PROTOCOL_SPLITS = {
 }
 
 
+def is_photo_source(data: str) -> bool:
+    """An image folder or a CSV/TSV list (not a named dataset, not a benchmark task)."""
+    if data.startswith(("vtab-1k:", "fgvc:")):
+        return False
+    p = Path(data).expanduser()
+    return p.is_dir() or (p.suffix.lower() in LIST_SUFFIXES and p.is_file())
+
+
+def _on_device(ds: ImageDataset, dev) -> ImageDataset:
+    """In-memory sets move to the device whole; disk-backed ones stay where they are (streamed)."""
+    if ds.on_disk:
+        return ds
+    return ImageDataset(ds.images.to(dev), ds.labels.to(dev), ds.classes, ds.name)
+
+
+def _main_first(ctx, load):
+    """Run ``load`` on the main process first (it decodes or downloads), then on the others."""
+    if ctx.is_main:
+        out = load()
+    pdist.barrier(ctx)
+    if not ctx.is_main:
+        out = load()
+    return out
+
+
 def _benchmark_data(opts: FinetuneOptions, ctx: pdist.DistContext) -> Data:
     kind, _, name = opts.data.partition(":")
     train_split, val_split, test_split = PROTOCOL_SPLITS[(kind, opts.protocol)]
     size = opts.image_size or 224  # the official pipeline's resolution
+    show = opts.progress and ctx.is_main
 
     def load(split):
         if split is None:
             return None
         if kind == "vtab-1k":
-            return load_vtab(name, split, opts.data_root, size)
-        return load_fgvc(name, split, opts.data_root, size)
+            return load_vtab(name, split, opts.data_root, size, opts.workers, show)
+        return load_fgvc(name, split, opts.data_root, size, opts.workers, show)
 
-    if ctx.is_main:  # the main process decodes and writes the cache; the others wait, then read it
-        train = load(train_split)
-    pdist.barrier(ctx)
-    if not ctx.is_main:
-        train = load(train_split)
+    train = _main_first(ctx, lambda: load(train_split))
     val, test = load(val_split), load(test_split)
+    counts = {s: d.load_counts for s, d in (("train", train), ("val", val), ("test", test)) if d is not None}
     empty = train.subset(torch.zeros(0, dtype=torch.int64))
     train = random_subset(train, opts.max_train_samples, opts.seed)
     val = random_subset(val, opts.max_eval_samples, opts.seed + 1) if val is not None else empty
@@ -70,26 +114,101 @@ def _benchmark_data(opts: FinetuneOptions, ctx: pdist.DistContext) -> Data:
     splits = {"train": train_split, "val": val_split, "test": test_split}
     log.info("data %s (%s protocol): trains on %s (%d), selects on %s, tests on %s", opts.data, opts.protocol,
              train_split, len(train.labels), val_split or "the last epoch", test_split or "nothing (tuning)")
-    dev = ctx.device
-    return Data(train.images.to(dev), train.labels.to(dev), val.images.to(dev), val.labels.to(dev),
-                test.images.to(dev), test.labels.to(dev), list(train.classes), train.name, splits)
+    return Data(train, val, test, list(train.classes), train.name, splits, counts)
 
 
-def prepare_data(opts: FinetuneOptions, ctx: pdist.DistContext) -> Data:
-    """Train/val/test splits as uint8 tensors on the device; the validation split is held out from train
-    (VTAB-1k and FGVC bring their own splits, chosen by ``--protocol``)."""
+def stratified_holdout(labels: np.ndarray, fractions: dict[str, float], seed: int, classes: list[str]) -> dict:
+    """Indices of each split, per class: round(n · fraction) (at least 1 where the fraction is > 0) go to each
+    held-out split, the rest trains; a class left without a training image is an error naming it."""
+    g = np.random.default_rng(seed)
+    out = {s: [] for s in ("train", *fractions)}
+    for c in range(len(classes)):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) == 0:
+            continue
+        idx = idx[g.permutation(len(idx))]
+        start = 0
+        for split, frac in fractions.items():
+            k = max(1, round(len(idx) * frac)) if frac > 0 else 0
+            out[split].append(idx[start:start + k])
+            start += k
+        if start >= len(idx):
+            need = 1 + sum(1 for f in fractions.values() if f > 0)
+            flags = " and ".join(f"--{s.replace('_', '-')}-fraction {f:g}" for s, f in fractions.items() if f > 0)
+            raise DatasetError(f"class {classes[c]!r} has {len(idx)} image(s); {flags} need at least {need} per "
+                               "class (one to train, one for each held-out split): add images or lower the fractions")
+        out["train"].append(idx[start:])
+    return {s: np.sort(np.concatenate(v)) if v else np.zeros(0, np.int64) for s, v in out.items()}
+
+
+def read_split_files(folder: Path) -> dict[str, list[str]] | None:
+    """The ``splits/<split>.txt`` lists a run wrote (relative path per line), or None if there are none."""
+    if not (folder / "train.txt").is_file():
+        return None
+    return {s: [line.rsplit("\t", 1)[0] for line in read_text(folder / f"{s}.txt").splitlines() if line]
+            for s in SPLIT_NAMES if (folder / f"{s}.txt").is_file()}
+
+
+def _photo_data(opts: FinetuneOptions, ctx: pdist.DistContext, image_size: int, recorded: dict | None) -> Data:
+    policy = StorePolicy("shorter", opts.store_size or round(image_size / opts.crop_pct))
+    show = opts.progress and ctx.is_main
+    src = _main_first(ctx, lambda: open_source(opts.data, policy, opts.workers, show))
+    ds, paths, group, decoded = src.dataset, src.paths, src.group, src.decoded
+    if opts.classes:  # keep those classes (relabelled 0..k-1 in the spec's order) before splitting
+        keep = np.flatnonzero(np.isin(ds.labels.numpy(), parse_class_spec(opts.classes, ds.classes)))
+        ds = select_classes(ds, opts.classes)
+        paths, group, decoded = [paths[i] for i in keep], group[keep], decoded[keep]
+    labels = ds.labels.numpy()
+    if recorded is not None:  # the run's own lists (tools/evaluate.py): the same images, whatever was added since
+        where = {p: i for i, p in enumerate(paths)}
+        missing = [p for s in recorded.values() for p in s if p not in where]
+        if missing:
+            raise DatasetError(f"{len(missing)} image(s) of the run's split lists are gone or no longer decode, "
+                               f"e.g. {missing[0]!r}")
+        parts = {s: np.array([where[p] for p in recorded.get(s, [])], np.int64) for s in SPLIT_NAMES}
+    elif src.has_test:
+        trainable = np.flatnonzero(group == "train")
+        held = stratified_holdout(labels[trainable], {"val": opts.val_fraction}, opts.seed, ds.classes)
+        parts = {"train": trainable[held["train"]], "val": trainable[held["val"]], "test": np.flatnonzero(group == "test")}
+    else:
+        parts = stratified_holdout(labels, {"val": opts.val_fraction, "test": opts.test_fraction}, opts.seed,
+                                   ds.classes)
+    splits = {s: ds.subset(torch.from_numpy(v), f"{ds.name}-{s}") for s, v in parts.items()}
+    files = {s: [(paths[i], ds.classes[labels[i]]) for i in v] for s, v in parts.items()}
+    counts = {s: {"decoded": int(decoded[v].sum()), "from_cache": int((~decoded[v]).sum()), "skipped": 0}
+              for s, v in parts.items()}
+    for g in src.skipped_group:  # a flat folder's skipped files never reached a split: counted under train
+        counts["test" if g == "test" else "train"]["skipped"] += 1
+    train = random_subset(splits["train"], opts.max_train_samples, opts.seed)
+    val = random_subset(splits["val"], opts.max_eval_samples, opts.seed + 1)
+    test = random_subset(splits["test"], opts.max_eval_samples, opts.seed + 2)
+    if not opts.val_fraction:
+        log.warning("--val-fraction 0: no validation split, the last epoch is kept (test set never selects)")
+    log.info("data %s: %d train, %d val, %d test images (test: %s), %d classes, %d file(s) skipped", opts.data,
+             len(train), len(val), len(test), "its test/ folder" if src.has_test else f"{opts.test_fraction:g} held out",
+             len(ds.classes), len(src.skipped))
+    names = {"train": f"train minus {opts.val_fraction:g} held out" if opts.val_fraction else "train",
+             "val": f"{opts.val_fraction:g} of train" if len(val) else None,
+             "test": "test/" if src.has_test else f"{opts.test_fraction:g} of the images held out"}
+    return Data(train, val, test, list(ds.classes), ds.name, names, counts, src.skipped, files, photos=True)
+
+
+def prepare_data(opts: FinetuneOptions, ctx: pdist.DistContext, image_size: int = 224,
+                 split_lists: Path | None = None) -> Data:
+    """Train/val/test splits; in-memory sets on the device, disk-backed ones streamed. ``image_size``: the
+    model's input size (it sets a folder's stored resolution); ``split_lists``: a run's ``splits/`` folder, to
+    rebuild exactly its splits (tools/evaluate.py)."""
     if opts.data.startswith(("vtab-1k:", "fgvc:")):
         return _benchmark_data(opts, ctx)
+    if is_photo_source(opts.data):
+        recorded = read_split_files(split_lists) if split_lists is not None else None
+        return _photo_data(opts, ctx, image_size, recorded)
 
     def load(split):
         ds = load_dataset(opts.data, root=opts.data_root, split=split)
         return select_classes(ds, opts.classes) if opts.classes else ds
 
-    if ctx.is_main:  # the main process downloads; the others wait, then read the cache
-        train = load("train")
-    pdist.barrier(ctx)
-    if not ctx.is_main:
-        train = load("train")
+    train = _main_first(ctx, lambda: load("train"))
     test = load("test")
     if opts.val_fraction > 0:
         train, val = split_train_val(train, opts.val_fraction, opts.seed)
@@ -105,5 +224,16 @@ def prepare_data(opts: FinetuneOptions, ctx: pdist.DistContext) -> Data:
     dev = ctx.device
     splits = {"train": f"train minus {opts.val_fraction:g} held out" if opts.val_fraction else "train",
               "val": f"{opts.val_fraction:g} of train" if opts.val_fraction else None, "test": "test"}
-    return Data(train.images.to(dev), train.labels.to(dev), val.images.to(dev), val.labels.to(dev),
-                test.images.to(dev), test.labels.to(dev), list(train.classes), train.name, splits)
+    counts = {s: {"decoded": 0, "from_cache": 0, "in_memory": len(d), "skipped": 0}
+              for s, d in (("train", train), ("val", val), ("test", test))}
+    return Data(_on_device(train, dev), _on_device(val, dev), _on_device(test, dev), list(train.classes), train.name,
+                splits, counts)
+
+
+def write_split_files(data: Data, folder: Path) -> None:
+    """``<run>/splits/{train,val,test}.txt``: each image's relative path and class name, tab-separated."""
+    if not data.files:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in data.files.items():
+        report.write_text("".join(f"{p}\t{c}\n" for p, c in rows), folder / f"{split}.txt")

@@ -46,6 +46,12 @@ class FinetuneOptions:
     image_size: typing.Optional[int] = None  # input resolution (default: the weights' own, 224 for Google's)
     pos_embed_resize: str = "google"  # position-grid resize at another resolution: google (scipy zoom) | bilinear | bicubic
     val_fraction: float = 0.1  # share of the training set held out for model selection (never the test set)
+    test_fraction: float = 0.1  # a flat image folder or CSV list: share of each class held out as the test split
+    workers: typing.Optional[int] = None  # processes decoding images into the cache (default: the available cores)
+    strict_data: bool = False  # stop before training if any image cannot be decoded (default: skip it, see skipped.txt)
+    crop_scale: str = "0.08,1"  # photos: area range of the random resized crop, "min,max" (timm's default)
+    crop_pct: float = 0.875  # photos: evaluation resizes the shorter side to image_size / crop_pct, then centre-crops
+    store_size: typing.Optional[int] = None  # photos: shorter side kept in the decode cache (default image_size / crop_pct)
     max_train_samples: typing.Optional[int] = None  # use a random subset of the training split (quick runs)
     max_eval_samples: typing.Optional[int] = None  # cap validation and test sets (quick runs)
     epochs: int = 5  # passes over the training split
@@ -60,7 +66,7 @@ class FinetuneOptions:
     clip_grad: float = 1.0  # clip the global gradient norm (0: off)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     augment: bool = True  # augment training images (--crop, --flip)
-    crop: bool = True  # with --augment: random crop after reflect padding by size/8
+    crop: bool = True  # with --augment: random crop (photos: random resized crop; small images: after padding by size/8)
     flip: bool = True  # with --augment: random horizontal flip
     dropout: typing.Optional[float] = None  # override the model's dropout rate
     drop_path: float = 0.0  # residual-branch drop rate of the last block (linear from 0 at the first)
@@ -84,6 +90,17 @@ class FinetuneOptions:
         """Keyword arguments for peft.apply_mode: every option of the mode, defaults filled in."""
         method = get_method(self.mode)
         return {k: self.method_options.get(k, o.default) for k, o in method.options.items()}
+
+    def crop_scale_range(self) -> tuple[float, float]:
+        """--crop-scale as (min, max); "0.3" means (0.3, 1)."""
+        parts = [p.strip() for p in str(self.crop_scale).split(",")]
+        try:
+            lo, hi = (float(parts[0]), 1.0) if len(parts) == 1 else (float(parts[0]), float(parts[1]))
+        except (ValueError, IndexError):
+            raise OptionsError(f"--crop-scale {self.crop_scale!r}: expected 'min,max', e.g. 0.08,1") from None
+        if len(parts) > 2 or not 0 < lo <= hi <= 1:
+            raise OptionsError(f"--crop-scale {self.crop_scale!r}: expected 0 < min <= max <= 1, e.g. 0.08,1")
+        return lo, hi
 
     @property
     def from_scratch(self) -> bool:
@@ -119,7 +136,7 @@ class OptionsError(ValueError):
 # results are shown. Everything else (lr, batch size, schedule, seed, data, mode and its options, ...) alters
 # the optimisation, and a resume that changes it is refused, naming the options.
 RESUMABLE = ("epochs", "resume", "overwrite", "stop_after_epoch", "export_npz", "progress", "device", "threads",
-             "eval_batch_size", "output_dir")
+             "eval_batch_size", "output_dir", "workers", "strict_data")
 
 
 def changed_options(stored: dict, opts: "FinetuneOptions") -> list[str]:
@@ -192,6 +209,15 @@ def check_options(opts: FinetuneOptions) -> None:
         raise OptionsError(f"--batch-size {opts.batch_size} is not divisible by --grad-accum {opts.grad_accum}")
     if not 0 <= opts.val_fraction < 1:
         raise OptionsError(f"--val-fraction must be in [0, 1), got {opts.val_fraction}")
+    if not 0 <= opts.test_fraction < 1 or opts.val_fraction + opts.test_fraction >= 1:
+        raise OptionsError(f"--test-fraction must be in [0, 1) and leave images to train with --val-fraction "
+                           f"{opts.val_fraction:g}, got {opts.test_fraction}")
+    opts.crop_scale_range()
+    if not 0 < opts.crop_pct <= 1:
+        raise OptionsError(f"--crop-pct must be in (0, 1], got {opts.crop_pct}")
+    for flag, value in (("--workers", opts.workers), ("--store-size", opts.store_size)):
+        if value is not None and value < 1:
+            raise OptionsError(f"{flag} must be at least 1, got {value}")
     if opts.precision not in PRECISIONS:
         raise OptionsError(f"--precision {opts.precision!r}: choose one of {', '.join(PRECISIONS)}")
     method = get_method(opts.mode)

@@ -4,12 +4,17 @@ re-created from its checkpoint, and the top classes of image files."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from tqdm.auto import tqdm
 
-from loaders.images import read_image
+from loaders.datasets import DataNotFoundError, ImageDataset, decode_cached
+from loaders.datasets.stream import BatchStream
+from loaders.images import StorePolicy, is_image_name, read_image
 from loaders.npz import ZERO_HEAD_MESSAGE, has_zero_head
 from loaders.transforms import BatchTransform
 
@@ -24,21 +29,24 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def predict(model, images: torch.Tensor, transform, batch_size: int, ctx: pdist.DistContext | None = None,
+def predict(model, images, transform, batch_size: int, ctx: pdist.DistContext | None = None,
             autocast_dtype: torch.dtype | None = None, desc: str | None = None) -> torch.Tensor:
-    """Softmax probabilities (n, K) for uint8 images (n, H, W, C), on every rank, in the original order.
+    """Softmax probabilities (n, K), on every rank, in the original order, for ``images``: an ImageDataset (an
+    in-memory one or a disk-backed store, streamed in batches) or a uint8 tensor (n, H, W, C).
 
     Each rank predicts its contiguous shard (no padding, so nothing is counted twice); shards are gathered.
     """
     ctx = ctx or pdist.DistContext()
-    n = images.shape[0]
+    if isinstance(images, torch.Tensor):
+        images = ImageDataset(images, torch.zeros(len(images), dtype=torch.int64), ["?"])
+    n = len(images)
     start, stop = pdist.shard_bounds(n, ctx.rank, ctx.world_size)
     was_training = model.training
     model.eval()
     out = []
-    steps = range(start, stop, batch_size)
-    for i in tqdm(steps, desc=desc or "eval", leave=False, disable=not ctx.is_main or desc is None):
-        x = transform(images[i:min(i + batch_size, stop)].to(ctx.device, non_blocking=True))
+    stream = BatchStream(images, torch.arange(start, stop).split(batch_size), ctx.device)
+    for batch in tqdm(stream, desc=desc or "eval", leave=False, disable=not ctx.is_main or desc is None):
+        x = transform(batch.images, sizes=batch.sizes)
         with torch.autocast(ctx.device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             logits = model(x)
@@ -75,14 +83,16 @@ def evaluate_checkpoint(path, output_dir=None, split: str = "test", weights=None
     opts.data_root = data_root or opts.data_root
     if max_samples != -1:
         opts.max_eval_samples = max_samples
-    d = prepare_data(opts, ctx)
+    lists = Path(meta["path"]).parent / "splits"
+    d = prepare_data(opts, ctx, model.config.image_size, split_lists=lists if data is None else None)
     if d.classes != meta["classes"]:
-        raise ValueError(f"dataset {opts.data!r} gives classes {d.classes}, the checkpoint was trained on "
-                         f"{meta['classes']}")
-    images, labels = (d.test_images, d.test_labels) if split == "test" else (d.val_images, d.val_labels)
-    tf = BatchTransform(model.config.image_size, train=False)
+        raise CheckpointMismatch(f"dataset {opts.data!r} gives classes {d.classes}, the checkpoint was trained "
+                                 f"on {meta['classes']}")
+    ds = d.test if split == "test" else d.val
+    labels = ds.labels
+    tf = eval_transform(model.config.image_size, opts, d.photos)
     dtype = pdist.autocast_dtype(opts.precision, ctx.device)
-    probs = predict(model, images, tf, batch_size, ctx, dtype, desc=split)
+    probs = predict(model, ds, tf, batch_size, ctx, dtype, desc=split)
     out = Path(output_dir) if output_dir else Path(meta["path"]).parent
     summary = report.write_evaluation_report(out, probs.numpy(), labels.cpu().numpy(), d.classes,
                                              meta.get("history"), prefix=split)
@@ -95,23 +105,59 @@ def evaluate_checkpoint(path, output_dir=None, split: str = "test", weights=None
     return result
 
 
+def eval_transform(image_size: int, opts: FinetuneOptions, photos: bool) -> BatchTransform:
+    """The evaluation transform a run used: resize + centre crop for photos, squash for fixed-size sets."""
+    if photos:
+        return BatchTransform(image_size, train=False, resize="center", crop_pct=opts.crop_pct)
+    return BatchTransform(image_size, train=False)
+
+
 @torch.no_grad()
-def predict_files(model, paths, classes: list[str], top_k: int = 5, device="cpu") -> list[list[tuple[str, float]]]:
-    """Top-k (class name, probability) per image file, resized with the evaluation transform.
+def predict_files(model, paths, classes: list[str], top_k: int = 5, device="cpu",
+                  transform: BatchTransform | None = None) -> list[list[tuple[str, float]]]:
+    """Top-k (class name, probability) per image file, with the run's evaluation transform (default: squash).
 
     A model whose head is all zero (Google's ImageNet-21k files) raises instead of reporting "class 0, 0.00".
     """
     if has_zero_head(model):
         raise CheckpointMismatch(ZERO_HEAD_MESSAGE)
-    tf = BatchTransform(model.config.image_size, train=False)
+    tf = transform or BatchTransform(model.config.image_size, train=False)
     model.eval()
     results = []
     for p in paths:
         probs = model(tf(torch.from_numpy(read_image(p).copy())[None].to(device))).float().softmax(-1)[0].cpu()
-        values, idx = probs.topk(min(top_k, probs.numel()))
-        results.append([(classes[i] if i < len(classes) else str(i), float(v)) for v, i in
-                        zip(values.tolist(), idx.tolist())])
+        results.append(_top(probs, classes, top_k))
     return results
+
+
+def _top(probs: torch.Tensor, classes: list[str], top_k: int) -> list[tuple[str, float]]:
+    values, idx = probs.topk(min(top_k, probs.numel()))
+    return [(classes[i] if i < len(classes) else str(i), float(v)) for v, i in zip(values.tolist(), idx.tolist())]
+
+
+def predict_folder(model, folder, classes: list[str], top_k: int = 5, device="cpu", crop_pct: float = 0.875,
+                   batch_size: int = 64, workers: int | None = None) -> list[tuple[str, list[tuple[str, float]]]]:
+    """(relative path, top-k) for every image under ``folder`` (recursively; hidden files skipped), decoded once
+    through the decode cache and evaluated in streamed batches (resize + centre crop). Undecodable files are
+    reported with their reason instead of classes."""
+    if has_zero_head(model):
+        raise CheckpointMismatch(ZERO_HEAD_MESSAGE)
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataNotFoundError(f"--data {folder}: not a folder")
+    files = sorted(Path(here) / n for here, dirs, names in os.walk(folder) for n in names
+                   if is_image_name(n) and not any(part.startswith(".") for part in Path(here).relative_to(folder).parts))
+    if not files:
+        raise DataNotFoundError(f"--data {folder}: no image files")
+    size = model.config.image_size
+    store, report = decode_cached(files, folder, folder.name, StorePolicy("shorter", round(size / crop_pct)), workers)
+    ok = np.flatnonzero(report.ok)
+    ds = ImageDataset(store.subset(ok), torch.zeros(len(ok), dtype=torch.int64), ["?"])
+    tf = BatchTransform(size, train=False, resize="center", crop_pct=crop_pct)
+    probs = predict(model, ds, tf, batch_size, pdist.DistContext(device=torch.device(device)))
+    tops = {int(i): _top(p, classes, top_k) for i, p in zip(ok, probs)}
+    rel = [os.path.relpath(f, folder) for f in files]
+    return [(rel[i], tops.get(i) or [(f"(skipped: {report.reasons.get(i)})", float("nan"))]) for i in range(len(files))]
 
 
 def evaluate_tasks(paths, output_dir=None, split: str = "test", weights=None, data_root=None, device: str = "auto",

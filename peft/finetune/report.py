@@ -20,6 +20,11 @@ def write_json(obj, path: Path) -> None:
         f.write(json.dumps(obj, indent=2) + "\n")
 
 
+def write_text(text: str, path: Path) -> None:
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
 def write_history_csv(history: list[dict], path: Path) -> None:
     """One row per epoch; columns from the union of the keys, in first-seen order."""
     columns: list[str] = []

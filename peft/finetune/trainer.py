@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import loaders
+import vit
+from loaders.datasets.stream import BatchStream
+from loaders.npz import NpzArchive, infer_config
 from loaders.transforms import BatchTransform
 
 from .. import kernels, modes, state
@@ -31,7 +34,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as pdist
 from . import predict, report
 from .build import build_model, resolve_weights
-from .data import prepare_data
+from .data import prepare_data, write_split_files
 from .optim import param_groups, warmup_cosine
 from .options import RESUMABLE, FinetuneOptions, apply_recipe, changed_options, check_options
 from .rundir import RunFolder
@@ -97,7 +100,11 @@ class Trainer:
             pdist.barrier(ctx)
             if weights is None:
                 weights = resolve_weights(opts.weights)
-        self.data = prepare_data(opts, ctx)
+        self.data = prepare_data(opts, ctx, self.input_size(weights))
+        if self.data.skipped and opts.strict_data:
+            first, why = self.data.skipped[0]
+            raise loaders.datasets.DatasetError(
+                f"--strict-data: {len(self.data.skipped)} image(s) cannot be decoded, e.g. {first} ({why})")
         k = len(self.data.classes)
         self.model, self.base_weights = build_model(opts, k, weights)
         seed_everything(opts.seed)  # adapters initialise identically whatever the data loading consumed
@@ -113,15 +120,18 @@ class Trainer:
         log.info("trainable parameters: %s of %s (%.3f%%)", f"{self.trainable:,}", f"{self.total:,}",
                  100 * self.trainable / self.total)
         image_size = self.model.config.image_size
+        # photos of any size: random resized crop / resize + centre crop; small fixed-size images: pad + crop, squash
+        photos = dict(resize="center", scale=opts.crop_scale_range(), crop_pct=opts.crop_pct) if self.data.photos else {}
         self.train_tf = BatchTransform(image_size, train=opts.augment and (opts.crop or opts.flip),
-                                       crop_padding=None if opts.crop else 0, flip=opts.flip)
-        self.eval_tf = BatchTransform(image_size, train=False)
+                                       crop_padding=None if opts.crop else 0, flip=opts.flip,
+                                       crop="resized" if self.data.photos and opts.crop else "pad", **photos)
+        self.eval_tf = BatchTransform(image_size, train=False, **photos)
 
         self.lr = opts.resolved_lr()
         groups = param_groups(self.model, opts.resolved_weight_decay(), opts.decay_groups)
         self.optimizer = torch.optim.AdamW(groups, lr=self.lr,
                                            betas=(0.9, 0.999))
-        self.steps_per_epoch = math.ceil(len(self.data.train_labels) / opts.batch_size)
+        self.steps_per_epoch = math.ceil(len(self.data.train) / opts.batch_size)
         self.total_steps = opts.epochs * self.steps_per_epoch
         warmup = min(self.total_steps, round(opts.warmup_epochs * self.steps_per_epoch))
         schedule = warmup_cosine(warmup, self.total_steps, opts.warmup_lr / self.lr, opts.min_lr / self.lr)
@@ -142,6 +152,15 @@ class Trainer:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                 find_unused_parameters=False)
+
+    def input_size(self, weights) -> int:
+        """The model's input resolution, before the model is built (it sets a folder's stored resolution)."""
+        if self.opts.image_size:
+            return self.opts.image_size
+        if weights is None:
+            return vit.get_config(self.opts.model).image_size
+        with NpzArchive(weights[0]) as archive:
+            return infer_config(archive, str(weights[0])).image_size
 
     def plain_mode_options(self) -> dict:
         """Mode options as plain types (tuples become lists), as stored in checkpoints."""
@@ -206,22 +225,21 @@ class Trainer:
         """One pass over the training split; returns mean loss and accuracy over the epoch (all ranks)."""
         opts, ctx, d = self.opts, self.ctx, self.data
         self.ddp.train()
-        n = len(d.train_labels)
-        order = torch.randperm(n, generator=self.generators["data_order"]).to(ctx.device)
+        n = len(d.train)
+        order = torch.randperm(n, generator=self.generators["data_order"])
+        batches = BatchStream(d.train, order.split(opts.batch_size), ctx.device, ctx.rank, ctx.world_size)
         totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, count
         bar = tqdm(total=n, desc=f"epoch {self.epoch + 1}/{opts.epochs}", unit="img", leave=False,
                    disable=not (ctx.is_main and opts.progress), dynamic_ncols=True)
         start = time.perf_counter()
-        for first in range(0, n, opts.batch_size):
-            batch = order[first:first + opts.batch_size]
-            n_global = batch.numel()
+        for batch in batches:
+            n_global = batch.rows[2]
             stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-            # Every rank augments the whole global batch with the shared generator, keeps its contiguous slice
-            # and splits that into --grad-accum micro-batches: whatever the number of processes and
-            # micro-batches, the union is exactly the batch one process would see, random crops included.
-            images = pdist.rank_slice(self.train_tf(d.train_images[batch], generator=self.generators["augment"]),
-                                      ctx)
-            labels = pdist.rank_slice(d.train_labels[batch], ctx)
+            # Every rank reads and augments only its contiguous slice of the global batch, drawing the randomness
+            # of the whole batch from the shared generator, and splits it into --grad-accum micro-batches: whatever
+            # the number of processes and micro-batches, the union is exactly the batch one process would see.
+            images = self.train_tf(batch.images, self.generators["augment"], batch.sizes, batch.rows)
+            labels = batch.labels
             chunks = list(zip(images.tensor_split(opts.grad_accum), labels.tensor_split(opts.grad_accum)))
             for i, (x, y) in enumerate(chunks):
                 sync = i == len(chunks) - 1 or not ctx.distributed
@@ -267,10 +285,10 @@ class Trainer:
         return {"train_loss": totals[0].item() / n, "train_accuracy": totals[1].item() / n,
                 "train_seconds": seconds, "train_images_per_second": n / seconds}
 
-    def evaluate(self, images, labels, desc=None) -> tuple[torch.Tensor, dict]:
-        probs = predict.predict(self.model, images, self.eval_tf, self.opts.eval_batch_size, self.ctx,
-                                   self.amp_dtype, desc=desc if self.opts.progress else None)
-        labels = labels.cpu()
+    def evaluate(self, ds, desc=None) -> tuple[torch.Tensor, dict]:
+        probs = predict.predict(self.model, ds, self.eval_tf, self.opts.eval_batch_size, self.ctx,
+                                self.amp_dtype, desc=desc if self.opts.progress else None)
+        labels = ds.labels.cpu()
         if labels.numel() == 0:
             return probs, {"loss": float("nan"), "accuracy": float("nan")}
         nll = -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean().item()
@@ -296,7 +314,13 @@ class Trainer:
         self.setup()
         if ctx.is_main:
             report.write_json(dataclasses.asdict(opts), self.out / "options.json")
-        has_val = len(self.data.val_labels) > 0
+            write_split_files(self.data, self.out / "splits")
+            if self.data.photos:  # one line per file that could not be decoded, with the reason
+                report.write_text("".join(f"{p}\t{why}\n" for p, why in self.data.skipped), self.out / "skipped.txt")
+            if self.data.skipped:
+                log.warning("%d image(s) could not be decoded and are left out; see %s", len(self.data.skipped),
+                            self.out / "skipped.txt")
+        has_val = len(self.data.val) > 0
         while self.epoch < opts.epochs:
             if opts.stop_after_epoch is not None and self.epoch >= opts.stop_after_epoch:
                 log.info("stopping after epoch %d (--stop-after-epoch); continue with --resume", self.epoch)
@@ -305,7 +329,7 @@ class Trainer:
             row.update(self.train_epoch())
             self.epoch += 1
             row["step"] = self.step
-            _, val = self.evaluate(self.data.val_images, self.data.val_labels)
+            _, val = self.evaluate(self.data.val)
             row.update(val_loss=val["loss"], val_accuracy=val["accuracy"], lr=self.scheduler.get_last_lr()[0])
             self.history.append(row)
             log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f img/s", self.epoch,
@@ -326,14 +350,15 @@ class Trainer:
         load_trainable_state(self.model, best["state_dict"], self.full, str(self.out / ckpt_io.BEST))
         # Test once, on the model validation (or the last epoch) chose; without a test split (tuning) the final
         # report is the validation split's.
-        has_test = len(self.data.test_labels) > 0
+        has_test = len(self.data.test) > 0
         split = "test" if has_test else "val"
-        images, labels = ((self.data.test_images, self.data.test_labels) if has_test else
-                          (self.data.val_images, self.data.val_labels))
-        probs, test = self.evaluate(images, labels, desc=split)
+        ds = self.data.test if has_test else self.data.val
+        labels = ds.labels
+        probs, test = self.evaluate(ds, desc=split)
         metrics = {
             "mode": opts.mode, "mode_options": self.plain_mode_options(),
-            "data": opts.data, "classes": opts.classes, "weights": opts.weights,
+            "dataset": opts.data, "classes": opts.classes, "weights": opts.weights,
+            "data": self.data.counts,  # per split: images decoded now, read from the cache, skipped
             "test_accuracy": test["accuracy"] if has_test else None, "test_loss": test["loss"] if has_test else None,
             "splits": self.data.splits, "selected_on": self.data.splits["val"] or "last epoch (no validation split)",
             "protocol": opts.protocol, "recipe": opts.recipe,
@@ -343,8 +368,9 @@ class Trainer:
             "weight_decay": opts.resolved_weight_decay(), "world_size": ctx.world_size,
             "images_per_second": self.train_images / max(self.train_seconds, 1e-9),
             "train_seconds": self.train_seconds, "time_seconds": seconds,
-            "num_train": len(self.data.train_labels), "num_val": len(self.data.val_labels),
-            "num_test": len(self.data.test_labels), "device": str(ctx.device),
+            "num_train": len(self.data.train), "num_val": len(self.data.val),
+            "num_test": len(self.data.test), "device": str(ctx.device),
+            "skipped_files": len(self.data.skipped),
         }
         if ctx.is_main:
             summary = report.write_evaluation_report(self.out, probs.numpy(), labels.cpu().numpy(),

@@ -1,0 +1,312 @@
+"""Decode once: image files → a :class:`~loaders.datasets.store.PixelStore` on disk, in parallel, reused.
+
+    <cache folder>/<name>-<family>-<key>/pixels.u8     every image's uint8 (H, W, C) bytes, back to back
+    <cache folder>/<name>-<family>-<key>/index.npz     offsets, shapes, a CRC32 per image, the key, the file list
+
+* **Where**: ``$VIT_PEFT_CACHE`` if set, else ``.vit-peft-cache/`` inside the data folder; a cache folder that is
+  a file or not writable (a read-only data folder) falls back to ``~/.cache/vit-peft/decoded`` with a warning.
+* **Key**: every file's path (relative to the data folder), size and modification time, the store policy
+  (stored resolution, resampling, EXIF, draft, alpha and 16-bit handling) and Pillow's version. A changed file
+  changes the key; the new cache copies every unchanged image from the previous one of the same family (same
+  folder, name and policy) and decodes only the changed ones.
+* **Checks on opening**: format version, key, count, shapes, offsets against the file size, and the CRC32 of a
+  sample of images. A cache that fails is rebuilt, with one warning naming it.
+* **Atomic and shared**: built in a temporary folder and renamed into place whole, under a lock per family
+  (``fcntl.flock``, released by the OS if the builder dies): concurrent runs wait for one builder and then read
+  its cache; an interrupted build (``kill -9``) leaves only a temporary folder, removed by the next build, which
+  starts again (reusing any earlier complete cache of the family).
+* **Parallel**: ``workers`` processes decode (default: the cores this process may use), with a progress bar.
+  A file that cannot be decoded is recorded with its reason (``report.reasons``), never stops the build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..atomic import file_lock, fsync_dir
+from ..images import StorePolicy, decode_for_store
+from .store import PixelStore
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "VIT_PEFT_CACHE"
+FORMAT = 1
+_CHECKED_SAMPLE = 32  # images whose CRC32 is checked each time a cache is opened
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def fallback_cache_root() -> Path:
+    return Path.home() / ".cache" / "vit-peft" / "decoded"
+
+
+def _usable(folder: Path) -> str | None:
+    """None if ``folder`` can hold a cache, else why not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return f"{folder} is a file"
+    except OSError as e:
+        return f"{folder} cannot be created ({e.strerror or e})"
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder} is not writable"
+    return None
+
+
+_warned: set[str] = set()
+
+
+def cache_folder(data_folder: Path) -> Path:
+    """Where the caches of ``data_folder`` live (see the module docstring)."""
+    env = os.environ.get(CACHE_ENV)
+    wanted = Path(env).expanduser() if env else Path(data_folder) / ".vit-peft-cache"
+    problem = _usable(wanted)
+    if problem is None:
+        return wanted
+    fallback = fallback_cache_root()
+    if str(wanted) not in _warned:
+        _warned.add(str(wanted))
+        log.warning("decode cache: %s; using %s instead", problem, fallback)
+    return fallback
+
+
+@dataclass
+class CacheReport:
+    """What one :func:`decode_cached` call did, per item of its file list."""
+
+    path: Path | None  # the cache folder (None: kept in memory, nothing could be written)
+    ok: np.ndarray  # (N,) bool: the item has pixels
+    decoded: np.ndarray  # (N,) bool: decoded by this call (False: read from a cache)
+    reasons: dict[int, str] = field(default_factory=dict)  # item -> why it could not be decoded
+
+    def counts(self, items=None) -> dict:
+        sel = np.arange(len(self.ok)) if items is None else np.asarray(items, dtype=np.int64)
+        ok, dec = self.ok[sel], self.decoded[sel]
+        return {"decoded": int((ok & dec).sum()), "from_cache": int((ok & ~dec).sum()), "skipped": int((~ok).sum())}
+
+
+def _entries(files: list[Path], root: Path) -> list[list]:
+    out = []
+    for f in files:
+        rel = os.path.relpath(f, root).replace(os.sep, "/")
+        try:
+            st = os.stat(f)
+            out.append([rel, st.st_size, st.st_mtime_ns])
+        except OSError as e:
+            out.append([rel, -1, str(e.strerror or e)])
+    return out
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60] or "data"
+
+
+def _decode_one(job):
+    i, path, policy = job
+    try:
+        return i, decode_for_store(path, policy), None
+    except Exception as e:  # any reason a file cannot become pixels: report it, keep going
+        msg = str(e).replace("\n", " ") or type(e).__name__
+        return i, None, f"{type(e).__name__}: {msg}"
+
+
+def _pool(workers: int):
+    method = "fork" if sys.platform.startswith("linux") else "spawn"  # fork: no re-import of torch per worker
+    return multiprocessing.get_context(method).Pool(workers)
+
+
+def _open(folder: Path, key: str, n: int) -> tuple[PixelStore, np.ndarray, list] | str:
+    """The cache in ``folder`` if it passes its checks, else the reason it does not."""
+    try:
+        with np.load(folder / "index.npz", allow_pickle=False) as z:
+            if int(z["version"]) != FORMAT:
+                return f"format {int(z['version'])}, expected {FORMAT}"
+            if str(z["key"]) != key:
+                return "its key does not match the files"
+            offsets, shapes, ok, crc = z["offsets"], z["shapes"], z["ok"], z["crc"]
+            entries = json.loads(str(z["entries"]))
+    except (OSError, KeyError, ValueError) as e:
+        return f"unreadable index ({type(e).__name__}: {e})"
+    if not (len(offsets) == len(shapes) == len(ok) == len(crc) == n) or shapes.ndim != 2 or shapes.shape[1] != 3:
+        return f"it holds {len(offsets)} images, expected {n}"
+    sizes = shapes.prod(1)
+    if (shapes < 0).any() or not np.isin(shapes[ok, 2], (1, 3)).all() or (offsets < 0).any():
+        return "bad shapes in its index"
+    pixels_path = folder / "pixels.u8"
+    total = pixels_path.stat().st_size if pixels_path.is_file() else -1
+    if total != int(sizes.sum()) or (len(offsets) and (offsets + sizes).max(initial=0) > total):
+        return f"pixels.u8 has {total} bytes, its index describes {int(sizes.sum())}"
+    pixels = np.memmap(pixels_path, np.uint8, "r") if total > 0 else np.zeros(0, np.uint8)
+    store = PixelStore(pixels, offsets.astype(np.int64), shapes.astype(np.int64), path=pixels_path)
+    candidates = np.flatnonzero(ok)
+    rng = np.random.default_rng()
+    sample = rng.choice(candidates, min(_CHECKED_SAMPLE, len(candidates)), replace=False) if len(candidates) else []
+    for j in sample:
+        if zlib.crc32(store.image(int(j))) != int(crc[j]):
+            return f"image {int(j)} ({entries[j][0]}) does not match its checksum"
+    return store, ok, entries
+
+
+def decode_cached(files: list[Path], root: Path, name: str, policy: StorePolicy, workers: int | None = None,
+                  progress: bool = True, folder: Path | None = None) -> tuple[PixelStore, CacheReport]:
+    """Pixels of ``files`` (all inside ``root``) as a :class:`PixelStore` in the order given, decoding only
+    what no valid cache holds. Items that cannot be decoded have a 0 × 0 image and a reason in the report."""
+    root = Path(root)
+    folder = Path(folder) if folder is not None else cache_folder(root)
+    entries = _entries(files, root)
+    settings = policy.settings()
+    key = hashlib.sha256(json.dumps([FORMAT, settings, entries]).encode()).hexdigest()
+    family = hashlib.sha256(json.dumps([FORMAT, settings, str(root.resolve()), name]).encode()).hexdigest()[:12]
+    stem = f"{_safe(name)}-{family}"
+    final = folder / f"{stem}-{key[:16]}"
+    n = len(files)
+    try:
+        with file_lock(folder / stem, f"decode cache {name}"):
+            if final.is_dir():
+                opened = _open(final, key, n)
+                if not isinstance(opened, str):
+                    store, ok, _ = opened
+                    reasons = _stored_reasons(final)
+                    return store, CacheReport(final, ok, np.zeros(n, bool), reasons)
+                log.warning("decode cache %s fails its checks (%s); rebuilding it", final, opened)
+                shutil.rmtree(final, ignore_errors=True)
+            return _build(files, entries, key, stem, final, policy, workers, progress, name)
+    except OSError as e:  # nothing can be written there: decode into memory
+        log.warning("could not write the decode cache in %s (%s); decoding into memory, nothing is kept", folder, e)
+        return _build(files, entries, key, stem, None, policy, workers, progress, name)
+
+
+def _stored_reasons(folder: Path) -> dict[int, str]:
+    with np.load(folder / "index.npz", allow_pickle=False) as z:
+        return {int(k): v for k, v in json.loads(str(z["reasons"])).items()}
+
+
+def _previous(stem: str, folder: Path | None) -> dict[tuple, tuple[PixelStore, int]]:
+    """Images of earlier complete caches of the same family, by (path, size, mtime)."""
+    found = {}
+    if folder is None:
+        return found
+    for old in sorted(folder.parent.glob(f"{stem}-*")):
+        if old == folder or not (old / "index.npz").is_file():
+            continue
+        try:
+            with np.load(old / "index.npz", allow_pickle=False) as z:
+                opened = _open(old, str(z["key"]), len(z["offsets"]))
+        except (OSError, KeyError, ValueError):
+            continue
+        if isinstance(opened, str):
+            continue
+        store, ok, entries = opened
+        found.update({tuple(e): (store, j) for j, e in enumerate(entries) if ok[j]})
+    return found
+
+
+def _build(files, entries, key, stem, final: Path | None, policy, workers, progress, name):
+    n = len(files)
+    tmp = None if final is None else final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if final is not None:
+        for stale in final.parent.glob(f".tmp-{stem}-*"):  # we hold the family's lock: nobody else is building
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    try:
+        return _write(files, entries, key, stem, final, tmp, policy, workers, progress, name)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write(files, entries, key, stem, final, tmp, policy, workers, progress, name):
+    n = len(files)
+    offsets, shapes = np.zeros(n, np.int64), np.zeros((n, 3), np.int64)
+    ok, decoded, crc = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, np.int64)
+    reasons: dict[int, str] = {}
+    previous = _previous(stem, final)
+    chunks: list[np.ndarray] = []  # in-memory fallback only
+    out = open(tmp / "pixels.u8", "wb") if tmp is not None else None
+    written = 0
+
+    def put(i, arr):
+        nonlocal written
+        arr = np.ascontiguousarray(arr)
+        offsets[i], shapes[i], ok[i], crc[i] = written, arr.shape, True, zlib.crc32(arr)
+        out.write(arr.tobytes()) if out is not None else chunks.append(arr.reshape(-1))
+        written += arr.size
+
+    todo = []
+    for i, e in enumerate(entries):
+        if e[1] < 0:
+            reasons[i] = f"cannot read the file ({e[2]})"
+            continue
+        hit = previous.get(tuple(e))
+        if hit is not None:
+            put(i, np.array(hit[0].image(hit[1])))
+        else:
+            todo.append(i)
+    workers = max(1, min(workers or default_workers(), len(todo)))
+    jobs = [(i, files[i], policy) for i in todo]
+    bar = tqdm(total=len(todo), desc=f"decoding {name}", unit="img", disable=not progress or not todo,
+               dynamic_ncols=True)
+    pool = _pool(workers) if workers > 1 and len(todo) >= 2 * workers else None
+    try:
+        results = pool.imap(_decode_one, jobs, chunksize=4) if pool else map(_decode_one, jobs)
+        for i, arr, reason in results:
+            if arr is None:
+                reasons[i] = reason
+            else:
+                put(i, arr)
+                decoded[i] = True
+            bar.update(1)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    if reasons:
+        for i, why in sorted(reasons.items())[:5]:
+            log.warning("skipped %s: %s", files[i], why)
+        if len(reasons) > 5:
+            log.warning("... and %d more undecodable file(s)", len(reasons) - 5)
+    if out is None:
+        pixels = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
+        store = PixelStore(pixels, offsets, shapes)
+        return store, CacheReport(None, ok, decoded, reasons)
+    out.flush()
+    os.fsync(out.fileno())
+    out.close()
+    with open(tmp / "index.npz", "wb") as f:
+        np.savez(f, version=np.array(FORMAT), key=np.array(key), offsets=offsets, shapes=shapes, ok=ok, crc=crc,
+                 entries=np.array(json.dumps(entries)), reasons=np.array(json.dumps(reasons)))
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    for old in final.parent.glob(f"{stem}-*"):  # older versions of this family: replaced by this one
+        if old != final and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    opened = _open(final, key, len(files))
+    if isinstance(opened, str):  # pragma: no cover - we just wrote it
+        raise OSError(f"the decode cache just written to {final} fails its checks: {opened}")
+    log.info("decode cache %s: %d images (%.1f MiB), %d decoded, %d skipped", final, int(ok.sum()),
+             written / 2**20, int(decoded.sum()), len(reasons))
+    return opened[0], CacheReport(final, ok, decoded, reasons)
