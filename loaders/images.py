@@ -70,7 +70,7 @@ def to_uint8(im: Image.Image) -> np.ndarray:
 class StorePolicy:
     """How an image is stored in a decode cache: everything besides the file that determines the pixels.
 
-    ``shorter``: the shorter side is reduced to ``size`` (never enlarged), the aspect ratio kept; sides longer
+    ``shorter``: the shorter side is reduced to ``size`` (never enlarged; antialiased bilinear), the aspect ratio kept; sides longer
     than ``max_aspect`` × the shorter one are centre-cropped to that (panoramas). JPEGs are decoded at a reduced
     scale first where that still leaves ≥ ``size`` pixels (libjpeg's DCT scaling, Pillow's ``draft``).
     ``square``: resized to size × size (what VTAB-1k's official pipeline trains on), no EXIF, no draft, alpha
@@ -83,7 +83,8 @@ class StorePolicy:
 
     def settings(self) -> dict:
         """Everything that changes stored pixels, for the cache key (the Pillow version included)."""
-        return {"kind": self.kind, "size": self.size, "max_aspect": self.max_aspect, "resample": "bicubic",
+        return {"kind": self.kind, "size": self.size, "max_aspect": self.max_aspect,
+                "resample": "bicubic" if self.kind == "square" else "bilinear",
                 "alpha": "white", "sixteen_bit": "scaled", "exif": self.kind == "shorter",
                 "draft": self.kind == "shorter", "pillow": Image.__version__}
 
@@ -102,7 +103,9 @@ def _reduce(im: Image.Image, policy: StorePolicy) -> Image.Image:
     if short <= s:
         return im
     nw, nh = (s, max(s, round(h * s / w))) if w <= h else (max(s, round(w * s / h)), s)
-    return im.resize((nw, nh), Image.Resampling.BICUBIC)
+    # Pillow's bilinear is antialiased (a triangle filter as wide as the reduction): 1.4x faster than bicubic,
+    # and the training crop resamples the stored image again anyway
+    return im.resize((nw, nh), Image.Resampling.BILINEAR)
 
 
 def decode_for_store(path, policy: StorePolicy) -> np.ndarray:

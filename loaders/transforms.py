@@ -45,22 +45,21 @@ def _per_channel(value: float | Sequence[float], what: str) -> tuple[float, floa
     return vals
 
 
-def _separable_bilinear(x: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-    """Sample (B, C, Hc, Wc) at rows ys (B, S) × columns xs (B, S) (pixel coordinates, float64, inside the image):
-    two gathers and two linear blends. Weights are computed in float64, so a whole-pixel position returns that
-    pixel exactly (grid_sample's normalised float32 coordinates are off by ~1e-5 pixel at 300 px)."""
-    B, C, _, Wc = x.shape
-    S = ys.shape[1]
-    y0 = ys.floor().long()
-    x0 = xs.floor().long()
-    y1 = torch.minimum(y0 + 1, torch.full_like(y0, x.shape[2] - 1))
-    x1 = torch.minimum(x0 + 1, torch.full_like(x0, Wc - 1))
-    wy = (ys - y0).to(x.dtype)[:, None, :, None]  # (B, 1, S, 1)
-    wx = (xs - x0).to(x.dtype)[:, None, None, :]  # (B, 1, 1, S)
-    rows = lambda i: torch.gather(x, 2, i[:, None, :, None].expand(B, C, S, Wc))  # noqa: E731
-    r = rows(y0) * (1 - wy) + rows(y1) * wy  # (B, C, S, Wc)
-    cols = lambda i: torch.gather(r, 3, i[:, None, None, :].expand(B, C, S, S))  # noqa: E731
-    return cols(x0) * (1 - wx) + cols(x1) * wx
+def _bilinear(canvas: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """Sample a uint8 canvas (B, Hc, Wc, C) at rows ys (B, S) × columns xs (B, S) (pixel coordinates, float64,
+    inside each image) → float32 (B, C, S, S) in [0, 1]. Four uint8 gathers of the corner pixels, then two linear
+    blends: only the output's pixels are ever converted to float, never the whole canvas. Weights come from
+    float64 positions, so a whole-pixel position returns that pixel exactly."""
+    B, Hc, Wc, _ = canvas.shape
+    y0, x0 = ys.floor().long(), xs.floor().long()
+    y1, x1 = (y0 + 1).clamp_max(Hc - 1), (x0 + 1).clamp_max(Wc - 1)
+    wy = (ys - y0).float()[:, :, None, None]  # (B, S, 1, 1)
+    wx = (xs - x0).float()[:, None, :, None]  # (B, 1, S, 1)
+    b = torch.arange(B, device=canvas.device)[:, None, None]
+    at = lambda yi, xi: canvas[b, yi[:, :, None], xi[:, None, :]].float()  # noqa: E731  (B, S, S, C)
+    top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
+    bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
+    return (top * (1 - wy) + bottom * wy).div_(255).permute(0, 3, 1, 2)
 
 
 class BatchTransform:
@@ -130,13 +129,14 @@ class BatchTransform:
             raise ValueError(f"BatchTransform expects uint8 images (B, H, W, C) with C in {{1, 3}}, got "
                              f"{images.dtype} {tuple(images.shape)}")
         S = self.image_size
-        x = images.permute(0, 3, 1, 2).float().div_(255)  # (B, C, H, W) in [0, 1]
-        rows = rows or (0, x.shape[0], x.shape[0])
+        rows = rows or (0, images.shape[0], images.shape[0])
         resample = sizes is not None or self.resize == "center" or (self.train and self.crop == "resized")
         if resample:
-            x = self._resample(x, sizes, generator, rows)
-        elif x.shape[-2:] != (S, S):
-            x = self._resize(x)
+            x = self._resample(images, sizes, generator, rows)  # (B, C, S, S) in [0, 1]
+        else:
+            x = images.permute(0, 3, 1, 2).float().div_(255)  # (B, C, H, W) in [0, 1]
+            if x.shape[-2:] != (S, S):
+                x = self._resize(x)
         if self.train and self.crop == "pad" and (self.crop_padding > 0 or self.flip):
             x = self._crop_and_flip(x, generator, rows)
         x = x.expand(-1, 3, -1, -1)  # greyscale -> 3 equal channels; no-op for RGB
@@ -192,7 +192,7 @@ class BatchTransform:
         return torch.stack([torch.zeros_like(h), torch.zeros_like(w), h, w], 1), flips
 
     def _resample(self, x: torch.Tensor, sizes, generator, rows) -> torch.Tensor:
-        B, _, Hc, Wc = x.shape
+        B, Hc, Wc, _ = x.shape  # the uint8 canvas
         if sizes is None:
             sizes = torch.tensor([[Hc, Wc]], dtype=torch.int64).expand(B, 2)
         sizes = sizes.to(x.device, non_blocking=True)
@@ -206,7 +206,7 @@ class BatchTransform:
         xs = torch.minimum(xs.clamp_min(0), (sizes[:, 1:2] - 1).double())
         if self.interpolation == "nearest":
             ys, xs = ys.round(), xs.round()
-        return _separable_bilinear(x, ys, xs)
+        return _bilinear(x, ys, xs)
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         S, mode = self.image_size, self.interpolation

@@ -2,6 +2,7 @@
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,19 @@ def _worker(rank: int, world: int, port: int, out: str, kw: dict) -> None:
     training.run(_options(Path(out), **kw))
 
 
+def _spawn_with_timeout(fn, args, nprocs: int, timeout: float) -> None:
+    """mp.spawn that cannot hang the suite: workers still alive after ``timeout`` seconds are killed and the
+    test fails, naming them."""
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            alive = [p.pid for p in ctx.processes if p.is_alive()]
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"distributed workers {alive} still running after {timeout:.0f} s: killed")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -60,7 +74,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch, mode):
         kw = dict(mode="rlrr", weights=str(tmp_path / "base.npz"), lr=1e-2)
     torch.set_num_threads(1)
     one = training.run(_options(tmp_path / "one", **kw))
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), kw), nprocs=2, join=True)
+    _spawn_with_timeout(_worker, (2, _free_port(), str(tmp_path / "two"), kw), nprocs=2, timeout=300)
 
     a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)

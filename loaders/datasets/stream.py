@@ -13,6 +13,7 @@ draw the randomness of the whole global batch and keep its slice (one process's 
 
 from __future__ import annotations
 
+import ctypes
 import queue
 import threading
 from dataclasses import dataclass
@@ -34,6 +35,24 @@ class Batch:
 
 
 _DONE = object()
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
+_malloc_fixed = False
+
+
+def fix_malloc_threshold(nbytes: int = 1 << 20) -> bool:
+    """Make glibc serve every allocation of ``nbytes`` or more with its own mmap, returned to the system when
+    freed. By default glibc raises that threshold after each large free (up to 32 MiB), after which batch-sized
+    buffers come from the heap and fragment it: a run's RssAnon then creeps up with the number of batches (so
+    with the dataset's size) although nothing is kept. Once per process; False where glibc is absent."""
+    global _malloc_fixed
+    if _malloc_fixed:
+        return True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        _malloc_fixed = bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+    except (OSError, AttributeError):
+        _malloc_fixed = False
+    return _malloc_fixed
 
 
 class BatchStream:
@@ -43,6 +62,8 @@ class BatchStream:
                  rank: int = 0, world_size: int = 1, depth: int = 2):
         self.ds, self.batches, self.device = ds, [b for b in batches if len(b)], torch.device(device)
         self.rank, self.world_size, self.depth = rank, world_size, max(1, depth)
+        if ds.on_disk:
+            fix_malloc_threshold()
 
     def __len__(self) -> int:
         return len(self.batches)

@@ -41,6 +41,7 @@ examples:
   python tools/benchmark.py                          # ViT-B/16 on CUDA if present (batch 64, 256), else CPU (8)
   python tools/benchmark.py --device cpu --model ViT-S/16 --batch-sizes 8 --repeats 3
   python tools/benchmark.py --device cuda --batch-sizes 64 128 --compile --output-dir runs/benchmark-h100
+  python tools/benchmark.py --data                   # the data layer: decode, cached delivery, RssAnon 1x vs 10x
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import dataclasses
 import logging
 import sys
 
+from ..bench.data import run_data_benchmark
 from ..bench.harness import ROWS
 from ..bench.suite import BenchmarkOptions, run
 from ..finetune import OptionsError
@@ -86,8 +88,15 @@ def parse_options(argv=None) -> BenchmarkOptions:
     p.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
                    help="peak TFLOP/s of the device, to print the achieved fraction")
     p.add_argument("--output-dir", default=d.output_dir, help=f"output folder (default: {d.output_dir})")
+    p.add_argument("--data", action="store_true",
+                   help="measure the data layer instead (decode, cached delivery, RssAnon at 1x and 10x a folder)")
+    p.add_argument("--data-photos", type=int, default=100,
+                   help="500x375 photos of the data benchmark's 1x folder (10x: ten copies; default: 100)")
+    p.add_argument("--data-dir", default=None, help="where the data benchmark writes its photos (default: a temp dir)")
     a = p.parse_args(argv)
-    return BenchmarkOptions(**{f.name: getattr(a, f.name) for f in dataclasses.fields(BenchmarkOptions)})
+    opts = BenchmarkOptions(**{f.name: getattr(a, f.name) for f in dataclasses.fields(BenchmarkOptions)})
+    opts.data, opts.data_photos, opts.data_dir = a.data, a.data_photos, a.data_dir
+    return opts
 
 
 
@@ -108,6 +117,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     opts = parse_options(argv)
     check(opts)
+    if opts.data:
+        if opts.data_photos < 4:
+            raise OptionsError(f"--data-photos must be at least 4, got {opts.data_photos}")
+        run_data_benchmark(opts.output_dir, opts.data_photos, data_dir=opts.data_dir)
+        return 0
     run(opts)
     return 0
 

@@ -401,4 +401,7 @@ def run(opts: FinetuneOptions, ctx: pdist.DistContext | None = None) -> dict:
     try:
         return trainer.run()
     finally:
+        # The DDP wrapper's reducer holds the process group: drop it first, or destroying the group can wait
+        # forever for a peer that has already exited (a Gloo thread join in the reducer's destructor).
+        trainer.ddp = None
         pdist.cleanup(trainer.ctx)

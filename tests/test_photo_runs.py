@@ -1,0 +1,98 @@
+"""tools/finetune.py on a folder of mixed photos, as a user runs it: skipped files named, splits held out and
+recorded, per-split decode counts, the second run decodes nothing, evaluate reuses the run's splits, bad data
+flags are one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vit
+from peft.bench.photos import photo, write_photo_folder
+from peft.finetune import FinetuneOptions
+from peft.finetune import trainer as training
+from peft.finetune.predict import evaluate_checkpoint
+
+from npz_factory import write_google_npz
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photo-runs")
+    write_photo_folder(root / "photos", classes=3, per_class=10, size=(640, 480), small=(200, 150))
+    write_google_npz(root / "testing.npz", vit.get_config("testing"), seed=0)
+    return root
+
+
+def _opts(root, out, **kw):
+    base = dict(mode="lora", weights=str(root / "testing.npz"), data=str(root / "photos"), epochs=2, batch_size=8,
+                device="cpu", progress=False, workers=1, output_dir=str(out))
+    return FinetuneOptions(**{**base, **kw})
+
+
+def test_a_folder_of_mixed_photos_trains_reports_and_evaluates(setup, tmp_path):
+    m = training.run(_opts(setup, tmp_path / "run"))
+    run = tmp_path / "run"
+    assert (run / "skipped.txt").read_text().startswith("class_0/truncated.jpg\tOSError")
+    assert m["skipped_files"] == 1
+    splits = {s: (run / "splits" / f"{s}.txt").read_text().splitlines() for s in ("train", "val", "test")}
+    names = [line.split("\t")[0] for lines in splits.values() for line in lines]
+    assert len(names) == len(set(names)) == 3 * 10 + 8  # every decodable image in exactly one split
+    assert m["num_test"] == len(splits["test"]) == 3 * round(10 * 0.1) + 1  # class_0 holds 18 images
+    counts = m["data"]
+    assert sum(c["decoded"] + c["from_cache"] for c in counts.values()) == 38 and counts["train"]["skipped"] == 1
+    # evaluate: the run's own splits, even after a new image appears in the folder
+    photo(300, 200, 1, seed=5).save(setup / "photos" / "class_1" / "new.jpg")
+    try:
+        again = evaluate_checkpoint(run, split="test", device="cpu")
+        assert again["test_accuracy"] == pytest.approx(m["test_accuracy"])
+    finally:
+        (setup / "photos" / "class_1" / "new.jpg").unlink()
+    # a second run decodes nothing
+    m2 = training.run(_opts(setup, tmp_path / "again", mode="rlrr", epochs=1))
+    assert all(c["decoded"] == 0 for c in m2["data"].values()) and m2["data"]["train"]["from_cache"] > 0
+
+
+def test_train_and_test_folders_keep_their_test_split(tmp_path, setup):
+    for split, n in (("train", 6), ("test", 2)):
+        for c in range(2):
+            (tmp_path / "tt" / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                photo(120, 90, c, seed=100 * c + i + (50 if split == "test" else 0)).save(
+                    tmp_path / "tt" / split / f"c{c}" / f"{i}.png")
+    m = training.run(_opts(setup, tmp_path / "run", data=str(tmp_path / "tt"), epochs=1))
+    assert m["num_test"] == 4 and m["splits"]["test"] == "test/"
+    assert all(p.startswith("test/") for p in (tmp_path / "run" / "splits" / "test.txt").read_text().split()[::2])
+
+
+def _cli(*args, timeout=180):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "finetune.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_bad_data_flags_and_strict_data_are_one_line_errors(setup, tmp_path):
+    common = ["--weights", str(setup / "testing.npz"), "--mode", "lora", "--epochs", "1", "--device", "cpu",
+              "--no-progress", "--workers", "1"]
+    r = _cli(*common, "--data", str(setup / "photos"), "--strict-data", "--output-dir", str(tmp_path / "s"))
+    assert r.returncode == 1 and "truncated.jpg" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "s" / "checkpoint.pt").exists()
+    for flags, what in ((["--test-fraction", "0.5", "--val-fraction", "0.5"], "--test-fraction"),
+                        (["--crop-scale", "0.5,0.2"], "--crop-scale"), (["--crop-pct", "0"], "--crop-pct"),
+                        (["--workers", "0"], "--workers")):
+        r = _cli(*common, "--data", str(setup / "photos"), *flags, "--output-dir", str(tmp_path / "x"))
+        assert r.returncode == 2 and what in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    few = tmp_path / "few"
+    for c, n in (("many", 5), ("lonely", 1)):
+        (few / c).mkdir(parents=True)
+        for i in range(n):
+            photo(64, 48, i, i).save(few / c / f"{i}.png")
+    r = _cli(*common, "--data", str(few), "--output-dir", str(tmp_path / "f"))
+    assert r.returncode == 1 and "class 'lonely' has 1 image" in r.stderr and "Traceback" not in r.stderr
