@@ -250,8 +250,8 @@ class Trainer:
                     loss_sum = compute_loss(logits, y, opts.label_smoothing)
                     # DDP averages over ranks; × world / n_global makes that the mean over the global batch.
                     self.scaler.scale(loss_sum * (ctx.world_size / n_global)).backward()
-                stats += torch.stack([loss_sum.detach().double(), (logits.argmax(-1) == y).sum().double(),
-                                      torch.tensor(y.numel(), dtype=torch.float64, device=ctx.device)])
+                stats[:2] += torch.stack([loss_sum.detach().double(), (logits.argmax(-1) == y).sum().double()])
+                stats[2] += y.numel()  # a host number: no host-to-device copy per micro-batch
             pdist.all_reduce_sum(stats, ctx)
             if not torch.isfinite(stats[0]):
                 self.optimizer.zero_grad(set_to_none=True)
