@@ -81,6 +81,12 @@ class StorePolicy:
     size: int = 256
     max_aspect: float = 4.0
 
+    @classmethod
+    def for_photos(cls, image_size: int, crop_pct: float = 0.875, size: int | None = None) -> "StorePolicy":
+        """Photos for training at ``image_size``: the shorter side kept at image_size / crop_pct (the evaluation
+        resize; 256 for 224), unless ``size`` says otherwise."""
+        return cls("shorter", size or round(image_size / crop_pct))
+
     def settings(self) -> dict:
         """Everything that changes stored pixels, for the cache key (the Pillow version included)."""
         return {"kind": self.kind, "size": self.size, "max_aspect": self.max_aspect,
@@ -113,19 +119,23 @@ def decode_for_store(path, policy: StorePolicy) -> np.ndarray:
     with Image.open(path) as im:
         if policy.kind == "square":
             im.load()
-            arr = np.asarray(_reduce(im.convert("RGB"), policy))
-            return arr
+            return np.asarray(_reduce(im.convert("RGB"), policy))
         if im.format == "JPEG":
             im.draft(None, (policy.size, policy.size))  # scale 1/2, 1/4 or 1/8 while both sides stay >= size
         im.load()
         im = ImageOps.exif_transpose(im)
         if im.mode not in ("RGB", "L"):
-            im = Image.fromarray(to_uint8(im)[..., 0] if im.mode in _GREY_MODES else to_uint8(im))
+            im = to_pil(to_uint8(im))
         return _as_hwc(np.asarray(_reduce(im, policy)))
 
 
 def _as_hwc(a: np.ndarray) -> np.ndarray:
     return a[..., None] if a.ndim == 2 else a
+
+
+def to_pil(arr: np.ndarray) -> Image.Image:
+    """uint8 (H, W, C) as a PIL image: "L" for C = 1, "RGB" for C = 3."""
+    return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
 
 
 def open_image(path):
@@ -154,7 +164,7 @@ def read_image(path, mode: str = "RGB", size: int | None = None) -> np.ndarray:
     """An image file as uint8 (H, W, 3) (``mode`` "RGB", alpha on white, 16-bit scaled), resized to size×size
     with PIL bilinear if given."""
     arr = to_uint8(open_image(path))
-    im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).convert(mode)
+    im = to_pil(arr).convert(mode)
     if size is not None and im.size != (size, size):
         im = im.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(im)
@@ -164,7 +174,7 @@ def resize_array(arr: np.ndarray, size: int | None) -> np.ndarray:
     """uint8 (H, W, C) resized to size × size with PIL bilinear (C = 1 kept), or as is when size is None."""
     if size is None or arr.shape[:2] == (size, size):
         return arr
-    im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    im = to_pil(arr)
     return _as_hwc(np.asarray(im.resize((size, size), Image.Resampling.BILINEAR)))
 
 

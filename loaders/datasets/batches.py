@@ -2,7 +2,7 @@
 
 One sharding scheme for the whole project: :func:`shard_bounds` gives each rank a contiguous, non-overlapping
 piece of an index range (sizes differ by at most one). Training cuts every global batch that way
-(``peft.finetune.distributed.rank_slice``), evaluation shards the test set that way, and :func:`iterate_batches`
+(``loaders.datasets.stream.BatchStream``), evaluation shards the test set that way, and :func:`iterate_batches`
 shards its (shuffled) order that way.
 """
 

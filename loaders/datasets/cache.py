@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -135,19 +137,30 @@ def _pool(workers: int):
     return multiprocessing.get_context(method).Pool(workers)
 
 
-def _open(folder: Path, key: str, n: int) -> tuple[PixelStore, np.ndarray, list] | str:
-    """The cache in ``folder`` if it passes its checks, else the reason it does not."""
+class _Opened(NamedTuple):
+    store: PixelStore
+    ok: np.ndarray  # (N,) bool
+    entries: list  # [relative path, size, mtime_ns] per item: what the key was made of
+    reasons: dict[int, str]  # item -> why it could not be decoded
+
+
+def _open(folder: Path, key: str | None = None, n: int | None = None) -> _Opened | str:
+    """The cache in ``folder`` if it passes its checks (its key and count too, where given), else the reason it
+    does not."""
     try:
         with np.load(folder / "index.npz", allow_pickle=False) as z:
             if int(z["version"]) != FORMAT:
                 return f"format {int(z['version'])}, expected {FORMAT}"
-            if str(z["key"]) != key:
+            if key is not None and str(z["key"]) != key:
                 return "its key does not match the files"
             offsets, shapes, ok, crc = z["offsets"], z["shapes"], z["ok"], z["crc"]
             entries = json.loads(str(z["entries"]))
+            reasons = {int(k): v for k, v in json.loads(str(z["reasons"])).items()}
     except (OSError, KeyError, ValueError) as e:
         return f"unreadable index ({type(e).__name__}: {e})"
-    if not (len(offsets) == len(shapes) == len(ok) == len(crc) == n) or shapes.ndim != 2 or shapes.shape[1] != 3:
+    n = len(offsets) if n is None else n
+    if not (len(offsets) == len(shapes) == len(ok) == len(crc) == len(entries) == n) or shapes.ndim != 2 \
+            or shapes.shape[1] != 3:
         return f"it holds {len(offsets)} images, expected {n}"
     sizes = shapes.prod(1)
     if (shapes < 0).any() or not np.isin(shapes[ok, 2], (1, 3)).all() or (offsets < 0).any():
@@ -164,7 +177,7 @@ def _open(folder: Path, key: str, n: int) -> tuple[PixelStore, np.ndarray, list]
     for j in sample:
         if zlib.crc32(store.image(int(j))) != int(crc[j]):
             return f"image {int(j)} ({entries[j][0]}) does not match its checksum"
-    return store, ok, entries
+    return _Opened(store, ok, entries, reasons)
 
 
 def decode_cached(files: list[Path], root: Path, name: str, policy: StorePolicy, workers: int | None = None,
@@ -185,9 +198,7 @@ def decode_cached(files: list[Path], root: Path, name: str, policy: StorePolicy,
             if final.is_dir():
                 opened = _open(final, key, n)
                 if not isinstance(opened, str):
-                    store, ok, _ = opened
-                    reasons = _stored_reasons(final)
-                    return store, CacheReport(final, ok, np.zeros(n, bool), reasons)
+                    return opened.store, CacheReport(final, opened.ok, np.zeros(n, bool), opened.reasons)
                 log.warning("decode cache %s fails its checks (%s); rebuilding it", final, opened)
                 shutil.rmtree(final, ignore_errors=True)
             return _build(files, entries, key, stem, final, policy, workers, progress, name)
@@ -196,54 +207,42 @@ def decode_cached(files: list[Path], root: Path, name: str, policy: StorePolicy,
         return _build(files, entries, key, stem, None, policy, workers, progress, name)
 
 
-def _stored_reasons(folder: Path) -> dict[int, str]:
-    with np.load(folder / "index.npz", allow_pickle=False) as z:
-        return {int(k): v for k, v in json.loads(str(z["reasons"])).items()}
-
-
 def _previous(stem: str, folder: Path | None) -> dict[tuple, tuple[PixelStore, int]]:
     """Images of earlier complete caches of the same family, by (path, size, mtime)."""
     found = {}
     if folder is None:
         return found
     for old in sorted(folder.parent.glob(f"{stem}-*")):
-        if old == folder or not (old / "index.npz").is_file():
+        if old == folder or not old.is_dir():
             continue
-        try:
-            with np.load(old / "index.npz", allow_pickle=False) as z:
-                opened = _open(old, str(z["key"]), len(z["offsets"]))
-        except (OSError, KeyError, ValueError):
-            continue
-        if isinstance(opened, str):
-            continue
-        store, ok, entries = opened
-        found.update({tuple(e): (store, j) for j, e in enumerate(entries) if ok[j]})
+        opened = _open(old)
+        if not isinstance(opened, str):
+            found.update({tuple(e): (opened.store, j) for j, e in enumerate(opened.entries) if opened.ok[j]})
     return found
 
 
 def _build(files, entries, key, stem, final: Path | None, policy, workers, progress, name):
-    n = len(files)
     tmp = None if final is None else final.parent / f".tmp-{final.name}-{os.getpid()}"
     if final is not None:
         for stale in final.parent.glob(f".tmp-{stem}-*"):  # we hold the family's lock: nobody else is building
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     try:
-        return _write(files, entries, key, stem, final, tmp, policy, workers, progress, name)
+        with open(tmp / "pixels.u8", "wb") if tmp is not None else contextlib.nullcontext() as out:
+            return _write(files, entries, key, stem, final, tmp, out, policy, workers, progress, name)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _write(files, entries, key, stem, final, tmp, policy, workers, progress, name):
+def _write(files, entries, key, stem, final, tmp, out, policy, workers, progress, name):
     n = len(files)
     offsets, shapes = np.zeros(n, np.int64), np.zeros((n, 3), np.int64)
     ok, decoded, crc = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, np.int64)
     reasons: dict[int, str] = {}
     previous = _previous(stem, final)
-    chunks: list[np.ndarray] = []  # in-memory fallback only
-    out = open(tmp / "pixels.u8", "wb") if tmp is not None else None
+    chunks: list[np.ndarray] = []  # in-memory fallback only (out is None)
     written = 0
 
     def put(i, arr):
@@ -309,4 +308,4 @@ def _write(files, entries, key, stem, final, tmp, policy, workers, progress, nam
         raise OSError(f"the decode cache just written to {final} fails its checks: {opened}")
     log.info("decode cache %s: %d images (%.1f MiB), %d decoded, %d skipped", final, int(ok.sum()),
              written / 2**20, int(decoded.sum()), len(reasons))
-    return opened[0], CacheReport(final, ok, decoded, reasons)
+    return opened.store, CacheReport(final, ok, decoded, reasons)

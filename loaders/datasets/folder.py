@@ -41,19 +41,18 @@ class Source:
     group: np.ndarray  # (N,) str: "test" for the files of <folder>/test, else "train"
     skipped: list[tuple[str, str]]  # (relative path, reason) of every file that could not be decoded
     counts: dict[str, dict]  # per group: {"decoded": n, "from_cache": n, "skipped": n}
-    root: Path
     has_test: bool  # the source brings its own test split (<folder>/test)
     decoded: np.ndarray  # (N,) bool: decoded by this call (False: read from the cache)
-    skipped_group: list[str]  # the group ("train"/"test") of each skipped file
 
 
 def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _walk(folder: Path, ignored: collections.Counter) -> list[Path]:
+def walk_images(folder: Path, ignored: collections.Counter | None = None) -> list[Path]:
     """Image files under ``folder``, sorted, hidden files and folders skipped; other files counted in ignored."""
     found = []
+    ignored = collections.Counter() if ignored is None else ignored
     for here, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in names:
@@ -84,7 +83,7 @@ def list_folder(path: Path) -> tuple[list[Path], list[int], list[str], list[str]
     for group, folder in parts:
         for label, c in enumerate(classes):
             if (folder / c).is_dir():
-                found = _walk(folder / c, ignored)
+                found = walk_images(folder / c, ignored)
                 files += found
                 labels += [label] * len(found)
                 groups += [group] * len(found)
@@ -117,7 +116,7 @@ def open_source(path: str | Path, policy: StorePolicy | None = None, workers: in
                 progress: bool = True) -> Source:
     """List and decode (once, cached) an image folder or a CSV/TSV list."""
     path = Path(path).expanduser()
-    policy = policy or StorePolicy("shorter", 256)
+    policy = policy or StorePolicy.for_photos(224)
     is_list = path.suffix.lower() in LIST_SUFFIXES and path.is_file()
     files, labels, classes, groups, has_test = list_csv(path) if is_list else list_folder(path)
     root = path.parent if is_list else path
@@ -128,10 +127,8 @@ def open_source(path: str | Path, policy: StorePolicy | None = None, workers: in
     counts = {g: report.counts(np.flatnonzero(group == g)) for g in dict.fromkeys(groups)}
     dataset = ImageDataset(store.subset(ok), torch.tensor(labels, dtype=torch.int64)[torch.from_numpy(ok)], classes,
                            path.stem if is_list else path.name)
-    bad = np.flatnonzero(~report.ok)
-    skipped = [(rel[i], report.reasons.get(i, "not decoded")) for i in bad]
-    return Source(dataset, [rel[i] for i in ok], group[ok], skipped, counts, root, has_test, report.decoded[ok],
-                  [str(group[i]) for i in bad])
+    skipped = [(rel[i], report.reasons.get(i, "not decoded")) for i in np.flatnonzero(~report.ok)]
+    return Source(dataset, [rel[i] for i in ok], group[ok], skipped, counts, has_test, report.decoded[ok])
 
 
 def load_image_folder(path: str | Path, split: str = "train", name: str | None = None,

@@ -53,10 +53,6 @@ class PixelStore:
     def max_size(self) -> np.ndarray:
         return self.shapes[self.index, :2].max(0) if len(self) else np.zeros(2, np.int64)
 
-    def sizes(self, idx) -> np.ndarray:
-        """(B, 2) int64: (h, w) of the items ``idx``."""
-        return self.shapes[self.index[np.asarray(idx, dtype=np.int64)], :2]
-
     def subset(self, idx) -> "PixelStore":
         sub = PixelStore.__new__(PixelStore)
         sub.__dict__.update(self.__dict__)
@@ -75,11 +71,9 @@ class PixelStore:
         """uint8 canvas (B, Hmax, Wmax, C) of the items ``idx`` (zeros outside each image) and their (B, 2)
         sizes; sizes is None when every item fills the canvas. ``out``: a buffer of that shape (e.g. pinned)."""
         idx = np.asarray(idx, dtype=np.int64)
-        stored = self.index[idx]
-        hw = self.shapes[stored, :2]
-        full = len(hw) == 0 or ((hw == hw[0]).all() and (self.shapes[stored, 2] == self.channels).all())
-        H, W = (int(v) for v in (hw.max(0) if len(hw) else (0, 0)))
-        canvas = out if out is not None else torch.empty((len(idx), H, W, self.channels), dtype=torch.uint8)
+        hw = self.shapes[self.index[idx], :2]
+        full = len(hw) == 0 or (hw == hw[0]).all()  # (a greyscale image fills all channels by broadcasting)
+        canvas = out if out is not None else torch.empty(self.batch_shape(idx), dtype=torch.uint8)
         arr = canvas.numpy()
         if not full:
             arr.fill(0)

@@ -74,7 +74,7 @@ def stream_epoch(folder: str, image_size: int, batch_size: int, transform: bool)
     from loaders.transforms import BatchTransform
 
     torch.set_num_threads(1)
-    src = open_source(folder, StorePolicy("shorter", round(image_size / 0.875)), progress=False)
+    src = open_source(folder, StorePolicy.for_photos(image_size), progress=False)
     ds = src.dataset
     tf = BatchTransform(image_size, train=True, crop="resized")
     g = torch.Generator().manual_seed(0)
@@ -129,7 +129,7 @@ def run_data_benchmark(output_dir: str | Path, photos: int = 100, image_size: in
             write_photo_folder(big, classes=1, per_class=10, size=(4032, 3024), small=(4032, 3024), awkward=False)
             write_photo_folder(small, classes=2, per_class=photos // 2, size=(500, 375), awkward=False)
             _ten_copies(small, work / "photos10")
-        policy = StorePolicy("shorter", round(image_size / 0.875))
+        policy = StorePolicy.for_photos(image_size)
         log.info("cold decode rates (one worker, interleaved with a plain full decode)")
         report = {"image_size": image_size, "batch_size": batch_size, "photos": photos,
                   "decode_12mp": decode_rates(sorted(big.rglob("*.jpg")), policy),

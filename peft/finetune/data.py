@@ -47,14 +47,6 @@ class Data:
     files: dict | None = None  # per split, the relative path and label of each image (folders and lists)
     photos: bool = False  # images of any size (random-resized-crop / centre-crop transforms)
 
-    # the old attribute names, for code that reads whole splits
-    train_images = property(lambda self: self.train.images)
-    train_labels = property(lambda self: self.train.labels)
-    val_images = property(lambda self: self.val.images)
-    val_labels = property(lambda self: self.val.labels)
-    test_images = property(lambda self: self.test.images)
-    test_labels = property(lambda self: self.test.labels)
-
 
 # Benchmark protocols: which list trains, which selects (None: the last epoch is kept), which tests (None: none).
 # The test split is evaluated once, at the end, on the model the validation split (or the last epoch) chose.
@@ -150,7 +142,7 @@ def read_split_files(folder: Path) -> dict[str, list[str]] | None:
 
 
 def _photo_data(opts: FinetuneOptions, ctx: pdist.DistContext, image_size: int, recorded: dict | None) -> Data:
-    policy = StorePolicy("shorter", opts.store_size or round(image_size / opts.crop_pct))
+    policy = StorePolicy.for_photos(image_size, opts.crop_pct, opts.store_size)
     show = opts.progress and ctx.is_main
     src = _main_first(ctx, lambda: open_source(opts.data, policy, opts.workers, show))
     ds, paths, group, decoded = src.dataset, src.paths, src.group, src.decoded
@@ -177,8 +169,8 @@ def _photo_data(opts: FinetuneOptions, ctx: pdist.DistContext, image_size: int, 
     files = {s: [(paths[i], ds.classes[labels[i]]) for i in v] for s, v in parts.items()}
     counts = {s: {"decoded": int(decoded[v].sum()), "from_cache": int((~decoded[v]).sum()), "skipped": 0}
               for s, v in parts.items()}
-    for g in src.skipped_group:  # a flat folder's skipped files never reached a split: counted under train
-        counts["test" if g == "test" else "train"]["skipped"] += 1
+    for g, c in src.counts.items():  # a flat folder's skipped files never reached a split: counted under train
+        counts[g]["skipped"] = c["skipped"]
     train = random_subset(splits["train"], opts.max_train_samples, opts.seed)
     val = random_subset(splits["val"], opts.max_eval_samples, opts.seed + 1)
     test = random_subset(splits["test"], opts.max_eval_samples, opts.seed + 2)

@@ -106,14 +106,6 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return tensor
 
 
-def rank_slice(batch: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """This rank's contiguous piece of a global (micro-)batch (the whole batch for one process)."""
-    if not ctx.distributed:
-        return batch
-    start, stop = shard_bounds(batch.shape[0], ctx.rank, ctx.world_size)
-    return batch[start:stop]
-
-
 def gather_shards(local: torch.Tensor, n: int, ctx: DistContext) -> torch.Tensor:
     """Concatenate every rank's ``shard_bounds`` piece of an n-row tensor, in rank order (= original order).
 

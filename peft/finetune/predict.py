@@ -13,8 +13,9 @@ import torch
 from tqdm.auto import tqdm
 
 from loaders.datasets import DataNotFoundError, ImageDataset, decode_cached
+from loaders.datasets.folder import walk_images
 from loaders.datasets.stream import BatchStream
-from loaders.images import StorePolicy, is_image_name, read_image
+from loaders.images import StorePolicy, read_image
 from loaders.npz import ZERO_HEAD_MESSAGE, has_zero_head
 from loaders.transforms import BatchTransform
 
@@ -90,7 +91,7 @@ def evaluate_checkpoint(path, output_dir=None, split: str = "test", weights=None
                                  f"on {meta['classes']}")
     ds = d.test if split == "test" else d.val
     labels = ds.labels
-    tf = eval_transform(model.config.image_size, opts, d.photos)
+    tf = eval_transform(model.config.image_size, d.photos, opts.crop_pct)
     dtype = pdist.autocast_dtype(opts.precision, ctx.device)
     probs = predict(model, ds, tf, batch_size, ctx, dtype, desc=split)
     out = Path(output_dir) if output_dir else Path(meta["path"]).parent
@@ -105,10 +106,10 @@ def evaluate_checkpoint(path, output_dir=None, split: str = "test", weights=None
     return result
 
 
-def eval_transform(image_size: int, opts: FinetuneOptions, photos: bool) -> BatchTransform:
-    """The evaluation transform a run used: resize + centre crop for photos, squash for fixed-size sets."""
+def eval_transform(image_size: int, photos: bool, crop_pct: float = 0.875) -> BatchTransform:
+    """The evaluation transform of a run: resize + centre crop for photos, squash for fixed-size sets."""
     if photos:
-        return BatchTransform(image_size, train=False, resize="center", crop_pct=opts.crop_pct)
+        return BatchTransform(image_size, train=False, resize="center", crop_pct=crop_pct)
     return BatchTransform(image_size, train=False)
 
 
@@ -145,15 +146,14 @@ def predict_folder(model, folder, classes: list[str], top_k: int = 5, device="cp
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DataNotFoundError(f"--data {folder}: not a folder")
-    files = sorted(Path(here) / n for here, dirs, names in os.walk(folder) for n in names
-                   if is_image_name(n) and not any(part.startswith(".") for part in Path(here).relative_to(folder).parts))
+    files = walk_images(folder)
     if not files:
         raise DataNotFoundError(f"--data {folder}: no image files")
     size = model.config.image_size
-    store, report = decode_cached(files, folder, folder.name, StorePolicy("shorter", round(size / crop_pct)), workers)
+    store, report = decode_cached(files, folder, folder.name, StorePolicy.for_photos(size, crop_pct), workers)
     ok = np.flatnonzero(report.ok)
     ds = ImageDataset(store.subset(ok), torch.zeros(len(ok), dtype=torch.int64), ["?"])
-    tf = BatchTransform(size, train=False, resize="center", crop_pct=crop_pct)
+    tf = eval_transform(size, True, crop_pct)
     probs = predict(model, ds, tf, batch_size, pdist.DistContext(device=torch.device(device)))
     tops = {int(i): _top(p, classes, top_k) for i, p in zip(ok, probs)}
     rel = [os.path.relpath(f, folder) for f in files]

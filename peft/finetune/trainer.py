@@ -125,7 +125,7 @@ class Trainer:
         self.train_tf = BatchTransform(image_size, train=opts.augment and (opts.crop or opts.flip),
                                        crop_padding=None if opts.crop else 0, flip=opts.flip,
                                        crop="resized" if self.data.photos and opts.crop else "pad", **photos)
-        self.eval_tf = BatchTransform(image_size, train=False, **photos)
+        self.eval_tf = predict.eval_transform(image_size, self.data.photos, opts.crop_pct)
 
         self.lr = opts.resolved_lr()
         groups = param_groups(self.model, opts.resolved_weight_decay(), opts.decay_groups)
