@@ -74,12 +74,14 @@ class StorePolicy:
     than ``max_aspect`` × the shorter one are centre-cropped to that (panoramas). JPEGs are decoded at a reduced
     scale first where that still leaves ≥ ``size`` pixels (libjpeg's DCT scaling, Pillow's ``draft``).
     ``square``: resized to size × size (what VTAB-1k's official pipeline trains on), no EXIF, no draft, alpha
-    dropped as ``convert("RGB")`` does, bicubic: the official pixels.
+    dropped as ``convert("RGB")`` does, with PIL's ``resample`` filter: the official pixels (VTAB-1k: bicubic,
+    ``Resize((224, 224), interpolation=3)``; the official RLRR FGVC pipeline: bilinear to 256 × 256).
     """
 
     kind: str = "shorter"  # shorter | square
     size: int = 256
     max_aspect: float = 4.0
+    resample: str = "bicubic"  # square: bicubic | bilinear (PIL's antialiased filters)
 
     @classmethod
     def for_photos(cls, image_size: int, crop_pct: float = 0.875, size: int | None = None) -> "StorePolicy":
@@ -90,7 +92,7 @@ class StorePolicy:
     def settings(self) -> dict:
         """Everything that changes stored pixels, for the cache key (the Pillow version included)."""
         return {"kind": self.kind, "size": self.size, "max_aspect": self.max_aspect,
-                "resample": "bicubic" if self.kind == "square" else "bilinear",
+                "resample": self.resample if self.kind == "square" else "bilinear",
                 "alpha": "white", "sixteen_bit": "scaled", "exif": self.kind == "shorter",
                 "draft": self.kind == "shorter", "pillow": Image.__version__}
 
@@ -99,7 +101,9 @@ def _reduce(im: Image.Image, policy: StorePolicy) -> Image.Image:
     w, h = im.size
     s = policy.size
     if policy.kind == "square":
-        return im if (w, h) == (s, s) else im.resize((s, s), Image.Resampling.BICUBIC)
+        if policy.resample not in ("bicubic", "bilinear"):
+            raise ValueError(f"StorePolicy.resample must be bicubic or bilinear, got {policy.resample!r}")
+        return im if (w, h) == (s, s) else im.resize((s, s), getattr(Image.Resampling, policy.resample.upper()))
     short = min(w, h)
     limit = int(policy.max_aspect * short)
     if max(w, h) > limit:  # centre-crop the long side of a panorama

@@ -13,7 +13,10 @@ Two families, chosen by the data:
   resize-shorter-side-to-S/crop_pct and centre crop. One batched bilinear resampling (two gathers, a box per
   sample) rather than a loop over images; the aspect ratio is never distorted. The sampling positions are clamped
   to each image's own pixels, so the padding of the canvas never leaks in. No antialiasing: the decode cache
-  stores photos at about S / crop_pct, so a crop is shrunk by at most ~1.5×.
+  stores photos at about S / crop_pct, so a crop is shrunk by at most ~1.5×;
+* images stored larger than S at a fixed size (the official FGVC pipeline's 256²): ``crop="random"``, an S × S
+  window at a uniform whole-pixel offset (torchvision's RandomCrop) plus flip, and ``resize="center"`` with
+  crop_pct = S / 256 for the centre crop; whole-pixel boxes of side S copy pixels exactly.
 
 Inputs are normalised with mean = std = 0.5 by default, the convention of Google's ViT checkpoints.
 
@@ -32,7 +35,9 @@ from .datasets import count_batches, iterate_batches, shard_indices  # noqa: F40
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area")
 PADDING_MODES = ("reflect", "zeros")
-CROPS = ("pad", "resized")  # training crops: pad + random crop (small fixed-size images) | random resized crop
+# training crops: pad + random crop (small fixed-size images) | random resized crop (photos) | random S × S window
+# at whole-pixel offsets, no padding (torchvision's RandomCrop: the official FGVC pipeline's 224 from 256²)
+CROPS = ("pad", "resized", "random")
 RESIZES = ("squash", "center")  # evaluation: stretch to S x S | shorter side to S / crop_pct, centre crop S x S
 RRC_SCALE, RRC_RATIO, CROP_PCT = (0.08, 1.0), (3 / 4, 4 / 3), 0.875  # timm's defaults (timm/data/transforms*.py)
 _RRC_TRIES = 10  # timm's RandomResizedCrop.get_params tries ten boxes before falling back
@@ -130,7 +135,7 @@ class BatchTransform:
                              f"{images.dtype} {tuple(images.shape)}")
         S = self.image_size
         rows = rows or (0, images.shape[0], images.shape[0])
-        resample = sizes is not None or self.resize == "center" or (self.train and self.crop == "resized")
+        resample = sizes is not None or self.resize == "center" or (self.train and self.crop in ("resized", "random"))
         if resample:
             x = self._resample(images, sizes, generator, rows)  # (B, C, S, S) in [0, 1]
         else:
@@ -185,8 +190,16 @@ class BatchTransform:
             cw, ch = torch.where(ok, cw, fw), torch.where(ok, ch, fh)
             uy, ux = torch.where(ok, uy, 0.5), torch.where(ok, ux, 0.5)
             return torch.stack([uy * (h - ch), ux * (w - cw), ch, cw], 1), flips
+        if self.train and self.crop == "random":  # offsets uniform in 0..h-S (RandomCrop), then the flips
+            dev = generator.device if generator is not None else torch.device("cpu")
+            u = torch.rand(n, 2, generator=generator, device=dev, dtype=torch.float64)[start:stop].to(h.device)
+            if self.flip:
+                flips = (torch.rand(n, generator=generator, device=dev) < 0.5)[start:stop].to(h.device)
+            side_h, side_w = h.clamp(max=self.image_size), w.clamp(max=self.image_size)
+            oy, ox = torch.floor(u[:, 0] * (h - side_h + 1)), torch.floor(u[:, 1] * (w - side_w + 1))
+            return torch.stack([oy, ox, side_h, side_w], 1), flips
         if self.resize == "center":
-            side = torch.minimum(h, w) * self.image_size / math.floor(self.image_size / self.crop_pct)
+            side = torch.minimum(h, w) * self.image_size / math.floor(self.image_size / self.crop_pct + 1e-9)  # 1e-9: 384/(384/439)
             # whole-pixel offsets, as timm's CenterCrop rounds them: a stored 256 px side gives the exact pixels
             return torch.stack([torch.round((h - side) / 2), torch.round((w - side) / 2), side, side], 1), flips
         return torch.stack([torch.zeros_like(h), torch.zeros_like(w), h, w], 1), flips

@@ -7,6 +7,12 @@ zeros, so the adapted model equals the base model at step 0; dropout on the LoRA
     h = W₀ x + b + (α / r) · B A dropout(x)
 
 Like :class:`peft.rlrr.RLRRLinear`, the wrapper owns the frozen ``weight``/``bias`` under their old names.
+
+``variant="noah"`` is the LoRA of the VTAB-1k tables' "LoRA 0.29M" row (NOAH, ZhangYuanhan-AI/NOAH
+``model/module/qkv_super_prompt.py:28-30,57``): one low-rank pair on the fused qkv projection, W_qkv + (A B)ᵀ with
+A (in × r) kaiming-uniform (a = √5 on the (in, r) tensor: bound 1/√r) and B (r × 3·out) zero, no α/r scaling. With
+separate q, k, v layers that is one A shared by the three and B split into three (r × out) blocks, so k is adapted
+too; 4·D·r per block = 294,912 for ViT-B/16 at r = 8, the same count as q,v LoRA in loralib's form.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch import nn
 from .base import Adapter, Method, Option, check_fresh, freeze_for_adapters, replace_module
 
 SHORT_NAMES = ("q", "k", "v", "proj", "fc1", "fc2")
+VARIANTS = ("loralib", "noah")
 
 
 class LoRALinear(Adapter, nn.Module):
@@ -33,23 +40,33 @@ class LoRALinear(Adapter, nn.Module):
 
     ADAPTER_PARAMS = ("lora_A", "lora_B")
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0,
+                 shared_A: nn.Parameter | None = None):
+        """``shared_A``: NOAH's variant, an (in, r) A shared with the block's other projections; B is then
+        (r, out) and the update x A B is not scaled."""
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.noah = shared_A is not None
+        self.rank, self.alpha, self.scaling = rank, alpha, 1.0 if self.noah else alpha / rank
         self.weight, self.bias = base.weight, base.bias
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False  # True while delta_weight() is added into self.weight
+        if self.noah:
+            if tuple(shared_A.shape) != (self.in_features, rank):
+                raise ValueError(f"shared_A must be ({self.in_features}, {rank}), got {tuple(shared_A.shape)}")
+            self.lora_A = shared_A
+            self.lora_B = nn.Parameter(torch.zeros(rank, self.out_features, **kw))
+            return
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
@@ -57,11 +74,15 @@ class LoRALinear(Adapter, nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
+        if self.noah:
+            return y + (self.lora_dropout(x) @ self.lora_A) @ self.lora_B
         a = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
         return y + F.linear(a, self.lora_B) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
-        """(α/r) B A, shape (out, in)."""
+        """(α/r) B A, shape (out, in); NOAH's variant: (A B)ᵀ."""
+        if self.noah:
+            return (self.lora_A @ self.lora_B).T
         return (self.lora_B @ self.lora_A) * self.scaling
 
     @torch.no_grad()
@@ -92,7 +113,7 @@ class LoRALinear(Adapter, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"alpha={self.alpha}, merged={self.merged}")
+                f"alpha={self.alpha if not self.noah else 'none (noah)'}, merged={self.merged}")
 
 
 def _matches(name: str, target: str) -> bool:
@@ -125,9 +146,32 @@ def find_lora_targets(model: nn.Module, targets) -> list[str]:
     return [n for n in linears if n in found]  # model order
 
 
+def inject_noah(model: nn.Module, rank: int = 8, dropout: float = 0.0) -> list[str]:
+    """NOAH's LoRA: per block one A (in, r), kaiming-uniform on that shape, shared by q, k and v, each with its
+    zero (r, out) block of B. Returns the wrapped module names."""
+    names = []
+    for i, block in enumerate(model.blocks):
+        attn = block.attn
+        ref = attn.q.weight
+        shared = nn.Parameter(torch.empty(ref.shape[1], rank, device=ref.device, dtype=ref.dtype))
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(shared, a=math.sqrt(5))  # fan_in = r on the (in, r) tensor: bound 1/√r
+        for part in ("q", "k", "v"):
+            name = f"blocks.{i}.attn.{part}"
+            replace_module(model, name, LoRALinear(model.get_submodule(name), rank=rank, dropout=dropout,
+                                                   shared_A=shared))
+            names.append(name)
+    return names
+
+
 def inject_lora(model: nn.Module, rank: int = 8, alpha: float = 8.0, targets=("q", "v"),
-                dropout: float = 0.0) -> list[str]:
-    """Wrap the targeted Linears in :class:`LoRALinear` (no freezing). Returns their names."""
+                dropout: float = 0.0, variant: str = "loralib") -> list[str]:
+    """Wrap the targeted Linears in :class:`LoRALinear` (no freezing). Returns their names. ``variant="noah"``
+    adapts the fused q,k,v of every block (``targets`` and ``alpha`` do not apply)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown LoRA variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if variant == "noah":
+        return inject_noah(model, rank, dropout)
     names = find_lora_targets(model, targets)
     for name in names:
         replace_module(model, name, LoRALinear(model.get_submodule(name), rank=rank, alpha=alpha, dropout=dropout))
@@ -135,24 +179,29 @@ def inject_lora(model: nn.Module, rank: int = 8, alpha: float = 8.0, targets=("q
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 8.0, targets=("q", "v"),
-               dropout: float = 0.0) -> list[str]:
-    """LoRA on the targeted Linears (short names q,k,v,proj,fc1,fc2, or glob/regex on full names);
-    freezes all but adapters and head. Returns the wrapped module names."""
+               dropout: float = 0.0, variant: str = "loralib") -> list[str]:
+    """LoRA on the targeted Linears (short names q,k,v,proj,fc1,fc2, or glob/regex on full names), or NOAH's
+    fused-qkv variant; freezes all but adapters and head. Returns the wrapped module names."""
     check_fresh(model)
-    changed = inject_lora(model, rank=rank, alpha=alpha, targets=targets, dropout=dropout)
+    changed = inject_lora(model, rank=rank, alpha=alpha, targets=targets, dropout=dropout, variant=variant)
     freeze_for_adapters(model)
     return changed
 
 
 METHOD = Method(
-    "lora", lambda model, lora_rank=8, lora_alpha=8.0, lora_targets=("q", "v"), lora_dropout=0.0: apply_lora(
-        model, rank=lora_rank, alpha=lora_alpha, targets=lora_targets, dropout=lora_dropout),
+    "lora", lambda model, lora_rank=8, lora_alpha=8.0, lora_targets=("q", "v"), lora_dropout=0.0,
+    lora_variant="loralib": apply_lora(model, rank=lora_rank, alpha=lora_alpha, targets=lora_targets,
+                                       dropout=lora_dropout, variant=lora_variant),
     "LoRA A/B on the targets (default q, v; r = 8), + head", lr=1e-3,
     lr_note="the usual LoRA rate for ViTs with AdamW (B starts at zero, so the start is the base model)",
     options={"lora_rank": Option(8, "LoRA rank r"),
              "lora_alpha": Option(8.0, "LoRA scale alpha (update scaled by alpha / r)"),
              "lora_targets": Option("q,v", "comma-separated Linear names that get LoRA (q,k,v,proj,fc1,fc2)"),
-             "lora_dropout": Option(0.0, "dropout on the LoRA branch input")},
+             "lora_dropout": Option(0.0, "dropout on the LoRA branch input"),
+             "lora_variant": Option("loralib", "loralib (= HF peft: B A scaled by alpha/r on the targets) | noah "
+                                               "(the VTAB tables' LoRA row: one unscaled pair on the fused q,k,v)",
+                                    VARIANTS)},
     paper="Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022")
 
-__all__ = ["LoRALinear", "METHOD", "SHORT_NAMES", "apply_lora", "find_lora_targets", "inject_lora"]
+__all__ = ["LoRALinear", "METHOD", "SHORT_NAMES", "VARIANTS", "apply_lora", "find_lora_targets", "inject_lora",
+           "inject_noah"]

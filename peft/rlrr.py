@@ -106,7 +106,8 @@ class RLRRLinear(Adapter, nn.Module):
         w = self.weight
         merged = nn.Linear(self.in_features, self.out_features, bias=True, device=w.device, dtype=w.dtype)
         merged.weight.copy_(rlrr_weight(w, self.s_out, self.s_in, w.dtype))
-        bias = self.f.float() if self.bias is None else self.bias.float() + self.f.float()
+        acc = torch.promote_types(torch.promote_types(w.dtype, self.f.dtype), torch.float32)  # float64 stays float64
+        bias = self.f.to(acc) if self.bias is None else self.bias.to(acc) + self.f.to(acc)
         merged.bias.copy_(bias)
         merged.requires_grad_(False)
         return merged

@@ -70,4 +70,14 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
         p.copy_(state[n])
 
 
-__all__ = ["adapter_state_dict", "load_adapter_state_dict", "merge_adapters", "trainable_parameters"]
+def train_adapters_only(model: nn.Module) -> None:
+    """Eval mode for the model, train mode for the adapters' own dropouts (VPT's prompt dropout, LoRA's): the
+    frozen backbone runs without dropout or drop-path, as VPT's ``PromptedTransformer.train()`` keeps it."""
+    model.eval()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Dropout) and name.rsplit(".", 1)[-1] in ("prompt_dropout", "lora_dropout"):
+            m.train()
+
+
+__all__ = ["adapter_state_dict", "load_adapter_state_dict", "merge_adapters", "train_adapters_only",
+           "trainable_parameters"]

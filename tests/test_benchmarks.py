@@ -18,7 +18,8 @@ from loaders.datasets.vtab import VTAB_TASKS, load_vtab
 from npz_factory import write_google_npz
 from peft.finetune import OptionsError
 from peft.finetune import trainer as training
-from peft.finetune.options import FinetuneOptions, apply_recipe
+from peft.finetune.options import FinetuneOptions
+from peft.finetune.recipes import apply_recipe
 from peft.finetune.suite import SuiteOptions, run_suite, summarise
 
 
@@ -78,9 +79,15 @@ def test_fgvc_ids_remapped_in_sorted_order(trees):
 def test_the_official_recipe_fills_what_the_command_line_left_at_default():
     o = apply_recipe(FinetuneOptions(mode="rlrr", data="vtab-1k:dtd", recipe="rlrr-official", epochs=20))
     assert (o.lr, o.weight_decay, o.drop_path, o.drop_path_mode, o.flip, o.crop) == (2e-3, 5e-5, 0.1, "element", True, False)
-    assert (o.batch_size, o.epochs, o.warmup_epochs, o.warmup_lr, o.min_lr, o.decay_groups) == (32, 20, 2.0, 1e-7, 1e-8, "official")
+    # --epochs 20 given: the 10 warmup and 10 cooldown epochs of 110 shrink in proportion (floor)
+    assert (o.batch_size, o.epochs, o.warmup_epochs, o.cooldown_epochs, o.warmup_lr, o.min_lr, o.decay_groups) == \
+        (32, 20, 1, 1, 1e-7, 1e-8, "rlrr")
+    assert (o.schedule, o.schedule_lag, o.precision, o.gelu, o.official_test_from) == ("epoch-cosine", 1, "fp16", "erf", 2)
     lora = apply_recipe(FinetuneOptions(mode="lora", data="vtab-1k:dtd", recipe="rlrr-official"))
-    assert lora.lr is None and lora.epochs == 100  # LoRA keeps its own rate under the same protocol
+    assert lora.lr is None and lora.epochs == 110  # LoRA keeps its own rate under the same protocol
+    explicit = apply_recipe(FinetuneOptions(mode="rlrr", data="vtab-1k:dtd", recipe="rlrr-official", batch_size=128,
+                                            explicit=["batch_size", "precision"]))
+    assert explicit.batch_size == 128 and explicit.precision == "auto"  # given on the command line: they win
     with pytest.raises(OptionsError, match="needs --data vtab-1k:TASK or fgvc:NAME"):
         apply_recipe(FinetuneOptions(data="cifar10", recipe="rlrr-official"))
 
@@ -91,7 +98,7 @@ def test_official_weight_decay_grouping_and_drop_path_modes():
 
     model = vit.VisionTransformer(vit.get_config("testing"))
     peft.apply_mode(model, "rlrr")
-    decayed = {id(p) for p in param_groups(model, 0.1, "official")[0]["params"]}
+    decayed = {id(p) for p in param_groups(model, 0.1, "rlrr")[0]["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in decayed}
     assert "head.weight" in names and "patch_embed.ssf.scale" in names and "blocks.0.attn.q.s_in" in names
     assert not any(n.endswith((".f", "norm1.ssf.scale", "head.bias")) for n in names)

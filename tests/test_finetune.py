@@ -15,6 +15,7 @@ from peft.cli import quickstart as quickstart_cli
 from peft.finetune import OptionsError
 from peft.finetune import checkpoint as ckpt_io
 from peft.finetune import trainer as training
+from peft.finetune import optim
 from peft.finetune.options import FinetuneOptions
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -183,7 +184,7 @@ def test_no_weight_decay_on_vectors_norms_and_biases():
     import vit
 
     model = vit.VisionTransformer(vit.get_config("testing"))
-    groups = training.param_groups(model, 0.1)
+    groups = optim.param_groups(model, 0.1)
     decayed = {id(p) for p in groups[0]["params"]}
     for name, p in model.named_parameters():
         expect = name.endswith("weight") and p.ndim >= 2  # Linear and conv matrices only
@@ -194,7 +195,7 @@ def test_no_weight_decay_on_vectors_norms_and_biases():
     for mode, opts in (("rlrr", {"rlrr_rank": 2}), ("lora", {"lora_rank": 1})):
         model = vit.VisionTransformer(vit.get_config("testing"))
         peft.apply_mode(model, mode, **opts)
-        groups = training.param_groups(model, 0.1)
+        groups = optim.param_groups(model, 0.1)
         decayed = {id(p) for p in groups[0]["params"]}
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -203,7 +204,7 @@ def test_no_weight_decay_on_vectors_norms_and_biases():
 
 
 def test_warmup_cosine_schedule():
-    f = training.warmup_cosine(4, 12)
+    f = optim.warmup_cosine(4, 12)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(8) == pytest.approx(0.5)
     assert f(12) == pytest.approx(0.0, abs=1e-12)

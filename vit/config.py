@@ -10,6 +10,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+# Flax's nn.gelu defaults to the tanh approximation, which Google's checkpoints were trained with; the PyTorch
+# ports the PEFT papers used (timm's and the official RLRR/SSF/VPT/NOAH code, nn.GELU()) compute the exact erf form.
+GELU_KINDS = ("tanh", "erf")
+
 
 @dataclass(frozen=True)
 class ViTConfig:
@@ -26,8 +30,11 @@ class ViTConfig:
     drop_path_rate: float = 0.0  # largest residual-branch drop rate (last block), rising linearly from 0 at block 0
     drop_path_mode: str = "sample"  # sample: stochastic depth (a sample's whole branch) | element: per element
     in_channels: int = 3
+    gelu: str = "tanh"  # tanh: the approximation Google's JAX model computes | erf: exact (PyTorch ports, timm)
 
     def __post_init__(self):
+        if self.gelu not in GELU_KINDS:
+            raise ValueError(f"gelu must be one of {', '.join(GELU_KINDS)}, got {self.gelu!r}")
         if self.drop_path_mode not in ("sample", "element"):
             raise ValueError(f"drop_path_mode must be 'sample' or 'element', got {self.drop_path_mode!r}")
         if self.hidden_size % self.num_heads:

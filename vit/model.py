@@ -11,7 +11,8 @@ Structure (pre-norm Transformer encoder):
 
 Shape vocabulary used in comments: B batch, N tokens (1 CLS + patches), D hidden size, H heads,
 Dh = D / H head size. Details that matter for exactness against Google's checkpoints:
-LayerNorm epsilon 1e-6 (PyTorch's default is 1e-5), tanh-approximate GELU (Flax ``nn.gelu``'s default),
+LayerNorm epsilon 1e-6 (PyTorch's default is 1e-5), tanh-approximate GELU (Flax ``nn.gelu``'s default; ``gelu="erf"``
+in the config gives the exact form the PEFT papers' PyTorch code used),
 attention scaled by 1/sqrt(Dh), inputs normalised to [-1, 1] (mean = std = 0.5).
 """
 
@@ -75,12 +76,13 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Dense → GELU (tanh approximation, like Flax) → Dense, with dropout after each (Google's MlpBlock)."""
+    """Dense → GELU → Dense, with dropout after each (Google's MlpBlock). ``gelu="tanh"`` is Flax's default
+    approximation (what Google's model computes); ``"erf"`` the exact form of the PyTorch ports."""
 
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, gelu: str = "tanh"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
         self.drop1 = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, dim)
         self.drop2 = nn.Dropout(dropout)
@@ -129,7 +131,7 @@ class EncoderBlock(nn.Module):
         self.attn = Attention(d, config.num_heads, config.attention_dropout_rate, config.dropout_rate)
         self.drop_path1 = DropPath(drop_path, config.drop_path_mode)
         self.norm2 = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
-        self.mlp = Mlp(d, config.mlp_dim, config.dropout_rate)
+        self.mlp = Mlp(d, config.mlp_dim, config.dropout_rate, config.gelu)
         self.drop_path2 = DropPath(drop_path, config.drop_path_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,6 +216,14 @@ def set_drop_path(model: nn.Module, rate: float, mode: str = "sample") -> None:
         for m in block.modules():
             if isinstance(m, DropPath):
                 m.p, m.mode = p, mode
+
+
+def set_gelu(model: nn.Module, kind: str) -> None:
+    """Switch every MLP's GELU between "tanh" (Google's) and "erf" (the PyTorch ports'); the config records it."""
+    model.config = model.config.replace(gelu=kind)  # validates the name
+    for m in model.modules():
+        if isinstance(m, nn.GELU):
+            m.approximate = "tanh" if kind == "tanh" else "none"
 
 
 def set_fused_attention(model: nn.Module, fused: bool) -> None:

@@ -100,12 +100,13 @@ def read_list(path: Path) -> list[tuple[str, int, int]]:
 
 
 def decode_list(folder: Path, items, image_size: int, list_path: Path, name: str, workers: int | None = None,
-                progress: bool = True) -> tuple[PixelStore, dict]:
+                progress: bool = True, policy: StorePolicy | None = None) -> tuple[PixelStore, dict]:
     """The images of a benchmark list (paths inside ``folder``), squashed to image_size² with PIL bicubic as the
-    official pipelines do, through the decode cache. Every listed file must decode: the protocol's counts are
-    fixed, so a missing or broken file is an error naming it."""
+    official pipelines do (or as ``policy`` says), through the decode cache. Every listed file must decode: the
+    protocol's counts are fixed, so a missing or broken file is an error naming it."""
     files = [inside(folder, rel, f"{list_path}:{n}" if n else str(list_path)) for rel, _, n in items]
-    store, report = decode_cached(files, folder, name, StorePolicy("square", image_size), workers, progress)
+    policy = policy or StorePolicy("square", image_size)
+    store, report = decode_cached(files, folder, name, policy, workers, progress)
     if report.reasons:
         i, why = min(report.reasons.items())
         raise DatasetError(f"{files[i]} is listed in {list_path} but cannot be read ({why})"

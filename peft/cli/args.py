@@ -63,7 +63,11 @@ def build_parser(cls, description: str | None = None, epilog: str | None = None,
     helps = _field_comments(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
-        if kind is dict:
+        if kind is dict or f.name == "explicit":  # method_options (see method_flags); explicit: parse_options
+            continue
+        if kind is list:  # a repeatable flag (tools/vtab.py --sweep lr=... --sweep weight_decay=...)
+            parser.add_argument("--" + f.name.replace("_", "-"), action="append", default=None,
+                                metavar=f.name.upper(), help=helps.get(f.name, ""))
             continue
         optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
         if optional:
@@ -102,10 +106,23 @@ def parse_options(argv=None, cls=None, with_methods: bool = False, **parser_kw):
     parser = build_parser(cls, **parser_kw)
     method_keys = method_flags(parser) if with_methods else []
     args = vars(parser.parse_args(argv))
+    for f in dataclasses.fields(cls):  # repeatable flags not given: their empty list
+        if f.name in args and args[f.name] is None and f.default is dataclasses.MISSING:
+            args[f.name] = f.default_factory()
     given = {k: args.pop(k) for k in method_keys}
     if with_methods:
         args["method_options"] = {k: v for k, v in given.items() if v is not None}
+    if "explicit" in {f.name for f in dataclasses.fields(cls)}:
+        args["explicit"] = sorted(given_flags(parser, argv))
     return cls(**args)
+
+
+def given_flags(parser: argparse.ArgumentParser, argv=None) -> set[str]:
+    """The destinations the command line actually set (a flag given with its default value counts). Consumes
+    the parser: its defaults are suppressed for a second parse in which only given flags appear."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 # Errors whose message says all (missing files, failed downloads, mismatched checkpoints, divergence).

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
             print(f"== {task} ({meta['mode']}, {len(meta['classes'])} classes)")
         opts = FinetuneOptions.from_dict(meta.get("options", {}))
         photos = is_photo_source(opts.data)
-        tf = eval_transform(model.config.image_size, photos, opts.crop_pct)
+        tf = eval_transform(model.config.image_size, photos, opts.crop_pct, opts.normalise)
         found = list(zip(a.images, predict_files(model, a.images, meta["classes"], a.top_k, device, tf)))
         if a.data is not None:
             found += predict_folder(model, a.data, meta["classes"], a.top_k, device, opts.crop_pct)

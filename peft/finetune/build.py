@@ -36,7 +36,7 @@ def build_model(opts: FinetuneOptions, num_classes: int, weights: tuple[Path, st
             overrides["image_size"] = opts.image_size
         if opts.dropout is not None:
             overrides.update(dropout_rate=opts.dropout)
-        overrides.update(drop_path_rate=opts.drop_path, drop_path_mode=opts.drop_path_mode)
+        overrides.update(drop_path_rate=opts.drop_path, drop_path_mode=opts.drop_path_mode, gelu=opts.gelu)
         model = vit.VisionTransformer(vit.get_config(opts.model, **overrides))
         return model, None
     path, name = weights or resolve_weights(opts.weights)
@@ -45,6 +45,7 @@ def build_model(opts: FinetuneOptions, num_classes: int, weights: tuple[Path, st
         set_dropout(model, opts.dropout)
     if opts.drop_path:
         vit.set_drop_path(model, opts.drop_path, opts.drop_path_mode)
+    vit.set_gelu(model, opts.gelu)
     base = {"name": name, "path": str(path.resolve()), "sha256": file_digest(path, "sha256"),
             "pos_embed_resize": opts.pos_embed_resize}
     return model, base

@@ -140,7 +140,9 @@ def build_base_model(model_config: dict, base_weights: dict | None, weights: str
                 f"{base_weights.get('name')!r} with sha256 {base_weights['sha256']}")
     # Checkpoints from before the resize option were trained on the half-pixel bilinear grid.
     resize = base_weights.get("pos_embed_resize", "bilinear")
-    return load_npz(path, num_classes=config.num_classes, image_size=config.image_size, resize=resize)
+    model = load_npz(path, num_classes=config.num_classes, image_size=config.image_size, resize=resize)
+    vit.set_gelu(model, config.gelu)  # the GELU the run trained with (older checkpoints: Google's tanh)
+    return model
 
 
 def load_model_from_checkpoint(path: str | os.PathLike, weights: str | os.PathLike | None = None,

@@ -20,7 +20,7 @@ import torch
 
 from loaders.datasets import (LIST_SUFFIXES, DatasetError, ImageDataset, load_dataset, open_source, parse_class_spec,
                               random_subset, select_classes, split_train_val)
-from loaders.datasets.fgvc import load_fgvc
+from loaders.datasets.fgvc import load_fgvc, store_side
 from loaders.datasets.lists import read_text
 from loaders.datasets.vtab import load_vtab
 from loaders.images import StorePolicy
@@ -46,6 +46,7 @@ class Data:
     skipped: list = field(default_factory=list)  # (relative path, reason) of files that could not be decoded
     files: dict | None = None  # per split, the relative path and label of each image (folders and lists)
     photos: bool = False  # images of any size (random-resized-crop / centre-crop transforms)
+    stored: int | None = None  # images stored at stored² and cropped to the input size (FGVC's official 256 -> 224)
 
 
 # Benchmark protocols: which list trains, which selects (None: the last epoch is kept), which tests (None: none).
@@ -53,8 +54,8 @@ class Data:
 PROTOCOL_SPLITS = {
     ("vtab-1k", "final"): ("train800val200", None, "test"),
     ("vtab-1k", "tune"): ("train800", "val200", None),
-    ("fgvc", "final"): ("train", "val", "test"),
-    ("fgvc", "tune"): ("train", "val", "test"),
+    ("fgvc", "final"): ("trainval", None, "test"),  # the official final run (RLRR train_fgvc.py:152)
+    ("fgvc", "tune"): ("train", "val", None),
 }
 
 
@@ -106,7 +107,8 @@ def _benchmark_data(opts: FinetuneOptions, ctx: pdist.DistContext) -> Data:
     splits = {"train": train_split, "val": val_split, "test": test_split}
     log.info("data %s (%s protocol): trains on %s (%d), selects on %s, tests on %s", opts.data, opts.protocol,
              train_split, len(train.labels), val_split or "the last epoch", test_split or "nothing (tuning)")
-    return Data(train, val, test, list(train.classes), train.name, splits, counts)
+    return Data(train, val, test, list(train.classes), train.name, splits, counts,
+                stored=store_side(size) if kind == "fgvc" else None)
 
 
 def stratified_holdout(labels: np.ndarray, fractions: dict[str, float], seed: int, classes: list[str]) -> dict:

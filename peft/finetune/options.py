@@ -1,10 +1,10 @@
 """The options of one fine-tuning run, with their defaults and the checks that make them fail early.
 
 The project's recipe: AdamW, linear warmup then cosine decay per optimizer step, weight decay on weight matrices
-only (never on biases, norm parameters, CLS/positions or adapter/SSF vectors; the official RLRR code decays some
-of those, see ``decay_groups``), inputs at mean = std = 0.5, bf16 autocast on GPU. ``--recipe rlrr-official``
-takes the official RLRR code's per-task settings for VTAB-1k and FGVC instead (:func:`apply_recipe`). Each
-field's trailing comment is its ``--help`` text.
+only (never on biases, norm parameters, CLS/positions or adapter/SSF vectors; the official codes decay other
+sets, see ``decay_groups``), inputs at mean = std = 0.5, bf16 autocast on GPU. ``--recipe NAME`` takes a method's
+official run for VTAB-1k and FGVC instead (``peft.finetune.recipes``). Each field's trailing comment is its
+``--help`` text.
 """
 
 from __future__ import annotations
@@ -19,28 +19,34 @@ import torch
 from loaders.datasets import parse_class_spec
 from loaders.datasets.fgvc import FGVC_SETS
 from loaders.datasets.vtab import task_info
+from vit.config import GELU_KINDS
 from vit.model import RESIZE_METHODS
 
 from ..modes import MODES, get_method
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PROTOCOLS = ("final", "tune")
-RECIPES = ("project", "rlrr-official")
-DECAY_GROUPS = ("project", "official")
+DECAY_GROUPS = ("project", "rlrr", "timm", "vpt")
+SCHEDULES = ("step-cosine", "epoch-cosine", "epoch-restarts", "epoch-warmup-cosine")
+OPTIMIZERS = ("adamw", "sgd")
+NORMALISATIONS = ("half", "imagenet")
+# "project" plus one official run per method (tables in peft/finetune/recipes.py, which checks this list)
+RECIPES = ("project", "rlrr-official", "ssf-official", "lora-noah", "vpt-official")
 SCRATCH_LR = 1e-3  # training from scratch (--weights none): nothing pretrained to preserve
 
 
 @dataclass
 class FinetuneOptions:
     CHOICES: typing.ClassVar[dict] = {"mode": MODES, "precision": PRECISIONS, "pos_embed_resize": RESIZE_METHODS,
-                                      "protocol": PROTOCOLS, "recipe": RECIPES, "decay_groups": DECAY_GROUPS,
-                                      "drop_path_mode": ("sample", "element")}
+                                      "protocol": PROTOCOLS, "decay_groups": DECAY_GROUPS, "recipe": RECIPES,
+                                      "drop_path_mode": ("sample", "element"), "gelu": GELU_KINDS,
+                                      "schedule": SCHEDULES, "optimizer": OPTIMIZERS, "normalise": NORMALISATIONS}
     mode: str = "rlrr"  # what trains: one of the registered methods (peft/modes.py)
     weights: str = "ViT-B_16"  # base weights: a .npz path, a known name (downloaded once, cached), or none
     model: str = "ViT-B/16"  # model preset for --weights none (training from scratch); else the .npz decides
     data: str = "cifar10"  # cifar10 | cifar100 | fashion_mnist | tiny_imagenet | vtab-1k:TASK | fgvc:NAME | a folder
-    protocol: str = "final"  # vtab-1k: final (train800val200, test once at the end) | tune (train800, select on val200)
-    recipe: str = "project"  # project | rlrr-official (the official per-task recipe of vtab-1k/fgvc; see README)
+    protocol: str = "final"  # benchmarks: final (train800val200 / FGVC trainval, test once at the end) | tune (train800 / train, select on val)
+    recipe: str = "project"  # project, or a method's official run: rlrr-official, ssf-official, lora-noah, vpt-official (see README)
     data_root: typing.Optional[str] = None  # where datasets are cached (default $VIT_PEFT_DATA or ~/.cache)
     classes: typing.Optional[str] = None  # train/test on a class subset, e.g. 0-4 or 1,3,5 (relabelled 0..k-1)
     image_size: typing.Optional[int] = None  # input resolution (default: the weights' own, 224 for Google's)
@@ -55,14 +61,20 @@ class FinetuneOptions:
     max_train_samples: typing.Optional[int] = None  # use a random subset of the training split (quick runs)
     max_eval_samples: typing.Optional[int] = None  # cap validation and test sets (quick runs)
     epochs: int = 5  # passes over the training split
+    schedule: str = "step-cosine"  # step-cosine (per optimizer step) | epoch-cosine (timm's, per epoch) | epoch-restarts | epoch-warmup-cosine (VPT's)
     warmup_epochs: float = 1.0  # linear warmup length, then cosine decay to --min-lr
     warmup_lr: float = 0.0  # learning rate the warmup starts from (the official recipe: 1e-7)
     min_lr: float = 0.0  # learning rate the cosine ends at (the official recipe: 1e-8)
+    cooldown_epochs: int = 0  # epoch schedules: the last epochs held at --min-lr after the cosine (timm's cooldown)
+    schedule_lag: int = 0  # epoch schedules: epoch e trains at the schedule's value for e - lag (official RLRR loop: 1)
+    restart_epochs: int = 5  # epoch-restarts: period of the cosine warm restarts (T_0), from --lr to --min-lr
+    optimizer: str = "adamw"  # adamw | sgd (with --momentum)
+    momentum: float = 0.9  # sgd momentum
     batch_size: int = 128  # global batch per optimizer step (split over processes and --grad-accum)
     grad_accum: int = 1  # micro-batches per optimizer step (same result, less memory)
     lr: typing.Optional[float] = None  # peak learning rate (default: the mode's, peft.modes)
     weight_decay: typing.Optional[float] = None  # AdamW decay (default 5e-5, the official rate; 0.05 from scratch)
-    decay_groups: str = "project"  # what decays: project (matrices only) | official (RLRR code: s_in, s_out, patch SSF, head)
+    decay_groups: str = "project"  # what decays: project (matrices only) | rlrr (RLRR code) | timm (not 1-D, not bias: SSF, NOAH) | vpt (all but the head bias)
     clip_grad: float = 1.0  # clip the global gradient norm (0: off)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     augment: bool = True  # augment training images (--crop, --flip)
@@ -71,6 +83,11 @@ class FinetuneOptions:
     dropout: typing.Optional[float] = None  # override the model's dropout rate
     drop_path: float = 0.0  # residual-branch drop rate of the last block (linear from 0 at the first)
     drop_path_mode: str = "sample"  # sample: stochastic depth | element: per-element dropout (what the RLRR code does)
+    gelu: str = "tanh"  # MLP activation: tanh (what Google's JAX model computes) | erf (the PyTorch code of the PEFT papers)
+    normalise: str = "half"  # input normalisation: half (mean = std = 0.5, Google's) | imagenet (ImageNet mean/std: NOAH, VPT)
+    frozen_eval: bool = False  # keep the frozen backbone in eval mode while training (no dropout/drop-path in it: VPT)
+    official_test_from: int = 0  # also test after epochs from this one (1-based, every --official-test-every) and report the maximum as the official code does (0: never)
+    official_test_every: int = 1  # with --official-test-from: test every this many epochs (and after the last)
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp16 (with GradScaler) | fp32
     seed: int = 42  # seeds every random stream (the official recipe uses 42)
     device: str = "auto"  # auto | cpu | cuda | cuda:1 (under torchrun each process takes GPU LOCAL_RANK)
@@ -85,6 +102,9 @@ class FinetuneOptions:
     # The chosen method's own options (--lora-rank, --rlrr-init, ...: the flags come from the registry,
     # peft.modes); only options of --mode are allowed, unset ones take the method's published default.
     method_options: dict = dataclasses.field(default_factory=dict)
+    # Fields given on the command line (filled by the CLI): they win over --recipe. Empty: those differing from
+    # the defaults win (the Python API).
+    explicit: list = dataclasses.field(default_factory=list)
 
     def mode_options(self) -> dict:
         """Keyword arguments for peft.apply_mode: every option of the mode, defaults filled in."""
@@ -117,6 +137,8 @@ class FinetuneOptions:
         checkpoints written before the registry, stored as top-level ``lora_*`` / ``rlrr_*`` keys, accepted)."""
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in stored.items() if k in known}
+        if kwargs.get("decay_groups") == "official":  # its name before the other official groupings existed
+            kwargs["decay_groups"] = "rlrr"
         method = get_method(kwargs.get("mode", cls.mode))
         legacy = {k: stored[k] for k in method.options if k in stored}
         kwargs["method_options"] = {**legacy, **kwargs.get("method_options", {})}
@@ -136,11 +158,12 @@ class OptionsError(ValueError):
 # results are shown. Everything else (lr, batch size, schedule, seed, data, mode and its options, ...) alters
 # the optimisation, and a resume that changes it is refused, naming the options.
 RESUMABLE = ("epochs", "resume", "overwrite", "stop_after_epoch", "export_npz", "progress", "device", "threads",
-             "eval_batch_size", "output_dir", "workers", "strict_data")
+             "eval_batch_size", "output_dir", "workers", "strict_data", "explicit")
 
 
 def changed_options(stored: dict, opts: "FinetuneOptions") -> list[str]:
     """Options of ``opts`` that differ from the stored ones and may not change on resume."""
+    stored = dataclasses.asdict(FinetuneOptions.from_dict(stored)) if stored else stored
     now = dataclasses.asdict(opts)
     return [k for k in now if k not in RESUMABLE and k in stored and stored[k] != now[k]]
 
@@ -186,6 +209,17 @@ def check_options(opts: FinetuneOptions) -> None:
         raise OptionsError(f"--drop-path must be in [0, 1), got {opts.drop_path}")
     if opts.warmup_lr < 0 or opts.min_lr < 0:
         raise OptionsError("--warmup-lr and --min-lr must be at least 0")
+    for flag, value, low in (("--cooldown-epochs", opts.cooldown_epochs, 0), ("--schedule-lag", opts.schedule_lag, 0),
+                             ("--restart-epochs", opts.restart_epochs, 1),
+                             ("--official-test-from", opts.official_test_from, 0),
+                             ("--official-test-every", opts.official_test_every, 1)):
+        if value < low:
+            raise OptionsError(f"{flag} must be at least {low}, got {value}")
+    if opts.schedule != "step-cosine" and opts.cooldown_epochs >= opts.epochs:
+        raise OptionsError(f"--cooldown-epochs {opts.cooldown_epochs} leaves no epoch of --epochs {opts.epochs} "
+                           "for the schedule")
+    if not 0 <= opts.momentum < 1:
+        raise OptionsError(f"--momentum must be in [0, 1), got {opts.momentum}")
     if opts.data.startswith(("vtab-1k:", "fgvc:")):
         try:
             benchmark_task(opts.data)
@@ -226,29 +260,6 @@ def check_options(opts: FinetuneOptions) -> None:
         flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
         raise OptionsError(f"{flags} do(es) not apply to --mode {opts.mode}; its options are "
                            f"{', '.join('--' + k.replace('_', '-') for k in method.options) or 'none'}")
-
-
-def apply_recipe(opts: FinetuneOptions) -> FinetuneOptions:
-    """``--recipe rlrr-official``: the official RLRR code's recipe for the task of ``--data`` (vtab-1k:TASK or
-    fgvc:NAME): its lr (for --mode rlrr; other modes keep their own rate), weight decay and its grouping,
-    drop-path as element-wise dropout, horizontal flip on/off, no random crop, batch 32, 100 epochs with 10
-    warmup epochs from 1e-7 and a cosine to 1e-8, 224 px. A field the command line set to something other than
-    its default wins over the recipe."""
-    if opts.recipe == "project":
-        return opts
-    task = benchmark_task(opts.data)
-    if task is None:
-        raise OptionsError(f"--recipe {opts.recipe} needs --data vtab-1k:TASK or fgvc:NAME, got {opts.data!r}")
-    recipe = dict(batch_size=32, epochs=100, warmup_epochs=10.0, warmup_lr=1e-7, min_lr=1e-8, weight_decay=task.weight_decay,
-                  decay_groups="official", drop_path=task.drop_path, drop_path_mode="element", flip=task.flip, crop=False,
-                  image_size=224, clip_grad=0.0, seed=42)
-    if opts.mode == "rlrr":
-        recipe["lr"] = task.lr
-    defaults = FinetuneOptions()
-    changes = {k: v for k, v in recipe.items() if getattr(opts, k) == getattr(defaults, k)}
-    if "warmup_epochs" in changes:  # 10 of 100 epochs: a tenth of the run, also when --epochs shortens it
-        changes["warmup_epochs"] = 0.1 * changes.get("epochs", opts.epochs)
-    return dataclasses.replace(opts, **changes)
 
 
 def benchmark_task(data: str):

@@ -91,7 +91,7 @@ def evaluate_checkpoint(path, output_dir=None, split: str = "test", weights=None
                                  f"on {meta['classes']}")
     ds = d.test if split == "test" else d.val
     labels = ds.labels
-    tf = eval_transform(model.config.image_size, d.photos, opts.crop_pct)
+    tf = eval_transform(model.config.image_size, d.photos, opts.crop_pct, opts.normalise, d.stored)
     dtype = pdist.autocast_dtype(opts.precision, ctx.device)
     probs = predict(model, ds, tf, batch_size, ctx, dtype, desc=split)
     out = Path(output_dir) if output_dir else Path(meta["path"]).parent
@@ -106,11 +106,37 @@ def evaluate_checkpoint(path, output_dir=None, split: str = "test", weights=None
     return result
 
 
-def eval_transform(image_size: int, photos: bool, crop_pct: float = 0.875) -> BatchTransform:
-    """The evaluation transform of a run: resize + centre crop for photos, squash for fixed-size sets."""
+NORMALISERS = {"half": (0.5, 0.5), "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}  # (mean, std)
+
+
+def eval_transform(image_size: int, photos: bool, crop_pct: float = 0.875, normalise: str = "half",
+                   stored: int | None = None) -> BatchTransform:
+    """The evaluation transform of a run: resize + centre crop for photos, the centre image_size² of images
+    stored at ``stored``² (FGVC's official 224 of 256), squash for fixed-size sets."""
+    mean, std = NORMALISERS[normalise]
+    if stored:
+        return BatchTransform(image_size, train=False, resize="center", crop_pct=image_size / stored, mean=mean, std=std)
     if photos:
-        return BatchTransform(image_size, train=False, resize="center", crop_pct=crop_pct)
-    return BatchTransform(image_size, train=False)
+        return BatchTransform(image_size, train=False, resize="center", crop_pct=crop_pct, mean=mean, std=std)
+    return BatchTransform(image_size, train=False, mean=mean, std=std)
+
+
+def run_transforms(opts, data, image_size: int) -> tuple[BatchTransform, BatchTransform]:
+    """A run's training and evaluation transforms. Photos: random resized crop / resize + centre crop; FGVC's
+    stored 256² (``data.stored``): a random image_size² window + flip / the centre window, as the official RLRR
+    pipeline (``RLRRDatasets/fgvc_tranforms.py``); small fixed-size images: pad + random crop / squash."""
+    mean, std = NORMALISERS[opts.normalise]
+    train = opts.augment and (opts.crop or opts.flip)
+    if data.stored:
+        train_tf = BatchTransform(image_size, train=opts.augment, crop="random", flip=opts.flip, mean=mean, std=std)
+    elif data.photos:
+        train_tf = BatchTransform(image_size, train=train, crop="resized" if opts.crop else "pad",
+                                  crop_padding=None if opts.crop else 0, flip=opts.flip, resize="center",
+                                  scale=opts.crop_scale_range(), crop_pct=opts.crop_pct, mean=mean, std=std)
+    else:
+        train_tf = BatchTransform(image_size, train=train, crop_padding=None if opts.crop else 0, flip=opts.flip,
+                                  mean=mean, std=std)
+    return train_tf, eval_transform(image_size, data.photos, opts.crop_pct, opts.normalise, data.stored)
 
 
 @torch.no_grad()

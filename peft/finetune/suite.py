@@ -9,6 +9,12 @@ interrupted half-way resumes from its checkpoint. After every run the results ar
 ``mean_of_groups`` over the Natural / Specialized / Structured means present, and the group means),
 ``results.csv``, ``results.md`` (the RLRR paper's published rows beside ours, each mean named) and
 ``results.png``.
+
+``--recipe official`` gives each method its own official run (``peft.finetune.recipes.METHOD_RECIPES``: RLRR,
+SSF, LoRA as NOAH ran it, VPT; the other methods run rlrr-official's protocol at their own learning rate). Runs of
+an official recipe also test after every epoch as the official loop does, and their results carry
+``test_accuracy_official`` (the maximum over those epochs: test-selected, labelled so) beside ``test_accuracy``.
+``--sweep NAME=V1,V2`` chooses hyper-parameters on validation first (``peft.finetune.sweep``).
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ from loaders.datasets.fgvc import FGVC_SETS
 from loaders.datasets.vtab import GROUPS, REHEARSAL_TASKS, VTAB_TASKS, task_info, write_vtab_task
 
 from ..modes import MODES
-from .options import FinetuneOptions, OptionsError
+from . import sweep as sweeps
+from .options import RECIPES, FinetuneOptions, OptionsError
+from .recipes import METHOD_RECIPES
 from .trainer import run
 
 log = logging.getLogger(__name__)
@@ -46,7 +54,7 @@ PUBLISHED_FGVC = {"rlrr": 90.4, "ssf": 90.7, "lora": 89.5, "full": 88.5, "head":
 
 @dataclass
 class SuiteOptions:
-    CHOICES = {"suite": SUITES, "protocol": ("final", "tune"), "recipe": ("project", "rlrr-official")}
+    CHOICES = {"suite": SUITES, "protocol": ("final", "tune"), "recipe": ("official",) + RECIPES}
     data_root: str = ""  # folder with one sub-folder per VTAB-1k task, or VPT's FGVC folders
     suite: str = "vtab"  # vtab | fgvc
     tasks: str = "all"  # all, or comma-separated task names (vtab-1k tasks / fgvc: cub,nabirds,flowers,dogs,cars)
@@ -54,7 +62,7 @@ class SuiteOptions:
     weights: str = "ViT-B_16"  # base weights (a .npz path or a known name)
     output_dir: str = "runs/vtab"  # one folder per task/mode/seed, and the results files
     protocol: str = "final"  # vtab-1k: final (train800val200 -> test once) | tune (train800 -> val200)
-    recipe: str = "rlrr-official"  # rlrr-official (the official per-task recipe) | project
+    recipe: str = "rlrr-official"  # official (each method's own official run) | a recipe name (all methods) | project
     epochs: int = 0  # 0: the recipe's (100)
     seeds: str = "42"  # comma-separated seeds; results are their mean
     image_size: int = 0  # 0: the recipe's (224)
@@ -64,6 +72,7 @@ class SuiteOptions:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads (0: torch's default)
     progress: bool = True  # tqdm progress bars
+    sweep: list = dataclasses.field(default_factory=list)  # NAME=V1,V2,...: choose on validation, then test once (repeatable)
 
 
 def task_names(o: SuiteOptions) -> list[str]:
@@ -96,15 +105,56 @@ def make_rehearsal(root: Path, data_root=None) -> list[str]:
     return names
 
 
-def run_options(o: SuiteOptions, task: str, mode: str, seed: int, out: Path) -> FinetuneOptions:
+def recipe_for(o: SuiteOptions, mode: str) -> str:
+    """The recipe a mode runs under: ``official`` picks the method's own (else rlrr-official's protocol)."""
+    if o.recipe == "official":
+        return METHOD_RECIPES.get(mode, "rlrr-official")
+    return o.recipe
+
+
+def run_options(o: SuiteOptions, task: str, mode: str, seed: int, out: Path, point: dict | None = None,
+                protocol: str | None = None) -> FinetuneOptions:
+    """One run's options. What the suite sets (seed, the sizes given, a grid point's values) is explicit: it wins
+    over the recipe."""
     data = f"fgvc:{task}" if o.suite == "fgvc" else f"vtab-1k:{task}"
-    kw = dict(mode=mode, weights=o.weights, data=data, data_root=o.data_root or None, protocol=o.protocol,
-              recipe=o.recipe, seed=seed, device=o.device, threads=o.threads or None, progress=o.progress,
+    kw = dict(mode=mode, weights=o.weights, data=data, data_root=o.data_root or None, protocol=protocol or o.protocol,
+              recipe=recipe_for(o, mode), seed=seed, device=o.device, threads=o.threads or None, progress=o.progress,
               output_dir=str(out), resume=(out / "checkpoint.pt").is_file())
     for field in ("epochs", "image_size", "batch_size", "max_train_samples"):
         if getattr(o, field):
             kw[field] = getattr(o, field)
+    kw = sweeps.apply_point(kw, point or {})
+    kw["explicit"] = sorted(k for k in kw if k != "method_options")
     return FinetuneOptions(**kw)
+
+
+def _finished_or_run(opts: FinetuneOptions, label: str) -> dict:
+    done = Path(opts.output_dir) / "metrics.json"
+    if done.is_file():
+        log.info("%s: finished earlier, skipped", label)
+        return json.loads(done.read_text())
+    log.info("%s", label)
+    return run(opts)
+
+
+def sweep_task(o: SuiteOptions, task: str, mode: str, seeds: list[int], grid, out: Path) -> dict:
+    """Every grid point on the tuning split, the choice by validation accuracy; returns the sweep record."""
+    scores = []
+    for point in sweeps.grid_points(grid):
+        name = sweeps.point_name(point)
+        accs = []
+        for seed in seeds:
+            folder = out / task / mode / "sweep" / name / f"seed-{seed}"
+            m = _finished_or_run(run_options(o, task, mode, seed, folder, point, protocol="tune"),
+                                 f"{task} / {mode} / {name} / seed {seed} (tune)")
+            accs.append(m["val_accuracy"])
+        scores.append({"point": point, "val_accuracy": float(np.mean(accs)), "val_accuracies": accs})
+    best = sweeps.choose(scores)
+    log.info("%s / %s: chose %s (val accuracy %.4f)", task, mode, sweeps.point_name(best["point"]),
+             best["val_accuracy"])
+    return {"grid": [[k, v] for k, v in grid], "scores": scores, "chosen": best["point"],
+            "chosen_val_accuracy": best["val_accuracy"], "tie_rule": sweeps.TIE_RULE,
+            "tuned_on": "train800 -> val200" if o.suite == "vtab" else "train -> val"}
 
 
 def run_suite(o: SuiteOptions) -> dict:
@@ -118,22 +168,25 @@ def run_suite(o: SuiteOptions) -> dict:
         seeds = [int(s) for s in o.seeds.split(",") if s.strip()]
     except ValueError:
         raise OptionsError(f"--seeds {o.seeds!r}: expected comma-separated integers") from None
+    grid = sweeps.parse_grid(o.sweep)
+    if grid and o.protocol != "final":
+        raise OptionsError("--sweep tunes on validation and then runs the final protocol; drop --protocol tune")
     out = Path(o.output_dir)
-    rows = []
+    rows, chosen = [], {}
     for task in tasks:
         for mode in modes:
+            point = None
+            if grid:
+                record = sweep_task(o, task, mode, seeds, grid, out)
+                chosen.setdefault(task, {})[mode] = record
+                point = record["chosen"]
             for seed in seeds:
                 folder = out / task / mode / f"seed-{seed}"
-                done = folder / "metrics.json"
-                if done.is_file():
-                    log.info("%s / %s / seed %d: finished earlier, skipped", task, mode, seed)
-                    metrics = json.loads(done.read_text())
-                else:
-                    log.info("%s / %s / seed %d", task, mode, seed)
-                    metrics = run(run_options(o, task, mode, seed, folder))
+                metrics = _finished_or_run(run_options(o, task, mode, seed, folder, point),
+                                           f"{task} / {mode} / seed {seed}")
                 rows.append({"task": task, "mode": mode, "seed": seed, **metrics})
-                write_results(o, rows, out)
-    return write_results(o, rows, out)
+                write_results(o, rows, out, chosen)
+    return write_results(o, rows, out, chosen)
 
 
 def _accuracy(m: dict) -> tuple[float, str]:
@@ -151,11 +204,16 @@ def summarise(rows: list[dict]) -> dict:
             "accuracies": [], "split": split, "trainable_parameters": r["trainable_parameters"],
             "epochs": r["epochs"], "seconds": 0.0, "selected_on": r.get("selected_on"), "splits": r.get("splits")})
         entry["accuracies"].append(acc)
+        entry.setdefault("official_accuracies", []).append(r.get("test_accuracy_official"))
         entry["seconds"] += r["time_seconds"]
+        entry["recipe"] = r.get("recipe")
     for per_mode in tasks.values():
         for e in per_mode.values():
             e["accuracy"] = float(np.mean(e["accuracies"]))
             e["test_accuracy"] = e["accuracy"] if e["split"] in ("test",) else None
+            official = e.pop("official_accuracies")
+            # the official loops' number (max over per-epoch tests: test-selected), where every seed has one
+            e["test_accuracy_official"] = float(np.mean(official)) if all(a is not None for a in official) else None
     summary = {}
     for mode in dict.fromkeys(r["mode"] for r in rows):
         accs = {t: per[mode]["accuracy"] for t, per in tasks.items() if mode in per}
@@ -169,13 +227,44 @@ def summarise(rows: list[dict]) -> dict:
     return {"tasks": tasks, "summary": summary}
 
 
+def _official_table(tasks: dict, names: list) -> list[str]:
+    modes = list(dict.fromkeys(m for per in tasks.values() for m, e in per.items()
+                               if e.get("test_accuracy_official") is not None))
+    if not modes:
+        return []
+    lines = ["", "test_accuracy_official (%): the maximum test accuracy over the per-epoch evaluations, computed as "
+             "the official code computes and reports it. The test set selects the epoch here, so this is not a "
+             "held-out estimate; it is for comparison with the published tables only.", "",
+             "| mode | " + " | ".join(names) + " | mean of tasks |", "|" + "---|" * (len(names) + 2)]
+    for mode in modes:
+        vals = [tasks[t][mode].get("test_accuracy_official") if mode in tasks[t] else None for t in names]
+        cells = [f"{100 * v:.1f}" if v is not None else "–" for v in vals]
+        got = [v for v in vals if v is not None]
+        lines.append(f"| {mode} | " + " | ".join(cells) + f" | {100 * float(np.mean(got)):.1f} |")
+    return lines
+
+
+def _chosen_table(chosen: dict) -> list[str]:
+    if not chosen:
+        return []
+    lines = ["", f"Hyper-parameters chosen on validation ({sweeps.TIE_RULE}), then tested once:", "",
+             "| task | mode | chosen | val accuracy | grid scores (val) |", "|---|---|---|---|---|"]
+    for task, per in chosen.items():
+        for mode, rec in per.items():
+            scores = "; ".join(f"{sweeps.point_name(s['point'])}: {100 * s['val_accuracy']:.1f}" for s in rec["scores"])
+            lines.append(f"| {task} | {mode} | {sweeps.point_name(rec['chosen'])} | "
+                         f"{100 * rec['chosen_val_accuracy']:.1f} | {scores} |")
+    return lines
+
+
 def markdown(o: SuiteOptions, results: dict) -> str:
     tasks, summary = results["tasks"], results["summary"]
     names = list(tasks)
     groups = [g for g in GROUPS + ("Rehearsal", "FGVC") if any(g in s["groups"] for s in summary.values())]
     split = next(iter(next(iter(tasks.values())).values()))["split"] if tasks else "test"
     head = ["mode"] + names + [f"{g} mean" for g in groups] + ["mean of tasks", "mean of group means", "params"]
-    lines = [f"Accuracy (%) on each task's {split} split, {o.protocol} protocol, recipe {o.recipe}; "
+    lines = [f"test_accuracy (%): accuracy on each task's {split} split of the model the protocol chose without "
+             f"looking at test ({o.protocol} protocol: the last epoch, or the best on validation), recipe {o.recipe}; "
              "'mean of tasks' averages the tasks run, 'mean of group means' averages the group means present "
              "(NOAH-style tables print the latter, the RLRR paper the former).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -191,6 +280,7 @@ def markdown(o: SuiteOptions, results: dict) -> str:
                   "|---|---|---|---|---|---|"]
         for mode, row in PUBLISHED_VTAB.items():
             lines.append(f"| {mode} (paper) | " + " | ".join("–" if v is None else f"{v}" for v in row) + " |")
+    lines += _official_table(tasks, names) + _chosen_table(results.get("chosen", {}))
     if o.suite == "fgvc":
         lines += ["", "Published FGVC mean of the five sets (RLRR paper, Table 3): " +
                   ", ".join(f"{m} {v}" for m, v in PUBLISHED_FGVC.items())]
@@ -216,17 +306,20 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_results(o: SuiteOptions, rows: list[dict], out: Path) -> dict:
-    results = {"options": dataclasses.asdict(o), **summarise(rows)}
+def write_results(o: SuiteOptions, rows: list[dict], out: Path, chosen: dict | None = None) -> dict:
+    results = {"options": dataclasses.asdict(o), **summarise(rows), "chosen": chosen or {}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["task", "group", "mode", "accuracy", "split", "seeds", "trainable_parameters", "epochs", "seconds"])
+        w.writerow(["task", "group", "mode", "accuracy", "split", "test_accuracy_official", "seeds",
+                    "trainable_parameters", "epochs", "seconds"])
         for t, per in results["tasks"].items():
             group = task_info(t).group if o.suite == "vtab" else "FGVC"
             for mode, e in per.items():
-                w.writerow([t, group, mode, f"{e['accuracy']:.6f}", e["split"], len(e["accuracies"]),
+                official = e.get("test_accuracy_official")
+                w.writerow([t, group, mode, f"{e['accuracy']:.6f}", e["split"],
+                            "" if official is None else f"{official:.6f}", len(e["accuracies"]),
                             e["trainable_parameters"], e["epochs"], f"{e['seconds']:.1f}"])
     (out / "results.md").write_text(markdown(o, results))
     plot(results, out / "results.png")

@@ -26,7 +26,6 @@ import loaders
 import vit
 from loaders.datasets.stream import BatchStream
 from loaders.npz import NpzArchive, infer_config
-from loaders.transforms import BatchTransform
 
 from .. import kernels, modes, state
 from ..rlrr import RLRRLinear
@@ -35,8 +34,9 @@ from . import distributed as pdist
 from . import predict, report
 from .build import build_model, resolve_weights
 from .data import prepare_data, write_split_files
-from .optim import param_groups, warmup_cosine
-from .options import RESUMABLE, FinetuneOptions, apply_recipe, changed_options, check_options
+from .optim import LRSchedule, build_optimizer
+from .options import RESUMABLE, FinetuneOptions, changed_options, check_options
+from .recipes import apply_recipe, recipe_settings
 from .rundir import RunFolder
 
 log = logging.getLogger(__name__)
@@ -119,23 +119,13 @@ class Trainer:
         self.trainable, self.total = state.trainable_parameters(self.model)
         log.info("trainable parameters: %s of %s (%.3f%%)", f"{self.trainable:,}", f"{self.total:,}",
                  100 * self.trainable / self.total)
-        image_size = self.model.config.image_size
-        # photos of any size: random resized crop / resize + centre crop; small fixed-size images: pad + crop, squash
-        photos = dict(resize="center", scale=opts.crop_scale_range(), crop_pct=opts.crop_pct) if self.data.photos else {}
-        self.train_tf = BatchTransform(image_size, train=opts.augment and (opts.crop or opts.flip),
-                                       crop_padding=None if opts.crop else 0, flip=opts.flip,
-                                       crop="resized" if self.data.photos and opts.crop else "pad", **photos)
-        self.eval_tf = predict.eval_transform(image_size, self.data.photos, opts.crop_pct)
-
+        self.train_tf, self.eval_tf = predict.run_transforms(opts, self.data, self.model.config.image_size)
         self.lr = opts.resolved_lr()
-        groups = param_groups(self.model, opts.resolved_weight_decay(), opts.decay_groups)
-        self.optimizer = torch.optim.AdamW(groups, lr=self.lr,
-                                           betas=(0.9, 0.999))
+        self.optimizer = build_optimizer(self.model, opts, self.lr)
         self.steps_per_epoch = math.ceil(len(self.data.train) / opts.batch_size)
         self.total_steps = opts.epochs * self.steps_per_epoch
-        warmup = min(self.total_steps, round(opts.warmup_epochs * self.steps_per_epoch))
-        schedule = warmup_cosine(warmup, self.total_steps, opts.warmup_lr / self.lr, opts.min_lr / self.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.schedule = LRSchedule(opts, self.lr, self.steps_per_epoch)
+        self.lr_per_step: list[float] = []  # the first group's lr as each optimizer step used it
         self.amp_dtype = pdist.autocast_dtype(opts.precision, ctx.device)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
         self.generators = {
@@ -182,7 +172,7 @@ class Trainer:
         }
         if with_training_state:
             d["training_state"] = {
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "lr_per_step": self.lr_per_step,
                 "scaler": self.scaler.state_dict(), "rng": ckpt_io.capture_rng(self.generators),
                 "train_seconds": self.train_seconds, "train_images": self.train_images,
             }
@@ -210,8 +200,8 @@ class Trainer:
                                              f"({ck['base_weights']}) than {self.base_weights}")
         load_trainable_state(self.model, ck["state_dict"], self.full, str(path))
         ts = ck["training_state"]
-        self.optimizer.load_state_dict(ts["optimizer"])
-        self.scheduler.load_state_dict(ts["scheduler"])
+        self.optimizer.load_state_dict(ts["optimizer"])  # the schedule is a function of self.step
+        self.lr_per_step = list(ts.get("lr_per_step", []))
         self.scaler.load_state_dict(ts["scaler"])
         ckpt_io.restore_rng(ts["rng"], self.generators)
         self.epoch, self.step, self.best_val = ck["epoch"], ck["step"], ck["best_val_accuracy"]
@@ -225,6 +215,8 @@ class Trainer:
         """One pass over the training split; returns mean loss and accuracy over the epoch (all ranks)."""
         opts, ctx, d = self.opts, self.ctx, self.data
         self.ddp.train()
+        if opts.frozen_eval:  # VPT: the frozen backbone keeps eval mode (no dropout or drop-path in it)
+            state.train_adapters_only(self.model)
         n = len(d.train)
         order = torch.randperm(n, generator=self.generators["data_order"])
         batches = BatchStream(d.train, order.split(opts.batch_size), ctx.device, ctx.rank, ctx.world_size)
@@ -238,6 +230,9 @@ class Trainer:
             # Every rank reads and augments only its contiguous slice of the global batch, drawing the randomness
             # of the whole batch from the shared generator, and splits it into --grad-accum micro-batches: whatever
             # the number of processes and micro-batches, the union is exactly the batch one process would see.
+            lr = self.schedule(self.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             images = self.train_tf(batch.images, self.generators["augment"], batch.sizes, batch.rows)
             labels = batch.labels
             chunks = list(zip(images.tensor_split(opts.grad_accum), labels.tensor_split(opts.grad_accum)))
@@ -268,8 +263,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step()
+            self.lr_per_step.append(self.optimizer.param_groups[0]["lr"])
             self.step += 1
             totals += stats
             elapsed = time.perf_counter() - start
@@ -294,6 +288,23 @@ class Trainer:
         nll = -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean().item()
         acc = (probs.argmax(-1) == labels).double().mean().item()
         return probs, {"loss": nll, "accuracy": acc}
+
+    def recipe_record(self) -> dict | None:
+        """What --recipe set, and which of its values the command line replaced (None for the project's)."""
+        o = self.opts
+        if o.recipe == "project":
+            return None
+        settings = recipe_settings(o.recipe, o.data, o.mode)
+        return {"name": o.recipe, "set": {k: getattr(o, k) for k in settings},
+                "overridden": sorted(k for k in settings if getattr(o, k) != settings[k]),
+                "method_options": self.plain_mode_options()}
+
+    def official_test_due(self) -> bool:
+        """After this epoch (self.epoch, 1-based now), does the official loop test? (--official-test-from/-every)"""
+        o = self.opts
+        if not o.official_test_from or len(self.data.test) == 0 or self.epoch < o.official_test_from:
+            return False
+        return (self.epoch - o.official_test_from) % o.official_test_every == 0 or self.epoch == o.epochs
 
     def save(self, name: str, with_training_state: bool) -> None:
         if self.ctx.is_main:
@@ -330,7 +341,9 @@ class Trainer:
             self.epoch += 1
             row["step"] = self.step
             _, val = self.evaluate(self.data.val)
-            row.update(val_loss=val["loss"], val_accuracy=val["accuracy"], lr=self.scheduler.get_last_lr()[0])
+            row.update(val_loss=val["loss"], val_accuracy=val["accuracy"], lr=self.lr_per_step[-1])
+            if self.official_test_due():  # the official loops' per-epoch test, reported apart (never selects)
+                row["test_accuracy_each_epoch"] = self.evaluate(self.data.test, desc="test (official report)")[1]["accuracy"]
             self.history.append(row)
             log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f img/s", self.epoch,
                      opts.epochs, row["train_loss"], row["train_accuracy"], val["loss"], val["accuracy"],
@@ -361,7 +374,7 @@ class Trainer:
             "data": self.data.counts,  # per split: images decoded now, read from the cache, skipped
             "test_accuracy": test["accuracy"] if has_test else None, "test_loss": test["loss"] if has_test else None,
             "splits": self.data.splits, "selected_on": self.data.splits["val"] or "last epoch (no validation split)",
-            "protocol": opts.protocol, "recipe": opts.recipe,
+            "protocol": opts.protocol, "recipe": opts.recipe, "recipe_settings": self.recipe_record(),
             "val_accuracy": best["best_val_accuracy"], "best_epoch": best["epoch"],
             "trainable_parameters": self.trainable, "total_parameters": self.total,
             "epochs": self.epoch, "steps": self.step, "batch_size": opts.batch_size, "lr": self.lr,
@@ -371,7 +384,13 @@ class Trainer:
             "num_train": len(self.data.train), "num_val": len(self.data.val),
             "num_test": len(self.data.test), "device": str(ctx.device),
             "skipped_files": len(self.data.skipped),
+            "lr_per_step": self.lr_per_step,
         }
+        official = [r["test_accuracy_each_epoch"] for r in self.history if "test_accuracy_each_epoch" in r]
+        if official:  # the maximum over per-epoch test evaluations: the official loops' number, test-selected
+            metrics["test_accuracy_official"] = max(official)
+            metrics["test_accuracy_official_epoch"] = next(r["epoch"] for r in self.history
+                                                           if r.get("test_accuracy_each_epoch") == max(official))
         if ctx.is_main:
             summary = report.write_evaluation_report(self.out, probs.numpy(), labels.cpu().numpy(),
                                                      self.data.classes, self.history, prefix=split)
