@@ -79,9 +79,9 @@ def test_fgvc_ids_remapped_in_sorted_order(trees):
 def test_the_official_recipe_fills_what_the_command_line_left_at_default():
     o = apply_recipe(FinetuneOptions(mode="rlrr", data="vtab-1k:dtd", recipe="rlrr-official", epochs=20))
     assert (o.lr, o.weight_decay, o.drop_path, o.drop_path_mode, o.flip, o.crop) == (2e-3, 5e-5, 0.1, "element", True, False)
-    # --epochs 20 given: the 10 warmup and 10 cooldown epochs of 110 shrink in proportion (floor)
+    # --epochs 20 given: the 10 warmup and 10 cooldown epochs of 110 shrink in proportion (rounded)
     assert (o.batch_size, o.epochs, o.warmup_epochs, o.cooldown_epochs, o.warmup_lr, o.min_lr, o.decay_groups) == \
-        (32, 20, 1, 1, 1e-7, 1e-8, "rlrr")
+        (32, 20, 2, 2, 1e-7, 1e-8, "rlrr")
     assert (o.schedule, o.schedule_lag, o.precision, o.gelu, o.official_test_from) == ("epoch-cosine", 1, "fp16", "erf", 2)
     lora = apply_recipe(FinetuneOptions(mode="lora", data="vtab-1k:dtd", recipe="rlrr-official"))
     assert lora.lr is None and lora.epochs == 110  # LoRA keeps its own rate under the same protocol
@@ -172,3 +172,40 @@ def test_means_of_groups_differ_from_means_of_tasks():
             for t, a in (("cifar", 0.9), ("dtd", 0.7), ("eurosat", 0.5))]
     s = summarise(rows)["summary"]["rlrr"]
     assert s["mean_of_tasks"] == pytest.approx(0.7) and s["mean_of_groups"] == pytest.approx((0.8 + 0.5) / 2)
+
+
+def test_sweep_chooses_on_validation_then_tests_once_and_resumes(trees, tmp_path, monkeypatch):
+    from peft.finetune import sweep as sweeps
+
+    calls = _count_test_evaluations(monkeypatch)
+    o = SuiteOptions(data_root=str(trees / "vtab"), tasks="svhn", modes="head", weights=str(trees / "testing.npz"),
+                     output_dir=str(tmp_path / "suite"), image_size=32, epochs=2, batch_size=4, device="cpu",
+                     progress=False, threads=1, recipe="official", sweep=["lr=1e-3,0.3", "weight_decay=0"])
+    results = run_suite(o)
+    rec = results["chosen"]["svhn"]["head"]
+    assert [s["point"] for s in rec["scores"]] == [{"lr": 1e-3, "weight_decay": 0.0}, {"lr": 0.3, "weight_decay": 0.0}]
+    for s in rec["scores"]:  # every grid point is a tuning run: train800 -> val200, never the test list
+        m = json.loads((tmp_path / "suite" / "svhn" / "head" / "sweep" / sweeps.point_name(s["point"]) / "seed-42" /
+                        "metrics.json").read_text())
+        assert m["splits"] == {"train": "train800", "val": "val200", "test": None}
+        assert s["val_accuracy"] == m["val_accuracy"]
+    best = max(rec["scores"], key=lambda s: s["val_accuracy"])
+    assert rec["chosen"] == (rec["scores"][0] if rec["scores"][0]["val_accuracy"] == best["val_accuracy"] else best)["point"]
+    final = json.loads((tmp_path / "suite" / "svhn" / "head" / "seed-42" / "options.json").read_text())
+    assert final["lr"] == rec["chosen"]["lr"] and final["protocol"] == "final" and final["recipe"] == "rlrr-official"
+    # the final run tests once for the honest number, and once per epoch >= 2 for the official-style report
+    assert calls.count("test") == 2
+    entry = results["tasks"]["svhn"]["head"]
+    assert entry["test_accuracy_official"] is not None and entry["test_accuracy"] is not None
+    md = (tmp_path / "suite" / "results.md").read_text()
+    assert "Hyper-parameters chosen on validation" in md and "test_accuracy_official (%)" in md
+    assert sweeps.choose([{"point": {"lr": 1}, "val_accuracy": 0.5}, {"point": {"lr": 2}, "val_accuracy": 0.5}]) == \
+        {"point": {"lr": 1}, "val_accuracy": 0.5}  # ties: the point listed first
+    ran = []
+    monkeypatch.setattr("peft.finetune.suite.run", lambda opts: ran.append(opts))
+    run_suite(o)
+    assert ran == []  # every grid point and the final run were finished: nothing runs again
+    with pytest.raises(OptionsError, match="not an option that can be swept"):
+        run_suite(SuiteOptions(**{**o.__dict__, "sweep": ["colour=red"]}))
+    with pytest.raises(OptionsError, match="must be a float"):
+        run_suite(SuiteOptions(**{**o.__dict__, "sweep": ["lr=fast"]}))

@@ -1,10 +1,12 @@
 """The fine-tuning engine behind ``tools/finetune.py`` (and ``vit-peft finetune``), one job per file.
 
-``options`` (what a run is told), ``data`` (splits on the device), ``build`` (the starting model), ``optim``
-(decay groups and schedule), ``trainer`` (the loop, selection on validation, the final test), ``checkpoint``
+``options`` (what a run is told), ``recipes`` (each method's official run as data), ``data`` (splits on the
+device), ``build`` (the starting model), ``optim`` (optimizer, decay groups, the learning rate of every step),
+``trainer`` (the loop, selection on validation, the final test), ``checkpoint``
 (small, safe checkpoints and rebuilding a model from one), ``distributed`` (torchrun, devices, precision),
 ``predict`` (probabilities, re-evaluation of a saved run, files), ``metrics`` / ``report`` / ``plots`` (the
-evaluation files), ``quickstart`` (the offline demonstration).
+evaluation files), ``suite`` / ``sweep`` (benchmark suites, hyper-parameters chosen on validation),
+``quickstart`` (the offline demonstration).
 
     from peft.finetune import FinetuneOptions, run     # `vit_peft.finetune` when installed
     metrics = run(FinetuneOptions(mode="rlrr", data="cifar10", epochs=5))

@@ -14,7 +14,6 @@ environment pins, ``environment.yaml``).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 from loaders.datasets.fgvc import FGVC_SETS
@@ -198,7 +197,7 @@ def apply_recipe(opts: FinetuneOptions) -> FinetuneOptions:
     """The options with ``--recipe``'s values filled in; explicit options win. ``project`` changes nothing.
 
     When ``--epochs`` is given explicitly (a shorter rehearsal), the recipe's warmup and cooldown epochs shrink
-    in proportion, so the run keeps the schedule's shape."""
+    in proportion (rounded to whole epochs), so the run keeps the schedule's shape."""
     if opts.recipe == "project":
         return opts
     if opts.recipe not in RECIPE_TABLE:
@@ -214,7 +213,7 @@ def apply_recipe(opts: FinetuneOptions) -> FinetuneOptions:
         ratio = opts.epochs / settings["epochs"]
         for key in ("warmup_epochs", "cooldown_epochs"):
             if key in changes:
-                changes[key] = math.floor(settings[key] * ratio)
+                changes[key] = round(settings[key] * ratio)
     method_options = {**{k: v for k, v in recipe.method_options.items() if opts.mode == recipe.method},
                       **opts.method_options}
     return dataclasses.replace(opts, **changes, method_options=method_options)

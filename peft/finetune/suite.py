@@ -36,7 +36,7 @@ from loaders.datasets.vtab import GROUPS, REHEARSAL_TASKS, VTAB_TASKS, task_info
 from ..modes import MODES
 from . import sweep as sweeps
 from .options import RECIPES, FinetuneOptions, OptionsError
-from .recipes import METHOD_RECIPES
+from .recipes import METHOD_RECIPES, RECIPE_TABLE
 from .trainer import run
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class SuiteOptions:
     image_size: int = 0  # 0: the recipe's (224)
     batch_size: int = 0  # 0: the recipe's (32)
     max_train_samples: int = 0  # 0: every image of the training list
+    precision: str = ""  # "": the recipe's (official runs: fp16) | auto | bf16 | fp16 | fp32 (e.g. fp32 on a CPU)
     rehearsal: bool = False  # the offline rehearsal: Fashion-MNIST cut VTAB-style into --data-root (tasks: fmnist_*)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads (0: torch's default)
@@ -106,9 +107,12 @@ def make_rehearsal(root: Path, data_root=None) -> list[str]:
 
 
 def recipe_for(o: SuiteOptions, mode: str) -> str:
-    """The recipe a mode runs under: ``official`` picks the method's own (else rlrr-official's protocol)."""
+    """The recipe a mode runs under: ``official`` picks the method's own where it covers the benchmark, else
+    rlrr-official's protocol at the method's own learning rate."""
     if o.recipe == "official":
-        return METHOD_RECIPES.get(mode, "rlrr-official")
+        name = METHOD_RECIPES.get(mode)
+        kind = "fgvc" if o.suite == "fgvc" else "vtab-1k"
+        return name if name and kind in RECIPE_TABLE[name].benchmarks else "rlrr-official"
     return o.recipe
 
 
@@ -120,7 +124,7 @@ def run_options(o: SuiteOptions, task: str, mode: str, seed: int, out: Path, poi
     kw = dict(mode=mode, weights=o.weights, data=data, data_root=o.data_root or None, protocol=protocol or o.protocol,
               recipe=recipe_for(o, mode), seed=seed, device=o.device, threads=o.threads or None, progress=o.progress,
               output_dir=str(out), resume=(out / "checkpoint.pt").is_file())
-    for field in ("epochs", "image_size", "batch_size", "max_train_samples"):
+    for field in ("epochs", "image_size", "batch_size", "max_train_samples", "precision"):
         if getattr(o, field):
             kw[field] = getattr(o, field)
     kw = sweeps.apply_point(kw, point or {})

@@ -227,12 +227,12 @@ class Trainer:
         for batch in batches:
             n_global = batch.rows[2]
             stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+            lr = self.schedule(self.step)  # a pure function of the step: resumed runs continue on the same curve
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             # Every rank reads and augments only its contiguous slice of the global batch, drawing the randomness
             # of the whole batch from the shared generator, and splits it into --grad-accum micro-batches: whatever
             # the number of processes and micro-batches, the union is exactly the batch one process would see.
-            lr = self.schedule(self.step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
             images = self.train_tf(batch.images, self.generators["augment"], batch.sizes, batch.rows)
             labels = batch.labels
             chunks = list(zip(images.tensor_split(opts.grad_accum), labels.tensor_split(opts.grad_accum)))
