@@ -84,6 +84,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as e:  # name the file being written, not the temporary one (disk full, read-only, ...)
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

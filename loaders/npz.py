@@ -265,6 +265,8 @@ def save_npz(model: VisionTransformer, path, naming: str = "pre-linen") -> Path:
     params = model_to_params(model, naming)
     if not path.parent.is_dir():
         raise CheckpointError(f"cannot save {path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"cannot save {path}: it is a folder; give a file name such as {path / 'model.npz'}")
     with atomic_write(path) as f:
         np.savez(f, **params)
     return path

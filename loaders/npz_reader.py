@@ -135,6 +135,9 @@ class NpzArchive:
         if dtype.hasobject:
             raise CheckpointError(f"{self.path}: array {key!r} cannot be read without pickle (dtype {dtype}; "
                                   "refused)")
+        if dtype.kind not in "fiub" or dtype.itemsize > 8:  # what torch holds: floats, ints, bools up to 64 bits
+            raise CheckpointError(f"{self.path}: array {key!r} has dtype {dtype.name} ({dtype.str}), which a model "
+                                  "parameter cannot hold; re-save it as float32")
         if any((not isinstance(d, int)) or d < 0 for d in shape):
             raise CheckpointError(f"{self.path}: array {key!r} declares an invalid shape {shape}")
         return ArrayInfo(tuple(shape), dtype), fortran
@@ -179,6 +182,8 @@ class NpzArchive:
                                   "download the file again") from e
         if got != len(view):
             raise CheckpointError(f"{self.path}: array {key!r} is truncated ({got:,} of {len(view):,} bytes)")
+        if not array.dtype.isnative:  # big-endian writers exist: the same numbers in this machine's byte order
+            array = array.astype(array.dtype.newbyteorder("="))
         return array.T if fortran else array
 
     def close(self) -> None:

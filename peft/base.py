@@ -25,6 +25,11 @@ class NotMergeableError(TypeError):
     """The adapter adds computation that no plain layer can hold (e.g. VPT's extra tokens)."""
 
 
+class AdapterStateError(ValueError):
+    """A saved adapter state that does not fit the model (keys, shapes) or holds unusable values; the message
+    names the keys."""
+
+
 class Adapter:
     """Mixin marking an adapter module. Subclasses set ADAPTER_PARAMS and implement :meth:`merge`."""
 

@@ -21,16 +21,9 @@ from .functional import _acc_dtype, rlrr_scale_grads, rlrr_weight
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the GEMMs run in: the autocast dtype when autocast is on for x's device, else x's dtype."""
     device_type = x.device.type
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 has no device argument
-        enabled = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
-    if not enabled or not x.is_floating_point() or x.dtype == torch.float64:
+    if not torch.is_autocast_enabled(device_type) or not x.is_floating_point() or x.dtype == torch.float64:
         return x.dtype
-    try:
-        return torch.get_autocast_dtype(device_type)
-    except AttributeError:  # torch < 2.4
-        return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+    return torch.get_autocast_dtype(device_type)
 
 
 def _autocast_off(device_type: str):

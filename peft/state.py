@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, replace_module
+from .base import Adapter, AdapterStateError, replace_module
 
 
 @torch.no_grad()
@@ -40,7 +40,17 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def check_state_fits(params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], what: str) -> None:
-    """Raise a ValueError listing missing keys, unexpected keys and shape mismatches of ``saved`` vs ``params``."""
+    """Raise :class:`AdapterStateError` listing missing keys, unexpected keys and shape mismatches of ``saved``
+    vs ``params``, or naming a value that is not a tensor or not finite."""
+    if not isinstance(saved, dict):
+        raise AdapterStateError(f"adapter state for {what} is a {type(saved).__name__}, not a dict of tensors")
+    bad = next((k for k, v in saved.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise AdapterStateError(f"adapter state key {bad!r} holds a {type(saved[bad]).__name__}, not a tensor")
+    bad = next((k for k, v in saved.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise AdapterStateError(f"adapter state key {bad!r} holds non-finite values (nan or inf): the run that "
+                                "saved it diverged, or the file is damaged")
     missing = sorted(set(params) - set(saved))
     unexpected = sorted(set(saved) - set(params))
     wrong = [f"{n}: checkpoint {tuple(saved[n].shape)} vs model {tuple(params[n].shape)}"
@@ -53,7 +63,7 @@ def check_state_fits(params: dict[str, torch.Tensor], saved: dict[str, torch.Ten
             parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
         if wrong:
             parts.append(f"shape mismatches ({len(wrong)}): {'; '.join(wrong)}")
-        raise ValueError(f"adapter state does not fit {what} (apply the same mode and options first): "
+        raise AdapterStateError(f"adapter state does not fit {what} (apply the same mode and options first): "
                          + " | ".join(parts))
 
 

@@ -259,7 +259,7 @@ def test_several_adapter_checkpoints_share_one_backbone_in_evaluate_and_predict(
     for r in results:  # each task, on its own data, scores what its own run reported
         assert r["test_accuracy"] == pytest.approx(runs[r["task"]]["test_accuracy"], abs=1e-12), r["task"]
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "shoe.png")
-    assert predict_cli.main([str(tmp_path / "shoe.png"), "--checkpoint", str(tmp_path / "lora"),
-                             str(tmp_path / "vpt")]) == 0
+    assert predict_cli.main(["--checkpoint", str(tmp_path / "lora"), "--checkpoint", str(tmp_path / "vpt"),
+                             str(tmp_path / "shoe.png")]) == 0  # images after the flags: unambiguous
     out = capsys.readouterr().out
     assert "== lora (lora, 5 classes)" in out and "== vpt (vpt, 5 classes)" in out

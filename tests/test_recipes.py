@@ -441,3 +441,19 @@ def test_fgvc_final_trains_on_trainval_with_the_official_crops(weights, tmp_path
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["splits"] == {"train": "trainval", "val": None, "test": "test"} and metrics["num_train"] == 240
     assert metrics["test_accuracy_official"] is not None and len(metrics["lr_per_step"]) == 2 * 8
+
+
+def test_an_interrupted_recipe_run_resumes_onto_the_same_steps(weights, tmp_path):
+    root = tmp_path / "vtab"
+    write_vtab_tree(root, "dtd", 47, sizes=(12, 6, 10))
+    base = ["--recipe", "rlrr-official", "--data", "vtab-1k:dtd", "--data-root", str(root), "--weights", str(weights),
+            "--image-size", "32", "--batch-size", "8", "--epochs", "6", "--device", "cpu", "--no-progress",
+            "--threads", "1", "--precision", "fp32"]
+    assert finetune_cli.cli(base + ["--output-dir", str(tmp_path / "whole")]) == 0
+    assert finetune_cli.cli(base + ["--output-dir", str(tmp_path / "cut"), "--stop-after-epoch", "3"]) == 0
+    assert finetune_cli.cli(base + ["--output-dir", str(tmp_path / "cut"), "--resume"]) == 0
+    whole, cut = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "cut"))
+    assert whole["lr_per_step"] == cut["lr_per_step"] and len(whole["lr_per_step"]) == 18
+    assert whole["test_accuracy_official"] == cut["test_accuracy_official"]
+    a, b = (ckpt_io.load_checkpoint(tmp_path / d / "best.pt")["state_dict"] for d in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise the same run

@@ -8,6 +8,10 @@
 #      achieved TFLOP/s against the FLOP model; JSON, PNG and the markdown table the README shows.
 # Usage: bash tools/gpu_check.sh [OUTPUT_DIR] (default runs/gpu_check). Exits non-zero at the first failure.
 set -euo pipefail
+case "${1:-}" in
+  -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -*) echo "gpu_check.sh: unknown option $1 (usage: bash tools/gpu_check.sh [OUTPUT_DIR])" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-runs/gpu_check}}"
 mkdir -p "$out"

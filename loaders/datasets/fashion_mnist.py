@@ -8,6 +8,7 @@ Debian's recompressed .gz files both pass.
 from __future__ import annotations
 
 import hashlib
+import math
 import zlib
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def parse_idx(data: bytes, source: str = "idx data", ndim: int | None = None) ->
     if len(data) < header:
         raise DatasetError(f"{source}: truncated idx header ({len(data)} bytes, need {header})")
     dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=n, offset=4))
-    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = header + math.prod(dims) * dtype.itemsize  # Python ints: no overflow however large the dims
     if len(data) != expected:
         raise DatasetError(f"{source}: idx size mismatch: dims {dims} need {expected} bytes, file has {len(data)} "
                            f"({'truncated' if len(data) < expected else 'trailing data'})")

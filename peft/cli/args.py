@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import inspect
 import logging
 import re
@@ -20,7 +21,7 @@ from loaders.datasets import DatasetError
 from loaders.download import DownloadError
 from loaders.npz import CheckpointError
 
-from ..base import NotMergeableError
+from ..base import AdapterStateError, NotMergeableError
 from ..finetune import CheckpointMismatch, OptionsError, TrainingDiverged
 from ..finetune.rundir import RunFolderBusy
 from ..kernels import KernelUnavailableError
@@ -72,7 +73,8 @@ def build_parser(cls, description: str | None = None, epilog: str | None = None,
         optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
         if optional:
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        help_text = helps.get(f.name, "") + ("" if f.default is None else " (default: %(default)s)")
+        help_text = helps.get(f.name, "") + ("" if f.default is None or f.name in positional
+                                              else " (default: %(default)s)")
         choices = getattr(cls, "CHOICES", {}).get(f.name)
         if f.name in positional:
             parser.add_argument(f.name, type=kind, help=help_text)
@@ -127,7 +129,23 @@ def given_flags(parser: argparse.ArgumentParser, argv=None) -> set[str]:
 
 # Errors whose message says all (missing files, failed downloads, mismatched checkpoints, divergence).
 EXPECTED_ERRORS = (TrainingDiverged, CheckpointMismatch, CheckpointError, DatasetError, DownloadError,
-                   FileNotFoundError, NotMergeableError, KernelUnavailableError, RunFolderBusy)
+                   FileNotFoundError, NotMergeableError, AdapterStateError, KernelUnavailableError, RunFolderBusy)
+
+
+# Faults of the file system a run writes to: one line naming the path, exit 1 (files written earlier stay as they
+# were: every checkpoint and report is written to a temporary file and renamed).
+OUTPUT_FAULTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                 errno.EPERM: "operation not permitted", errno.EISDIR: "it is a folder",
+                 errno.ENOTDIR: "a part of the path is not a folder", errno.EIO: "an input/output error"}
+
+
+def describe_os_error(e: OSError) -> str | None:
+    """One line for a file-system fault (None for other OSErrors)."""
+    if e.errno not in OUTPUT_FAULTS:
+        return None
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{OUTPUT_FAULTS[e.errno]} ({e.strerror or 'errno ' + str(e.errno)}); files written earlier are unchanged"
 
 
 def run_main(main, argv=None, name: str = "vit-peft") -> int:
@@ -141,6 +159,12 @@ def run_main(main, argv=None, name: str = "vit-peft") -> int:
         return USAGE_ERROR
     except EXPECTED_ERRORS as e:
         print(f"{name}: error: {e}", file=sys.stderr)
+        return RUNTIME_ERROR
+    except OSError as e:
+        line = describe_os_error(e)
+        if line is None:
+            raise
+        print(f"{name}: error: {line}", file=sys.stderr)
         return RUNTIME_ERROR
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)

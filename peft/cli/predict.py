@@ -17,7 +17,7 @@ from .args import Parser, run_main
 EXAMPLES = """examples:
   python tools/predict.py cat.png dog.jpg --checkpoint runs/cifar10-rlrr
   python tools/predict.py shoe.png --checkpoint runs/quickstart/rlrr/best.pt --top-k 3
-  python tools/predict.py shoe.png --checkpoint runs/quickstart/rlrr runs/quickstart/lora   # one backbone
+  python tools/predict.py shoe.png --checkpoint runs/quickstart/rlrr --checkpoint runs/quickstart/lora  # one backbone
   python tools/predict.py --data ~/new-photos --checkpoint runs/my-photos   # a folder, through the decode cache
 """
 
@@ -26,9 +26,10 @@ def main(argv=None) -> int:
     p = Parser(prog="predict", description=__doc__, epilog=EXAMPLES)
     p.add_argument("images", nargs="*", help="image files (any format PIL reads; resized like evaluation)")
     p.add_argument("--data", default=None, help="a folder: every image under it, decoded once into the cache")
-    p.add_argument("--checkpoint", required=True, nargs="+",
-                   help="a checkpoint file or a run folder (its best.pt); several adapter checkpoints of one base "
-                        "share one backbone in memory and each reports its own top classes")
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="a checkpoint file or a run folder (its best.pt); repeat the flag for several adapter "
+                        "checkpoints of one base: they share one backbone in memory and each reports its own top "
+                        "classes (images may come before or after)")
     p.add_argument("--weights", default=None, help="base .npz if it moved since training (sha256 must match)")
     p.add_argument("--top-k", type=int, default=5, help="classes to print per image (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")

@@ -18,7 +18,7 @@ def default_checkpoint() -> Path:
     if not path.is_file():
         raise FileNotFoundError(
             f"no --checkpoint given and the default ViT-B/16 weights are not at {path}. Download them (about "
-            "330 MB) with: python -c \"import loaders; loaders.fetch_weights('ViT-B_16')\"; or put the file "
+            "413 MB) with: python -c \"import loaders; loaders.fetch_weights('ViT-B_16')\"; or put the file "
             "there by hand (VIT_PEFT_CACHE picks another folder), or pass --checkpoint PATH (a Google .npz or "
             "a fine-tuning checkpoint .pt / run folder)")
     return path

@@ -10,6 +10,7 @@ official run for VTAB-1k and FGVC instead (``peft.finetune.recipes``). Each fiel
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ import torch
 from loaders.datasets import parse_class_spec
 from loaders.datasets.fgvc import FGVC_SETS
 from loaders.datasets.vtab import task_info
-from vit.config import GELU_KINDS
+from loaders.npz import CheckpointError, NpzArchive, infer_config
+from vit.config import GELU_KINDS, get_config
 from vit.model import RESIZE_METHODS
 
 from ..modes import MODES, get_method
@@ -40,7 +42,8 @@ class FinetuneOptions:
     CHOICES: typing.ClassVar[dict] = {"mode": MODES, "precision": PRECISIONS, "pos_embed_resize": RESIZE_METHODS,
                                       "protocol": PROTOCOLS, "decay_groups": DECAY_GROUPS, "recipe": RECIPES,
                                       "drop_path_mode": ("sample", "element"), "gelu": GELU_KINDS,
-                                      "schedule": SCHEDULES, "optimizer": OPTIMIZERS, "normalise": NORMALISATIONS}
+                                      "schedule": SCHEDULES, "optimizer": OPTIMIZERS, "normalise": NORMALISATIONS,
+                                      "kernel": ("auto", "cuda", "torch")}
     mode: str = "rlrr"  # what trains: one of the registered methods (peft/modes.py)
     weights: str = "ViT-B_16"  # base weights: a .npz path, a known name (downloaded once, cached), or none
     model: str = "ViT-B/16"  # model preset for --weights none (training from scratch); else the .npz decides
@@ -89,6 +92,8 @@ class FinetuneOptions:
     official_test_from: int = 0  # also test after epochs from this one (1-based, every --official-test-every) and report the maximum as the official code does (0: never)
     official_test_every: int = 1  # with --official-test-from: test every this many epochs (and after the last)
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp16 (with GradScaler) | fp32
+    kernel: typing.Optional[str] = None  # RLRR path: auto (fused CUDA kernel when it builds) | cuda (the kernel or an error) | torch (default: $VIT_PEFT_KERNEL, else auto)
+    compile: bool = False  # torch.compile the training forward and backward (the RLRR kernel stays one opaque op)
     seed: int = 42  # seeds every random stream (the official recipe uses 42)
     device: str = "auto"  # auto | cpu | cuda | cuda:1 (under torchrun each process takes GPU LOCAL_RANK)
     threads: typing.Optional[int] = None  # CPU threads for torch (default: torch's choice)
@@ -158,7 +163,7 @@ class OptionsError(ValueError):
 # results are shown. Everything else (lr, batch size, schedule, seed, data, mode and its options, ...) alters
 # the optimisation, and a resume that changes it is refused, naming the options.
 RESUMABLE = ("epochs", "resume", "overwrite", "stop_after_epoch", "export_npz", "progress", "device", "threads",
-             "eval_batch_size", "output_dir", "workers", "strict_data", "explicit")
+             "eval_batch_size", "output_dir", "workers", "strict_data", "explicit", "kernel", "compile")
 
 
 def changed_options(stored: dict, opts: "FinetuneOptions") -> list[str]:
@@ -182,7 +187,54 @@ def _device_problem(name: str) -> str | None:
     return None
 
 
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes 64-bit values and the run seeds seed + 1
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_numbers(opts: FinetuneOptions) -> None:
+    """Every float option finite (inf and nan cannot train, nor end a schedule); the seed in the generators' range."""
+    for f in dataclasses.fields(opts):
+        value = getattr(opts, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OptionsError(f"{_flag(f.name)} must be a finite number, got {value}")
+    for key, value in opts.method_options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OptionsError(f"{_flag(key)} must be a finite number, got {value}")
+    if not 0 <= opts.seed < SEED_LIMIT:
+        raise OptionsError(f"--seed must be in [0, 2**63), got {opts.seed}")
+
+
+def _check_architecture(opts: FinetuneOptions) -> None:
+    """--image-size against the patch size, before anything is loaded: the preset's (--weights none) or the one in
+    the .npz header (a local file; a known name is checked once it is downloaded)."""
+    if not opts.image_size:
+        return
+    if opts.from_scratch:
+        try:
+            patch = get_config(opts.model).patch_size
+        except KeyError as e:
+            raise OptionsError(f"--model {opts.model!r}: {e.args[0]}") from None
+        source = f"--model {opts.model}"
+    else:
+        path = Path(opts.weights).expanduser()
+        if not path.is_file():
+            return
+        try:
+            with NpzArchive(path) as archive:
+                patch = infer_config(archive, str(path)).patch_size
+        except CheckpointError:
+            return  # the loader reports a bad file with its own one-line message
+        source = f"--weights {path.name}"
+    if opts.image_size % patch:
+        raise OptionsError(f"--image-size {opts.image_size} is not a multiple of the patch size {patch} of {source}; "
+                           f"use e.g. {max(patch, opts.image_size // patch * patch)}")
+
+
 def check_options(opts: FinetuneOptions) -> None:
+    _check_numbers(opts)
     if opts.mode not in MODES:
         raise OptionsError(f"--mode {opts.mode!r}: choose one of {', '.join(MODES)}")
     if opts.from_scratch and opts.mode != "full":
@@ -230,6 +282,9 @@ def check_options(opts: FinetuneOptions) -> None:
     problem = _device_problem(opts.device)
     if problem:
         raise OptionsError(problem)
+    if opts.kernel == "cuda" and (opts.device == "cpu" or not torch.cuda.is_available()):
+        raise OptionsError("--kernel cuda runs the fused RLRR kernel, which needs a CUDA device; use --kernel auto "
+                           "or torch here")
     if opts.classes:
         try:
             parse_class_spec(opts.classes, range(1 << 30))  # indices only: the dataset checks its own range
@@ -254,6 +309,7 @@ def check_options(opts: FinetuneOptions) -> None:
             raise OptionsError(f"{flag} must be at least 1, got {value}")
     if opts.precision not in PRECISIONS:
         raise OptionsError(f"--precision {opts.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    _check_architecture(opts)
     method = get_method(opts.mode)
     foreign = sorted(set(opts.method_options) - set(method.options))
     if foreign:

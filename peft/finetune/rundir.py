@@ -35,6 +35,7 @@ class RunFolder:
 
     def __init__(self, out: Path, resume: bool, overwrite: bool):
         self.out = Path(out)
+        self.created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         self._file = open(self.out / LOCK_NAME, "a+")
         if fcntl is not None:
@@ -63,7 +64,17 @@ class RunFolder:
         (self.out / "metrics.json").unlink(missing_ok=True)  # rewritten at the end of this run
 
     def release(self) -> None:
+        """Free the folder. A run that wrote nothing there (it failed before its first file) leaves no trace: the
+        lock file goes, and the folder too if this run created it."""
         if not self._file.closed:
+            ran = self.out.is_dir() and any((self.out / n).exists() for n in RUN_FILES)
+            if not ran:
+                (self.out / LOCK_NAME).unlink(missing_ok=True)  # still holding the lock: nobody else is inside
             if fcntl is not None:
                 fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
+            if not ran and self.created:
+                try:
+                    self.out.rmdir()  # only if empty
+                except OSError:
+                    pass

@@ -86,6 +86,7 @@ class Trainer:
         self.out = Path(opts.output_dir)
         if opts.threads:
             torch.set_num_threads(opts.threads)
+        kernels.set_backend(opts.kernel)  # None: $VIT_PEFT_KERNEL, else auto
 
     # -- building ------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -114,8 +115,10 @@ class Trainer:
         log.info("mode %s%s: %d modules given adapters", opts.mode,
                  f" {self.mode_options}" if self.mode_options else "", len(changed))
         self.model.to(ctx.device)
+        self.rlrr_path = None
         if any(isinstance(m, RLRRLinear) and m.impl == "function" for m in self.model.modules()):
-            log.info("RLRR layers run on the %s", kernels.describe(ctx.device))  # once, with the reason
+            self.rlrr_path = kernels.describe(ctx.device)
+            log.info("RLRR layers run on the %s", self.rlrr_path)  # once, with the reason
         self.trainable, self.total = state.trainable_parameters(self.model)
         log.info("trainable parameters: %s of %s (%.3f%%)", f"{self.trainable:,}", f"{self.total:,}",
                  100 * self.trainable / self.total)
@@ -136,12 +139,15 @@ class Trainer:
         self.train_seconds, self.train_images = 0.0, 0
         if opts.resume:
             self.resume()
-        self.ddp = self.model
+        self.ddp = self.forward = self.model
         if ctx.distributed:
             # Frozen parameters are not part of DDP's reducer; every trainable one is used in each forward.
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                 find_unused_parameters=False)
+            self.forward = self.ddp
+        if opts.compile:  # the step's forward and backward; evaluation runs the plain model
+            self.forward = torch.compile(self.ddp)
 
     def input_size(self, weights) -> int:
         """The model's input resolution, before the model is built (it sets a folder's stored resolution)."""
@@ -241,7 +247,7 @@ class Trainer:
                 with contextlib.nullcontext() if sync else self.ddp.no_sync():
                     with torch.autocast(ctx.device.type, dtype=self.amp_dtype or torch.float32,
                                         enabled=self.amp_dtype is not None):
-                        logits = self.ddp(x)
+                        logits = self.forward(x)
                     loss_sum = compute_loss(logits, y, opts.label_smoothing)
                     # DDP averages over ranks; × world / n_global makes that the mean over the global batch.
                     self.scaler.scale(loss_sum * (ctx.world_size / n_global)).backward()
@@ -384,7 +390,7 @@ class Trainer:
             "num_train": len(self.data.train), "num_val": len(self.data.val),
             "num_test": len(self.data.test), "device": str(ctx.device),
             "skipped_files": len(self.data.skipped),
-            "lr_per_step": self.lr_per_step,
+            "lr_per_step": self.lr_per_step, "rlrr_path": self.rlrr_path, "compiled": self.opts.compile,
         }
         official = [r["test_accuracy_each_epoch"] for r in self.history if "test_accuracy_each_epoch" in r]
         if official:  # the maximum over per-epoch test evaluations: the official loops' number, test-selected
@@ -422,5 +428,5 @@ def run(opts: FinetuneOptions, ctx: pdist.DistContext | None = None) -> dict:
     finally:
         # The DDP wrapper's reducer holds the process group: drop it first, or destroying the group can wait
         # forever for a peer that has already exited (a Gloo thread join in the reducer's destructor).
-        trainer.ddp = None
+        trainer.ddp = trainer.forward = None
         pdist.cleanup(trainer.ctx)

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from ..functional import rlrr_scale_grads, rlrr_weight as reference_weight
+from . import preflight
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,10 @@ def load_extension():
             raise KernelUnavailableError(_failure)
         if not torch.cuda.is_available():
             raise KernelUnavailableError("the RLRR CUDA kernel needs a CUDA device and none is available")
+        problem = preflight.build_problem()
+        if problem is not None:  # say what is missing instead of a compiler log
+            _failure = f"the RLRR CUDA kernel cannot be built here: {problem}"
+            raise KernelUnavailableError(_failure)
         try:
             from torch.utils.cpp_extension import load  # needs a compiler and ninja: only on first use
 
@@ -268,8 +273,7 @@ def use_kernel(x_device: str, weight_device: str, rank: int, dtype: torch.dtype,
     return True
 
 
-if hasattr(torch, "compiler") and hasattr(torch.compiler, "assume_constant_result"):
-    use_kernel = torch.compiler.assume_constant_result(use_kernel)
+use_kernel = torch.compiler.assume_constant_result(use_kernel)
 
 
 # ── the kernels as torch.library custom ops: opaque to torch.compile, with shape-only fake implementations ──
