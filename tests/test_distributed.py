@@ -1,6 +1,8 @@
 """Two CPU processes (Gloo on loopback) train exactly what one process trains with the same global batch."""
 
+import faulthandler
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -36,21 +38,45 @@ def _options(out: Path, **kw) -> training.FinetuneOptions:
 def _worker(rank: int, world: int, port: int, out: str, kw: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    stacks = open(Path(out).parent / f"stacks-{Path(out).name}-rank{rank}.txt", "w")  # noqa: SIM115 (lives on)
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)  # what a stuck worker is doing
     torch.set_num_threads(1)
     training.run(_options(Path(out), **kw))
 
 
+def _stuck_worker(rank: int, world: int, port: int, out: str, kw: dict) -> None:
+    stacks = open(Path(out).parent / f"stacks-{Path(out).name}-rank{rank}.txt", "w")  # noqa: SIM115
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+    time.sleep(3600)  # a worker that never finishes (as one stuck in a collective would)
+
+
+def test_a_stuck_worker_fails_the_test_with_its_stack_instead_of_hanging(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)still running after 20 s.*_stuck_worker"):
+        _spawn_with_timeout(_stuck_worker, (2, 0, str(tmp_path / "stuck"), {}), nprocs=2, timeout=20)
+    assert time.monotonic() - start < 60
+
+
 def _spawn_with_timeout(fn, args, nprocs: int, timeout: float) -> None:
-    """mp.spawn that cannot hang the suite: workers still alive after ``timeout`` seconds are killed and the
-    test fails, naming them."""
+    """mp.spawn that cannot hang the suite: workers still alive after ``timeout`` seconds dump their Python stacks
+    (SIGUSR1 → faulthandler), are killed, and the test fails with those stacks."""
     ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
-            alive = [p.pid for p in ctx.processes if p.is_alive()]
+            alive = [(rank, p) for rank, p in enumerate(ctx.processes) if p.is_alive()]
+            for _, p in alive:
+                os.kill(p.pid, signal.SIGUSR1)
+            time.sleep(2)
             for p in ctx.processes:
                 p.kill()
-            pytest.fail(f"distributed workers {alive} still running after {timeout:.0f} s: killed")
+            out = Path(args[2])
+            stacks = "\n".join(f"rank {rank} (pid {p.pid}):\n" + (out.parent / f"stacks-{out.name}-rank{rank}.txt")
+                               .read_text()[-3000:] for rank, p in alive
+                               if (out.parent / f"stacks-{out.name}-rank{rank}.txt").exists())
+            pytest.fail(f"distributed workers {[p.pid for _, p in alive]} still running after {timeout:.0f} s: "
+                        f"killed. Their stacks:\n{stacks}")
 
 
 def _free_port() -> int:
