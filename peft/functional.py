@@ -24,6 +24,11 @@ import torch
 import torch.nn.functional as F
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it already has it (the RLRR layers do this ~20 times per step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """At least float32 (float64 stays float64): where sums and the scale matrix are formed."""
     out = torch.float32
@@ -36,16 +41,16 @@ def rlrr_weight(weight: torch.Tensor, s_out: torch.Tensor, s_in: torch.Tensor,
                 dtype: torch.dtype | None = None) -> torch.Tensor:
     """W ⊙ (1 + S_out S_in), formed in float32 (or float64) and returned in ``dtype`` (default: W's)."""
     acc = _acc_dtype(weight.dtype, s_out.dtype, s_in.dtype)
-    scaled = torch.mm(s_out.to(acc), s_in.to(acc)).add_(1.0).mul_(weight.to(acc))  # one out×in temporary
-    return scaled.to(dtype or weight.dtype)
+    scaled = torch.mm(_as(s_out, acc), _as(s_in, acc)).add_(1.0).mul_(_as(weight, acc))  # one out×in temporary
+    return _as(scaled, dtype or weight.dtype)
 
 
 def rlrr_scale_grads(grad_weight: torch.Tensor, weight: torch.Tensor, s_out: torch.Tensor,
                      s_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(∂s_out, ∂s_in) = ((G ⊙ W) S_inᵀ, S_outᵀ (G ⊙ W)), accumulated in float32 (or float64)."""
     acc = _acc_dtype(grad_weight.dtype, weight.dtype, s_out.dtype)
-    gw = grad_weight.to(acc) * weight.to(acc)  # (out, in)
-    return gw @ s_in.to(acc).t(), s_out.to(acc).t() @ gw
+    gw = _as(grad_weight, acc) * _as(weight, acc)  # (out, in)
+    return gw @ _as(s_in, acc).t(), _as(s_out, acc).t() @ gw
 
 
 def official_rlrr_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s_out: torch.Tensor,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .functional import _acc_dtype, rlrr_scale_grads, rlrr_weight
+from .functional import _acc_dtype, _as, rlrr_scale_grads, rlrr_weight
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -27,7 +27,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _autocast_off(device_type: str):
-    """A context with autocast disabled for ``device_type`` (a no-op where autocast does not exist)."""
+    """A context with autocast disabled for ``device_type`` (nothing to enter when it is off already: a context
+    per layer and step costs more than the layer's own arithmetic at small sizes)."""
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
     try:
         return torch.autocast(device_type, enabled=False)
     except RuntimeError:
@@ -73,12 +76,12 @@ class RLRRLinearFunction(torch.autograd.Function):
         dtype = _compute_dtype(x)
         fused = kernels.use_kernel(x.device.type, weight.device.type, s_out.shape[1], dtype, weight.dtype)
         with _autocast_off(x.device.type):
-            xc = x.to(dtype)  # no copy when x already has the compute dtype
+            xc = _as(x, dtype)
             build = kernels.rlrr_weight if fused else rlrr_weight
             w_eff = cache.get(weight, s_out, s_in, dtype, build) if memory == "reuse" else build(
                 weight, s_out, s_in, dtype)
-            b_eff = f.to(_acc_dtype(f.dtype)) if bias is None else bias.to(_acc_dtype(bias.dtype)) + f
-            y = F.linear(xc, w_eff, b_eff.to(dtype))
+            b_eff = _as(f, _acc_dtype(f.dtype)) if bias is None else _as(bias, _acc_dtype(bias.dtype)) + f
+            y = F.linear(xc, w_eff, _as(b_eff, dtype))
         if memory == "rebuild":
             ctx.save_for_backward(xc, weight, s_out, s_in)  # not w_eff: it is rebuilt in backward
         else:
@@ -100,14 +103,14 @@ class RLRRLinearFunction(torch.autograd.Function):
         dtype = xc.dtype
         grad_x = grad_w = grad_b = grad_so = grad_si = grad_f = None
         with _autocast_off(grad_y.device.type):
-            dy = grad_y.to(dtype)
+            dy = _as(grad_y, dtype)
             if need_x:
                 if kept and not torch.is_grad_enabled():  # a graph of the backward needs the differentiable build
                     w_eff = kept[0]
                 else:
                     build = kernels.rlrr_weight if fused else rlrr_weight
                     w_eff = build(weight, s_out, s_in, dtype)
-                grad_x = (dy @ w_eff).to(ctx.x_dtype)  # (..., in)
+                grad_x = _as(dy @ w_eff, ctx.x_dtype)  # (..., in)
                 del w_eff
             if need_w or need_so or need_si:
                 dy2 = dy.reshape(-1, dy.shape[-1])  # (M, out)
@@ -118,16 +121,16 @@ class RLRRLinearFunction(torch.autograd.Function):
                         grad_so, grad_si = kernels.rlrr_grad_scales(g, weight, s_out, s_in)
                     else:
                         grad_so, grad_si = rlrr_scale_grads(g, weight, s_out, s_in)
-                    grad_so = grad_so.to(s_out.dtype) if need_so else None
-                    grad_si = grad_si.to(s_in.dtype) if need_si else None
+                    grad_so = _as(grad_so, s_out.dtype) if need_so else None
+                    grad_si = _as(grad_si, s_in.dtype) if need_si else None
                 if need_w:  # only when someone unfreezes W: ∂L/∂W = G ⊙ (1 + S_out S_in)
                     acc = _acc_dtype(g.dtype, s_out.dtype)
                     grad_w = (g.to(acc) * torch.mm(s_out.to(acc), s_in.to(acc)).add_(1.0)).to(weight.dtype)
                 del g
             if need_b or need_f:
                 db = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=_acc_dtype(dy.dtype))  # (out,)
-                grad_b = db.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
-                grad_f = db.to(ctx.f_dtype) if need_f else None
+                grad_b = _as(db, ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
+                grad_f = _as(db, ctx.f_dtype) if need_f else None
         return (grad_x, grad_w, grad_b, grad_so, grad_si, grad_f) + (None,) * ctx.n_options
 
 

@@ -194,6 +194,25 @@ def test_kernel_self_test_is_not_fooled_by_the_callers_autocast():
             kernels.self_test(_FakeExtension(grad_error=1e-4), device="cpu")
 
 
+def test_kernel_self_test_is_not_fooled_by_tf32(monkeypatch):
+    """TF32 (``torch.backends.cuda.matmul.allow_tf32``, ``set_float32_matmul_precision("high")``) rounds the inputs of
+    float32 matmuls to 10 mantissa bits. A self-test whose reference is a float32 matmul then rejects a correct
+    kernel (it did: ~1e-3 against 1e-5). Simulated on the CPU: float32 matmuls truncate their inputs as TF32 does."""
+    def tf32(t):
+        if t.dtype != torch.float32:
+            return t
+        return (t.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)  # keep 10 of 23 mantissa bits
+
+    real_mm, real_matmul = torch.mm, torch.Tensor.__matmul__
+    monkeypatch.setattr(torch, "mm", lambda a, b, **kw: real_mm(tf32(a), tf32(b), **kw))
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: real_matmul(tf32(a), tf32(b)))
+    a, b = torch.randn(67, 3), torch.randn(3, 131)
+    assert (torch.mm(a, b) - real_mm(a, b)).abs().max() > 1e-4  # the simulation bites
+    kernels.self_test(_FakeExtension(), device="cpu")  # references in float64: a correct kernel passes
+    with pytest.raises(kernels.SelfTestError):
+        kernels.self_test(_FakeExtension(grad_error=1e-4), device="cpu")  # and a wrong one still fails
+
+
 def test_failed_self_test_is_remembered_but_a_transient_error_is_not(monkeypatch):
     import torch.utils.cpp_extension as cpp
 

@@ -180,11 +180,17 @@ def run(opts: BenchmarkOptions) -> dict:
                  m.endswith("+compile") else 0), steps=steps, threads=opts.threads, clock=opts.cpu_clock)
             for b in batch_sizes for m in modes]
     results = []
+    out = Path(opts.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_file = out / "rows.jsonl"  # one line per finished measurement: a killed run keeps what it measured
+    rows_file.write_text("")
     if opts.interleave:
         for b in tqdm(batch_sizes, desc="benchmark (interleaved)", unit="batch size"):
             results += run_interleaved([j for j in jobs if j["batch_size"] == b])
     for spec in tqdm([] if opts.interleave else jobs, desc="benchmark", unit="run"):
         results.append(_run_job(spec, opts.isolate))
+        with open(rows_file, "a") as f:
+            f.write(json.dumps(results[-1]) + "\n")
     for r in results:
         if "skipped" in r or "error" in r:
             log.info("batch %d %s: %s", r["batch_size"], r["mode"], r.get("skipped") or r["error"])
@@ -195,8 +201,6 @@ def run(opts: BenchmarkOptions) -> dict:
     env["loadavg_1min_before_after"] = [load_before, _loadavg()]  # other work on the machine skews CPU timings
     report = {"options": dataclasses.asdict(opts), "config": dataclasses.asdict(config), "environment": env,
               "steps_per_repeat": steps, "results": results}
-    out = Path(opts.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(results, out / "benchmark.png", f"{opts.model}, {env['precision']}, "
                                          f"{env.get('gpu') or env['cpu']} ({env['torch_threads']} threads)")

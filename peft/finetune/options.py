@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,7 @@ class FinetuneOptions:
     stop_after_epoch: typing.Optional[int] = None  # end the run after this epoch as if interrupted (resumable)
     export_npz: typing.Optional[str] = None  # at the end, write the merged best model as a Google-layout .npz
     progress: bool = True  # tqdm progress bars
+    log_every: int = 50  # steps between the host reads of the loop (progress numbers, the non-finite-loss check)
     # The chosen method's own options (--lora-rank, --rlrr-init, ...: the flags come from the registry,
     # peft.modes); only options of --mode are allowed, unset ones take the method's published default.
     method_options: dict = dataclasses.field(default_factory=dict)
@@ -163,7 +165,7 @@ class OptionsError(ValueError):
 # results are shown. Everything else (lr, batch size, schedule, seed, data, mode and its options, ...) alters
 # the optimisation, and a resume that changes it is refused, naming the options.
 RESUMABLE = ("epochs", "resume", "overwrite", "stop_after_epoch", "export_npz", "progress", "device", "threads",
-             "eval_batch_size", "output_dir", "workers", "strict_data", "explicit", "kernel", "compile")
+             "eval_batch_size", "output_dir", "workers", "strict_data", "explicit", "kernel", "compile", "log_every")
 
 
 def changed_options(stored: dict, opts: "FinetuneOptions") -> list[str]:
@@ -246,7 +248,8 @@ def check_options(opts: FinetuneOptions) -> None:
                              ("--grad-accum", opts.grad_accum, 1), ("--eval-batch-size", opts.eval_batch_size, 1),
                              ("--max-train-samples", opts.max_train_samples, 1),
                              ("--max-eval-samples", opts.max_eval_samples, 1), ("--image-size", opts.image_size, 1),
-                             ("--threads", opts.threads, 1), ("--stop-after-epoch", opts.stop_after_epoch, 0)):
+                             ("--threads", opts.threads, 1), ("--stop-after-epoch", opts.stop_after_epoch, 0),
+                             ("--log-every", opts.log_every, 1)):
         if value is not None and value < low:
             raise OptionsError(f"{flag} must be at least {low}, got {value}")
     for flag, value, lo, hi in (("--warmup-epochs", opts.warmup_epochs, 0, None), ("--lr", opts.lr, 0, None),
@@ -279,6 +282,9 @@ def check_options(opts: FinetuneOptions) -> None:
             raise OptionsError(f"--data {opts.data}: {e}") from None
         if opts.classes:
             raise OptionsError("--classes does not apply to vtab-1k/fgvc tasks (they are used whole)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and opts.device not in ("auto", "cpu", "cuda"):
+        raise OptionsError(f"--device {opts.device}: under torchrun each process takes the GPU of its LOCAL_RANK "
+                           "(one GPU per process); use --device cuda or auto, and CUDA_VISIBLE_DEVICES to choose GPUs")
     problem = _device_problem(opts.device)
     if problem:
         raise OptionsError(problem)

@@ -149,6 +149,10 @@ class Trainer:
         if opts.compile:  # the step's forward and backward; evaluation runs the plain model
             self.forward = torch.compile(self.ddp)
 
+    def reseed(self, name: str) -> int:
+        """A seed for random stream ``name`` at the resumed step: derived from --seed and the step alone."""
+        return (self.opts.seed * 1_000_003 + self.step * 7919 + sum(map(ord, name))) % 2**63
+
     def input_size(self, weights) -> int:
         """The model's input resolution, before the model is built (it sets a folder's stored resolution)."""
         if self.opts.image_size:
@@ -209,8 +213,10 @@ class Trainer:
         self.optimizer.load_state_dict(ts["optimizer"])  # the schedule is a function of self.step
         self.lr_per_step = list(ts.get("lr_per_step", []))
         self.scaler.load_state_dict(ts["scaler"])
-        ckpt_io.restore_rng(ts["rng"], self.generators)
         self.epoch, self.step, self.best_val = ck["epoch"], ck["step"], ck["best_val_accuracy"]
+        for note in ckpt_io.restore_rng(ts["rng"], self.generators, reseed=self.reseed):
+            log.warning("--resume on another device: %s (the run continues reproducibly, not bitwise as it would "
+                        "have on the original device)", note)
         self.history = ck["history"]
         self.train_seconds, self.train_images = ts["train_seconds"], ts["train_images"]
         log.info("resumed from %s: epoch %d, step %d, best val accuracy %.4f", path, self.epoch, self.step,
@@ -227,10 +233,14 @@ class Trainer:
         order = torch.randperm(n, generator=self.generators["data_order"])
         batches = BatchStream(d.train, order.split(opts.batch_size), ctx.device, ctx.rank, ctx.world_size)
         totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, count
+        # Non-finite losses are flagged on the device (the step index and loss of the first one) and read with the
+        # progress numbers every --log-every steps and at the end of the epoch: no host synchronisation per step.
+        first_bad = torch.full((2,), -1.0, dtype=torch.float64, device=ctx.device)  # (step, loss)
+        step_dev = torch.tensor(float(self.step), dtype=torch.float64, device=ctx.device)  # once per epoch
         bar = tqdm(total=n, desc=f"epoch {self.epoch + 1}/{opts.epochs}", unit="img", leave=False,
                    disable=not (ctx.is_main and opts.progress), dynamic_ncols=True)
-        start = time.perf_counter()
-        for batch in batches:
+        start, done_images = time.perf_counter(), 0
+        for index, batch in enumerate(batches):
             n_global = batch.rows[2]
             stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)
             lr = self.schedule(self.step)  # a pure function of the step: resumed runs continue on the same curve
@@ -254,14 +264,9 @@ class Trainer:
                 stats[:2] += torch.stack([loss_sum.detach().double(), (logits.argmax(-1) == y).sum().double()])
                 stats[2] += y.numel()  # a host number: no host-to-device copy per micro-batch
             pdist.all_reduce_sum(stats, ctx)
-            if not torch.isfinite(stats[0]):
-                self.optimizer.zero_grad(set_to_none=True)
-                bar.close()
-                raise TrainingDiverged(
-                    f"loss is {stats[0].item()} at epoch {self.epoch + 1}, step {self.step + 1}: training "
-                    f"stopped. The last good checkpoint (end of epoch {self.epoch}) is "
-                    f"{self.out / ckpt_io.LATEST}. Try a lower --lr (now {self.lr:g}), --precision fp32, or "
-                    f"--clip-grad.")
+            new_bad = (~torch.isfinite(stats[0])) & (first_bad[0] < 0)
+            first_bad.copy_(torch.where(new_bad, torch.stack([step_dev, stats[0]]), first_bad))
+            step_dev += 1
             self.scaler.unscale_(self.optimizer)
             if opts.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
@@ -269,13 +274,25 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-            self.lr_per_step.append(self.optimizer.param_groups[0]["lr"])
+            self.lr_per_step.append(lr)
             self.step += 1
             totals += stats
-            elapsed = time.perf_counter() - start
-            bar.update(n_global)
-            bar.set_postfix(loss=f"{stats[0].item() / n_global:.4f}", acc=f"{totals[1].item() / totals[2].item():.3f}",
-                            lr=f"{lr:.2e}", img_s=f"{bar.n / max(elapsed, 1e-9):.1f}")
+            done_images += n_global
+            last = index == len(batches) - 1
+            if (index + 1) % opts.log_every == 0 or last:  # the only host reads of the step loop
+                loss, bad_step, bad_loss = stats[0].item(), *first_bad.tolist()
+                if bad_step >= 0:
+                    bar.close()
+                    raise TrainingDiverged(
+                        f"loss is {bad_loss} at epoch {self.epoch + 1}, step {int(bad_step) + 1}: training "
+                        f"stopped. The last good checkpoint (end of epoch {self.epoch}) is "
+                        f"{self.out / ckpt_io.LATEST}. Try a lower --lr (now {self.lr:g}), --precision fp32, or "
+                        f"--clip-grad.")
+                if bar.disable is False:
+                    correct, count = totals[1:].tolist()
+                    bar.update(done_images - bar.n)
+                    bar.set_postfix(loss=f"{loss / n_global:.4f}", acc=f"{correct / count:.3f}", lr=f"{lr:.2e}",
+                                    img_s=f"{bar.n / max(time.perf_counter() - start, 1e-9):.1f}")
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start

@@ -9,13 +9,23 @@ a ``RuntimeError`` deep inside ``cpp_extension``; with it the warning says what 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def _ninja() -> bool:
@@ -83,3 +93,56 @@ def build_problem() -> str | None:
         return (f"the extensions folder {folder} is not writable: set TORCH_EXTENSIONS_DIR to a folder you can "
                 "write")
     return None
+
+
+class BuildLockTimeout(RuntimeError):
+    """Another process held the kernel's build lock for longer than the timeout."""
+
+
+def build_directory(name: str) -> Path:
+    """torch's build folder for extension ``name`` (``<extensions dir>/py<ver>_<cu>/<name>``)."""
+    from torch.utils import cpp_extension
+
+    return Path(cpp_extension._get_build_directory(name, verbose=False))
+
+
+@contextlib.contextmanager
+def build_lock(name: str, timeout: float):
+    """Hold this project's lock on building ``name``, waiting at most ``timeout`` seconds.
+
+    torch's own build lock (a ``lock`` file in the build folder, ``torch/utils/file_baton.py``) is waited on
+    forever and outlives a killed build, so every later run would hang. This lock is an ``flock``, which the
+    operating system releases when its holder dies; holding it, any torch ``lock`` file left in the build folder
+    belongs to a build that no longer runs and is removed, with one warning.
+    """
+    folder = build_directory(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder.parent / f"{name}.vit-peft.lock", "a+")
+    try:
+        if fcntl is not None:
+            deadline, said = time.monotonic() + timeout, 0.0
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    waited = timeout - (deadline - time.monotonic())
+                    if time.monotonic() > deadline:
+                        raise BuildLockTimeout(
+                            f"another process has been building the RLRR kernel {name} for over {timeout:.0f} s "
+                            f"(lock {handle.name}); the PyTorch path is used meanwhile") from None
+                    if waited - said >= 30:
+                        log.info("waiting for another process to finish building the RLRR kernel (%.0f s)", waited)
+                        said = waited
+                    time.sleep(0.2)
+        stale = folder / "lock"
+        if stale.exists():
+            log.warning("removing %s: a build lock left by a killed build of the RLRR kernel (no build is running)",
+                        stale)
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        if fcntl is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
