@@ -39,6 +39,11 @@ class Adapter:
     def merge(self) -> nn.Module:
         raise NotMergeableError(f"{type(self).__name__} cannot be merged into plain layers")
 
+    def runtime_path(self, device) -> str | None:
+        """Which compute path this adapter takes on ``device`` when it has a choice (a fused kernel), and why;
+        None for the others. The engine logs and records it without knowing the method."""
+        return None
+
 
 @dataclass(frozen=True)
 class Option:

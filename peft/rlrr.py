@@ -112,6 +112,9 @@ class RLRRLinear(Adapter, nn.Module):
         merged.requires_grad_(False)
         return merged
 
+    def runtime_path(self, device) -> str | None:
+        return f"RLRR {kernels.describe(device)}" if self.impl == "function" else None
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"bias={self.bias is not None}, impl={self.impl}")

@@ -80,6 +80,13 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
         p.copy_(state[n])
 
 
+def runtime_path(model: nn.Module, device) -> str | None:
+    """Which compute path the model's adapters take on ``device`` and why (e.g. RLRR's fused kernel or its PyTorch
+    path), from the adapters' own ``runtime_path``; None when no adapter has a choice."""
+    paths = [m.runtime_path(device) for m in model.modules() if isinstance(m, Adapter)]
+    return "; ".join(dict.fromkeys(p for p in paths if p)) or None
+
+
 def train_adapters_only(model: nn.Module) -> None:
     """Eval mode for the model, train mode for the adapters' own dropouts (VPT's prompt dropout, LoRA's): the
     frozen backbone runs without dropout or drop-path, as VPT's ``PromptedTransformer.train()`` keeps it."""
@@ -89,5 +96,5 @@ def train_adapters_only(model: nn.Module) -> None:
             m.train()
 
 
-__all__ = ["adapter_state_dict", "load_adapter_state_dict", "merge_adapters", "train_adapters_only",
+__all__ = ["adapter_state_dict", "load_adapter_state_dict", "merge_adapters", "runtime_path", "train_adapters_only",
            "trainable_parameters"]

@@ -214,6 +214,6 @@ def test_kernel_and_compile_flags_are_recorded_and_compile_trains_the_same(weigh
     assert finetune_cli.cli(common + ["--output-dir", str(tmp_path / "eager"), "--kernel", "torch"]) == 0
     assert finetune_cli.cli(common + ["--output-dir", str(tmp_path / "compiled"), "--compile"]) == 0
     eager, compiled = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("eager", "compiled"))
-    assert eager["rlrr_path"] == "PyTorch path (VIT_PEFT_KERNEL=torch)" and compiled["compiled"] is True
+    assert eager["compute_path"] == "RLRR PyTorch path (VIT_PEFT_KERNEL=torch)" and compiled["compiled"] is True
     assert compiled["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-4)
     assert json.loads((tmp_path / "eager" / "options.json").read_text())["kernel"] == "torch"

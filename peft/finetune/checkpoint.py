@@ -168,6 +168,23 @@ def build_base_model(model_config: dict, base_weights: dict | None, weights: str
     return model
 
 
+def trainable_state(model, full: bool) -> dict:
+    """What a checkpoint stores: every tensor (full fine-tuning, from scratch) or the trained ones only."""
+    if full:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return state.adapter_state_dict(model)
+
+
+def load_trainable_state(model, saved: dict, full: bool, source: str) -> None:
+    """The inverse of :func:`trainable_state`; a state that does not fit is one error naming ``source``."""
+    if full:
+        missing, unexpected = model.load_state_dict(saved, strict=False)
+        if missing or unexpected:
+            raise CheckpointMismatch(f"{source}: missing keys {missing}, unexpected keys {unexpected}")
+    else:
+        state.load_adapter_state_dict(model, saved)
+
+
 def load_model_from_checkpoint(path: str | os.PathLike, weights: str | os.PathLike | None = None,
                                device: str | torch.device = "cpu"):
     """Rebuild a fine-tuned model (base weights + adapters, not merged) from a checkpoint; eval mode, fp32.
@@ -177,16 +194,13 @@ def load_model_from_checkpoint(path: str | os.PathLike, weights: str | os.PathLi
     checkpoint dict without state tensors (config, mode, classes, options, history, ...).
     """
     ckpt = load_checkpoint(path)
-    saved = ckpt["state_dict"]
-    if ckpt["state_dict_kind"] == "full":  # from scratch or full fine-tuning: every parameter is stored
+    full = ckpt["state_dict_kind"] == "full"
+    if full:  # from scratch or full fine-tuning: every parameter is stored
         model = vit.VisionTransformer(vit.ViTConfig(**ckpt["model_config"]))
-        missing, unexpected = model.load_state_dict(saved, strict=False)
-        if missing or unexpected:
-            raise CheckpointMismatch(f"{ckpt['path']}: missing keys {missing}, unexpected keys {unexpected}")
     else:  # base .npz (sha256-checked) + the trained adapters and head
         model = build_base_model(ckpt["model_config"], ckpt["base_weights"], weights)
         modes.apply_mode(model, ckpt["mode"], **ckpt["mode_options"])
-        state.load_adapter_state_dict(model, saved)
+    load_trainable_state(model, ckpt["state_dict"], full, ckpt["path"])
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "training_state")}
     return model.to(device).eval(), meta
 

@@ -28,7 +28,6 @@ from loaders.datasets.stream import BatchStream
 from loaders.npz import NpzArchive, infer_config
 
 from .. import kernels, modes, state
-from ..rlrr import RLRRLinear
 from . import checkpoint as ckpt_io
 from . import distributed as pdist
 from . import predict, report
@@ -56,20 +55,6 @@ def compute_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: fl
     """Sum (not mean) of per-sample cross-entropies: the caller divides by the global batch size."""
     return F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
 
-
-def trainable_state(model, mode_is_full: bool) -> dict:
-    if mode_is_full:
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return state.adapter_state_dict(model)
-
-
-def load_trainable_state(model, saved: dict, mode_is_full: bool, source: str) -> None:
-    if mode_is_full:
-        missing, unexpected = model.load_state_dict(saved, strict=False)
-        if missing or unexpected:
-            raise ckpt_io.CheckpointMismatch(f"{source}: missing keys {missing}, unexpected keys {unexpected}")
-    else:
-        state.load_adapter_state_dict(model, saved)
 
 
 
@@ -115,10 +100,9 @@ class Trainer:
         log.info("mode %s%s: %d modules given adapters", opts.mode,
                  f" {self.mode_options}" if self.mode_options else "", len(changed))
         self.model.to(ctx.device)
-        self.rlrr_path = None
-        if any(isinstance(m, RLRRLinear) and m.impl == "function" for m in self.model.modules()):
-            self.rlrr_path = kernels.describe(ctx.device)
-            log.info("RLRR layers run on the %s", self.rlrr_path)  # once, with the reason
+        self.compute_path = state.runtime_path(self.model, ctx.device)  # the fused-kernel question, asked of the adapters
+        if self.compute_path:
+            log.info("adapted layers run on the %s", self.compute_path)  # once, with the reason
         self.trainable, self.total = state.trainable_parameters(self.model)
         log.info("trainable parameters: %s of %s (%.3f%%)", f"{self.trainable:,}", f"{self.total:,}",
                  100 * self.trainable / self.total)
@@ -174,7 +158,7 @@ class Trainer:
             "mode": opts.mode, "mode_options": self.plain_mode_options(),
             "base_weights": self.base_weights,
             "state_dict_kind": "full" if self.full else "adapters",
-            "state_dict": trainable_state(self.model, self.full),
+            "state_dict": ckpt_io.trainable_state(self.model, self.full),
             "classes": self.data.classes, "data": opts.data,
             "options": dataclasses.asdict(opts),
             "epoch": self.epoch, "step": self.step, "best_val_accuracy": self.best_val,
@@ -208,7 +192,7 @@ class Trainer:
         if (ck["base_weights"] or {}).get("sha256") != (self.base_weights or {}).get("sha256"):
             raise ckpt_io.CheckpointMismatch(f"--resume: {path} was trained from other base weights "
                                              f"({ck['base_weights']}) than {self.base_weights}")
-        load_trainable_state(self.model, ck["state_dict"], self.full, str(path))
+        ckpt_io.load_trainable_state(self.model, ck["state_dict"], self.full, str(path))
         ts = ck["training_state"]
         self.optimizer.load_state_dict(ts["optimizer"])  # the schedule is a function of self.step
         self.lr_per_step = list(ts.get("lr_per_step", []))
@@ -383,7 +367,7 @@ class Trainer:
         """Load the best-on-validation model, evaluate it on the test split, write reports and the .npz."""
         opts, ctx = self.opts, self.ctx
         best = ckpt_io.load_checkpoint(self.out / ckpt_io.BEST)
-        load_trainable_state(self.model, best["state_dict"], self.full, str(self.out / ckpt_io.BEST))
+        ckpt_io.load_trainable_state(self.model, best["state_dict"], self.full, str(self.out / ckpt_io.BEST))
         # Test once, on the model validation (or the last epoch) chose; without a test split (tuning) the final
         # report is the validation split's.
         has_test = len(self.data.test) > 0
@@ -407,7 +391,7 @@ class Trainer:
             "num_train": len(self.data.train), "num_val": len(self.data.val),
             "num_test": len(self.data.test), "device": str(ctx.device),
             "skipped_files": len(self.data.skipped),
-            "lr_per_step": self.lr_per_step, "rlrr_path": self.rlrr_path, "compiled": self.opts.compile,
+            "lr_per_step": self.lr_per_step, "compute_path": self.compute_path, "compiled": self.opts.compile,
         }
         official = [r["test_accuracy_each_epoch"] for r in self.history if "test_accuracy_each_epoch" in r]
         if official:  # the maximum over per-epoch test evaluations: the official loops' number, test-selected
