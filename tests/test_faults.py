@@ -159,6 +159,11 @@ def test_npz_byte_order_and_dtypes(weights, tmp_path):
 def test_suite_flags_are_checked_before_any_run(tmp_path, capsys):
     assert vtab_cli.cli(["--data-root", str(tmp_path), "--sweep", "lr=fast"]) == 2
     assert "--sweep 'lr=fast': every value of lr must be a float" in _one_line(capsys.readouterr().err)
+    # the second mode's recipe cannot run: found before the first mode's run starts, nothing written
+    out = tmp_path / "suite"
+    assert vtab_cli.cli(["--data-root", str(tmp_path), "--tasks", "cifar", "--modes", "rlrr,vpt", "--recipe",
+                         "official", "--output-dir", str(out)]) == 2
+    assert "Pass --lr, or use tools/vtab.py --sweep" in _one_line(capsys.readouterr().err) and not out.exists()
 
 
 def test_the_kernel_build_names_what_is_missing_and_training_falls_back(monkeypatch, tmp_path, caplog):

@@ -44,7 +44,7 @@ def test_kernel_source_compiles(arch, tmp_path):
 
 
 def test_kernel_max_rank_matches_python():
-    source = KERNEL_CU.read_text()
+    source = KERNEL_CU.with_name("rlrr_kernel.h").read_text()
     assert f"#define RLRR_MAX_RANK {kernels.MAX_RANK}\n" in source
 
 

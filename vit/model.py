@@ -151,7 +151,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.num_patches, d))
         self.pos_drop = nn.Dropout(config.dropout_rate)
-        self.blocks = nn.ModuleList(EncoderBlock(config, p) for p in drop_path_rates(config))
+        self.blocks = nn.ModuleList(EncoderBlock(config, rate) for rate in drop_path_rates(config))
         self.norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
         # Only the original ImageNet-21k checkpoints have this Dense+tanh layer before the head.
         rep = config.representation_size
@@ -161,12 +161,16 @@ class VisionTransformer(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self):
-        """Initialisation for training from scratch, as in Google's code (checkpoints overwrite all of it)."""
+        """Initialisation for training from scratch (checkpoints overwrite all of it). As Google's code: xavier-
+        uniform Dense kernels, MLP biases N(0, 1e-6), lecun-normal patch kernel, zero head. Unlike it, the attention
+        and pre-logits biases are N(0, 1e-6) too (Flax: zeros) and pre-logits is xavier (Flax: lecun-normal); kept
+        so that from-scratch runs (the quick start's recorded numbers) stay reproducible. The MLP biases are drawn
+        twice, the second draw kept, for the same reason."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.normal_(m.bias, std=1e-6)
-        for block in self.blocks:  # Flax's MlpBlock bias init
+        for block in self.blocks:  # Flax's MlpBlock bias init (a second draw: see the docstring)
             for fc in (block.mlp.fc1, block.mlp.fc2):
                 nn.init.normal_(fc.bias, std=1e-6)
         fan_in = self.patch_embed.in_channels * self.config.patch_size**2  # lecun_normal, like Flax's Conv

@@ -35,8 +35,8 @@ from loaders.datasets.vtab import GROUPS, REHEARSAL_TASKS, VTAB_TASKS, task_info
 
 from ..modes import MODES
 from . import sweep as sweeps
-from .options import RECIPES, FinetuneOptions, OptionsError
-from .recipes import METHOD_RECIPES, RECIPE_TABLE
+from .options import RECIPES, FinetuneOptions, OptionsError, check_options
+from .recipes import METHOD_RECIPES, RECIPE_TABLE, apply_recipe
 from .trainer import run
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,10 @@ def run_suite(o: SuiteOptions) -> dict:
     if grid and o.protocol != "final":
         raise OptionsError("--sweep tunes on validation and then runs the final protocol; drop --protocol tune")
     out = Path(o.output_dir)
+    first = sweeps.grid_points(grid)[0] if grid else None
+    for task in tasks:  # every run's options checked before the first run starts (a bad combination fails now)
+        for mode in modes:
+            check_options(apply_recipe(run_options(o, task, mode, seeds[0], out / task / mode, first)))
     rows, chosen = [], {}
     for task in tasks:
         for mode in modes:

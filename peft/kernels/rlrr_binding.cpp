@@ -11,24 +11,15 @@
 #include <cstdint>
 #include <vector>
 
-extern "C" {
-const char* rlrr_error_string(int code);
-int rlrr_max_rank();
-void rlrr_grad_workspace(int64_t rows, int64_t cols, int rank, int64_t* out_floats, int64_t* in_floats);
-int rlrr_weight(const void* w, int w_dtype, const float* s_out, const float* s_in, void* out, int out_dtype,
-                int64_t rows, int64_t cols, int rank, void* stream);
-int rlrr_grad(const void* g, int g_dtype, const void* w, int w_dtype, const float* s_out, const float* s_in,
-              float* grad_s_out, float* grad_s_in, float* part_out, float* part_in,
-              int64_t rows, int64_t cols, int rank, void* stream);
-}
+#include "rlrr_kernel.h"  // the launchers and dtype codes of rlrr_kernel.cu
 
 namespace {
 
 int dtype_code(const torch::Tensor& t, const char* name) {
     switch (t.scalar_type()) {
-        case at::ScalarType::Float: return 0;
-        case at::ScalarType::Half: return 1;
-        case at::ScalarType::BFloat16: return 2;
+        case at::ScalarType::Float: return RLRR_F32;
+        case at::ScalarType::Half: return RLRR_F16;
+        case at::ScalarType::BFloat16: return RLRR_BF16;
         default:
             TORCH_CHECK(false, "RLRR kernel: ", name, " has dtype ", t.scalar_type(),
                         "; supported: float32, float16, bfloat16");

@@ -24,13 +24,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-// dtype codes shared with the binding (rlrr_binding.cpp).
-#define RLRR_F32 0
-#define RLRR_F16 1
-#define RLRR_BF16 2
-
-// The largest rank the kernels handle; the binding and Python fall back to PyTorch above it.
-#define RLRR_MAX_RANK 8
+#include "rlrr_kernel.h"  // dtype codes, RLRR_MAX_RANK and the launchers' declarations, shared with the binding
 
 // Gradient tile: 32 columns (one per lane) × 128 rows, 8 warps per block, each warp taking every 8th row.
 #define RLRR_TILE_COLS 32
@@ -210,7 +204,7 @@ int dispatch_grad_w(int w_dtype, const void* g, const void* w, const float* s_ou
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------
-// C-style launchers (extern "C", declared again in rlrr_binding.cpp). Return 0 on success, -1 for an
+// C-style launchers (extern "C", declared in rlrr_kernel.h). Return 0 on success, -1 for an
 // unsupported dtype/rank/shape, or a positive cudaError_t from the launch (see rlrr_error_string).
 
 extern "C" {
@@ -220,7 +214,7 @@ const char* rlrr_error_string(int code) {
     return cudaGetErrorString(static_cast<cudaError_t>(code));
 }
 
-int rlrr_max_rank() { return RLRR_MAX_RANK; }
+int rlrr_max_rank(void) { return RLRR_MAX_RANK; }
 
 // Workspace sizes (in floats) for rlrr_grad: partial row sums and partial column sums.
 void rlrr_grad_workspace(int64_t rows, int64_t cols, int rank, int64_t* out_floats, int64_t* in_floats) {

@@ -22,9 +22,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNEL = ROOT / "peft" / "kernels" / "rlrr_kernel.cu"
+HEADER = KERNEL.with_name("rlrr_kernel.h")  # the dtype codes and launchers, shared with the binding
 INCLUDE = Path(__file__).resolve().parent / "include"
 LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<(.*?)>>>\(", re.S)
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_CODES = dict(re.findall(r"#define RLRR_(F32|F16|BF16) (\d+)", HEADER.read_text()))
+DTYPE_CODES = {torch.float32: int(_CODES["F32"]), torch.float16: int(_CODES["F16"]), torch.bfloat16: int(_CODES["BF16"])}
 CACHE = Path(os.environ.get("VIT_PEFT_HOST_KERNEL_CACHE", Path(tempfile.gettempdir()) / "vit-peft-host-kernel"))
 
 
@@ -43,7 +45,7 @@ def host_source(text: str | None = None) -> str:
 
 def build(source: str) -> Path:
     """Compile ``source`` (host-rewritten kernel code) into a shared library; cached by content."""
-    digest = hashlib.sha256(source.encode() + (INCLUDE / "cuda_emu.h").read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(source.encode() + (INCLUDE / "cuda_emu.h").read_bytes() + HEADER.read_bytes()).hexdigest()[:16]
     lib = CACHE / f"rlrr_host_{digest}.so"
     if lib.is_file():
         return lib
@@ -53,7 +55,7 @@ def build(source: str) -> Path:
     tmp = lib.with_suffix(f".{os.getpid()}.tmp")
     # _FORTIFY_SOURCE's longjmp check rejects the jumps between fiber stacks, so it is switched off.
     cmd = [compiler(), "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-U_FORTIFY_SOURCE",
-           "-D_FORTIFY_SOURCE=0", "-I", str(INCLUDE),
+           "-D_FORTIFY_SOURCE=0", "-I", str(INCLUDE), "-I", str(HEADER.parent),
            "-x", "c++", str(src), "-o", str(tmp)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
