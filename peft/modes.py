@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import adaptformer, bitfit, lora, rlrr, selective, ssf, vpt
+from . import adapter, adaptformer, bitfit, dora, lora, rlrr, selective, ssf, vpt
 from .base import Method
 
 _ENTRIES: tuple[Method, ...] = (
@@ -19,8 +19,11 @@ _ENTRIES: tuple[Method, ...] = (
     selective.FULL,
     bitfit.METHOD,
     vpt.METHOD,
+    vpt.SHALLOW,
     adaptformer.METHOD,
+    adapter.METHOD,
     lora.METHOD,
+    dora.METHOD,
     ssf.METHOD,
     rlrr.METHOD,
 )

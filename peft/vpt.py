@@ -1,4 +1,4 @@
-"""VPT-deep: learnable prompt tokens at the input of every encoder block.
+"""VPT-deep and VPT-shallow: learnable prompt tokens at the input of every encoder block, or of the first only.
 
 Paper: Jia et al., "Visual Prompt Tuning", ECCV 2022. ``vpt_tokens`` prompts (default 10) are inserted right after
 CLS at the input of block 0; at every later block the previous block's outputs at those positions are replaced
@@ -8,6 +8,10 @@ dropout (0.1, as in the paper's VTAB runs). 12 × 10 × 768 = 92,160 parameters 
 The classifier still reads the CLS token; the attention maps have 1 + p prefix tokens before the patch grid
 (``vit.visualize.attention_maps`` finds them from the shapes and keeps them out of the grid). Prompts add tokens
 to the sequence, so VPT cannot be merged into plain layers.
+
+VPT-shallow (``vpt-shallow``) inserts its prompts once, before block 0, and lets every block process them like
+the other tokens: p × D parameters (7,680 for ViT-B/16 at p = 10); KMnP/vpt ``src/models/vit_prompt/vit.py``
+(``PromptedTransformer`` without ``DEEP``).
 """
 
 from __future__ import annotations
@@ -54,12 +58,13 @@ class VPTBlock(Adapter, nn.Module):
         return f"num_tokens={self.num_tokens}, insert={self.insert}"
 
 
-def apply_vpt(model: nn.Module, num_tokens: int = 10, dropout: float = 0.1) -> list[str]:
-    """VPT-deep on every block of a :class:`vit.VisionTransformer`; freezes all but the prompts and the head."""
+def apply_vpt(model: nn.Module, num_tokens: int = 10, dropout: float = 0.1, deep: bool = True) -> list[str]:
+    """VPT-deep on every block of a :class:`vit.VisionTransformer` (``deep=False``: VPT-shallow, prompts before
+    block 0 only); freezes all but the prompts and the head."""
     check_fresh(model)
     c = model.config
     bound = math.sqrt(6.0 / (c.in_channels * c.patch_size**2 + c.hidden_size))
-    names = [f"blocks.{i}" for i in range(len(model.blocks))]
+    names = [f"blocks.{i}" for i in range(len(model.blocks) if deep else 1)]
     for i, name in enumerate(names):
         replace_module(model, name, VPTBlock(model.get_submodule(name), num_tokens, insert=i == 0,
                                              init_bound=bound, dropout=dropout))
@@ -74,4 +79,14 @@ METHOD = Method(
             "per task",
     options={"vpt_tokens": Option(10, "VPT prompt tokens per block"),
              "vpt_dropout": Option(0.1, "dropout on the prompt tokens")},
+    paper="Jia et al., Visual Prompt Tuning, ECCV 2022")
+
+
+SHALLOW = Method(
+    "vpt-shallow", lambda model, vpt_shallow_tokens=10, vpt_shallow_dropout=0.1: apply_vpt(
+        model, vpt_shallow_tokens, vpt_shallow_dropout, deep=False),
+    "VPT-shallow: prompt tokens before the first block only, + head", lr=3e-3, mergeable=False,
+    lr_note="VPT-deep's rate (the same kind of parameters, fewer of them)",
+    options={"vpt_shallow_tokens": Option(10, "VPT-shallow prompt tokens (inserted once, before block 0)"),
+             "vpt_shallow_dropout": Option(0.1, "dropout on the VPT-shallow prompt tokens")},
     paper="Jia et al., Visual Prompt Tuning, ECCV 2022")

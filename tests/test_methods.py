@@ -28,13 +28,18 @@ TRAINABLE = {  # which parameter names train besides the head
     "lora": lambda n: "lora_" in n,
     "ssf": lambda n: n.endswith((".ssf.scale", ".ssf.shift")),
     "rlrr": lambda n: n.split(".")[-1] in ("s_out", "s_in", "f", "scale", "shift"),
+    "vpt-shallow": lambda n: n.endswith(".prompts"),
+    "adapter": lambda n: ".adapter_" in n,
+    "dora": lambda n: "lora_" in n or n.endswith(".magnitude"),
 }
 IDENTITY_OPTIONS = {  # options under which the adapted model is exactly the pretrained one at step 0 (None: never)
     "head": {}, "mlp": {}, "full": {}, "bitfit": {}, "adaptformer": {}, "lora": {},
     "ssf": {"ssf_init": "identity"}, "rlrr": {"rlrr_init": "identity"}, "vpt": None,
+    "vpt-shallow": None, "adapter": None, "dora": {},  # NOAH's adapter starts with xavier weights: not identity
 }
 B16_BACKBONE = {"head": 0, "mlp": 56_669_184, "full": 85_798_656, "bitfit": 102_912, "vpt": 92_160,
-                "adaptformer": 156_768, "lora": 294_912, "ssf": 205_824, "rlrr": 288_768}
+                "adaptformer": 156_768, "lora": 294_912, "ssf": 205_824, "rlrr": 288_768,
+                "vpt-shallow": 7_680, "adapter": 156_768, "dora": 313_344}
 
 
 def test_the_table_covers_the_registry():
@@ -134,6 +139,9 @@ def test_published_counts_by_hand():
     assert B16_BACKBONE["ssf"] == 2 * (d + layers * (7 * d + m) + d)
     assert B16_BACKBONE["vpt"] == layers * 10 * d
     assert B16_BACKBONE["adaptformer"] == layers * (d * 8 + 8 + 8 * d + d)
+    assert B16_BACKBONE["vpt-shallow"] == 10 * d
+    assert B16_BACKBONE["adapter"] == layers * (d * 8 + 8 + 8 * d + d)  # one adapter per block, after the MLP
+    assert B16_BACKBONE["dora"] == B16_BACKBONE["lora"] + 2 * layers * d  # + a magnitude per output of q and v
 
 
 def test_vpt_prompts_are_inserted_then_replaced_and_maps_keep_them_out_of_the_grid():
@@ -171,4 +179,4 @@ def test_attention_maps_work_for_every_method(mode, method):
     assert maps.rollout.shape == (3, 4, 4) and torch.isfinite(maps.rollout).all()
     assert (maps.rollout.flatten(1).amax(1) - 1).abs().max() < 1e-6  # each map divided by its max
     assert maps.per_layer.shape == (2, 3, 4, 4)
-    assert (maps.prefix_share > 0).all() == (mode == "vpt")
+    assert (maps.prefix_share > 0).all() == mode.startswith("vpt")  # prompt tokens: a prefix with attention

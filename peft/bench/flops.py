@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from vit.config import ViTConfig
 
 LORA_RANK, LORA_TARGETS, RLRR_RANK = 8, ("q", "v"), 1  # peft's defaults; the FLOP count uses the same
-VPT_TOKENS, ADAPTFORMER_DIM = 10, 8
+VPT_TOKENS, ADAPTFORMER_DIM, ADAPTER_DIM = 10, 8, 8
 VECTOR_MODES = ("bitfit", "ssf")  # trainable vectors after every layer: gradients flow everywhere, no dW
-MODELED = ("head", "mlp", "lora", "rlrr", "full", "vpt", "adaptformer") + VECTOR_MODES
+PROMPT_MODES = ("vpt", "vpt-shallow")  # prompt tokens from block 0 on (deep replaces them, the count is the same)
+BOTTLENECK_MODES = ("adaptformer", "adapter")  # a trained down/up pair per block, beside or after the MLP
+MODELED = ("head", "mlp", "lora", "dora", "rlrr", "full") + PROMPT_MODES + BOTTLENECK_MODES + VECTOR_MODES
 
 
 def forward_macs(config: ViTConfig, extra_tokens: int = 0) -> dict[str, int]:
@@ -75,23 +77,24 @@ def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int
     if base_mode not in MODELED:
         raise ValueError(f"no FLOP model for mode {mode!r}")
     c = config
-    extra = VPT_TOKENS if base_mode == "vpt" else 0
+    extra = VPT_TOKENS if base_mode in PROMPT_MODES else 0
     n, d, m = 1 + c.num_patches + extra, c.hidden_size, c.mlp_dim
     fwd = dict(forward_macs(c, extra))
     per_step = 0.0  # work done once per step whatever the batch size (RLRR's W' and its gradient sums)
+    per_forward = 0.0  # work done once per forward pass (DoRA's B A for the norm of its direction)
     bwd = 0.0
 
     # Embedding: patch conv (its weight trains only in full mode), CLS and positions (full), SSF (rlrr).
     # Does the residual stream entering block 0 need a gradient? Where something trains in the embedding (full;
     # RLRR's, SSF's and BitFit's patch-embedding vectors) or in block 0's input itself (VPT's prompts).
     everywhere = base_mode in ("full", "rlrr") + VECTOR_MODES  # something trains after every norm
-    stream_grad = everywhere or base_mode == "vpt"
+    stream_grad = everywhere or base_mode in PROMPT_MODES
     if base_mode == "full":
         bwd += fwd["patch_embed"]  # dW of the conv; never dX (the image)
 
     def linear(lin: _Linear, input_grad: bool) -> bool:
         """Add this layer's forward extras and backward work; return whether its output needs a gradient."""
-        nonlocal bwd, per_step
+        nonlocal bwd, per_step, per_forward
         t, i, o = lin.tokens, lin.fan_in, lin.fan_out
         if input_grad:
             bwd += t * i * o  # dX = dY W
@@ -102,7 +105,9 @@ def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int
             per_step += 2 * o * rlrr_rank * i  # (G ⊙ W) S_inᵀ and S_outᵀ (G ⊙ W)
             if mode not in ("rlrr-official", "rlrr-kernel-keep", "rlrr-kernel-reuse") and input_grad:
                 per_step += o * rlrr_rank * i  # the Function rebuilds W' for dX (unless it kept W')
-        if lin.adapter == "lora":
+        if lin.adapter == "dora":  # LoRA's products, plus B A (out·r·in) for ‖W + s B A‖ in every forward
+            per_forward += o * lora_rank * i
+        if lin.adapter in ("lora", "dora"):
             r = lora_rank
             fwd["lora"] = fwd.get("lora", 0) + t * r * (i + o)
             bwd += t * r * (2 * o + i)  # dB = dYᵀ (A x), d(Ax) = dY B, dA = d(Ax)ᵀ x
@@ -111,7 +116,7 @@ def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int
         return input_grad or lin.weight_trains or lin.adapter is not None
 
     def adapter_on(name: str) -> str | None:
-        if base_mode == "rlrr" or (base_mode == "lora" and name in lora_targets):
+        if base_mode == "rlrr" or (base_mode in ("lora", "dora") and name in lora_targets):
             return base_mode
         return "vector" if base_mode in VECTOR_MODES else None  # a trained bias / SSF: its output needs a gradient
 
@@ -135,10 +140,11 @@ def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int
         h2 = stream_grad or everywhere
         a = linear(_Linear("fc1", n, d, m, mlp_trains, adapter_on("fc1")), h2)
         stream_grad = linear(_Linear("fc2", n, m, d, mlp_trains, adapter_on("fc2")), a) or stream_grad
-        if base_mode == "adaptformer":  # x + mlp(norm2(x)) + s·up(ReLU(down(x))): both projections train
-            fwd["adapter"] = fwd.get("adapter", 0) + 2 * n * d * ADAPTFORMER_DIM
-            down = linear(_Linear("down", n, d, ADAPTFORMER_DIM, True), stream_grad)
-            stream_grad = linear(_Linear("up", n, ADAPTFORMER_DIM, d, True), down)
+        if base_mode in BOTTLENECK_MODES:  # AdaptFormer: x + mlp(..) + s·up(ReLU(down(x))); Adapter: h + up(g(down(h)))
+            dim = ADAPTFORMER_DIM if base_mode == "adaptformer" else ADAPTER_DIM
+            fwd["adapter"] = fwd.get("adapter", 0) + 2 * n * d * dim
+            down = linear(_Linear("down", n, d, dim, True), stream_grad)  # its input needs dX only if below trains
+            stream_grad = linear(_Linear("up", n, dim, d, True), down)
 
     # final norm (+ SSF), CLS token, optional pre-logits, head (always trains)
     feat_grad = stream_grad or everywhere
@@ -149,7 +155,7 @@ def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int
     else:
         linear(_Linear("head", 1, d, c.num_classes, True), feat_grad)
 
-    forward = sum(fwd.values())
+    forward = sum(fwd.values()) + per_forward / batch_size
     if base_mode == "rlrr":
         forward_step = forward + sum(RLRR_RANK * o * i for o, i in _rlrr_shapes(c)) / batch_size
     else:

@@ -1,0 +1,89 @@
+"""Adapter: a sequential bottleneck with its own residual after every block's MLP (the VTAB tables' "Adapter").
+
+Papers: Houlsby et al., "Parameter-Efficient Transfer Learning for NLP", ICML 2019 (adapters after the attention
+and after the feed-forward sub-layers); the "Adapter 0.16M" row of the VTAB-1k tables (NOAH, RLRR papers) comes
+from NOAH's code (ZhangYuanhan-AI/NOAH ``model/supernet_transformer_prompt.py:395``,
+``model/module/adapter_super.py``), which puts one adapter on the MLP output only:
+
+    h = mlp(norm2(x));   x = x + h + up(QuickGELU(down(h)))          QuickGELU(z) = z · sigmoid(1.702 z)
+
+with down (D → d) and up (d → D) xavier-uniform, biases N(0, 1e-6) (``adapter_super.py:_init_weights``: the block
+is not the pretrained one at step 0), d = 8 (``experiments/Adapter/ViT-B_prompt_adapter_8.yaml``): 12 ×
+(2 · 768 · 8 + 8 + 768) = 156,768 parameters for ViT-B/16. ``adapter_placement="both"`` adds Houlsby's second
+adapter on the attention output (313,536). The adapter wraps the sub-layer's last Linear (``mlp.fc2``,
+``attn.proj``), which keeps its ``weight``/``bias`` names, so the block and the attention module stay as they are
+(attention maps, fused attention) and no block forward is rewritten; NOAH applies it after the MLP's output
+dropout, here it comes before it (the same with dropout 0, this project's default). Not mergeable (the
+activation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Adapter, Method, NotMergeableError, Option, check_fresh, freeze_for_adapters, replace_module
+
+PLACEMENTS = ("mlp", "both")
+
+
+class SequentialAdapter(Adapter, nn.Module):
+    """A frozen ``nn.Linear`` (h = x Wᵀ + b, under its old parameter names) followed by h + up(QuickGELU(down(h)))."""
+
+    ADAPTER_PARAMS = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
+    MERGEABLE = False
+
+    def __init__(self, base: nn.Linear, dim: int = 8):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"SequentialAdapter wraps nn.Linear, got {type(base).__name__}")
+        if dim < 1:
+            raise ValueError(f"adapter_dim must be at least 1, got {dim}")
+        self.weight, self.bias = base.weight, base.bias
+        width = base.out_features
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.adapter_down = nn.Linear(width, dim, **kw)
+        self.adapter_up = nn.Linear(dim, width, **kw)
+        with torch.no_grad():
+            for lin in (self.adapter_down, self.adapter_up):
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.normal_(lin.bias, std=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.weight, self.bias)
+        z = self.adapter_down(h)
+        return h + self.adapter_up(z * torch.sigmoid(1.702 * z))  # QuickGELU, as NOAH's adapter
+
+    def merge(self) -> nn.Module:
+        raise NotMergeableError("the Adapter cannot be merged: its bottleneck has a non-linearity (QuickGELU), "
+                                "which no weight can absorb; keep the adapter instead")
+
+    def extra_repr(self) -> str:
+        return f"dim={self.adapter_down.out_features}"
+
+
+def apply_adapter(model: nn.Module, dim: int = 8, placement: str = "mlp") -> list[str]:
+    """Adapters after every block's MLP (and attention, ``placement="both"``); freezes all but them and the head."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"adapter_placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    check_fresh(model)
+    parts = ("attn.proj", "mlp.fc2") if placement == "both" else ("mlp.fc2",)
+    names = [f"blocks.{i}.{part}" for i in range(len(model.blocks)) for part in parts]
+    for name in names:
+        replace_module(model, name, SequentialAdapter(model.get_submodule(name), dim))
+    freeze_for_adapters(model)
+    return names
+
+
+METHOD = Method(
+    "adapter", lambda model, adapter_dim=8, adapter_placement="mlp": apply_adapter(model, adapter_dim,
+                                                                                   adapter_placement),
+    "a sequential bottleneck adapter after every MLP (d = 8, NOAH's VTAB row), + head", lr=1e-3, mergeable=False,
+    lr_note="NOAH's Adapter VTAB runs use 1e-3 (configs/Adapter/VTAB/slurm_train_adapter_vtab.sh)",
+    options={"adapter_dim": Option(8, "Adapter bottleneck width d"),
+             "adapter_placement": Option("mlp", "mlp: after every MLP (NOAH, the VTAB row) | both: also after "
+                                                "the attention (Houlsby)", PLACEMENTS)},
+    paper="Houlsby et al., Parameter-Efficient Transfer Learning for NLP, ICML 2019")
+
+__all__ = ["METHOD", "SequentialAdapter", "apply_adapter"]
