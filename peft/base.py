@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 
@@ -43,6 +44,20 @@ class Adapter:
         """Which compute path this adapter takes on ``device`` when it has a choice (a fused kernel), and why;
         None for the others. The engine logs and records it without knowing the method."""
         return None
+
+
+class LinearDelta:
+    """For adapters of an ``nn.Linear`` whose function is (W + ΔW) x + b: ``merge()`` built on ``delta_weight()``
+    (ΔW, out × in, in W's dtype). The adapter keeps ``weight``, ``bias``, ``in_features``, ``out_features``."""
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        out.weight.copy_(self.weight + self.delta_weight().to(self.weight.dtype))
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        return out.requires_grad_(False)
 
 
 @dataclass(frozen=True)

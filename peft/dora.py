@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, Method, Option, check_fresh, freeze_for_adapters, replace_module
+from .base import Adapter, LinearDelta, Method, Option, check_fresh, freeze_for_adapters, replace_module
 from .lora import find_lora_targets
 
 
-class DoRALinear(Adapter, nn.Module):
+class DoRALinear(LinearDelta, Adapter, nn.Module):
     """A frozen ``nn.Linear`` with DoRA's magnitude ``m`` (out,) and LoRA pair ``lora_A`` (r, in), ``lora_B`` (out, r)."""
 
     ADAPTER_PARAMS = ("lora_A", "lora_B", "magnitude")
@@ -63,16 +63,6 @@ class DoRALinear(Adapter, nn.Module):
         lora = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
         y = scale * (F.linear(x, self.weight) + lora)
         return y if self.bias is None else y + self.bias
-
-    @torch.no_grad()
-    def merge(self) -> nn.Linear:
-        """A plain frozen ``nn.Linear`` with W' = (m / ‖V‖) ⊙ V and the same bias."""
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
-        out.weight.copy_(self.weight + self.delta_weight())
-        if self.bias is not None:
-            out.bias.copy_(self.bias)
-        return out.requires_grad_(False)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha}"

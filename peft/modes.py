@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import adapter, adaptformer, bitfit, dora, lora, rlrr, selective, ssf, vpt
+from . import adapter, adaptformer, bitfit, dora, fact, lora, rlrr, selective, ssf, vpt
 from .base import Method
 
 _ENTRIES: tuple[Method, ...] = (
@@ -24,6 +24,7 @@ _ENTRIES: tuple[Method, ...] = (
     adapter.METHOD,
     lora.METHOD,
     dora.METHOD,
+    fact.METHOD,
     ssf.METHOD,
     rlrr.METHOD,
 )

@@ -1,6 +1,7 @@
-"""VPT-shallow, the Adapter and DoRA against independent re-computations in float64, at non-trivial adapter values:
+"""VPT-shallow, the Adapter, DoRA and FacT-TT against independent re-computations in float64, at non-trivial adapter values:
 VPT-shallow as prompts concatenated once before plain blocks, the Adapter as NOAH's block equation, DoRA as Hugging
-Face peft writes it (base + (m/‖V‖ − 1)·xWᵀ + (m/‖V‖)·s·BAx, the norm detached), its gradients and its merge."""
+Face peft writes it (base + (m/‖V‖ − 1)·xWᵀ + (m/‖V‖)·s·BAx, the norm detached), its gradients and its merge,
+FacT-TT as the official ``fact_forward_attn`` / ``fact_forward_mlp`` compute it (timm's fused qkv and its reshapes)."""
 
 from __future__ import annotations
 
@@ -94,4 +95,34 @@ def test_dora_equals_peft_formula_its_gradients_and_its_merge():
     merged = copy.deepcopy(model)
     peft.merge_adapters(merged)
     assert type(merged.blocks[0].attn.q) is torch.nn.Linear
+    assert (merged(_images()) - model(_images())).abs().max().item() < 1e-12
+
+
+def test_fact_tt_equals_the_official_forward_and_merges():
+    base = _model()
+    model = copy.deepcopy(base)
+    peft.apply_mode(model, "fact-tt", fact_rank=3, fact_scale=0.7, fact_dropout=0.0)
+    _perturb(model)  # V starts at zero: move every factor and core away from its init
+    U, V = model.fact.u.detach(), model.fact.v.detach()  # nn.Linear weights: FacTu (3, 16), FacTv (16, 3)
+    s, blk, ref = 0.7, model.blocks[0], base.blocks[0]
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    fu, fv = (lambda t: t @ U.T), (lambda t: t @ V.T)
+    # fact_forward_attn: qkv = self.qkv(x); q = FacTv(q_FacTs(FacTu(x))) ...; qkv += cat([q, k, v]) * s
+    qkv = torch.cat([ref.attn.q(x), ref.attn.k(x), ref.attn.v(x)], -1)
+    deltas = [fv(fu(x) @ getattr(blk.attn, n).fact_s.detach().T) for n in "qkv"]
+    expected = qkv + torch.cat(deltas, -1) * s
+    assert (torch.cat([blk.attn.q(x), blk.attn.k(x), blk.attn.v(x)], -1) - expected).abs().max().item() < 1e-12
+    # fact_forward_mlp: h = fc1(x) + FacTv(fc1_FacTs(FacTu(x)).reshape(B, N, c, dim)).reshape(B, N, c·C) * s
+    B, N, C = x.shape
+    c = base.config.mlp_dim // C
+    s1, s2 = blk.mlp.fc1.fact_s.detach(), blk.mlp.fc2.fact_s.detach()
+    h = ref.mlp.fc1(x) + fv((fu(x) @ s1.T).reshape(B, N, c, 3)).reshape(B, N, c * C) * s
+    assert (blk.mlp.fc1(x) - h).abs().max().item() < 1e-12
+    # h = fc2(x); x = x.reshape(B, N, c, C); h += FacTv(fc2_FacTs(FacTu(x).reshape(B, N, c·dim))) * s
+    x2 = torch.randn(B, N, c * C, dtype=torch.float64)
+    h2 = ref.mlp.fc2(x2) + fv(fu(x2.reshape(B, N, c, C)).reshape(B, N, c * 3) @ s2.T) * s
+    assert (blk.mlp.fc2(x2) - h2).abs().max().item() < 1e-12
+    merged = copy.deepcopy(model)
+    peft.merge_adapters(merged)
+    assert all(type(m) in (torch.nn.Linear,) for n, m in merged.named_modules() if n.endswith(("attn.q", "mlp.fc1")))
     assert (merged(_images()) - model(_images())).abs().max().item() < 1e-12

@@ -31,15 +31,16 @@ TRAINABLE = {  # which parameter names train besides the head
     "vpt-shallow": lambda n: n.endswith(".prompts"),
     "adapter": lambda n: ".adapter_" in n,
     "dora": lambda n: "lora_" in n or n.endswith(".magnitude"),
+    "fact-tt": lambda n: n.endswith(".fact_s") or n in ("fact.u", "fact.v"),
 }
 IDENTITY_OPTIONS = {  # options under which the adapted model is exactly the pretrained one at step 0 (None: never)
     "head": {}, "mlp": {}, "full": {}, "bitfit": {}, "adaptformer": {}, "lora": {},
     "ssf": {"ssf_init": "identity"}, "rlrr": {"rlrr_init": "identity"}, "vpt": None,
-    "vpt-shallow": None, "adapter": None, "dora": {},  # NOAH's adapter starts with xavier weights: not identity
+    "vpt-shallow": None, "adapter": None, "dora": {}, "fact-tt": {},  # NOAH's adapter starts with xavier weights: not identity
 }
 B16_BACKBONE = {"head": 0, "mlp": 56_669_184, "full": 85_798_656, "bitfit": 102_912, "vpt": 92_160,
                 "adaptformer": 156_768, "lora": 294_912, "ssf": 205_824, "rlrr": 288_768,
-                "vpt-shallow": 7_680, "adapter": 156_768, "dora": 313_344}
+                "vpt-shallow": 7_680, "adapter": 156_768, "dora": 313_344, "fact-tt": 21_504}
 
 
 def test_the_table_covers_the_registry():
@@ -142,6 +143,8 @@ def test_published_counts_by_hand():
     assert B16_BACKBONE["vpt-shallow"] == 10 * d
     assert B16_BACKBONE["adapter"] == layers * (d * 8 + 8 + 8 * d + d)  # one adapter per block, after the MLP
     assert B16_BACKBONE["dora"] == B16_BACKBONE["lora"] + 2 * layers * d  # + a magnitude per output of q and v
+    r = 8
+    assert B16_BACKBONE["fact-tt"] == 2 * d * r + layers * (4 * r * r + 2 * (m // d) * r * r)  # U, V; per-layer cores
 
 
 def test_vpt_prompts_are_inserted_then_replaced_and_maps_keep_them_out_of_the_grid():

@@ -19,7 +19,8 @@ VPT_TOKENS, ADAPTFORMER_DIM, ADAPTER_DIM = 10, 8, 8
 VECTOR_MODES = ("bitfit", "ssf")  # trainable vectors after every layer: gradients flow everywhere, no dW
 PROMPT_MODES = ("vpt", "vpt-shallow")  # prompt tokens from block 0 on (deep replaces them, the count is the same)
 BOTTLENECK_MODES = ("adaptformer", "adapter")  # a trained down/up pair per block, beside or after the MLP
-MODELED = ("head", "mlp", "lora", "dora", "rlrr", "full") + PROMPT_MODES + BOTTLENECK_MODES + VECTOR_MODES
+FACT_RANK = 8  # FacT-TT's default rank (peft/fact.py)
+MODELED = ("head", "mlp", "lora", "dora", "rlrr", "full", "fact-tt") + PROMPT_MODES + BOTTLENECK_MODES + VECTOR_MODES
 
 
 def forward_macs(config: ViTConfig, extra_tokens: int = 0) -> dict[str, int]:
@@ -107,6 +108,19 @@ def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int
                 per_step += o * rlrr_rank * i  # the Function rebuilds W' for dX (unless it kept W')
         if lin.adapter == "dora":  # LoRA's products, plus B A (out·r·in) for ‖W + s B A‖ in every forward
             per_forward += o * lora_rank * i
+        if lin.adapter == "fact":  # x → U → S → V, every factor trains (U and V are shared, their gradients add)
+            r, chunks = FACT_RANK, max(o, i) // min(o, i)
+            if o > i:  # fc1: U on the tokens, S to c·d, V on each of the c chunks
+                chain = [(t, i, r), (t, r, chunks * r), (t * chunks, r, o // chunks)]
+            elif i > o:  # fc2: U on each of the c chunks, S from c·d, V on the tokens
+                chain = [(t * chunks, i // chunks, r), (t, chunks * r, r), (t, r, o)]
+            else:
+                chain = [(t, i, r), (t, r, r), (t, r, o)]
+            grad = input_grad
+            for rows, fi, fo in chain:
+                fwd["fact"] = fwd.get("fact", 0) + rows * fi * fo
+                bwd += rows * fi * fo + (rows * fi * fo if grad else 0)  # dW always, dX where the input needs it
+                grad = True
         if lin.adapter in ("lora", "dora"):
             r = lora_rank
             fwd["lora"] = fwd.get("lora", 0) + t * r * (i + o)
@@ -118,6 +132,8 @@ def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int
     def adapter_on(name: str) -> str | None:
         if base_mode == "rlrr" or (base_mode in ("lora", "dora") and name in lora_targets):
             return base_mode
+        if base_mode == "fact-tt" and name in ("q", "k", "v", "proj", "fc1", "fc2"):
+            return "fact"
         return "vector" if base_mode in VECTOR_MODES else None  # a trained bias / SSF: its output needs a gradient
 
     mlp_trains = base_mode in ("mlp", "full")
