@@ -11,7 +11,8 @@ to the sequence, so VPT cannot be merged into plain layers.
 
 VPT-shallow (``vpt-shallow``) inserts its prompts once, before block 0, and lets every block process them like
 the other tokens: p × D parameters (7,680 for ViT-B/16 at p = 10); KMnP/vpt ``src/models/vit_prompt/vit.py``
-(``PromptedTransformer`` without ``DEEP``).
+(``PromptedTransformer`` without ``DEEP``). p = 10 as for VPT-deep here; VPT's config default is 5
+(``src/configs/config.py:50``) and the paper tunes p per task; same init and dropout as VPT-deep.
 """
 
 from __future__ import annotations
