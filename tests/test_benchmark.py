@@ -103,9 +103,11 @@ def test_interleaved_rows_are_timed_round_robin_without_memory(tmp_path):
     assert len(results[0]["train_step_s"]) == 2 and results[0]["train_img_s"] > 0
 
 
-def test_unknown_mode_is_rejected():
-    with pytest.raises(SystemExit):
+def test_unknown_mode_is_rejected(capsys):
+    with pytest.raises(SystemExit) as exit_info:
         benchmark.parse_options(["--modes", "prefix-tuning"])
+    assert exit_info.value.code == 2  # a usage error, not a clean exit
+    assert "prefix-tuning" in capsys.readouterr().err
 
 
 def _counted_flops(model, images, labels, train):

@@ -222,3 +222,18 @@ def test_kernel_and_compile_flags_are_recorded_and_compile_trains_the_same(weigh
     assert eager["compute_path"] == "RLRR PyTorch path (VIT_PEFT_KERNEL=torch)" and compiled["compiled"] is True
     assert compiled["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-4)
     assert json.loads((tmp_path / "eager" / "options.json").read_text())["kernel"] == "torch"
+
+
+def test_every_tool_resolves_devices_the_same_way(capsys, tmp_path):
+    from peft.cli import benchmark as benchmark_cli
+    from peft.cli import predict as predict_cli
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --device cuda works here")
+    for cli, argv in ((benchmark_cli.cli, ["--device", "cuda"]),
+                      (predict_cli.cli, ["x.png", "--checkpoint", str(tmp_path), "--device", "cuda"]),
+                      (finetune_cli.cli, ["--device", "cuda", "--output-dir", str(tmp_path / "r")]),
+                      (benchmark_cli.cli, ["--device", "tpu"])):
+        assert cli(argv) == 2, argv
+        line = _one_line(capsys.readouterr().err)
+        assert "--device" in line and ("CUDA is not available" in line or "expected auto, cpu, cuda" in line), line

@@ -26,7 +26,9 @@ SNIPPETS = [(m.start(), m.group("why"), m.group("code")) for m in BLOCK.finditer
 
 
 def test_the_readme_has_python_snippets_to_run():
-    assert sum(why is None for _, why, _ in SNIPPETS) >= 1
+    """The snippet finder finds what the README holds: every python block, runnable or skipped with a reason."""
+    assert len(SNIPPETS) == README.count("```python") and sum(why is None for _, why, _ in SNIPPETS) >= 1
+    assert all(why.strip() for _, why, _ in SNIPPETS if why is not None)
 
 
 @pytest.mark.parametrize("where, why, code", SNIPPETS, ids=[f"line{README[:i].count(chr(10)) + 1}" for i, _, _ in SNIPPETS])

@@ -177,6 +177,11 @@ def test_plots_return_figures_with_expected_panels():
     fig = P.plot_attention(images, [("rollout", np.random.rand(2, 4, 4)), ("head 1", np.random.rand(2, 4, 4))],
                            titles=["a", "b"])
     assert isinstance(fig, Figure) and len(fig.axes) == 3 * 2 + 1  # panels + colour bar
+    shown = [np.asarray(ax.images[0].get_array()) for ax in fig.axes[:6]]
+    assert np.allclose(shown[0], images[0]) and np.allclose(shown[1], images[1])  # the inputs, in column order
+    assert all(np.allclose(shown[k], images[k % 2]) for k in range(2, 6))  # every map is drawn over its own image
+    overlay = np.asarray(fig.axes[2].images[1].get_array())
+    assert overlay.shape == (32, 32) and np.ptp(overlay) > 0  # the map itself, upsampled to the image
     fig = P.plot_pos_embed_similarity(V.pos_embed_similarity(torch.randn(1, 17, 8)))
     assert len(fig.axes) == 2
     comps, explained = V.patch_filter_pca(torch.randn(16, 3, 4, 4))

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 import vit
 
+from ..finetune.distributed import resolve_device
 from .harness import RESULT_PREFIX, ROWS, _proc_status_mib, run_interleaved, run_one, worker_command
 from .plots import plot
 
@@ -42,15 +43,6 @@ class BenchmarkOptions:
     peak_tflops: float = 0.0  # the device's peak TFLOP/s for the chosen precision, for the "% peak" column
     output_dir: str = "runs/benchmark"  # where benchmark.json and benchmark.png go
 
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
-    return device
 
 
 def _run_job(spec: dict, isolate: bool) -> dict:
