@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import state
-from .base import Adapter, replace_module
+from .base import adapter_parameter_names, has_adapters, replace_module
 from .modes import get_method
 
 
@@ -46,7 +46,7 @@ class _Registry:
 def _registry(model: nn.Module, create: bool = False) -> _Registry | None:
     reg = model.__dict__.get("_peft_tasks")
     if reg is None and create:
-        if any(isinstance(m, Adapter) for m in model.modules()):
+        if has_adapters(model):
             raise ValueError("the model already has adapters from apply_mode; named adapters need the plain "
                              "backbone (merge_adapters first, or start from a fresh model)")
         reg = _Registry(model)
@@ -117,13 +117,9 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
 
 def _own_parameters(module: nn.Module) -> set[str]:
     """Names (relative to ``module``) of the task's own tensors: adapter parameters, or every head parameter."""
-    if not any(isinstance(m, Adapter) for m in module.modules()):
+    if not has_adapters(module):
         return {n for n, _ in module.named_parameters()}  # the head
-    own = set()
-    for prefix, m in module.named_modules():
-        if isinstance(m, Adapter):
-            own |= {f"{prefix}.{p}" if prefix else p for p in m.ADAPTER_PARAMS}
-    return own
+    return set(adapter_parameter_names(module))
 
 
 def adapter_names(model: nn.Module) -> list[str]:

@@ -110,12 +110,18 @@ def is_head(name: str) -> bool:
 
 
 def adapter_parameter_names(model: nn.Module) -> list[str]:
-    """Full names of every adapter parameter (RLRR s_out/s_in/f, SSF scale/shift, LoRA A/B, …)."""
+    """Full names (relative to ``model``) of every adapter parameter (RLRR s_out/s_in/f, SSF scale/shift, LoRA A/B,
+    …): the one definition of "an adapter's own parameters"."""
     names = []
     for mod_name, module in model.named_modules():
         if isinstance(module, Adapter):
             names += [f"{mod_name}.{p}" if mod_name else p for p in module.ADAPTER_PARAMS]
     return names
+
+
+def has_adapters(model: nn.Module) -> bool:
+    """Whether any adapter module is inside ``model`` (the one definition of "already adapted")."""
+    return any(isinstance(m, Adapter) for m in model.modules())
 
 
 def check_fresh(model: nn.Module) -> None:

@@ -15,8 +15,6 @@ the new parameters are ``blocks.0.attn.q.s_out`` / ``.s_in`` / ``.f`` and ``bloc
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 

@@ -16,12 +16,10 @@ import torch
 from PIL import Image
 
 import loaders.datasets as D
-from loaders.datasets import DatasetError, ImageDataset, load_dataset, open_source
-from loaders.datasets.cache import decode_cached
+from loaders.datasets import DatasetError, load_dataset, open_source
 from loaders.datasets.fgvc import load_fgvc
 from loaders.datasets.stream import BatchStream
 from loaders.datasets.vtab import load_vtab
-from loaders.images import StorePolicy
 from loaders.transforms import BatchTransform
 from peft.bench.photos import photo, write_photo_folder
 
@@ -189,7 +187,7 @@ def test_vtab_lists_cannot_leave_their_task_folder(tmp_path, line, message):
     (task / "link").symlink_to(outside)
     with pytest.raises(DatasetError, match=message) as e:
         load_vtab("svhn", "test", tmp_path / "vtab", image_size=8, progress=False)
-    assert f"test.txt:2" in str(e.value)
+    assert "test.txt:2" in str(e.value)
 
 
 def test_list_files_must_be_utf8_and_json_shallow(tmp_path):

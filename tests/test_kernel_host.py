@@ -11,7 +11,6 @@ fail when the kernel is wrong. Skipped only where no C++ compiler exists.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pytest
 import torch

@@ -7,8 +7,6 @@ it merges. Merging is checked against the adapted model (relative error ≤ 1e-5
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn

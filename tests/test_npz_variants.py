@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import resource
 import subprocess
 import sys
 import zipfile
@@ -26,7 +25,7 @@ import torch
 
 import vit
 from loaders import CheckpointError, load_npz, read_npz, save_npz
-from loaders.npz import NAMINGS, NpzArchive, ZERO_HEAD_MESSAGE
+from loaders.npz import NAMINGS, ZERO_HEAD_MESSAGE
 from npz_factory import google_params, write_google_npz
 from test_model import ODD, _images, _rel_err, google_forward
 

@@ -2,16 +2,11 @@
 recorded, per-split decode counts, the second run decodes nothing, evaluate reuses the run's splits, bad data
 flags are one-line errors."""
 
-import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 import vit
 from peft.bench.photos import photo, write_photo_folder

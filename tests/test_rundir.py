@@ -3,7 +3,6 @@ files with another run's; --resume refuses option changes that alter the optimis
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
