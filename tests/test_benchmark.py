@@ -164,3 +164,16 @@ def test_official_rlrr_differs_only_by_its_elementwise_rank1_products():
     rank1 = sum(o * i for o, i in flops._rlrr_shapes(config))  # one multiply per weight element
     assert _counted_flops(model, images, labels, train=False) == 2 * (analytic["forward"] * batch - rank1)
     assert _counted_flops(model, images, labels, train=True) == 2 * (analytic["train"] * batch - 3 * rank1)
+
+
+def test_loop_benchmark_times_real_runs_with_both_log_intervals(tmp_path):
+    from loaders.datasets import load_dataset
+    from peft.bench.loop import run_loop_benchmark
+
+    a, b = load_dataset("synthetic", split="train"), load_dataset("synthetic", split="train")
+    assert a.images.shape == (2048, 32, 32, 3) and torch.equal(a.images, b.images)  # seeded: the same every time
+    assert not torch.equal(load_dataset("synthetic", split="test").images[:8], a.images[:8])
+    result = run_loop_benchmark(str(tmp_path), model="testing", device="cpu", repeats=1, batch_size=256, threads=1)
+    saved = json.loads((tmp_path / "loop.json").read_text())
+    assert saved == json.loads(json.dumps(result)) and set(saved["train_images_per_second"]) == {"1", "50"}
+    assert all(v > 0 for v in saved["train_images_per_second"].values())

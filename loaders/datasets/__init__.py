@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .base import DATA_ENV, SPLITS, DataNotFoundError, DatasetError, ImageDataset, check_split, default_data_root
 from .batches import count_batches, iterate_batches, shard_bounds, shard_indices
 from .cifar import CIFAR_ARCHIVES, RestrictedUnpickler, load_cifar, restricted_unpickle
@@ -28,8 +30,19 @@ from .selection import parse_class_spec, random_subset, select_classes, split_in
 from .tiny_imagenet import load_tiny_imagenet
 
 _ALIASES = {"cifar10": "cifar10", "cifar100": "cifar100", "fashionmnist": "fashion_mnist",
-            "tinyimagenet": "tiny_imagenet", "tinyimagenet200": "tiny_imagenet"}
-DATASETS = ("cifar10", "cifar100", "fashion_mnist", "tiny_imagenet")
+            "tinyimagenet": "tiny_imagenet", "tinyimagenet200": "tiny_imagenet", "synthetic": "synthetic"}
+DATASETS = ("cifar10", "cifar100", "fashion_mnist", "tiny_imagenet", "synthetic")
+SYNTHETIC_SIZES = {"train": 2048, "test": 512}  # 32 × 32 RGB, 10 classes
+
+
+def load_synthetic(split: str = "train") -> ImageDataset:
+    """Random 32 × 32 RGB images with random labels from 10 classes (seeded per split): for timing the training
+    loop without any file, as timm's ``--dataset synthetic``. Nothing can be learnt from it."""
+    g = torch.Generator().manual_seed(SPLITS.index(split) + 1)
+    n = SYNTHETIC_SIZES[split]
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    return ImageDataset(images, labels, [str(c) for c in range(10)], f"synthetic-{split}")
 
 
 def load_dataset(name: str, root: str | Path | None = None, split: str = "train",
@@ -48,6 +61,8 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
         return load_fashion_mnist(root, split, download)
     if key == "tiny_imagenet":
         return load_tiny_imagenet(root, split, download)
+    if key == "synthetic":
+        return load_synthetic(split)
     path = Path(name).expanduser()
     if path.is_dir() or (path.is_file() and path.suffix.lower() in LIST_SUFFIXES):
         return load_image_folder(name, split)
@@ -60,6 +75,6 @@ __all__ = ["CACHE_ENV", "CacheReport", "LIST_SUFFIXES", "PixelStore", "Source", 
            "open_source", "CIFAR_ARCHIVES", "DATASETS", "DATA_ENV", "DataNotFoundError", "DatasetError", "FASHION_MNIST_CLASSES",
            "FASHION_MNIST_FILES", "ImageDataset", "RestrictedUnpickler", "SPLITS", "count_batches",
            "default_data_root", "iterate_batches", "load_cifar", "load_dataset", "load_fashion_mnist",
-           "load_image_folder", "load_tiny_imagenet", "parse_class_spec", "parse_idx", "random_subset", "read_idx",
+           "load_image_folder", "load_synthetic", "load_tiny_imagenet", "parse_class_spec", "parse_idx", "random_subset", "read_idx",
            "restricted_unpickle", "select_classes", "shard_bounds", "shard_indices", "split_indices",
            "split_train_val"]

@@ -42,6 +42,7 @@ examples:
   python tools/benchmark.py --device cpu --model ViT-S/16 --batch-sizes 8 --repeats 3
   python tools/benchmark.py --device cuda --batch-sizes 64 128 --compile --output-dir runs/benchmark-h100
   python tools/benchmark.py --data                   # the data layer: decode, cached delivery, RssAnon 1x vs 10x
+  python tools/benchmark.py --loop --device cuda     # the training loop: --log-every 1 vs 50 (host syncs per step)
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import logging
 import sys
 
 from ..bench.data import run_data_benchmark
+from ..bench.loop import run_loop_benchmark
 from ..bench.harness import ROWS
 from ..bench.suite import BenchmarkOptions, run
 from ..finetune import OptionsError
@@ -93,9 +95,12 @@ def parse_options(argv=None) -> BenchmarkOptions:
     p.add_argument("--data-photos", type=int, default=100,
                    help="500x375 photos of the data benchmark's 1x folder (10x: ten copies; default: 100)")
     p.add_argument("--data-dir", default=None, help="where the data benchmark writes its photos (default: a temp dir)")
+    p.add_argument("--loop", action="store_true",
+                   help="measure the training loop instead: tools/finetune.py steps of --model with --log-every 1 "
+                        "vs 50 (the cost of reading the loop's numbers back every step), synthetic data, 32 px")
     a = p.parse_args(argv)
     opts = BenchmarkOptions(**{f.name: getattr(a, f.name) for f in dataclasses.fields(BenchmarkOptions)})
-    opts.data, opts.data_photos, opts.data_dir = a.data, a.data_photos, a.data_dir
+    opts.data, opts.data_photos, opts.data_dir, opts.loop = a.data, a.data_photos, a.data_dir, a.loop
     return opts
 
 
@@ -121,6 +126,10 @@ def main(argv=None) -> int:
         if opts.data_photos < 4:
             raise OptionsError(f"--data-photos must be at least 4, got {opts.data_photos}")
         run_data_benchmark(opts.output_dir, opts.data_photos, data_dir=opts.data_dir)
+        return 0
+    if opts.loop:
+        run_loop_benchmark(opts.output_dir, opts.model, opts.device, opts.repeats,
+                           batch_size=(opts.batch_sizes or [64])[0], threads=opts.threads or None)
         return 0
     run(opts)
     return 0
