@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, Method, NotMergeableError, Option, check_fresh, freeze_for_adapters, replace_module
+from .base import Adapter, Method, NotMergeableError, Option, adopt_linear, check_fresh, freeze_for_adapters, replace_module
 
 PLACEMENTS = ("mlp", "both")
 
@@ -36,11 +36,9 @@ class SequentialAdapter(Adapter, nn.Module):
 
     def __init__(self, base: nn.Linear, dim: int = 8):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"SequentialAdapter wraps nn.Linear, got {type(base).__name__}")
         if dim < 1:
             raise ValueError(f"adapter_dim must be at least 1, got {dim}")
-        self.weight, self.bias = base.weight, base.bias
+        adopt_linear(self, base)
         width = base.out_features
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.adapter_down = nn.Linear(width, dim, **kw)

@@ -46,6 +46,18 @@ class Adapter:
         return None
 
 
+def adopt_linear(wrapper: nn.Module, base: nn.Linear) -> None:
+    """How every wrapper of an ``nn.Linear`` takes it over: the same ``weight``/``bias`` Parameter objects (names
+    and storage unchanged), frozen, and its ``in_features``/``out_features``."""
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"{type(wrapper).__name__} wraps nn.Linear, got {type(base).__name__}")
+    wrapper.in_features, wrapper.out_features = base.in_features, base.out_features
+    wrapper.weight, wrapper.bias = base.weight, base.bias
+    wrapper.weight.requires_grad_(False)
+    if wrapper.bias is not None:
+        wrapper.bias.requires_grad_(False)
+
+
 class LinearDelta:
     """For adapters of an ``nn.Linear`` whose function is (W + ΔW) x + b: ``merge()`` built on ``delta_weight()``
     (ΔW, out × in, in W's dtype). The adapter keeps ``weight``, ``bias``, ``in_features``, ``out_features``."""

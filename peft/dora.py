@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, LinearDelta, Method, Option, check_fresh, freeze_for_adapters, replace_module
+from .base import Adapter, LinearDelta, Method, Option, adopt_linear, check_fresh, freeze_for_adapters, replace_module
 from .lora import find_lora_targets
 
 
@@ -30,16 +30,10 @@ class DoRALinear(LinearDelta, Adapter, nn.Module):
 
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 8.0):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"DoRALinear wraps nn.Linear, got {type(base).__name__}")
         if rank < 1:
             raise ValueError(f"DoRA rank must be >= 1, got {rank}")
-        self.in_features, self.out_features = base.in_features, base.out_features
+        adopt_linear(self, base)  # the frozen weight and bias, under their old names
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
-        self.weight, self.bias = base.weight, base.bias  # frozen, under their old names
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, LinearDelta, Method, Option, check_fresh, freeze_for_adapters, replace_module
+from .base import Adapter, LinearDelta, Method, Option, adopt_linear, check_fresh, freeze_for_adapters, replace_module
 
 TARGETS = ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2")
 
@@ -59,8 +59,7 @@ class FacTLinear(LinearDelta, Adapter, nn.Module):
 
     def __init__(self, base: nn.Linear, shared: FacTShared, kind: str, scale: float = 1.0, dropout: float = 0.1):
         super().__init__()
-        self.weight, self.bias = base.weight, base.bias
-        self.in_features, self.out_features = base.in_features, base.out_features
+        adopt_linear(self, base)
         width, rank = shared.v.shape
         self.kind, self.scale, self.rank = kind, scale, rank
         self.chunks = {"square": 1, "expand": base.out_features // width, "reduce": base.in_features // width}[kind]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, Method, Option, check_fresh, freeze_for_adapters, replace_module
+from .base import Adapter, Method, Option, adopt_linear, check_fresh, freeze_for_adapters, replace_module
 
 SHORT_NAMES = ("q", "k", "v", "proj", "fc1", "fc2")
 VARIANTS = ("loralib", "noah")
@@ -45,17 +45,11 @@ class LoRALinear(Adapter, nn.Module):
         """``shared_A``: NOAH's variant, an (in, r) A shared with the block's other projections; B is then
         (r, out) and the update x A B is not scaled."""
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        self.in_features, self.out_features = base.in_features, base.out_features
+        adopt_linear(self, base)
         self.noah = shared_A is not None
         self.rank, self.alpha, self.scaling = rank, alpha, 1.0 if self.noah else alpha / rank
-        self.weight, self.bias = base.weight, base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False  # True while delta_weight() is added into self.weight

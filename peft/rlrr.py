@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .base import Adapter, Method, Option, check_fresh, freeze_for_adapters, replace_module
+from .base import Adapter, Method, Option, adopt_linear, check_fresh, freeze_for_adapters, replace_module
 from .functional import official_rlrr_linear, rlrr_weight
 from .rlrr_function import WEIGHT_MEMORY, WeightCache, rlrr_linear
 from .ssf import INITS, SSFConv2d, SSFLayerNorm
@@ -48,7 +48,7 @@ class RLRRLinear(Adapter, nn.Module):
     def __init__(self, base: nn.Linear, rank: int = 1, init: str = "official", impl: str = "function",
                  weight_memory: str = "rebuild"):
         super().__init__()
-        if not isinstance(base, nn.Linear):
+        if not isinstance(base, nn.Linear):  # before the other checks, as adopt_linear would say it
             raise TypeError(f"RLRRLinear wraps nn.Linear, got {type(base).__name__}")
         if rank < 1:
             raise ValueError(f"RLRR rank must be >= 1, got {rank}")
@@ -58,14 +58,10 @@ class RLRRLinear(Adapter, nn.Module):
             raise ValueError(f"unknown RLRR impl {impl!r}; choose one of {', '.join(IMPLS)}")
         if weight_memory not in WEIGHT_MEMORY:
             raise ValueError(f"unknown RLRR weight memory {weight_memory!r}; choose one of {', '.join(WEIGHT_MEMORY)}")
-        self.in_features, self.out_features, self.rank, self.impl = base.in_features, base.out_features, rank, impl
+        adopt_linear(self, base)  # the same Parameter objects: names and storage unchanged, frozen
+        self.rank, self.impl = rank, impl
         self.weight_memory = weight_memory  # rebuild | keep | reuse: see peft.rlrr_function.RLRRLinearFunction
         self._weight_cache = WeightCache()  # a plain attribute: not a buffer, never saved
-        self.weight = base.weight  # the same Parameter objects: names and storage unchanged
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.s_out = nn.Parameter(torch.empty(self.out_features, rank, **kw))
         self.s_in = nn.Parameter(torch.empty(rank, self.in_features, **kw))

@@ -56,6 +56,7 @@ _RLRR_COMMON = dict(
     normalise="half", image_size=224, seed=42,  # VTABDataLoader.py Normalize 0.5; --img_size 224; --seed 42
     label_smoothing=0.0, crop=False,  # nn.CrossEntropyLoss() (train_vtab.py:163); no crop in VTAB's transform
 )
+_RESTARTS = dict(schedule="epoch-restarts", restart_epochs=5, min_lr=0.0)
 RLRR = Recipe(
     "rlrr-official", "rlrr", "the official RLRR runs (zstarN70/RLRR train_vtab.py, train_fgvc.py)",
     _RLRR_COMMON,
@@ -64,13 +65,10 @@ RLRR = Recipe(
      "fgvc": dict(epochs=60,  # --epochs 50 (train_fgvc.py:31) + 10 cooldown
                   official_test_from=1)},  # valid() after every epoch (train_fgvc.py:173)
     {"vtab-1k": _per_task(VTAB_TASKS),  # RLRRDatasets/VTABConfig.py (mirrored in loaders/datasets/vtab.py)
-     "fgvc": {**_per_task({k: v.task for k, v in FGVC_SETS.items()}),  # RLRRDatasets/FGVCConfig.py
-              # CUB and Dogs: CosineAnnealingWarmRestarts(T_0=5, T_mult=1, eta_min=0) stepped with the epoch
-              # after it (train_fgvc.py:163-172); built after timm's scheduler, it starts at the full lr
-              "cub": {**_per_task({"cub": FGVC_SETS["cub"].task})["cub"], "schedule": "epoch-restarts",
-                      "restart_epochs": 5, "min_lr": 0.0},
-              "dogs": {**_per_task({"dogs": FGVC_SETS["dogs"].task})["dogs"], "schedule": "epoch-restarts",
-                       "restart_epochs": 5, "min_lr": 0.0}}},
+     # RLRRDatasets/FGVCConfig.py; CUB and Dogs: CosineAnnealingWarmRestarts(T_0=5, T_mult=1, eta_min=0) stepped
+     # with the epoch after it (train_fgvc.py:163-172); built after timm's scheduler, it starts at the full lr
+     "fgvc": {t: {**v, **(_RESTARTS if t in ("cub", "dogs") else {})}
+              for t, v in _per_task({k: s.task for k, s in FGVC_SETS.items()}).items()}},
     any_mode=True,
     notes=("Selection: the official loops report the maximum test accuracy over epochs (test_accuracy_official "
            "here); this project's test_accuracy is the last epoch's model (final protocol) or the val-selected one.",
