@@ -2,7 +2,7 @@
 
     import vit_peft as peft                  # installed (`pip install .`): unambiguous next to Hugging Face's peft
     import peft                              # in a checkout, from the repository root
-    peft.apply_mode(model, "rlrr")           # or apply_rlrr / apply_lora directly
+    peft.apply_mode(model, "rlrr")           # or peft.apply_method(model, peft.LoraConfig(rank=16))
     ...train...
     state = peft.adapter_state_dict(model)   # trainable tensors only
     peft.merge_adapters(model)               # plain nn.Linear / LayerNorm / Conv2d again
@@ -17,19 +17,29 @@ the benchmark ``peft.bench``, the command lines ``peft.cli``; those import ``vit
 
 __vit_project__ = True  # tells this package apart from Hugging Face's ``peft``
 
-from .base import Adapter, Method, NotMergeableError, Option, adapter_parameter_names, freeze_all_but
+from .base import (Adapter, LinearDelta, Method, MethodConfig, NotMergeableError, Option, adapter_parameter_names,
+                   freeze_all_but)
 from .functional import official_rlrr_linear, rlrr_scale_grads, rlrr_weight
-from .kernels import kernel_available
-from .lora import LoRALinear, apply_lora
-from .modes import DEFAULT_LR, METHODS, MODE_OPTIONS, MODES, apply_mode, get_method
-from .rlrr import RLRRLinear, apply_rlrr, set_backend
+from .kernels import kernel_available, set_backend
+from .adapter import AdapterConfig
+from .adaptformer import AdaptFormerConfig
+from .dora import DoraConfig
+from .fact import FactConfig
+from .lora import LoraConfig, LoRALinear, apply_lora
+from .modes import METHODS, MODE_OPTIONS, MODES, apply_method, apply_mode, configure_mode, get_method
+from .rlrr import RLRRConfig, RLRRLinear, apply_rlrr
+from .ssf import SSFConfig
+from .vpt import VPTConfig, VPTShallowConfig
 from .rlrr_function import RLRRLinearFunction, rlrr_linear
 from .ssf import SSF, SSFConv2d, SSFLayerNorm
 from .adapters import (active_adapter, adapter_names, adapter_state_dict, add_adapter, load_adapter_state_dict,
                        set_adapter)
 from .state import merge_adapters, trainable_parameters
 
-__all__ = ["active_adapter", "adapter_names", "add_adapter", "set_adapter", "Adapter", "DEFAULT_LR", "LoRALinear", "METHODS", "MODES", "MODE_OPTIONS", "Method", "NotMergeableError",
+__all__ = ["active_adapter", "adapter_names", "add_adapter", "set_adapter", "Adapter", "AdapterConfig",
+           "AdaptFormerConfig", "DoraConfig", "FactConfig", "LinearDelta", "LoraConfig", "LoRALinear", "METHODS",
+           "MODES", "MODE_OPTIONS", "Method", "MethodConfig", "NotMergeableError", "RLRRConfig", "SSFConfig",
+           "VPTConfig", "VPTShallowConfig", "apply_method", "configure_mode",
            "Option", "RLRRLinear", "RLRRLinearFunction", "SSF", "SSFConv2d", "SSFLayerNorm", "adapter_parameter_names",
            "adapter_state_dict", "apply_lora", "apply_mode", "apply_rlrr", "freeze_all_but", "get_method",
            "kernel_available", "load_adapter_state_dict", "merge_adapters", "official_rlrr_linear", "rlrr_linear",

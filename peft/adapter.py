@@ -19,26 +19,37 @@ activation).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, Method, NotMergeableError, Option, adopt_linear, check_fresh, freeze_for_adapters, replace_module
+from .base import Adapter, Method, MethodConfig, check_fresh, configure, freeze_for_adapters, replace_module
 
 PLACEMENTS = ("mlp", "both")
+
+
+@dataclass(frozen=True)
+class AdapterConfig(MethodConfig):
+    """The Adapter's options: NOAH's VTAB row (``experiments/Adapter/ViT-B_prompt_adapter_8.yaml``: d = 8, MLP only)."""
+
+    PREFIX: ClassVar[str] = "adapter"
+    CHOICES: ClassVar[dict] = {"placement": PLACEMENTS}
+    POSITIVE: ClassVar[tuple] = ("dim",)
+    dim: int = 8  # Adapter bottleneck width d
+    placement: str = "mlp"  # mlp: after every MLP (NOAH, the VTAB row) | both: also after the attention (Houlsby)
 
 
 class SequentialAdapter(Adapter, nn.Module):
     """A frozen ``nn.Linear`` (h = x Wᵀ + b, under its old parameter names) followed by h + up(QuickGELU(down(h)))."""
 
     ADAPTER_PARAMS = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
-    MERGEABLE = False
+    CANNOT_MERGE = "its bottleneck has a non-linearity (QuickGELU), which no weight can absorb; keep the adapter"
 
-    def __init__(self, base: nn.Linear, dim: int = 8):
-        super().__init__()
-        if dim < 1:
-            raise ValueError(f"adapter_dim must be at least 1, got {dim}")
-        adopt_linear(self, base)
+    def __init__(self, base: nn.Linear, dim: int):
+        super().__init__(base)
         width = base.out_features
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.adapter_down = nn.Linear(width, dim, **kw)
@@ -53,35 +64,26 @@ class SequentialAdapter(Adapter, nn.Module):
         z = self.adapter_down(h)
         return h + self.adapter_up(z * torch.sigmoid(1.702 * z))  # QuickGELU, as NOAH's adapter
 
-    def merge(self) -> nn.Module:
-        raise NotMergeableError("the Adapter cannot be merged: its bottleneck has a non-linearity (QuickGELU), "
-                                "which no weight can absorb; keep the adapter instead")
-
     def extra_repr(self) -> str:
         return f"dim={self.adapter_down.out_features}"
 
 
-def apply_adapter(model: nn.Module, dim: int = 8, placement: str = "mlp") -> list[str]:
+def apply_adapter(model: nn.Module, config: AdapterConfig | None = None, **fields) -> list[str]:
     """Adapters after every block's MLP (and attention, ``placement="both"``); freezes all but them and the head."""
-    if placement not in PLACEMENTS:
-        raise ValueError(f"adapter_placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    config = configure(AdapterConfig, config, fields)
     check_fresh(model)
-    parts = ("attn.proj", "mlp.fc2") if placement == "both" else ("mlp.fc2",)
+    parts = ("attn.proj", "mlp.fc2") if config.placement == "both" else ("mlp.fc2",)
     names = [f"blocks.{i}.{part}" for i in range(len(model.blocks)) for part in parts]
     for name in names:
-        replace_module(model, name, SequentialAdapter(model.get_submodule(name), dim))
+        replace_module(model, name, SequentialAdapter(model.get_submodule(name), config.dim))
     freeze_for_adapters(model)
     return names
 
 
 METHOD = Method(
-    "adapter", lambda model, adapter_dim=8, adapter_placement="mlp": apply_adapter(model, adapter_dim,
-                                                                                   adapter_placement),
-    "a sequential bottleneck adapter after every MLP (d = 8, NOAH's VTAB row), + head", lr=1e-3, mergeable=False,
+    "adapter", apply_adapter, "a sequential bottleneck adapter after every MLP (d = 8, NOAH's VTAB row), + head",
+    lr=1e-3, config=AdapterConfig, wrappers=(SequentialAdapter,),
     lr_note="NOAH's Adapter VTAB runs use 1e-3 (configs/Adapter/VTAB/slurm_train_adapter_vtab.sh)",
-    options={"adapter_dim": Option(8, "Adapter bottleneck width d"),
-             "adapter_placement": Option("mlp", "mlp: after every MLP (NOAH, the VTAB row) | both: also after "
-                                                "the attention (Houlsby)", PLACEMENTS)},
     paper="Houlsby et al., Parameter-Efficient Transfer Learning for NLP, ICML 2019")
 
-__all__ = ["METHOD", "SequentialAdapter", "apply_adapter"]
+__all__ = ["AdapterConfig", "METHOD", "SequentialAdapter", "apply_adapter"]

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import state
 from .base import adapter_parameter_names, has_adapters, replace_module
-from .modes import get_method
+from .modes import configure_mode, get_method
 
 
 @dataclass
@@ -86,7 +86,7 @@ def add_adapter(model: nn.Module, name: str, mode: str, num_classes: int | None 
     nn.init.zeros_(head.bias)
     model.head = head
     before = dict(model.named_modules())
-    changed = method.apply(model, **{k: v for k, v in options.items() if v is not None})
+    changed = method.apply(model, configure_mode(mode, **options))
     modules = {path: model.get_submodule(path) for path in changed}
     modules["head"] = head
     for path in changed:

@@ -14,67 +14,80 @@ parameters for ViT-B/16. The ReLU makes the branch non-linear, so it cannot be m
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, Method, NotMergeableError, Option, check_fresh, freeze_for_adapters, replace_module
+from .base import BlockAdapter, Method, MethodConfig, check_fresh, configure, freeze_for_adapters, replace_module
 
 
-class AdaptFormerBlock(Adapter, nn.Module):
-    """A pre-norm encoder block with AdaptFormer's parallel adapter; shares the block's sub-modules and names."""
+@dataclass(frozen=True)
+class AdaptFormerConfig(MethodConfig):
+    """AdaptFormer's options: the official code's parallel adapter (scale 0.1, "lora" init, dropout 0.1) at the
+    width of the VTAB tables' row (d = 8)."""
+
+    PREFIX: ClassVar[str] = "adaptformer"
+    POSITIVE: ClassVar[tuple] = ("dim",)
+    dim: int = 8  # AdaptFormer bottleneck width
+    scale: float = 0.1  # AdaptFormer output scale s (fixed)
+    dropout: float = 0.1  # dropout inside the AdaptFormer branch
+
+
+class AdaptFormerBlock(BlockAdapter, nn.Module):
+    """An encoder block plus AdaptFormer's branch beside its MLP sub-layer, through :class:`peft.base.BlockAdapter`:
+    the block's own forward runs with ``norm2`` observed, and s · branch(input of norm2) is added to its output
+    (outside the MLP's drop-path, as the official code)."""
 
     ADAPTER_PARAMS = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
-    MERGEABLE = False
+    CANNOT_MERGE = ("its adapter has a ReLU between the two projections, so it is not a linear map a weight could "
+                    "absorb; keep the adapter")
 
-    def __init__(self, block: nn.Module, dim: int = 8, scale: float = 0.1, dropout: float = 0.1):
-        super().__init__()
-        if dim < 1:
-            raise ValueError(f"adaptformer_dim must be at least 1, got {dim}")
-        for name, child in block.named_children():  # norm1, attn, norm2, mlp (+ drop paths): shared, same names
-            self.add_module(name, child)
+    def __init__(self, block: nn.Module, config: AdaptFormerConfig):
+        super().__init__(block)  # norm1, attn, norm2, mlp, drop paths: shared, same names
         width = block.norm1.normalized_shape[0]
         ref = block.norm1.weight
-        self.adapter_down = nn.Linear(width, dim, device=ref.device, dtype=ref.dtype)
-        self.adapter_up = nn.Linear(dim, width, device=ref.device, dtype=ref.dtype)
-        self.adapter_dropout = nn.Dropout(dropout)
-        self.scale = scale
+        self.adapter_down = nn.Linear(width, config.dim, device=ref.device, dtype=ref.dtype)
+        self.adapter_up = nn.Linear(config.dim, width, device=ref.device, dtype=ref.dtype)
+        self.adapter_dropout = nn.Dropout(config.dropout)
+        self.scale = config.scale
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.adapter_down.weight, a=math.sqrt(5))
             for p in (self.adapter_down.bias, self.adapter_up.weight, self.adapter_up.bias):
                 nn.init.zeros_(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D)
-        drop1, drop2 = getattr(self, "drop_path1", nn.Identity()), getattr(self, "drop_path2", nn.Identity())
-        x = x + drop1(self.attn(self.norm1(x)))
-        branch = self.adapter_up(self.adapter_dropout(F.relu(self.adapter_down(x))))
-        return x + drop2(self.mlp(self.norm2(x))) + self.scale * branch
+        seen = []  # the input of norm2: the residual stream after attention
 
-    def merge(self) -> nn.Module:
-        raise NotMergeableError("AdaptFormer cannot be merged: its adapter has a ReLU between the two projections, "
-                                "so it is not a linear map a weight could absorb; keep the adapter instead")
+        def observe_norm2(h: torch.Tensor) -> torch.Tensor:
+            seen.append(h)
+            return self.norm2(h)
+
+        y = self.run_block(x, norm2=observe_norm2)
+        branch = self.adapter_up(self.adapter_dropout(F.relu(self.adapter_down(seen[0]))))
+        return y + self.scale * branch
 
     def extra_repr(self) -> str:
         return f"dim={self.adapter_down.out_features}, scale={self.scale}"
 
 
-def apply_adaptformer(model: nn.Module, dim: int = 8, scale: float = 0.1, dropout: float = 0.1) -> list[str]:
+def apply_adaptformer(model: nn.Module, config: AdaptFormerConfig | None = None, **fields) -> list[str]:
     """AdaptFormer beside every block's MLP; freezes all but the adapters and the head."""
+    config = configure(AdaptFormerConfig, config, fields)
     check_fresh(model)
     names = [f"blocks.{i}" for i in range(len(model.blocks))]
     for name in names:
-        replace_module(model, name, AdaptFormerBlock(model.get_submodule(name), dim, scale, dropout))
+        replace_module(model, name, AdaptFormerBlock(model.get_submodule(name), config))
     freeze_for_adapters(model)
     return names
 
 
 METHOD = Method(
-    "adaptformer", lambda model, adaptformer_dim=8, adaptformer_scale=0.1, adaptformer_dropout=0.1: apply_adaptformer(
-        model, adaptformer_dim, adaptformer_scale, adaptformer_dropout),
-    "a parallel bottleneck adapter beside every MLP (d = 8), + head", lr=1e-3, mergeable=False,
+    "adaptformer", apply_adaptformer, "a parallel bottleneck adapter beside every MLP (d = 8), + head", lr=1e-3,
+    config=AdaptFormerConfig, wrappers=(AdaptFormerBlock,),
     lr_note="a LoRA-like low-rank branch that starts at zero: LoRA's rate",
-    options={"adaptformer_dim": Option(8, "AdaptFormer bottleneck width"),
-             "adaptformer_scale": Option(0.1, "AdaptFormer output scale s (fixed)"),
-             "adaptformer_dropout": Option(0.1, "dropout inside the AdaptFormer branch")},
     paper="Chen et al., AdaptFormer: Adapting Vision Transformers for Scalable Visual Recognition, NeurIPS 2022")
+
+__all__ = ["AdaptFormerBlock", "AdaptFormerConfig", "METHOD", "apply_adaptformer"]

@@ -1,24 +1,41 @@
-"""What every PEFT method shares: the adapter contract, the registry entry, and two small model-surgery helpers.
+"""What every PEFT method shares: the adapter contract, method configs, the registry entry, model surgery.
 
-The contract (one for every wrapper, so that merging and saving need no per-method branches):
+**The adapter contract** (kept by every wrapper, so that merging, saving and the engine need no per-method code):
 
-* an adapter module is an :class:`Adapter`; ``ADAPTER_PARAMS`` names its own trainable parameters, and the
-  frozen pretrained tensors it wraps keep their old names (``weight``, ``bias``);
-* ``merge()`` returns a *new plain module* (``nn.Linear``, ``nn.LayerNorm``, ``nn.Conv2d``, …) computing the
-  same function, which :func:`peft.merge_adapters` puts in the wrapper's place; a method whose extra
-  computation cannot be folded into weights sets ``MERGEABLE = False`` and ``merge()`` raises
-  :class:`NotMergeableError` saying why.
+* *Built one way.* An adapter module is an :class:`Adapter`; its ``__init__`` calls ``super().__init__(layer)``,
+  which takes the wrapped layer over (:func:`adopt_layer`): the layer's hyper-parameters (``in_features``,
+  ``eps``, ``stride``, ...), its Parameter objects (``weight``, ``bias``: the same tensors under the same names,
+  frozen) and its sub-modules (an encoder block's ``norm1``, ``attn``, ...). Nothing is allocated twice, and a
+  wrapper that subclasses the layer's type (``SSFLayerNorm(Adapter, nn.LayerNorm)``) runs that type's forward.
+* *Its own parameters* are named by ``ADAPTER_PARAMS``; :func:`adapter_parameter_names` is the one place that
+  lists them for a model, :func:`has_adapters` the one place that says whether a model is adapted.
+* *Merging.* ``merge()`` returns a new plain module (``nn.Linear``, ``nn.LayerNorm``, ``nn.Conv2d``, ...)
+  computing the same function, which :func:`peft.merge_adapters` puts in the wrapper's place. A method whose
+  extra computation no plain layer can hold says why once, in ``CANNOT_MERGE``; its ``merge()`` raises
+  :class:`NotMergeableError` with that reason and its registry entry reports ``mergeable = False``.
+* *Weight-space methods* (the function is (W + ΔW) x + b' for a frozen Linear: LoRA, DoRA, RLRR, FacT-TT) derive
+  from :class:`LinearDelta` and define ``delta_weight()`` (and ``delta_bias()`` if they move the bias); ``merge()``,
+  ``merge_in_place()`` and ``unmerge()`` are built on them, with the same meaning for every method.
+* *Branches and tokens* around an encoder block go through :class:`BlockAdapter`: the wrapper runs the block's own
+  forward, with named sub-modules substituted for the call, so it follows the model when the block changes (the
+  model imports nothing from ``peft``).
 
-A method is one file defining its wrappers, an ``apply(model, **options)`` function and a :class:`Method` entry
-with its published defaults; ``peft/modes.py`` lists the entries (see the README's "Adding a method").
+**A method** is one file: its wrappers, a :class:`MethodConfig` (fields with their published defaults and a one-line
+comment each: the command-line flags, the registry's documentation, the FLOP model and the checkpoints read it),
+an ``apply(model, config)`` function and a :class:`Method` entry; ``peft/modes.py`` lists the entries.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import dataclasses
+import inspect
+import re
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -31,14 +48,47 @@ class AdapterStateError(ValueError):
     names the keys."""
 
 
-class Adapter:
-    """Mixin marking an adapter module. Subclasses set ADAPTER_PARAMS and implement :meth:`merge`."""
+# ------------------------------------------------------------------------------------------ the adapter contract
 
-    ADAPTER_PARAMS: tuple[str, ...] = ()
-    MERGEABLE = True
+_MODULE_STATE = frozenset(vars(nn.Module()))  # what every nn.Module has (training, _parameters, hooks, ...)
+
+
+def adopt_layer(wrapper: nn.Module, layer: nn.Module) -> None:
+    """Make ``wrapper`` take ``layer`` over: its own attributes (hyper-parameters), its Parameters (the same
+    objects, frozen; a ``None`` bias stays ``None``) and its child modules, under the same names."""
+    for key, value in vars(layer).items():
+        if key not in _MODULE_STATE:
+            setattr(wrapper, key, value)
+    for name, p in layer._parameters.items():
+        if p is not None:
+            p.requires_grad_(False)
+        wrapper.register_parameter(name, p)
+    for name, child in layer.named_children():
+        wrapper.add_module(name, child)
+
+
+class Adapter:
+    """Base of every adapter module (first in the bases: ``class X(Adapter, nn.Module)``).
+
+    ``ADAPTER_PARAMS``: the names of its own trainable parameters. ``CANNOT_MERGE``: why it cannot be merged into
+    plain layers (None: it can, and the subclass implements :meth:`merge`)."""
+
+    ADAPTER_PARAMS: ClassVar[tuple[str, ...]] = ()
+    CANNOT_MERGE: ClassVar[str | None] = None
+
+    def __init__(self, layer: nn.Module | None = None):
+        nn.Module.__init__(self)  # never the wrapped type's constructor: nothing is allocated twice
+        if layer is not None:
+            adopt_layer(self, layer)
+
+    @classmethod
+    def mergeable(cls) -> bool:
+        return cls.CANNOT_MERGE is None
 
     def merge(self) -> nn.Module:
-        raise NotMergeableError(f"{type(self).__name__} cannot be merged into plain layers")
+        if self.CANNOT_MERGE is not None:
+            raise NotMergeableError(f"{type(self).__name__} cannot be merged into plain layers: {self.CANNOT_MERGE}")
+        raise NotImplementedError(f"{type(self).__name__} must implement merge()")
 
     def runtime_path(self, device) -> str | None:
         """Which compute path this adapter takes on ``device`` when it has a choice (a fused kernel), and why;
@@ -46,61 +96,234 @@ class Adapter:
         return None
 
 
-def adopt_linear(wrapper: nn.Module, base: nn.Linear) -> None:
-    """How every wrapper of an ``nn.Linear`` takes it over: the same ``weight``/``bias`` Parameter objects (names
-    and storage unchanged), frozen, and its ``in_features``/``out_features``."""
-    if not isinstance(base, nn.Linear):
-        raise TypeError(f"{type(wrapper).__name__} wraps nn.Linear, got {type(base).__name__}")
-    wrapper.in_features, wrapper.out_features = base.in_features, base.out_features
-    wrapper.weight, wrapper.bias = base.weight, base.bias
-    wrapper.weight.requires_grad_(False)
-    if wrapper.bias is not None:
-        wrapper.bias.requires_grad_(False)
+class LinearDelta(Adapter):
+    """An adapter of a frozen ``nn.Linear`` whose function is (W + ΔW) x + b + Δb.
 
+    Subclasses define ``delta_weight()`` (ΔW, out × in), if they move the bias ``delta_bias()`` (Δb, out), and their
+    unmerged computation ``adapted(x)``. Built on those, the same for every method: ``merged_weight()`` /
+    ``merged_bias()`` (formed in at least float32, rounded once to W's dtype; a method may form W + ΔW another way,
+    as RLRR's W ⊙ (1 + S)), ``merge()`` (a new plain ``nn.Linear``), and ``merge_in_place()`` / ``unmerge()``
+    (fold the update into the shared frozen tensors and restore them bit for bit, keeping the wrapper, as Hugging
+    Face peft does; the pretrained values are kept aside while merged)."""
 
-class LinearDelta:
-    """For adapters of an ``nn.Linear`` whose function is (W + ΔW) x + b: ``merge()`` built on ``delta_weight()``
-    (ΔW, out × in, in W's dtype). The adapter keeps ``weight``, ``bias``, ``in_features``, ``out_features``."""
+    merged = False  # True while the update is folded into self.weight / self.bias
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_bias(self) -> torch.Tensor | None:
+        return None
+
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) if self.merged else self.adapted(x)
+
+    def _acc(self) -> torch.dtype:
+        return torch.promote_types(self.weight.dtype, torch.float32)  # float64 stays float64
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        acc = self._acc()
+        return (self.weight.to(acc) + self.delta_weight().to(acc)).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merged_bias(self) -> torch.Tensor | None:
+        db = self.delta_bias()
+        if db is None:
+            return self.bias
+        acc = self._acc()
+        bias = db.to(acc) if self.bias is None else self.bias.to(acc) + db.to(acc)
+        return bias.to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
-        out.weight.copy_(self.weight + self.delta_weight().to(self.weight.dtype))
-        if self.bias is not None:
-            out.bias.copy_(self.bias)
+        """A new plain, frozen ``nn.Linear`` computing the adapted map (this module is left unchanged)."""
+        weight, bias = (self.weight, self.bias) if self.merged else (self.merged_weight(), self.merged_bias())
+        out = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
+                        dtype=weight.dtype)
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
         return out.requires_grad_(False)
+
+    @torch.no_grad()
+    def merge_in_place(self) -> None:
+        """Write the merged weight (and bias) into the frozen tensors; forward then skips the adapter."""
+        if self.merged:
+            return
+        weight, bias = self.merged_weight(), self.merged_bias()
+        if bias is not None and self.bias is None:
+            raise NotMergeableError(f"{type(self).__name__} moves the bias of a Linear that has none: use merge()")
+        self._pretrained = (self.weight.clone(), None if self.bias is None else self.bias.clone())
+        self.weight.copy_(weight)
+        if bias is not None:
+            self.bias.copy_(bias)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Put the pretrained weight (and bias) back, bit for bit."""
+        if not self.merged:
+            return
+        weight, bias = self._pretrained
+        self.weight.copy_(weight)
+        if bias is not None:
+            self.bias.copy_(bias)
+        del self._pretrained
+        self.merged = False
+
+
+class _Substituted:
+    """A view of a module in which some attributes are replaced for one call of a forward."""
+
+    def __init__(self, module: nn.Module, substitutes: dict):
+        self._module, self._substitutes = module, substitutes
+
+    def __getattr__(self, name: str):
+        subs = self.__dict__["_substitutes"]
+        return subs[name] if name in subs else getattr(self.__dict__["_module"], name)
+
+
+class BlockAdapter(Adapter):
+    """The one mechanism for methods that add tokens or a branch to an encoder block (VPT, AdaptFormer).
+
+    The wrapper takes the block over (its sub-modules keep their names) and :meth:`run_block` runs *the block's own
+    forward* on it, optionally with named sub-modules replaced for that call, e.g. ``run_block(x, norm2=tap)`` to
+    observe the input of the MLP sub-layer. Tokens are added by changing ``x`` before the call, a parallel branch by
+    adding to the result; nothing of the block's computation is written a second time."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__(block)
+        self._block_forward = type(block).forward
+
+    def run_block(self, x: torch.Tensor, **substitutes) -> torch.Tensor:
+        return self._block_forward(_Substituted(self, substitutes) if substitutes else self, x)
+
+
+# -------------------------------------------------------------------------------------------------- method configs
+
+def field_comments(cls) -> dict[str, str]:
+    """The trailing ``# comment`` of each field line in a dataclass's source: one place for every help text."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        pattern = re.compile(r"^\s+(\w+):[^#]*#\s*(.*)$")
+        comments.update({m.group(1): m.group(2) for m in map(pattern.match, source.splitlines()) if m})
+    return comments
 
 
 @dataclass(frozen=True)
 class Option:
-    """One option of a method: default, a one-line help (it becomes the ``--flag``'s help) and choices."""
+    """One option of a method as the command line sees it: flat keyword (``lora_rank``), field, type, default,
+    help and choices; derived from the method's :class:`MethodConfig`."""
 
+    key: str
+    field: str
+    kind: type
     default: Any
     help: str
     choices: tuple | None = None
 
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's config (as Hugging Face peft's ``LoraConfig``): a frozen dataclass whose fields carry
+    the published default and a trailing one-line comment (the ``--flag``'s help). ``PREFIX`` names the flags
+    (``PREFIX="lora"``: field ``rank`` is ``--lora-rank`` and keyword ``lora_rank``); ``CHOICES`` lists allowed
+    values per field. ``check()`` raises ValueError naming the flag for a value the method cannot use."""
+
+    PREFIX: ClassVar[str] = ""
+    CHOICES: ClassVar[dict[str, tuple]] = {}
+    POSITIVE: ClassVar[tuple[str, ...]] = ()  # fields that must be at least 1 (ranks, widths, token counts)
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        for name in self.POSITIVE:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{self.PREFIX}-{name.replace('_', '-')} must be at least 1, got "
+                                 f"{getattr(self, name)}")
+        for name, allowed in self.CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{self.PREFIX}-{name.replace('_', '-')} {getattr(self, name)!r}: choose one "
+                                 f"of {', '.join(allowed)}")
+
+    @classmethod
+    def options(cls) -> dict[str, Option]:
+        """The flat options, keyed ``PREFIX_field``, in field order."""
+        hints, helps = typing.get_type_hints(cls), field_comments(cls)
+        return {f"{cls.PREFIX}_{f.name}": Option(f"{cls.PREFIX}_{f.name}", f.name, hints[f.name], f.default,
+                                                 helps.get(f.name, ""), cls.CHOICES.get(f.name))
+                for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_options(cls, options: dict) -> "MethodConfig":
+        """The config from flat keywords (``lora_rank=16``); missing or None values take the default, other
+        methods' keywords are ignored."""
+        return cls(**{o.field: options[k] for k, o in cls.options().items() if options.get(k) is not None})
+
+    def to_options(self) -> dict:
+        """Every field as a flat keyword: what checkpoints record and :meth:`from_options` reads back."""
+        return {f"{self.PREFIX}_{f.name}": getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class NoOptions(MethodConfig):
+    """The config of a method without options (head, mlp, full, bitfit)."""
+
+
+def configure(cls: type[MethodConfig], config: MethodConfig | None, fields: dict) -> MethodConfig:
+    """``apply_x(model, config=None, **fields)``: the given config, its fields replaced by ``fields``; or the
+    defaults with ``fields``."""
+    if config is None:
+        return cls(**fields)
+    if not isinstance(config, cls):
+        raise TypeError(f"expected a {cls.__name__}, got {type(config).__name__}")
+    return dataclasses.replace(config, **fields) if fields else config
+
 
 @dataclass(frozen=True)
 class Method:
-    """A registry entry: how to apply the method, its options and published defaults.
+    """A registry entry: how to apply the method, its config and published defaults.
 
-    ``apply(model, **options)`` adapts and freezes the model in place and returns the names of the replaced
-    modules. ``options`` maps keyword names (unique across methods, prefixed with the method's name, e.g.
-    ``lora_rank``) to :class:`Option`; ``lr`` is the default peak AdamW learning rate for ViT-B/16 at batch 128,
-    with the reason in ``lr_note``.
+    ``apply(model, config)`` adapts and freezes the model in place and returns the names of the replaced
+    modules. ``config`` is the method's :class:`MethodConfig` class; ``wrappers`` its adapter classes (they say
+    whether it merges); ``lr`` the default peak AdamW learning rate for ViT-B/16 at batch 128, with the reason in
+    ``lr_note``. ``trains_backbone``: it updates pretrained tensors in place (mlp, full: it cannot share a backbone
+    with other tasks); ``saves_everything``: its checkpoints store every parameter (full).
     """
 
     name: str
-    apply: Callable[..., list[str]]
+    apply: Callable[[nn.Module, MethodConfig], list[str]]
     summary: str  # what trains, in a few words
     lr: float
     lr_note: str = ""
-    options: dict[str, Option] = field(default_factory=dict)
-    mergeable: bool = True  # merge_adapters can fold it into a plain ViT
-    trains_backbone: bool = False  # updates pretrained tensors in place (full, mlp): cannot share a backbone
+    config: type[MethodConfig] = NoOptions
+    wrappers: tuple[type, ...] = ()
+    trains_backbone: bool = False
+    saves_everything: bool = False
     paper: str = ""
 
+    @property
+    def mergeable(self) -> bool:
+        return all(w.mergeable() for w in self.wrappers)
+
+    @property
+    def options(self) -> dict[str, Option]:
+        return self.config.options()
+
+
+# -------------------------------------------------------------------------------------------------- model surgery
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at the dotted path ``name`` of ``model`` (the one place that does this)."""
@@ -138,8 +361,8 @@ def has_adapters(model: nn.Module) -> bool:
 
 def check_fresh(model: nn.Module) -> None:
     """Refuse to stack a second method on a model that already carries adapters."""
-    present = sorted({type(m).__name__ for m in model.modules() if isinstance(m, Adapter)})
-    if present:
+    if has_adapters(model):
+        present = sorted({type(m).__name__ for m in model.modules() if isinstance(m, Adapter)})
         raise ValueError(f"the model already has adapters ({', '.join(present)}); apply one method to a fresh "
                          "model, or merge_adapters() first")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, Method, check_fresh, freeze_for_adapters, replace_module
+from .base import Adapter, Method, NoOptions, check_fresh, freeze_for_adapters, replace_module
 
 
 class _OwnBias(Adapter):
@@ -22,10 +22,9 @@ class _OwnBias(Adapter):
 
     ADAPTER_PARAMS = ("bias",)
 
-    def _take(self, layer: nn.Module) -> None:
-        self.weight = layer.weight
-        self.weight.requires_grad_(False)
-        self.bias = nn.Parameter(layer.bias.detach().clone())
+    def __init__(self, layer: nn.Module):
+        super().__init__(layer)
+        self.bias = nn.Parameter(layer.bias.detach().clone())  # trains; the pretrained bias stays as it was
 
     @torch.no_grad()
     def _plain(self, plain: nn.Module) -> nn.Module:
@@ -35,35 +34,18 @@ class _OwnBias(Adapter):
 
 
 class BitFitLinear(_OwnBias, nn.Linear):
-    def __init__(self, layer: nn.Linear):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = layer.in_features, layer.out_features
-        self._take(layer)
-
     def merge(self) -> nn.Linear:
         w = self.weight
         return self._plain(nn.Linear(self.in_features, self.out_features, device=w.device, dtype=w.dtype))
 
 
 class BitFitLayerNorm(_OwnBias, nn.LayerNorm):
-    def __init__(self, layer: nn.LayerNorm):
-        nn.Module.__init__(self)
-        self.normalized_shape, self.eps, self.elementwise_affine = layer.normalized_shape, layer.eps, True
-        self._take(layer)
-
     def merge(self) -> nn.LayerNorm:
         w = self.weight
         return self._plain(nn.LayerNorm(self.normalized_shape, eps=self.eps, device=w.device, dtype=w.dtype))
 
 
 class BitFitConv2d(_OwnBias, nn.Conv2d):
-    def __init__(self, layer: nn.Conv2d):
-        w = layer.weight
-        super().__init__(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-                         padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-                         padding_mode=layer.padding_mode, device="meta", dtype=w.dtype)
-        self._take(layer)
-
     def merge(self) -> nn.Conv2d:
         w = self.weight
         return self._plain(nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
@@ -74,7 +56,7 @@ class BitFitConv2d(_OwnBias, nn.Conv2d):
 WRAPPERS = {nn.Linear: BitFitLinear, nn.LayerNorm: BitFitLayerNorm, nn.Conv2d: BitFitConv2d}
 
 
-def apply_bitfit(model: nn.Module) -> list[str]:
+def apply_bitfit(model: nn.Module, config: NoOptions | None = None) -> list[str]:
     """Every bias of the backbone trains (the head too); returns the wrapped module names."""
     check_fresh(model)
     names = [n for n, m in model.named_modules()
@@ -88,7 +70,7 @@ def apply_bitfit(model: nn.Module) -> list[str]:
 
 METHOD = Method(
     "bitfit", apply_bitfit, "every bias of the backbone (patch embedding, q/k/v/proj, fc1/fc2, LayerNorms), + head",
-    lr=1e-3, lr_note="the rate of the other vector-only methods here (LoRA, head): biases are few and start "
+    lr=1e-3, wrappers=(BitFitLinear, BitFitLayerNorm, BitFitConv2d), lr_note="the rate of the other vector-only methods here (LoRA, head): biases are few and start "
                      "at their pretrained values; not taken from a published ViT config",
     paper="Ben Zaken et al., BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked "
           "Language-models, ACL 2022")

@@ -14,26 +14,44 @@ parameters for ViT-B/16. Mergeable: W' = (m / ‖V‖) ⊙ V row by row, bias un
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, LinearDelta, Method, Option, adopt_linear, check_fresh, freeze_for_adapters, replace_module
+from .base import LinearDelta, Method, MethodConfig, check_fresh, configure, freeze_for_adapters, replace_module
 from .lora import find_lora_targets
 
 
-class DoRALinear(LinearDelta, Adapter, nn.Module):
+@dataclass(frozen=True)
+class DoraConfig(MethodConfig):
+    """DoRA's options: this project's LoRA defaults (HF peft ``LoraConfig(use_dora=True)`` takes LoRA's r and
+    alpha; the DoRA paper's commonsense runs use r = 8..32 on q, k, v, up, down)."""
+
+    PREFIX: ClassVar[str] = "dora"
+    POSITIVE: ClassVar[tuple] = ("rank",)
+    rank: int = 8  # DoRA rank r of the direction's LoRA update
+    alpha: float = 8.0  # DoRA scale alpha (the update is scaled by alpha / r)
+    targets: str = "q,v"  # comma-separated Linear names that get DoRA (q,k,v,proj,fc1,fc2)
+
+    def __post_init__(self):
+        if not isinstance(self.targets, str):  # a list or tuple of names: one canonical form, "q,v"
+            object.__setattr__(self, "targets", ",".join(self.targets))
+        super().__post_init__()
+
+
+class DoRALinear(LinearDelta, nn.Module):
     """A frozen ``nn.Linear`` with DoRA's magnitude ``m`` (out,) and LoRA pair ``lora_A`` (r, in), ``lora_B`` (out, r)."""
 
     ADAPTER_PARAMS = ("lora_A", "lora_B", "magnitude")
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 8.0):
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"DoRA rank must be >= 1, got {rank}")
-        adopt_linear(self, base)  # the frozen weight and bias, under their old names
-        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+    def __init__(self, base: nn.Linear, config: DoraConfig | None = None, **fields):
+        config = configure(DoraConfig, config, fields)
+        super().__init__(base)  # the frozen weight and bias, under their old names
+        rank = config.rank
+        self.rank, self.alpha, self.scaling = rank, config.alpha, config.alpha / rank
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
@@ -50,7 +68,7 @@ class DoRALinear(LinearDelta, Adapter, nn.Module):
         v = self.direction()
         return (self.magnitude / v.norm(dim=1))[:, None] * v - self.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():  # ‖V‖ is a constant in backward (peft: weight_norm.detach())
             norm = self.direction().norm(dim=1)
         scale = self.magnitude / norm  # (out,), carries m's gradient
@@ -62,24 +80,22 @@ class DoRALinear(LinearDelta, Adapter, nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha}"
 
 
-def apply_dora(model: nn.Module, rank: int = 8, alpha: float = 8.0, targets=("q", "v")) -> list[str]:
+def apply_dora(model: nn.Module, config: DoraConfig | None = None, **fields) -> list[str]:
     """DoRA on the targeted Linears (LoRA's target syntax); freezes all but adapters and head."""
+    config = configure(DoraConfig, config, fields)
     check_fresh(model)
-    names = find_lora_targets(model, targets)
+    names = find_lora_targets(model, config.targets)
     for name in names:
-        replace_module(model, name, DoRALinear(model.get_submodule(name), rank=rank, alpha=alpha))
+        replace_module(model, name, DoRALinear(model.get_submodule(name), config))
     freeze_for_adapters(model)
     return names
 
 
 METHOD = Method(
-    "dora", lambda model, dora_rank=8, dora_alpha=8.0, dora_targets=("q", "v"): apply_dora(
-        model, rank=dora_rank, alpha=dora_alpha, targets=dora_targets),
+    "dora", apply_dora,
     "DoRA: a magnitude per output unit and a LoRA-updated direction on the targets (q, v; r = 8), + head",
-    lr=1e-3, lr_note="LoRA's rate: the same low-rank pair, plus a magnitude vector that starts at ‖W‖",
-    options={"dora_rank": Option(8, "DoRA rank r of the direction's LoRA update"),
-             "dora_alpha": Option(8.0, "DoRA scale alpha (the update is scaled by alpha / r)"),
-             "dora_targets": Option("q,v", "comma-separated Linear names that get DoRA (q,k,v,proj,fc1,fc2)")},
+    lr=1e-3, config=DoraConfig, wrappers=(DoRALinear,),
+    lr_note="LoRA's rate: the same low-rank pair, plus a magnitude vector that starts at ‖W‖",
     paper="Liu et al., DoRA: Weight-Decomposed Low-Rank Adaptation, ICML 2024")
 
-__all__ = ["DoRALinear", "METHOD", "apply_dora"]
+__all__ = ["DoRALinear", "DoraConfig", "METHOD", "apply_dora"]

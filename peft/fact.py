@@ -19,14 +19,27 @@ each adapted Linear keeps its ``weight``/``bias`` names and owns its core ``fact
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, LinearDelta, Method, Option, adopt_linear, check_fresh, freeze_for_adapters, replace_module
+from .base import Adapter, LinearDelta, Method, MethodConfig, check_fresh, configure, freeze_for_adapters, replace_module
 
 TARGETS = ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+@dataclass(frozen=True)
+class FactConfig(MethodConfig):
+    """FacT-TT's options: ``set_FacT(model, dim=8, s=1)`` and the dropout of ``FacT/fact_tt.py``."""
+
+    PREFIX: ClassVar[str] = "fact"
+    POSITIVE: ClassVar[tuple] = ("rank",)
+    rank: int = 8  # FacT rank d of the shared factors and the cores
+    scale: float = 1.0  # FacT scale s of the increment (tuned per task in FacT/configs/tt)
+    dropout: float = 0.1  # dropout on the FacT cores' outputs
 
 
 def _linear_init(t: torch.Tensor) -> None:
@@ -50,16 +63,16 @@ class FacTShared(Adapter, nn.Module):
         return nn.Identity()  # the layers' merges have folded U and V into their weights
 
 
-class FacTLinear(LinearDelta, Adapter, nn.Module):
+class FacTLinear(LinearDelta, nn.Module):
     """A frozen ``nn.Linear`` plus FacT's increment through the shared U, V and its own core ``fact_s``.
 
     ``kind``: "square" (D → D), "expand" (fc1, D → c·D) or "reduce" (fc2, c·D → D), c the MLP ratio."""
 
     ADAPTER_PARAMS = ("fact_s",)
 
-    def __init__(self, base: nn.Linear, shared: FacTShared, kind: str, scale: float = 1.0, dropout: float = 0.1):
-        super().__init__()
-        adopt_linear(self, base)
+    def __init__(self, base: nn.Linear, shared: FacTShared, kind: str, config: FactConfig):
+        super().__init__(base)
+        scale, dropout = config.scale, config.dropout
         width, rank = shared.v.shape
         self.kind, self.scale, self.rank = kind, scale, rank
         self.chunks = {"square": 1, "expand": base.out_features // width, "reduce": base.in_features // width}[kind]
@@ -72,7 +85,7 @@ class FacTLinear(LinearDelta, Adapter, nn.Module):
         self.fact_dropout = nn.Dropout(dropout)
         self._shared = [shared]  # a plain list: the factors are registered once, on model.fact
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
         u, v = self._shared[0].u, self._shared[0].v
         y = F.linear(x, self.weight, self.bias)
         if self.kind == "reduce":
@@ -98,32 +111,28 @@ class FacTLinear(LinearDelta, Adapter, nn.Module):
         return f"kind={self.kind}, rank={self.rank}, scale={self.scale}"
 
 
-def apply_fact(model: nn.Module, rank: int = 8, scale: float = 1.0, dropout: float = 0.1) -> list[str]:
+def apply_fact(model: nn.Module, config: FactConfig | None = None, **fields) -> list[str]:
     """FacT-TT on q, k, v, proj, fc1, fc2 of every block; freezes all but the factors, the cores and the head."""
-    if rank < 1:
-        raise ValueError(f"fact_rank must be at least 1, got {rank}")
+    config = configure(FactConfig, config, fields)
     check_fresh(model)
-    shared = FacTShared(model.config.hidden_size, rank, model.blocks[0].norm1.weight)
+    shared = FacTShared(model.config.hidden_size, config.rank, model.blocks[0].norm1.weight)
     model.fact = shared
     names = []
     for i in range(len(model.blocks)):
         for target in TARGETS:
             name = f"blocks.{i}.{target}"
             kind = {"mlp.fc1": "expand", "mlp.fc2": "reduce"}.get(target, "square")
-            replace_module(model, name, FacTLinear(model.get_submodule(name), shared, kind, scale, dropout))
+            replace_module(model, name, FacTLinear(model.get_submodule(name), shared, kind, config))
             names.append(name)
     freeze_for_adapters(model)
     return names + ["fact"]
 
 
 METHOD = Method(
-    "fact-tt", lambda model, fact_rank=8, fact_scale=1.0, fact_dropout=0.1: apply_fact(model, fact_rank, fact_scale,
-                                                                                       fact_dropout),
+    "fact-tt", apply_fact,
     "FacT-TT: every layer's increment V S U with U, V shared across the model (rank 8), + head", lr=1e-3,
+    config=FactConfig, wrappers=(FacTShared, FacTLinear),
     lr_note="FacT's own VTAB runs: AdamW at 1e-3, weight decay 1e-4 (FacT/fact_tt.py:165-166, 195)",
-    options={"fact_rank": Option(8, "FacT rank d of the shared factors and the cores"),
-             "fact_scale": Option(1.0, "FacT scale s of the increment (tuned per task in FacT/configs/tt)"),
-             "fact_dropout": Option(0.1, "dropout on the FacT cores' outputs")},
     paper="Jie & Deng, FacT: Factor-Tuning for Lightweight Adaptation on Vision Transformer, AAAI 2023")
 
-__all__ = ["FacTLinear", "FacTShared", "METHOD", "apply_fact"]
+__all__ = ["FacTLinear", "FacTShared", "FactConfig", "METHOD", "apply_fact"]

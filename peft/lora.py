@@ -20,39 +20,56 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, Method, Option, adopt_linear, check_fresh, freeze_for_adapters, replace_module
+from .base import LinearDelta, Method, MethodConfig, check_fresh, configure, freeze_for_adapters, replace_module
 
 SHORT_NAMES = ("q", "k", "v", "proj", "fc1", "fc2")
 VARIANTS = ("loralib", "noah")
 
 
-class LoRALinear(Adapter, nn.Module):
-    """``nn.Linear`` + (α/r) B A. ``delta_weight()`` is the single source for merge, merge_in_place and unmerge.
+@dataclass(frozen=True)
+class LoraConfig(MethodConfig):
+    """LoRA's options; defaults as Hugging Face peft's ``LoraConfig`` and loralib (r = 8, alpha = r) on q and v,
+    the placement the LoRA paper recommends (Hu et al. 2022, §7.1)."""
 
-    ``merge()`` (the contract of every adapter) returns a new plain ``nn.Linear``; ``merge_in_place()`` /
-    ``unmerge()`` fold the update into the shared weight and back, keeping the wrapper (as HF peft does).
-    """
+    PREFIX: ClassVar[str] = "lora"
+    CHOICES: ClassVar[dict] = {"variant": VARIANTS}
+    POSITIVE: ClassVar[tuple] = ("rank",)
+    rank: int = 8  # LoRA rank r
+    alpha: float = 8.0  # LoRA scale alpha (update scaled by alpha / r)
+    targets: str = "q,v"  # comma-separated Linear names that get LoRA (q,k,v,proj,fc1,fc2), globs or regexes
+    dropout: float = 0.0  # dropout on the LoRA branch input
+    variant: str = "loralib"  # loralib (= HF peft: B A scaled by alpha/r on the targets) | noah (the VTAB tables' LoRA row: one unscaled pair on the fused q,k,v)
+
+    def __post_init__(self):
+        if not isinstance(self.targets, str):  # a list or tuple of names: one canonical form, "q,v"
+            object.__setattr__(self, "targets", ",".join(self.targets))
+        super().__post_init__()
+
+
+class LoRALinear(LinearDelta, nn.Module):
+    """``nn.Linear`` + (α/r) B A; ``merge()``, ``merge_in_place()`` and ``unmerge()`` come from
+    :class:`peft.base.LinearDelta`, built on ``delta_weight()``."""
 
     ADAPTER_PARAMS = ("lora_A", "lora_B")
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0,
-                 shared_A: nn.Parameter | None = None):
-        """``shared_A``: NOAH's variant, an (in, r) A shared with the block's other projections; B is then
-        (r, out) and the update x A B is not scaled."""
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        adopt_linear(self, base)
+    def __init__(self, base: nn.Linear, config: LoraConfig | None = None, shared_A: nn.Parameter | None = None,
+                 **fields):
+        """``config`` or its fields (``rank=4``). ``shared_A``: NOAH's variant, an (in, r) A shared with the
+        block's other projections; B is then (r, out) and the update x A B is not scaled."""
+        config = configure(LoraConfig, config, fields)
+        super().__init__(base)
+        rank = config.rank
         self.noah = shared_A is not None
-        self.rank, self.alpha, self.scaling = rank, alpha, 1.0 if self.noah else alpha / rank
+        self.rank, self.alpha, self.scaling = rank, config.alpha, 1.0 if self.noah else config.alpha / rank
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False  # True while delta_weight() is added into self.weight
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if self.noah:
             if tuple(shared_A.shape) != (self.in_features, rank):
                 raise ValueError(f"shared_A must be ({self.in_features}, {rank}), got {tuple(shared_A.shape)}")
@@ -64,10 +81,8 @@ class LoRALinear(Adapter, nn.Module):
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.merged:
-            return y
         if self.noah:
             return y + (self.lora_dropout(x) @ self.lora_A) @ self.lora_B
         a = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
@@ -78,32 +93,6 @@ class LoRALinear(Adapter, nn.Module):
         if self.noah:
             return (self.lora_A @ self.lora_B).T
         return (self.lora_B @ self.lora_A) * self.scaling
-
-    @torch.no_grad()
-    def merge_in_place(self) -> None:
-        """Add the update into the frozen weight in place (forward then skips the LoRA branch)."""
-        if not self.merged:
-            self.weight.add_(self.delta_weight().to(self.weight.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract the update again (exact up to float rounding)."""
-        if self.merged:
-            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
-            self.merged = False
-
-    @torch.no_grad()
-    def merge(self) -> nn.Linear:
-        """A new plain, frozen ``nn.Linear`` with weight W₀ + (α/r) B A (this module is left unchanged)."""
-        w = self.weight if self.merged else self.weight + self.delta_weight().to(self.weight.dtype)
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=w.device, dtype=w.dtype)
-        out.weight.copy_(w)
-        if self.bias is not None:
-            out.bias.copy_(self.bias)
-        out.requires_grad_(False)
-        return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
@@ -140,62 +129,49 @@ def find_lora_targets(model: nn.Module, targets) -> list[str]:
     return [n for n in linears if n in found]  # model order
 
 
-def inject_noah(model: nn.Module, rank: int = 8, dropout: float = 0.0) -> list[str]:
+def inject_noah(model: nn.Module, config: LoraConfig) -> list[str]:
     """NOAH's LoRA: per block one A (in, r), kaiming-uniform on that shape, shared by q, k and v, each with its
     zero (r, out) block of B. Returns the wrapped module names."""
     names = []
     for i, block in enumerate(model.blocks):
-        attn = block.attn
-        ref = attn.q.weight
-        shared = nn.Parameter(torch.empty(ref.shape[1], rank, device=ref.device, dtype=ref.dtype))
+        ref = block.attn.q.weight
+        shared = nn.Parameter(torch.empty(ref.shape[1], config.rank, device=ref.device, dtype=ref.dtype))
         with torch.no_grad():
             nn.init.kaiming_uniform_(shared, a=math.sqrt(5))  # fan_in = r on the (in, r) tensor: bound 1/√r
         for part in ("q", "k", "v"):
             name = f"blocks.{i}.attn.{part}"
-            replace_module(model, name, LoRALinear(model.get_submodule(name), rank=rank, dropout=dropout,
-                                                   shared_A=shared))
+            replace_module(model, name, LoRALinear(model.get_submodule(name), config, shared_A=shared))
             names.append(name)
     return names
 
 
-def inject_lora(model: nn.Module, rank: int = 8, alpha: float = 8.0, targets=("q", "v"),
-                dropout: float = 0.0, variant: str = "loralib") -> list[str]:
-    """Wrap the targeted Linears in :class:`LoRALinear` (no freezing). Returns their names. ``variant="noah"``
+def inject_lora(model: nn.Module, config: LoraConfig | None = None, **fields) -> list[str]:
+    """Wrap the targeted Linears in :class:`LoRALinear` (no freezing). Returns their names. The "noah" variant
     adapts the fused q,k,v of every block (``targets`` and ``alpha`` do not apply)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown LoRA variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    if variant == "noah":
-        return inject_noah(model, rank, dropout)
-    names = find_lora_targets(model, targets)
+    config = configure(LoraConfig, config, fields)
+    if config.variant == "noah":
+        return inject_noah(model, config)
+    names = find_lora_targets(model, config.targets)
     for name in names:
-        replace_module(model, name, LoRALinear(model.get_submodule(name), rank=rank, alpha=alpha, dropout=dropout))
+        replace_module(model, name, LoRALinear(model.get_submodule(name), config))
     return names
 
 
-def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 8.0, targets=("q", "v"),
-               dropout: float = 0.0, variant: str = "loralib") -> list[str]:
+def apply_lora(model: nn.Module, config: LoraConfig | None = None, **fields) -> list[str]:
     """LoRA on the targeted Linears (short names q,k,v,proj,fc1,fc2, or glob/regex on full names), or NOAH's
-    fused-qkv variant; freezes all but adapters and head. Returns the wrapped module names."""
+    fused-qkv variant; freezes all but adapters and head. ``apply_lora(model, LoraConfig(rank=16))`` or
+    ``apply_lora(model, rank=16)``. Returns the wrapped module names."""
     check_fresh(model)
-    changed = inject_lora(model, rank=rank, alpha=alpha, targets=targets, dropout=dropout, variant=variant)
+    changed = inject_lora(model, config, **fields)
     freeze_for_adapters(model)
     return changed
 
 
 METHOD = Method(
-    "lora", lambda model, lora_rank=8, lora_alpha=8.0, lora_targets=("q", "v"), lora_dropout=0.0,
-    lora_variant="loralib": apply_lora(model, rank=lora_rank, alpha=lora_alpha, targets=lora_targets,
-                                       dropout=lora_dropout, variant=lora_variant),
-    "LoRA A/B on the targets (default q, v; r = 8), + head", lr=1e-3,
+    "lora", apply_lora, "LoRA A/B on the targets (default q, v; r = 8), + head", lr=1e-3, config=LoraConfig,
+    wrappers=(LoRALinear,),
     lr_note="the usual LoRA rate for ViTs with AdamW (B starts at zero, so the start is the base model)",
-    options={"lora_rank": Option(8, "LoRA rank r"),
-             "lora_alpha": Option(8.0, "LoRA scale alpha (update scaled by alpha / r)"),
-             "lora_targets": Option("q,v", "comma-separated Linear names that get LoRA (q,k,v,proj,fc1,fc2)"),
-             "lora_dropout": Option(0.0, "dropout on the LoRA branch input"),
-             "lora_variant": Option("loralib", "loralib (= HF peft: B A scaled by alpha/r on the targets) | noah "
-                                               "(the VTAB tables' LoRA row: one unscaled pair on the fused q,k,v)",
-                                    VARIANTS)},
     paper="Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022")
 
-__all__ = ["LoRALinear", "METHOD", "SHORT_NAMES", "VARIANTS", "apply_lora", "find_lora_targets", "inject_lora",
-           "inject_noah"]
+__all__ = ["LoRALinear", "LoraConfig", "METHOD", "SHORT_NAMES", "VARIANTS", "apply_lora", "find_lora_targets",
+           "inject_lora", "inject_noah"]

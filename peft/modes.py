@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import adapter, adaptformer, bitfit, dora, fact, lora, rlrr, selective, ssf, vpt
-from .base import Method
+from .base import Method, MethodConfig
 
 _ENTRIES: tuple[Method, ...] = (
     selective.HEAD,
@@ -32,7 +32,7 @@ _ENTRIES: tuple[Method, ...] = (
 METHODS: dict[str, Method] = {m.name: m for m in _ENTRIES}
 MODES: tuple[str, ...] = tuple(METHODS)
 MODE_OPTIONS: dict[str, object] = {k: o.default for m in _ENTRIES for k, o in m.options.items()}
-DEFAULT_LR: dict[str, float] = {m.name: m.lr for m in _ENTRIES}
+CONFIGS: dict[type, Method] = {m.config: m for m in _ENTRIES if m.options}
 
 
 def get_method(mode: str) -> Method:
@@ -42,20 +42,29 @@ def get_method(mode: str) -> Method:
         raise ValueError(f"unknown fine-tuning mode {mode!r}; choose one of {', '.join(MODES)}") from None
 
 
-def apply_mode(model: nn.Module, mode: str, **options) -> list[str]:
-    """Prepare ``model`` for fine-tuning in ``mode`` (one of :data:`MODES`), in place.
-
-    Options are the registry's keyword names (e.g. ``lora_rank``, ``rlrr_init``; None means the default).
-    An option no method knows raises TypeError; options of other methods are ignored, so one dict of options
-    can serve several modes. Returns the names of modules replaced by adapters (empty for head, mlp, full).
-    """
+def configure_mode(mode: str, **options) -> MethodConfig:
+    """The config of ``mode`` from flat keywords (``lora_rank=16``; None or missing: the default). An option no
+    method knows raises TypeError; other methods' options are ignored, so one dict can serve several modes."""
     unknown = set(options) - set(MODE_OPTIONS)
     if unknown:
         raise TypeError(f"unknown option(s) for apply_mode: {', '.join(sorted(unknown))}; "
                         f"known: {', '.join(MODE_OPTIONS)}")
-    method = get_method(mode)
-    own = {k: options[k] for k in method.options if options.get(k) is not None}
-    return method.apply(model, **own)
+    return get_method(mode).config.from_options(options)
 
 
-__all__ = ["DEFAULT_LR", "METHODS", "MODES", "MODE_OPTIONS", "apply_mode", "get_method"]
+def apply_mode(model: nn.Module, mode: str, **options) -> list[str]:
+    """Prepare ``model`` for fine-tuning in ``mode`` (one of :data:`MODES`), in place, with flat keyword options
+    (see :func:`configure_mode`). Returns the names of modules replaced by adapters (empty for head, mlp, full)."""
+    return get_method(mode).apply(model, configure_mode(mode, **options))
+
+
+def apply_method(model: nn.Module, config: MethodConfig) -> list[str]:
+    """Prepare ``model`` with the method whose config ``config`` is, e.g. ``apply_method(model, LoraConfig(rank=16))``
+    (as Hugging Face peft's ``get_peft_model(model, config)``, in place)."""
+    if type(config) not in CONFIGS:
+        raise TypeError(f"{type(config).__name__} is not the config of a registered method")
+    return CONFIGS[type(config)].apply(model, config)
+
+
+__all__ = ["CONFIGS", "METHODS", "MODES", "MODE_OPTIONS", "apply_method", "apply_mode", "configure_mode",
+           "get_method"]

@@ -11,20 +11,20 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Method, freeze_all_but, is_head
+from .base import Method, NoOptions, freeze_all_but, is_head
 
 
-def apply_head(model: nn.Module) -> list[str]:
+def apply_head(model: nn.Module, config: NoOptions | None = None) -> list[str]:
     freeze_all_but(model, is_head)
     return []
 
 
-def apply_mlp(model: nn.Module) -> list[str]:
+def apply_mlp(model: nn.Module, config: NoOptions | None = None) -> list[str]:
     freeze_all_but(model, lambda n: is_head(n) or ".mlp.fc1." in n or ".mlp.fc2." in n)
     return []
 
 
-def apply_full(model: nn.Module) -> list[str]:
+def apply_full(model: nn.Module, config: NoOptions | None = None) -> list[str]:
     freeze_all_but(model, lambda n: True)
     return []
 
@@ -37,6 +37,6 @@ MLP = Method(
     "mlp", apply_mlp, "fc1 and fc2 of every block, and the head", lr=1e-4, trains_backbone=True,
     lr_note="two thirds of the backbone's weights move, so this behaves like full fine-tuning and takes its rate")
 FULL = Method(
-    "full", apply_full, "every parameter", lr=1e-4, trains_backbone=True,
+    "full", apply_full, "every parameter", lr=1e-4, trains_backbone=True, saves_everything=True,
     lr_note="every weight moves; larger rates destroy the pretrained features (Google fine-tunes with small "
             "steps too). Training from scratch (--weights none) uses 1e-3 instead: nothing to preserve")

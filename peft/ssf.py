@@ -10,12 +10,13 @@ patch convolution W'[o] = s[o] W[o], b' = s ⊙ b + t.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from .base import Adapter, Method, Option, check_fresh, freeze_for_adapters, replace_module
+from .base import Adapter, Method, MethodConfig, check_fresh, configure, freeze_for_adapters, replace_module
 
 INITS = ("official", "identity")
 
@@ -27,7 +28,7 @@ class SSF(Adapter, nn.Module):
     """
 
     ADAPTER_PARAMS = ("scale", "shift")
-    MERGEABLE = False  # on its own; the wrappers below fold it into the layer it follows
+    CANNOT_MERGE = "on its own it is no layer; the SSF wrappers fold it into the layer it follows"
 
     def __init__(self, dim: int, init: str = "official", device=None, dtype=None):
         super().__init__()
@@ -52,18 +53,12 @@ class SSFLayerNorm(Adapter, nn.LayerNorm):
     ADAPTER_PARAMS = ()  # its SSF child owns scale and shift
 
     def __init__(self, norm: nn.LayerNorm, init: str = "official"):
-        w = norm.weight
-        super().__init__(norm.normalized_shape, eps=norm.eps, elementwise_affine=w is not None,
-                         bias=norm.bias is not None, device=None if w is None else w.device,
-                         dtype=None if w is None else w.dtype)
-        self.weight, self.bias = norm.weight, norm.bias  # share the pretrained parameters
-        for p in (self.weight, self.bias):
-            if p is not None:
-                p.requires_grad_(False)
-        dim = math.prod(norm.normalized_shape)
         if len(norm.normalized_shape) != 1:
             raise ValueError(f"SSF after a LayerNorm needs a 1-D normalized_shape, got {norm.normalized_shape}")
-        self.ssf = SSF(dim, init, device=None if w is None else w.device, dtype=None if w is None else w.dtype)
+        super().__init__(norm)  # the frozen affine keeps its names
+        w = norm.weight
+        self.ssf = SSF(norm.normalized_shape[0], init, device=None if w is None else w.device,
+                       dtype=None if w is None else w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ssf(super().forward(x))
@@ -87,15 +82,8 @@ class SSFConv2d(Adapter, nn.Conv2d):
     ADAPTER_PARAMS = ()
 
     def __init__(self, conv: nn.Conv2d, init: str = "official"):
-        w = conv.weight
-        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                         padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                         bias=conv.bias is not None, padding_mode=conv.padding_mode, device=w.device, dtype=w.dtype)
-        self.weight, self.bias = conv.weight, conv.bias
-        for p in (self.weight, self.bias):
-            if p is not None:
-                p.requires_grad_(False)
-        self.ssf = SSF(conv.out_channels, init, device=w.device, dtype=w.dtype)
+        super().__init__(conv)
+        self.ssf = SSF(conv.out_channels, init, device=conv.weight.device, dtype=conv.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, D, H/P, W/P)
         return self.ssf(super().forward(x), dim=1)
@@ -120,12 +108,7 @@ class SSFLinear(Adapter, nn.Linear):
     ADAPTER_PARAMS = ()
 
     def __init__(self, linear: nn.Linear, init: str = "official"):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
-        for p in (self.weight, self.bias):
-            if p is not None:
-                p.requires_grad_(False)
+        super().__init__(linear)
         self.ssf = SSF(linear.out_features, init, device=linear.weight.device, dtype=linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,20 +135,29 @@ def wrap_ssf(module: nn.Module, init: str = "official") -> nn.Module:
                     "(adapters already applied?)")
 
 
-def apply_ssf(model: nn.Module, init: str = "official") -> list[str]:
+@dataclass(frozen=True)
+class SSFConfig(MethodConfig):
+    """SSF's options: the paper's init (dongzelian/SSF ``models/vision_transformer.py`` ``init_ssf_scale_shift``)."""
+
+    PREFIX: ClassVar[str] = "ssf"
+    CHOICES: ClassVar[dict] = {"init": INITS}
+    init: str = "official"  # SSF init: official (scale ~ N(1, 0.02), shift ~ N(0, 0.02)) | identity (scale 1, shift 0: starts as the base model)
+
+
+def apply_ssf(model: nn.Module, config: SSFConfig | None = None, **fields) -> list[str]:
     """SSF after every operation of a :class:`vit.VisionTransformer`; freezes all but SSF and the head."""
+    config = configure(SSFConfig, config, fields)
     check_fresh(model)
     names = ["patch_embed"] + [f"blocks.{i}.{t}" for i in range(len(model.blocks)) for t in SSF_TARGETS] + ["norm"]
     for name in names:
-        replace_module(model, name, wrap_ssf(model.get_submodule(name), init))
+        replace_module(model, name, wrap_ssf(model.get_submodule(name), config.init))
     freeze_for_adapters(model)
     return names
 
 
 METHOD = Method(
-    "ssf", lambda model, ssf_init="official": apply_ssf(model, ssf_init),
+    "ssf", apply_ssf,
     "scale and shift after every operation (norms, q, k, v, proj, fc1, fc2, patch embedding), + head", lr=3e-3,
+    config=SSFConfig, wrappers=(SSFLinear, SSFLayerNorm, SSFConv2d),
     lr_note="the rate of RLRR's scale vectors (the same kind of parameter); SSF's own VTAB runs tune it per task",
-    options={"ssf_init": Option("official", "SSF init: official (scale ~ N(1, 0.02), shift ~ N(0, 0.02)) | "
-                                            "identity (scale 1, shift 0: starts as the base model)", INITS)},
     paper="Lian et al., Scaling & Shifting Your Features: A New Baseline for Efficient Model Tuning, NeurIPS 2022")

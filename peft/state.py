@@ -21,7 +21,7 @@ def merge_adapters(model: nn.Module) -> list[str]:
     outermost = [(name, m) for name, m in model.named_modules() if isinstance(m, Adapter)]
     outermost = [(n, m) for n, m in outermost if not any(n.startswith(o + ".") for o, _ in outermost)]
     for _, module in outermost:  # refuse before changing anything
-        if not module.MERGEABLE:
+        if not module.mergeable():
             module.merge()  # raises NotMergeableError with the method's own reason
     for name, module in outermost:
         replace_module(model, name, module.merge())

@@ -18,27 +18,48 @@ the other tokens: p × D parameters (7,680 for ViT-B/16 at p = 10); KMnP/vpt ``s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from .base import Adapter, Method, NotMergeableError, Option, check_fresh, freeze_for_adapters, replace_module
+from .base import BlockAdapter, Method, MethodConfig, check_fresh, configure, freeze_for_adapters, replace_module
 
 
-class VPTBlock(Adapter, nn.Module):
-    """An encoder block with its own prompts: inserted after CLS (``insert``, block 0) or replacing the previous
-    block's prompt outputs. Shares the block's sub-modules (same parameter names) and runs its forward."""
+@dataclass(frozen=True)
+class VPTConfig(MethodConfig):
+    """VPT-deep's options: 10 prompts (the paper tunes p per task; KMnP/vpt's config default is 5,
+    ``src/configs/config.py:50``) and prompt dropout 0.1 as in the paper's VTAB runs (the config default is 0.0,
+    ``config.py:74``; the ``vpt-official`` recipe sets 0)."""
+
+    PREFIX: ClassVar[str] = "vpt"
+    POSITIVE: ClassVar[tuple] = ("tokens",)
+    DEEP: ClassVar[bool] = True  # prompts at every block (False: before the first only)
+    tokens: int = 10  # VPT prompt tokens per block
+    dropout: float = 0.1  # dropout on the prompt tokens
+
+
+@dataclass(frozen=True)
+class VPTShallowConfig(VPTConfig):
+    """VPT-shallow's options: VPT-deep's, with prompts inserted once."""
+
+    PREFIX: ClassVar[str] = "vpt_shallow"
+    DEEP: ClassVar[bool] = False
+    tokens: int = 10  # VPT-shallow prompt tokens (inserted once, before block 0)
+    dropout: float = 0.1  # dropout on the VPT-shallow prompt tokens
+
+
+class VPTBlock(BlockAdapter, nn.Module):
+    """An encoder block with its own prompts, through :class:`peft.base.BlockAdapter`: inserted after CLS
+    (``insert``, block 0) or replacing the previous block's prompt outputs, then the block's own forward."""
 
     ADAPTER_PARAMS = ("prompts",)
-    MERGEABLE = False
+    CANNOT_MERGE = ("its prompt tokens lengthen the token sequence, which no plain layer can hold; keep the "
+                    "adapter (peft.adapter_state_dict) instead")
 
-    def __init__(self, block: nn.Module, num_tokens: int, insert: bool, init_bound: float, dropout: float = 0.1):
-        super().__init__()
-        if num_tokens < 1:
-            raise ValueError(f"vpt_tokens must be at least 1, got {num_tokens}")
-        for name, child in block.named_children():
-            self.add_module(name, child)  # norm1, attn, norm2, mlp: the same modules, the same names
-        self._block_forward = type(block).forward  # the block's own computation, run on these sub-modules
+    def __init__(self, block: nn.Module, num_tokens: int, insert: bool, init_bound: float, dropout: float):
+        super().__init__(block)  # norm1, attn, norm2, mlp: the same modules, the same names
         dim = block.norm1.normalized_shape[0]
         ref = block.norm1.weight
         self.prompts = nn.Parameter(torch.empty(num_tokens, dim, device=ref.device, dtype=ref.dtype))
@@ -49,45 +70,39 @@ class VPTBlock(Adapter, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, 1 + p + patches, D)
         prompts = self.prompt_dropout(self.prompts).expand(x.shape[0], -1, -1).to(x.dtype)
         rest = x[:, 1:] if self.insert else x[:, 1 + self.num_tokens:]
-        return self._block_forward(self, torch.cat([x[:, :1], prompts, rest], dim=1))
-
-    def merge(self) -> nn.Module:
-        raise NotMergeableError("VPT cannot be merged: its prompt tokens lengthen the token sequence, which no "
-                                "plain layer can hold; keep the adapter (peft.adapter_state_dict) instead")
+        return self.run_block(torch.cat([x[:, :1], prompts, rest], dim=1))
 
     def extra_repr(self) -> str:
         return f"num_tokens={self.num_tokens}, insert={self.insert}"
 
 
-def apply_vpt(model: nn.Module, num_tokens: int = 10, dropout: float = 0.1, deep: bool = True) -> list[str]:
-    """VPT-deep on every block of a :class:`vit.VisionTransformer` (``deep=False``: VPT-shallow, prompts before
-    block 0 only); freezes all but the prompts and the head."""
+def apply_vpt(model: nn.Module, config: VPTConfig | None = None, **fields) -> list[str]:
+    """VPT-deep on every block of a :class:`vit.VisionTransformer` (a :class:`VPTShallowConfig`: VPT-shallow,
+    prompts before block 0 only); freezes all but the prompts and the head."""
+    config = configure(VPTConfig, config, fields)
     check_fresh(model)
     c = model.config
     bound = math.sqrt(6.0 / (c.in_channels * c.patch_size**2 + c.hidden_size))
-    names = [f"blocks.{i}" for i in range(len(model.blocks) if deep else 1)]
+    names = [f"blocks.{i}" for i in range(len(model.blocks) if config.DEEP else 1)]
     for i, name in enumerate(names):
-        replace_module(model, name, VPTBlock(model.get_submodule(name), num_tokens, insert=i == 0,
-                                             init_bound=bound, dropout=dropout))
+        replace_module(model, name, VPTBlock(model.get_submodule(name), config.tokens, insert=i == 0,
+                                             init_bound=bound, dropout=config.dropout))
     freeze_for_adapters(model)
     return names
 
 
 METHOD = Method(
-    "vpt", lambda model, vpt_tokens=10, vpt_dropout=0.1: apply_vpt(model, vpt_tokens, vpt_dropout),
-    "VPT-deep: prompt tokens at the input of every block, + head", lr=3e-3, mergeable=False,
+    "vpt", apply_vpt, "VPT-deep: prompt tokens at the input of every block, + head", lr=3e-3,
+    config=VPTConfig, wrappers=(VPTBlock,),
     lr_note="prompts are new inputs learned from scratch, like RLRR's vectors; VPT's own runs (SGD) tune it "
             "per task",
-    options={"vpt_tokens": Option(10, "VPT prompt tokens per block"),
-             "vpt_dropout": Option(0.1, "dropout on the prompt tokens")},
     paper="Jia et al., Visual Prompt Tuning, ECCV 2022")
 
 
 SHALLOW = Method(
-    "vpt-shallow", lambda model, vpt_shallow_tokens=10, vpt_shallow_dropout=0.1: apply_vpt(
-        model, vpt_shallow_tokens, vpt_shallow_dropout, deep=False),
-    "VPT-shallow: prompt tokens before the first block only, + head", lr=3e-3, mergeable=False,
+    "vpt-shallow", apply_vpt, "VPT-shallow: prompt tokens before the first block only, + head", lr=3e-3,
+    config=VPTShallowConfig, wrappers=(VPTBlock,),
     lr_note="VPT-deep's rate (the same kind of parameters, fewer of them)",
-    options={"vpt_shallow_tokens": Option(10, "VPT-shallow prompt tokens (inserted once, before block 0)"),
-             "vpt_shallow_dropout": Option(0.1, "dropout on the VPT-shallow prompt tokens")},
     paper="Jia et al., Visual Prompt Tuning, ECCV 2022")
+
+__all__ = ["METHOD", "SHALLOW", "VPTBlock", "VPTConfig", "VPTShallowConfig", "apply_vpt"]

@@ -40,7 +40,7 @@ def _check_rows(results, modes, batch):
 
 
 def test_every_cpu_mode_in_one_process(tmp_path, capsys):
-    backend_before = peft.rlrr.get_backend()
+    backend_before = peft.kernels.get_backend()
     opts = benchmark.parse_options(["--model", "testing", "--device", "cpu", "--batch-sizes", "2", "--repeats", "1",
                                     "--warmup", "0", "--no-isolate", "--output-dir", str(tmp_path),
                                     "--modes", *CPU_MODES, "rlrr-kernel"])
@@ -50,7 +50,7 @@ def test_every_cpu_mode_in_one_process(tmp_path, capsys):
     by_mode = _check_rows(saved["results"], CPU_MODES, 2)
     assert "CUDA" in by_mode["rlrr-kernel"]["skipped"]  # skipped with a note on CPU, not an error
     # the RLRR rows pick the kernel backend process-wide; afterwards the previous choice holds again
-    assert peft.rlrr.get_backend() == backend_before
+    assert peft.kernels.get_backend() == backend_before
     # the plain ViT and the RLRR-merged one do the same work; RLRR adds only its per-step rank-1 products
     assert by_mode["merged"]["forward_gflop_per_image"] == by_mode["head"]["forward_gflop_per_image"]
     assert by_mode["rlrr"]["trainable_params"] == by_mode["rlrr-official"]["trainable_params"]

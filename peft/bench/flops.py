@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 from vit.config import ViTConfig
 
-LORA_RANK, LORA_TARGETS, RLRR_RANK = 8, ("q", "v"), 1  # peft's defaults; the FLOP count uses the same
-VPT_TOKENS, ADAPTFORMER_DIM, ADAPTER_DIM = 10, 8, 8
+from ..base import MethodConfig
+from ..lora import LoraConfig
+from ..modes import get_method
+
 VECTOR_MODES = ("bitfit", "ssf")  # trainable vectors after every layer: gradients flow everywhere, no dW
 PROMPT_MODES = ("vpt", "vpt-shallow")  # prompt tokens from block 0 on (deep replaces them, the count is the same)
 BOTTLENECK_MODES = ("adaptformer", "adapter")  # a trained down/up pair per block, beside or after the MLP
-FACT_RANK = 8  # FacT-TT's default rank (peft/fact.py)
 MODELED = ("head", "mlp", "lora", "dora", "rlrr", "full", "fact-tt") + PROMPT_MODES + BOTTLENECK_MODES + VECTOR_MODES
 
 
@@ -55,9 +56,10 @@ class _Linear:
     adapter: str | None = None  # "lora", "rlrr", or "vector" (a trained bias or SSF after it: no extra products)
 
 
-def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int = LORA_RANK,
-               lora_targets=LORA_TARGETS, rlrr_rank: int = RLRR_RANK) -> dict[str, float]:
-    """Multiply-adds per image of a forward pass and of a training step (forward + backward) in ``mode``.
+def train_macs(config: ViTConfig, mode: str, batch_size: int = 1,
+               method_config: MethodConfig | None = None) -> dict[str, float]:
+    """Multiply-adds per image of a forward pass and of a training step (forward + backward) in ``mode``, with the
+    method's config (default: the registry's, i.e. the published defaults: ranks, targets, widths, tokens).
 
     Rules (what autograd must compute, nothing more):
     * forward: :func:`forward_macs`, plus LoRA's two rank-r products per target (tokens·r·(in + out)) and,
@@ -72,13 +74,17 @@ def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int
       (N²·D each); the patch embedding's weight gradient only in full mode (the image never needs one).
     """
     if mode == "timm-lora":  # HF peft's LoRA on timm's fused qkv layer
-        mode, lora_targets = "lora", ("qkv",)
+        mode, method_config = "lora", LoraConfig(targets="qkv")
     mode = {"merged": "head", "timm": "full"}.get(mode, mode)  # merged: the plain ViT; timm: full fine-tuning
     base_mode = "rlrr" if mode.startswith("rlrr") else mode
     if base_mode not in MODELED:
         raise ValueError(f"no FLOP model for mode {mode!r}")
+    cfg = method_config if method_config is not None else get_method(base_mode).config()
+    rank = getattr(cfg, "rank", 0)  # LoRA / DoRA / RLRR / FacT-TT rank
+    lora_targets = tuple(t.strip() for t in getattr(cfg, "targets", "").split(","))
+    bottleneck = getattr(cfg, "dim", 0)  # AdaptFormer / Adapter width
     c = config
-    extra = VPT_TOKENS if base_mode in PROMPT_MODES else 0
+    extra = cfg.tokens if base_mode in PROMPT_MODES else 0
     n, d, m = 1 + c.num_patches + extra, c.hidden_size, c.mlp_dim
     fwd = dict(forward_macs(c, extra))
     per_step = 0.0  # work done once per step whatever the batch size (RLRR's W' and its gradient sums)
@@ -102,14 +108,14 @@ def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int
         if lin.weight_trains or lin.adapter == "rlrr":
             bwd += t * i * o  # dW = dYᵀ X
         if lin.adapter == "rlrr":
-            per_step += o * rlrr_rank * i  # W' = W ⊙ (1 + S_out S_in) in forward
-            per_step += 2 * o * rlrr_rank * i  # (G ⊙ W) S_inᵀ and S_outᵀ (G ⊙ W)
+            per_step += o * rank * i  # W' = W ⊙ (1 + S_out S_in) in forward
+            per_step += 2 * o * rank * i  # (G ⊙ W) S_inᵀ and S_outᵀ (G ⊙ W)
             if mode not in ("rlrr-official", "rlrr-kernel-keep", "rlrr-kernel-reuse") and input_grad:
-                per_step += o * rlrr_rank * i  # the Function rebuilds W' for dX (unless it kept W')
+                per_step += o * rank * i  # the Function rebuilds W' for dX (unless it kept W')
         if lin.adapter == "dora":  # LoRA's products, plus B A (out·r·in) for ‖W + s B A‖ in every forward
-            per_forward += o * lora_rank * i
+            per_forward += o * rank * i
         if lin.adapter == "fact":  # x → U → S → V, every factor trains (U and V are shared, their gradients add)
-            r, chunks = FACT_RANK, max(o, i) // min(o, i)
+            r, chunks = rank, max(o, i) // min(o, i)
             if o > i:  # fc1: U on the tokens, S to c·d, V on each of the c chunks
                 chain = [(t, i, r), (t, r, chunks * r), (t * chunks, r, o // chunks)]
             elif i > o:  # fc2: U on each of the c chunks, S from c·d, V on the tokens
@@ -122,7 +128,7 @@ def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int
                 bwd += rows * fi * fo + (rows * fi * fo if grad else 0)  # dW always, dX where the input needs it
                 grad = True
         if lin.adapter in ("lora", "dora"):
-            r = lora_rank
+            r = rank
             fwd["lora"] = fwd.get("lora", 0) + t * r * (i + o)
             bwd += t * r * (2 * o + i)  # dB = dYᵀ (A x), d(Ax) = dY B, dA = d(Ax)ᵀ x
             if input_grad:
@@ -153,11 +159,15 @@ def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int
             bwd += n * n * d * (int(qkv["q"]) + int(qkv["k"]))  # dQ = dS K, dK = dSᵀ Q
         o_grad = any(qkv.values())
         stream_grad = linear(_Linear("proj", n, d, d, attn_trains, adapter_on("proj")), o_grad) or stream_grad
+        if base_mode == "adapter" and cfg.placement == "both":  # Houlsby's second adapter, after the attention
+            fwd["adapter"] = fwd.get("adapter", 0) + 2 * n * d * bottleneck
+            down = linear(_Linear("down", n, d, bottleneck, True), stream_grad)
+            stream_grad = linear(_Linear("up", n, bottleneck, d, True), down)
         h2 = stream_grad or everywhere
         a = linear(_Linear("fc1", n, d, m, mlp_trains, adapter_on("fc1")), h2)
         stream_grad = linear(_Linear("fc2", n, m, d, mlp_trains, adapter_on("fc2")), a) or stream_grad
         if base_mode in BOTTLENECK_MODES:  # AdaptFormer: x + mlp(..) + s·up(ReLU(down(x))); Adapter: h + up(g(down(h)))
-            dim = ADAPTFORMER_DIM if base_mode == "adaptformer" else ADAPTER_DIM
+            dim = bottleneck
             fwd["adapter"] = fwd.get("adapter", 0) + 2 * n * d * dim
             down = linear(_Linear("down", n, d, dim, True), stream_grad)  # its input needs dX only if below trains
             stream_grad = linear(_Linear("up", n, dim, d, True), down)
@@ -173,7 +183,7 @@ def train_macs(config: ViTConfig, mode: str, batch_size: int = 1, lora_rank: int
 
     forward = sum(fwd.values()) + per_forward / batch_size
     if base_mode == "rlrr":
-        forward_step = forward + sum(RLRR_RANK * o * i for o, i in _rlrr_shapes(c)) / batch_size
+        forward_step = forward + sum(rank * o * i for o, i in _rlrr_shapes(c)) / batch_size
     else:
         forward_step = forward
     return {"forward": float(forward_step), "train": float(forward + bwd + per_step / batch_size)}

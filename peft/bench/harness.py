@@ -23,7 +23,8 @@ import vit
 from vit.config import ViTConfig
 
 from .. import kernels, modes, state
-from .flops import LORA_RANK, train_macs
+from ..lora import LoraConfig
+from .flops import train_macs
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +104,10 @@ def _timm_model(mode: str, config: ViTConfig):
             hf_peft = _import_hf_peft()
         except Exception as e:
             return f"HF peft unavailable: {type(e).__name__}: {e}", note
-        lora = hf_peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=["qkv"], modules_to_save=["head"])
+        ours = LoraConfig()  # the same rank and alpha as this project's LoRA row
+        lora = hf_peft.LoraConfig(r=ours.rank, lora_alpha=ours.alpha, target_modules=["qkv"], modules_to_save=["head"])
         model = hf_peft.get_peft_model(model, lora)
-        note += f", HF peft {hf_peft.__version__} LoRA r={LORA_RANK} on qkv"
+        note += f", HF peft {hf_peft.__version__} LoRA r={ours.rank} on qkv"
     return model, note
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import inspect
 import logging
-import re
 import sys
 import typing
 
@@ -21,7 +19,7 @@ from loaders.datasets import DatasetError
 from loaders.download import DownloadError
 from loaders.npz import CheckpointError
 
-from ..base import AdapterStateError, NotMergeableError
+from ..base import AdapterStateError, NotMergeableError, field_comments
 from ..finetune import CheckpointMismatch, OptionsError, TrainingDiverged
 from ..finetune.rundir import RunFolderBusy
 from ..kernels import KernelUnavailableError
@@ -43,16 +41,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _field_comments(cls) -> dict[str, str]:
-    """The trailing ``# comment`` of each field line in the dataclass source: one place for the help text."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    pattern = re.compile(r"^\s+(\w+):[^#]*#\s*(.*)$")
-    return {m.group(1): m.group(2) for m in map(pattern.match, source.splitlines()) if m}
-
-
 def build_parser(cls, description: str | None = None, epilog: str | None = None,
                  positional: tuple[str, ...] = (), prog: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one ``--flag-name`` per dataclass field, default and help from the class.
@@ -61,7 +49,7 @@ def build_parser(cls, description: str | None = None, epilog: str | None = None,
     """
     parser = Parser(prog=prog, description=description, epilog=epilog)
     hints = typing.get_type_hints(cls)
-    helps = _field_comments(cls)
+    helps = field_comments(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         if kind is dict or f.name == "explicit":  # method_options (see method_flags); explicit: parse_options
@@ -95,8 +83,7 @@ def method_flags(parser: argparse.ArgumentParser) -> list[str]:
             continue
         group = parser.add_argument_group(f"--mode {method.name} options")
         for key, opt in method.options.items():
-            kind = type(opt.default)
-            group.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, choices=opt.choices,
+            group.add_argument(opt.flag, dest=key, type=opt.kind, default=None, choices=opt.choices,
                                metavar=None if opt.choices else key.upper(),
                                help=f"{opt.help} (default: {opt.default})")
             names.append(key)

@@ -25,7 +25,7 @@ from loaders.npz import CheckpointError, NpzArchive, infer_config
 from vit.config import GELU_KINDS, get_config
 from vit.model import RESIZE_METHODS
 
-from ..modes import MODES, get_method
+from ..modes import METHODS, MODES, get_method
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PROTOCOLS = ("final", "tune")
@@ -113,10 +113,12 @@ class FinetuneOptions:
     # the defaults win (the Python API).
     explicit: list = dataclasses.field(default_factory=list)
 
-    def mode_options(self) -> dict:
-        """Keyword arguments for peft.apply_mode: every option of the mode, defaults filled in."""
-        method = get_method(self.mode)
-        return {k: self.method_options.get(k, o.default) for k, o in method.options.items()}
+    def method_config(self):
+        """The :class:`peft.base.MethodConfig` of --mode from the method flags (unset ones: the published defaults)."""
+        try:
+            return get_method(self.mode).config.from_options(self.method_options)
+        except (TypeError, ValueError) as e:  # a value the method cannot use: the message names the flag
+            raise OptionsError(str(e)) from None
 
     def crop_scale_range(self) -> tuple[float, float]:
         """--crop-scale as (min, max); "0.3" means (0.3, 1)."""
@@ -140,16 +142,9 @@ class FinetuneOptions:
 
     @classmethod
     def from_dict(cls, stored: dict) -> "FinetuneOptions":
-        """Options as stored in a checkpoint or options.json (unknown keys ignored; the method options of
-        checkpoints written before the registry, stored as top-level ``lora_*`` / ``rlrr_*`` keys, accepted)."""
+        """Options as stored in a checkpoint or options.json (keys this version does not know are ignored)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in stored.items() if k in known}
-        if kwargs.get("decay_groups") == "official":  # its name before the other official groupings existed
-            kwargs["decay_groups"] = "rlrr"
-        method = get_method(kwargs.get("mode", cls.mode))
-        legacy = {k: stored[k] for k in method.options if k in stored}
-        kwargs["method_options"] = {**legacy, **kwargs.get("method_options", {})}
-        return cls(**kwargs)
+        return cls(**{k: v for k, v in stored.items() if k in known})
 
     def resolved_weight_decay(self) -> float:
         if self.weight_decay is not None:
@@ -239,11 +234,12 @@ def check_options(opts: FinetuneOptions) -> None:
     _check_numbers(opts)
     if opts.mode not in MODES:
         raise OptionsError(f"--mode {opts.mode!r}: choose one of {', '.join(MODES)}")
-    if opts.from_scratch and opts.mode != "full":
+    if opts.from_scratch and not get_method(opts.mode).saves_everything:
+        every = " or ".join(f"--mode {m.name}" for m in METHODS.values() if m.saves_everything)
         raise OptionsError(
-            f"--weights none trains from scratch, which needs --mode full (got --mode {opts.mode}): "
-            f"{opts.mode} fine-tunes a small part of a pretrained model, and a random backbone has nothing "
-            "to adapt. Pass --weights PATH|NAME, or --mode full.")
+            f"--weights none trains from scratch, which needs a mode that trains every parameter ({every}; got "
+            f"--mode {opts.mode}): {opts.mode} fine-tunes a small part of a pretrained model, and a random backbone "
+            f"has nothing to adapt. Pass --weights PATH|NAME, or {every}.")
     for flag, value, low in (("--epochs", opts.epochs, 1), ("--batch-size", opts.batch_size, 1),
                              ("--grad-accum", opts.grad_accum, 1), ("--eval-batch-size", opts.eval_batch_size, 1),
                              ("--max-train-samples", opts.max_train_samples, 1),
@@ -321,7 +317,8 @@ def check_options(opts: FinetuneOptions) -> None:
     if foreign:
         flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
         raise OptionsError(f"{flags} do(es) not apply to --mode {opts.mode}; its options are "
-                           f"{', '.join('--' + k.replace('_', '-') for k in method.options) or 'none'}")
+                           f"{', '.join(o.flag for o in method.options.values()) or 'none'}")
+    opts.method_config()
 
 
 def benchmark_task(data: str):

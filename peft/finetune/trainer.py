@@ -94,11 +94,12 @@ class Trainer:
         k = len(self.data.classes)
         self.model, self.base_weights = build_model(opts, k, weights)
         seed_everything(opts.seed)  # adapters initialise identically whatever the data loading consumed
-        self.mode_options = opts.mode_options()
-        self.full = opts.mode == "full"
-        changed = modes.apply_mode(self.model, opts.mode, **self.mode_options)
+        method = modes.get_method(opts.mode)
+        self.method_config = opts.method_config()
+        self.full = method.saves_everything  # the checkpoint stores every parameter, not only the trained ones
+        changed = method.apply(self.model, self.method_config)
         log.info("mode %s%s: %d modules given adapters", opts.mode,
-                 f" {self.mode_options}" if self.mode_options else "", len(changed))
+                 f" {self.method_config}" if method.options else "", len(changed))
         self.model.to(ctx.device)
         self.compute_path = state.runtime_path(self.model, ctx.device)  # the fused-kernel question, asked of the adapters
         if self.compute_path:
@@ -147,8 +148,8 @@ class Trainer:
             return infer_config(archive, str(weights[0])).image_size
 
     def plain_mode_options(self) -> dict:
-        """Mode options as plain types (tuples become lists), as stored in checkpoints."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.mode_options.items()}
+        """The method's config as flat plain-typed options (tuples become lists), as stored in checkpoints."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.method_config.to_options().items()}
 
     def checkpoint_dict(self, with_training_state: bool) -> dict:
         opts = self.opts
@@ -185,10 +186,12 @@ class Trainer:
                 f"--resume: {listed} differ from the run in {self.out}, and they change the optimisation; only "
                 f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE if k not in ('resume', 'overwrite'))} "
                 "may change on resume (start a new run in another --output-dir instead)")
-        for key, now in (("mode", self.opts.mode), ("mode_options", self.plain_mode_options()),
-                         ("model_config", ckpt_io.config_dict(self.model.config))):
-            if ck[key] != now:
-                raise ckpt_io.CheckpointMismatch(f"--resume: {path} has {key} {ck[key]}, this run has {now}")
+        saved_config = modes.configure_mode(ck["mode"], **ck["mode_options"]).to_options()
+        for key, was, now in (("mode", ck["mode"], self.opts.mode),
+                              ("mode_options", saved_config, self.method_config.to_options()),
+                              ("model_config", ck["model_config"], ckpt_io.config_dict(self.model.config))):
+            if was != now:
+                raise ckpt_io.CheckpointMismatch(f"--resume: {path} has {key} {was}, this run has {now}")
         if (ck["base_weights"] or {}).get("sha256") != (self.base_weights or {}).get("sha256"):
             raise ckpt_io.CheckpointMismatch(f"--resume: {path} was trained from other base weights "
                                              f"({ck['base_weights']}) than {self.base_weights}")
