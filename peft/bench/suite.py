@@ -9,6 +9,7 @@ import logging
 import os
 import platform
 import subprocess
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BenchmarkOptions:
+    """The benchmark's options; each field's trailing comment is its ``--help`` (peft.cli.args.build_parser)."""
+
+    CHOICES: typing.ClassVar[dict] = {"modes": ROWS, "compile_modes": ROWS, "cpu_clock": ("wall", "process")}
     model: str = "ViT-B/16"  # model preset (vit.get_config name)
     batch_sizes: list[int] = field(default_factory=list)  # batch sizes (default: 64 256 on CUDA, 8 on CPU)
     device: str = "auto"  # cuda, cpu, or auto (cuda when available)
@@ -42,6 +46,10 @@ class BenchmarkOptions:
     interleave: bool = False  # time all rows of a batch size round-robin in one process (no memory numbers)
     peak_tflops: float = 0.0  # the device's peak TFLOP/s for the chosen precision, for the "% peak" column
     output_dir: str = "runs/benchmark"  # where benchmark.json and benchmark.png go
+    data: bool = False  # measure the data layer instead (decode, cached delivery, RssAnon at 1x and 10x a folder)
+    data_photos: int = 100  # 500x375 photos of the data benchmark's 1x folder (10x: ten copies)
+    data_dir: str | None = None  # where the data benchmark writes its photos (default: a temporary folder)
+    loop: bool = False  # measure the training loop instead: finetune steps of --model with --log-every 1 vs 50, synthetic data, 32 px
 
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import logging
 import sys
+import types
 import typing
 
 from loaders.datasets import DatasetError
@@ -49,28 +50,37 @@ def build_parser(cls, description: str | None = None, epilog: str | None = None,
     """
     parser = Parser(prog=prog, description=description, epilog=epilog)
     hints = typing.get_type_hints(cls)
-    helps = field_comments(cls)
+    helps = {k: v.replace("%", "%%") for k, v in field_comments(cls).items()}  # argparse formats help with %
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         if kind is dict or f.name == "explicit":  # method_options (see method_flags); explicit: parse_options
             continue
         if kind is list:  # a repeatable flag (tools/vtab.py --sweep lr=... --sweep weight_decay=...)
             parser.add_argument("--" + f.name.replace("_", "-"), action="append", default=None,
-                                metavar=f.name.upper(), help=helps.get(f.name, ""))
+                                metavar=f.name.upper(), help=helps.get(f.name, ""),
+                                required=f.name in getattr(cls, "REQUIRED", ()))
             continue
-        optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
+        optional = typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind)
         if optional:
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        help_text = helps.get(f.name, "") + ("" if f.default is None or f.name in positional
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = helps.get(f.name, "") + ("" if default in (None, []) or f.name in positional
                                               else " (default: %(default)s)")
         choices = getattr(cls, "CHOICES", {}).get(f.name)
-        if f.name in positional:
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in positional and typing.get_origin(kind) is list:  # image files: any number
+            parser.add_argument(f.name, type=typing.get_args(kind)[0], nargs="*", help=help_text)
+        elif f.name in positional:
             parser.add_argument(f.name, type=kind, help=help_text)
         elif kind is bool:
-            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
-                                default=f.default, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif typing.get_origin(kind) is list:  # list[int], list[str]: one flag, several values
+            item = typing.get_args(kind)[0]
+            parser.add_argument(flag, type=item, nargs="+", default=default, choices=choices,
+                                metavar=f.name.rstrip("s").upper(),
+                                help=help_text + (f"; from: {', '.join(choices)}" if choices else ""))
         else:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, choices=choices,
+            parser.add_argument(flag, type=kind, default=default, choices=choices,
                                 metavar=None if choices else f.name.upper(), help=help_text)
     return parser
 
@@ -85,7 +95,7 @@ def method_flags(parser: argparse.ArgumentParser) -> list[str]:
         for key, opt in method.options.items():
             group.add_argument(opt.flag, dest=key, type=opt.kind, default=None, choices=opt.choices,
                                metavar=None if opt.choices else key.upper(),
-                               help=f"{opt.help} (default: {opt.default})")
+                               help=f"{opt.help} (default: {opt.default})".replace("%", "%%"))
             names.append(key)
     return names
 

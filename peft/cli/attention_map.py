@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Optional
 
 import torch
 
@@ -22,8 +24,10 @@ from loaders.transforms import BatchTransform
 from vit import plots, visualize
 from vit.model import RESIZE_METHODS
 
+from ..finetune import OptionsError
+from ..finetune.distributed import resolve_device
 from .args import run_main
-from .visual import check_common, load_model, save, tool_parser
+from .visual import VisualOptions, load_model, parse_tool_options, save
 
 log = logging.getLogger("attention_map")
 
@@ -61,41 +65,38 @@ def _short(name: str, width: int = 18) -> str:
 
 
 
-def parse_args(argv=None):
-    p = tool_parser("attention_map", __doc__, EXAMPLES)
-    p.add_argument("images", nargs="*", help="image files (any format PIL reads)")
-    p.add_argument("--dataset", help="take images from a dataset: cifar10, cifar100, fashion_mnist, "
-                                     "tiny_imagenet or a folder (see loaders.datasets)")
-    p.add_argument("--index", type=int, nargs="+", default=[0], help="dataset sample indices (default: 0)")
-    p.add_argument("--split", default="test", choices=("train", "test"), help="dataset split (default: test)")
-    p.add_argument("--data-root", help="dataset folder (default: $VIT_PEFT_DATA or ~/.cache/vit-peft/data)")
-    p.add_argument("--image-size", type=int, help="run a .npz model at this resolution (position "
-                                                  "embedding resized; a multiple of the patch size)")
-    p.add_argument("--pos-embed-resize", default="google", choices=RESIZE_METHODS,
-                   help="how --image-size resizes the position grid (default: google, scipy zoom order 1)")
-    p.add_argument("--labels", help="text file with one class name per line (overrides other names)")
-    p.add_argument("--head-fusion", default="mean", choices=visualize.HEAD_FUSIONS,
-                   help="how rollout combines the heads of a layer (default: mean)")
-    p.add_argument("--discard-ratio", type=float, default=0.0,
-                   help="fraction of the lowest patch-to-patch attentions dropped per layer before rollout, "
-                        "in [0, 1); CLS row and column are always kept (default: 0)")
-    p.add_argument("--per-layer", action="store_true", help="also show the rollout through each layer")
-    p.add_argument("--method", default="rollout", choices=visualize.METHODS,
-                   help="rollout (class-agnostic) or grad-rollout (attention weighted by its positive gradients for "
-                        "--target, then rolled out) (default: rollout)")
-    p.add_argument("--target", type=int, help="class index for --method grad-rollout (default: the predicted class)")
-    p.add_argument("--output", default="runs/attention_map.png", help="PNG to write; the .npy masks go "
-                                                                       "beside it (default: runs/attention_map.png)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    args = p.parse_args(argv)
-    if not args.images and not args.dataset:
-        p.error("give image files and/or --dataset NAME --index I ...")
-    if not 0.0 <= args.discard_ratio < 1.0:
-        p.error(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
-    if args.image_size is not None and args.image_size < 1:
-        p.error(f"--image-size must be positive, got {args.image_size}")
-    check_common(p, args)
-    return args
+@dataclass
+class AttentionMapOptions(VisualOptions):
+    CHOICES: ClassVar[dict] = {"split": ("train", "test"), "pos_embed_resize": RESIZE_METHODS,
+                               "head_fusion": visualize.HEAD_FUSIONS, "method": visualize.METHODS}
+    images: list[str] = field(default_factory=list)  # image files (any format PIL reads)
+    dataset: Optional[str] = None  # take images from a dataset: cifar10, cifar100, fashion_mnist, tiny_imagenet or a folder (see loaders.datasets)
+    index: list[int] = field(default_factory=lambda: [0])  # dataset sample indices
+    split: str = "test"  # dataset split
+    data_root: Optional[str] = None  # dataset folder (default: $VIT_PEFT_DATA or ~/.cache/vit-peft/data)
+    image_size: Optional[int] = None  # run a .npz model at this resolution (position embedding resized; a multiple of the patch size)
+    pos_embed_resize: str = "google"  # how --image-size resizes the position grid (google: scipy zoom order 1)
+    labels: Optional[str] = None  # text file with one class name per line (overrides other names)
+    head_fusion: str = "mean"  # how rollout combines the heads of a layer
+    discard_ratio: float = 0.0  # fraction of the lowest patch-to-patch attentions dropped per layer before rollout, in [0, 1); CLS row and column are always kept
+    per_layer: bool = False  # also show the rollout through each layer
+    method: str = "rollout"  # rollout (class-agnostic) or grad-rollout (attention weighted by its positive gradients for --target, then rolled out)
+    target: Optional[int] = None  # class index for --method grad-rollout (default: the predicted class)
+    output: str = "runs/attention_map.png"  # PNG to write; the .npy masks go beside it
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def check(self) -> None:
+        super().check()
+        if not self.images and not self.dataset:
+            raise OptionsError("give image files and/or --dataset NAME --index I ...")
+        if not 0.0 <= self.discard_ratio < 1.0:
+            raise OptionsError(f"--discard-ratio must be in [0, 1), got {self.discard_ratio}")
+        if self.image_size is not None and self.image_size < 1:
+            raise OptionsError(f"--image-size must be positive, got {self.image_size}")
+
+
+def parse_args(argv=None) -> AttentionMapOptions:
+    return parse_tool_options(AttentionMapOptions, argv, "attention_map", __doc__, EXAMPLES, positional=("images",))
 
 
 def main(argv=None) -> int:
@@ -125,10 +126,11 @@ def main(argv=None) -> int:
         log.warning("%d class names for a %d-class model: showing indices", len(classes), cfg.num_classes)
         classes = None
 
-    model.to(args.device)
+    device = resolve_device(args.device)
+    model.to(device)
     if args.target is not None and not 0 <= args.target < cfg.num_classes:
         raise DatasetError(f"--target {args.target} is not a class of this {cfg.num_classes}-class model")
-    maps = visualize.attention_maps(model, x.to(args.device), args.head_fusion, args.discard_ratio,
+    maps = visualize.attention_maps(model, x.to(device), args.head_fusion, args.discard_ratio,
                                     args.per_layer, method=args.method, target=args.target)
     if maps.prefix_share.any():  # prompt tokens (VPT): kept out of the grid, their share reported here
         log.info("last layer: CLS gives %.1f%% of its attention to the prompt tokens (mean over heads and images)",

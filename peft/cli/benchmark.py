@@ -47,63 +47,22 @@ examples:
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 import sys
 
 from ..bench.data import run_data_benchmark
 from ..bench.loop import run_loop_benchmark
-from ..bench.harness import ROWS
 from ..bench.suite import BenchmarkOptions, run
 from ..finetune import OptionsError
-from .args import Parser, run_main
+from . import args
+from .args import run_main
 
 
 
 def parse_options(argv=None) -> BenchmarkOptions:
-    p = Parser(prog="benchmark", description=__doc__.split("\n\n")[0],
-               epilog=__doc__.split("examples:")[1].join(["examples:", ""]))
-    d = BenchmarkOptions()
-    p.add_argument("--model", default=d.model, help=f"model preset (default: {d.model})")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=d.batch_sizes,
-                   help="batch sizes (default: 64 256 on CUDA, 8 on CPU)")
-    p.add_argument("--device", default=d.device, help="cuda, cpu or auto (default: auto)")
-    p.add_argument("--modes", nargs="+", default=d.modes, choices=ROWS, metavar="MODE",
-                   help=f"rows to measure, from: {', '.join(ROWS)} (default: all)")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="timed repetitions, median reported (default: 5)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed warm-up steps per phase (default: 2)")
-    p.add_argument("--steps", type=int, default=d.steps, help="steps per repetition (default: 1 CPU, 10 CUDA)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast (default: on for CUDA, off for CPU)")
-    p.add_argument("--compile", action="store_true", help="add torch.compile rows for --compile-modes")
-    p.add_argument("--compile-modes", nargs="+", default=d.compile_modes, choices=ROWS, metavar="MODE",
-                   help="modes that get a +compile row (default: rlrr-official rlrr)")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--cpu-clock", choices=("wall", "process"), default=d.cpu_clock,
-                   help="CPU timing: wall clock, or process CPU time (with --threads 1: robust to other load)")
-    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=d.isolate,
-                   help="one fresh process per measurement (default: on; off: CPU memory is not per mode)")
-    p.add_argument("--interleave", action="store_true",
-                   help="time all rows round-robin in one process, so changing load hits every row alike "
-                        "(for noisy shared machines; peak memory is then not measured)")
-    p.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
-                   help="peak TFLOP/s of the device, to print the achieved fraction")
-    p.add_argument("--output-dir", default=d.output_dir, help=f"output folder (default: {d.output_dir})")
-    p.add_argument("--data", action="store_true",
-                   help="measure the data layer instead (decode, cached delivery, RssAnon at 1x and 10x a folder)")
-    p.add_argument("--data-photos", type=int, default=100,
-                   help="500x375 photos of the data benchmark's 1x folder (10x: ten copies; default: 100)")
-    p.add_argument("--data-dir", default=None, help="where the data benchmark writes its photos (default: a temp dir)")
-    p.add_argument("--loop", action="store_true",
-                   help="measure the training loop instead: tools/finetune.py steps of --model with --log-every 1 "
-                        "vs 50 (the cost of reading the loop's numbers back every step), synthetic data, 32 px")
-    a = p.parse_args(argv)
-    opts = BenchmarkOptions(**{f.name: getattr(a, f.name) for f in dataclasses.fields(BenchmarkOptions)})
-    opts.data, opts.data_photos, opts.data_dir, opts.loop = a.data, a.data_photos, a.data_dir, a.loop
-    return opts
-
-
+    """The flags of :class:`peft.bench.suite.BenchmarkOptions`, one per field (help from its comment)."""
+    return args.parse_options(argv, BenchmarkOptions, prog="benchmark", description=__doc__.split("\n\n")[0],
+                              epilog=__doc__.split("examples:")[1].join(["examples:", ""]))
 
 
 def check(opts: BenchmarkOptions) -> None:
@@ -122,6 +81,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     opts = parse_options(argv)
     check(opts)
+    if opts.data_dir is not None and not opts.data:
+        raise OptionsError("--data-dir only applies with --data")
     if opts.data:
         if opts.data_photos < 4:
             raise OptionsError(f"--data-photos must be at least 4, got {opts.data_photos}")

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 
 from vit import plots, visualize
 
+from ..finetune import OptionsError
 from .args import run_main
-from .visual import check_common, load_model, save, tool_parser
+from .visual import VisualOptions, load_model, parse_tool_options, save
 
 log = logging.getLogger("patch_filters")
 
@@ -24,23 +26,23 @@ EXAMPLES = """examples:
 """
 
 
-def parse_args(argv=None):
-    p = tool_parser("patch_filters", __doc__, EXAMPLES)
-    p.add_argument("--components", type=int, default=28, help="principal components to show (default: 28)")
-    p.add_argument("--raw", action="store_true", help="also show the first raw filters")
-    p.add_argument("--sum-channels", action="store_true",
-                   help="sum each filter over its input channels first (grey tiles): for a model trained on "
-                        "greyscale images repeated to RGB only this sum acts on the input; the colour part "
-                        "of the filters never received a gradient")
-    p.add_argument("--columns", type=int, default=7, help="tiles per row (default: 7)")
-    p.add_argument("--output", default="runs/patch_filters.png", help="PNG to write (default: "
-                                                                       "runs/patch_filters.png)")
-    p.add_argument("--save-npy", action="store_true", help="also save the (k, C, P, P) components as <stem>.npy")
-    args = p.parse_args(argv)
-    if args.components < 1 or args.columns < 1:
-        p.error("--components and --columns must be at least 1")
-    check_common(p, args)
-    return args
+@dataclass
+class PatchFiltersOptions(VisualOptions):
+    components: int = 28  # principal components to show
+    raw: bool = False  # also show the first raw filters
+    sum_channels: bool = False  # sum each filter over its input channels first (grey tiles): for a model trained on greyscale images repeated to RGB only this sum acts on the input
+    columns: int = 7  # tiles per row
+    output: str = "runs/patch_filters.png"  # PNG to write
+    save_npy: bool = False  # also save the (k, C, P, P) components as <stem>.npy
+
+    def check(self) -> None:
+        super().check()
+        if self.components < 1 or self.columns < 1:
+            raise OptionsError("--components and --columns must be at least 1")
+
+
+def parse_args(argv=None) -> PatchFiltersOptions:
+    return parse_tool_options(PatchFiltersOptions, argv, "patch_filters", __doc__, EXAMPLES)
 
 
 def main(argv=None) -> int:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 
 from vit import plots, visualize
 
 from .args import run_main
-from .visual import check_common, load_model, save, tool_parser
+from .visual import VisualOptions, load_model, parse_tool_options, save
 
 log = logging.getLogger("pos_embed")
 
@@ -24,14 +25,15 @@ EXAMPLES = """examples:
 """
 
 
-def parse_args(argv=None):
-    p = tool_parser("pos_embed", __doc__, EXAMPLES)
-    p.add_argument("--cmap", default="viridis", help="matplotlib colour map (default: viridis)")
-    p.add_argument("--output", default="runs/pos_embed.png", help="PNG to write (default: runs/pos_embed.png)")
-    p.add_argument("--save-npy", action="store_true", help="also save the (g, g, g, g) similarities as <stem>.npy")
-    args = p.parse_args(argv)
-    check_common(p, args)
-    return args
+@dataclass
+class PosEmbedOptions(VisualOptions):
+    cmap: str = "viridis"  # matplotlib colour map
+    output: str = "runs/pos_embed.png"  # PNG to write
+    save_npy: bool = False  # also save the (g, g, g, g) similarities as <stem>.npy
+
+
+def parse_args(argv=None) -> PosEmbedOptions:
+    return parse_tool_options(PosEmbedOptions, argv, "pos_embed", __doc__, EXAMPLES)
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
 
 from ..adapters import set_adapter
 from ..finetune.checkpoint import load_model_from_checkpoint, load_tasks
@@ -11,7 +13,8 @@ from ..finetune.distributed import resolve_device
 from ..finetune.data import is_photo_source
 from ..finetune.options import FinetuneOptions
 from ..finetune.predict import eval_transform, predict_files, predict_folder
-from .args import Parser, run_main
+from ..finetune import OptionsError
+from .args import parse_options, run_main
 
 EXAMPLES = """examples:
   python tools/predict.py cat.png dog.jpg --checkpoint runs/cifar10-rlrr
@@ -21,22 +24,24 @@ EXAMPLES = """examples:
 """
 
 
+@dataclass
+class PredictOptions:
+    REQUIRED: ClassVar[tuple] = ("checkpoint",)
+    images: list[str] = field(default_factory=list)  # image files (any format PIL reads; resized like evaluation)
+    data: Optional[str] = None  # a folder: every image under it, decoded once into the cache
+    checkpoint: list = field(default_factory=list)  # a checkpoint file or a run folder (its best.pt); repeat the flag for several adapter checkpoints of one base: they share one backbone in memory and each reports its own top classes (images may come before or after)
+    weights: Optional[str] = None  # base .npz if it moved since training (sha256 must match)
+    top_k: int = 5  # classes to print per image
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
 def main(argv=None) -> int:
-    p = Parser(prog="predict", description=__doc__, epilog=EXAMPLES)
-    p.add_argument("images", nargs="*", help="image files (any format PIL reads; resized like evaluation)")
-    p.add_argument("--data", default=None, help="a folder: every image under it, decoded once into the cache")
-    p.add_argument("--checkpoint", required=True, action="append",
-                   help="a checkpoint file or a run folder (its best.pt); repeat the flag for several adapter "
-                        "checkpoints of one base: they share one backbone in memory and each reports its own top "
-                        "classes (images may come before or after)")
-    p.add_argument("--weights", default=None, help="base .npz if it moved since training (sha256 must match)")
-    p.add_argument("--top-k", type=int, default=5, help="classes to print per image (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
-    a = p.parse_args(argv)
+    a = parse_options(argv, PredictOptions, prog="predict", description=__doc__, epilog=EXAMPLES,
+                      positional=("images",))
     if a.top_k < 1:
-        p.error(f"--top-k must be at least 1, got {a.top_k}")
+        raise OptionsError(f"--top-k must be at least 1, got {a.top_k}")
     if not a.images and a.data is None:
-        p.error("give image files, or --data FOLDER")
+        raise OptionsError("give image files, or --data FOLDER")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     device = resolve_device(a.device)
     if len(a.checkpoint) == 1:

@@ -1,15 +1,20 @@
-"""What the three visual tools share: which model to draw (``--checkpoint``, ``--weights``) and ``--dpi``."""
+"""What the three visual tools share: which model to draw (``--checkpoint``, ``--weights``), ``--dpi``, the output.
+
+Each tool's options are a dataclass derived from :class:`VisualOptions` (one commented field per flag, parsed by
+:func:`peft.cli.args.parse_options` like every other command line)."""
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import loaders
 from vit import plots
 
 from ..finetune.checkpoint import load_for_inference
-from .args import Parser
+from ..finetune import OptionsError
+from .args import parse_options
 
 
 def default_checkpoint() -> Path:
@@ -29,19 +34,23 @@ def load_model(checkpoint=None, image_size=None, weights=None, resize="google"):
     return load_for_inference(checkpoint or default_checkpoint(), image_size, weights, resize)
 
 
-def tool_parser(prog: str, description: str, examples: str) -> argparse.ArgumentParser:
-    """The flags every visual tool shares: which model (``--checkpoint``, ``--weights``) and ``--dpi``."""
-    p = Parser(prog=prog, description=description, epilog=examples)
-    p.add_argument("--checkpoint", help="Google .npz, fine-tuning checkpoint .pt or run folder "
-                                        "(default: ~/.cache/vit-peft/ViT-B_16.npz)")
-    p.add_argument("--weights", help="base .npz for a fine-tuning checkpoint whose base weights moved")
-    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default: 100)")
-    return p
+@dataclass
+class VisualOptions:
+    checkpoint: Optional[str] = None  # Google .npz, fine-tuning checkpoint .pt or run folder (default: ~/.cache/vit-peft/ViT-B_16.npz)
+    weights: Optional[str] = None  # base .npz for a fine-tuning checkpoint whose base weights moved
+    dpi: int = 100  # resolution of the PNG
+    output: str = "runs/figure.png"  # PNG to write (arrays go beside it)
+
+    def check(self) -> None:
+        if not 10 <= self.dpi <= 1200:
+            raise OptionsError(f"--dpi must be in 10..1200, got {self.dpi}")
 
 
-def check_common(p: argparse.ArgumentParser, args) -> None:
-    if not 10 <= args.dpi <= 1200:
-        p.error(f"--dpi must be in 10..1200, got {args.dpi}")
+def parse_tool_options(cls, argv, prog: str, description: str, examples: str, positional=()):
+    """A visual tool's options from ``argv`` (usage errors exit 2 naming the flag), checked."""
+    opts = parse_options(argv, cls, prog=prog, description=description, epilog=examples, positional=positional)
+    opts.check()
+    return opts
 
 
 def save(fig, args, arrays: dict | None = None, log=None) -> list:

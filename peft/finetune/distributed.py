@@ -47,19 +47,10 @@ class DistContext:
 def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
     """``"auto"``/None: the local rank's GPU if CUDA is available, else CPU. ``"cuda"`` gets the rank's GPU.
     The one device resolver of every tool; a device that cannot work is an OptionsError (one line, exit 2)."""
-    from .options import OptionsError  # here: options imports nothing of this module, but keep the import local
+    from .options import parse_device  # here: options imports nothing of this module, but keep the import local
 
-    if name in (None, "", "auto"):
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise OptionsError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise OptionsError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    device = parse_device(name)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise OptionsError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
         if device.index is None:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

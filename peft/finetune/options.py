@@ -170,18 +170,20 @@ def changed_options(stored: dict, opts: "FinetuneOptions") -> list[str]:
     return [k for k in now if k not in RESUMABLE and k in stored and stored[k] != now[k]]
 
 
-def _device_problem(name: str) -> str | None:
-    if name in ("auto", "cpu"):
-        return None
+def parse_device(name: str | None) -> torch.device:
+    """The one reading of every tool's ``--device``: auto/None (a GPU if CUDA is available, else the CPU), cpu,
+    cuda, cuda:N; anything else, or CUDA on a machine without it, is an OptionsError naming the flag."""
+    if name in (None, "", "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        return f"--device {name!r}: expected auto, cpu, cuda or cuda:N"
+        raise OptionsError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        return f"--device {name!r}: expected auto, cpu, cuda or cuda:N"
+        raise OptionsError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        return f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)"
-    return None
+        raise OptionsError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    return device
 
 
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes 64-bit values and the run seeds seed + 1
@@ -281,9 +283,7 @@ def check_options(opts: FinetuneOptions) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and opts.device not in ("auto", "cpu", "cuda"):
         raise OptionsError(f"--device {opts.device}: under torchrun each process takes the GPU of its LOCAL_RANK "
                            "(one GPU per process); use --device cuda or auto, and CUDA_VISIBLE_DEVICES to choose GPUs")
-    problem = _device_problem(opts.device)
-    if problem:
-        raise OptionsError(problem)
+    parse_device(opts.device)
     if opts.kernel == "cuda" and (opts.device == "cpu" or not torch.cuda.is_available()):
         raise OptionsError("--kernel cuda runs the fused RLRR kernel, which needs a CUDA device; use --kernel auto "
                            "or torch here")
