@@ -14,6 +14,7 @@ from peft.cli import predict as predict_cli
 from peft.cli import quickstart as quickstart_cli
 from peft.finetune import OptionsError
 from peft.finetune import checkpoint as ckpt_io
+from peft.finetune import rebuild
 from peft.finetune import trainer as training
 from peft.finetune import optim
 from peft.finetune.options import FinetuneOptions
@@ -139,7 +140,7 @@ def test_peft_checkpoint_holds_only_adapters_and_rebuilds_the_model(tmp_path, mi
     full_size = mini_npz.stat().st_size
     assert (tmp_path / "run" / "best.pt").stat().st_size < full_size / 3
 
-    model, meta = ckpt_io.load_model_from_checkpoint(tmp_path / "run")
+    model, meta = rebuild.load_model_from_checkpoint(tmp_path / "run")
     assert meta["mode"] == "lora" and meta["classes"][0].lower().startswith("t-shirt")
     reference = peft.adapter_state_dict(model)
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["state_dict"]
@@ -177,7 +178,7 @@ def test_peft_checkpoint_holds_only_adapters_and_rebuilds_the_model(tmp_path, mi
     copy = tmp_path / "changed.npz"
     copy.write_bytes(mini_npz.read_bytes() + b"\0")  # one more byte: another sha256
     with pytest.raises(ckpt_io.CheckpointMismatch, match="sha256"):
-        ckpt_io.load_model_from_checkpoint(tmp_path / "run", weights=copy)
+        rebuild.load_model_from_checkpoint(tmp_path / "run", weights=copy)
 
 
 def test_no_weight_decay_on_vectors_norms_and_biases():
@@ -246,7 +247,7 @@ def test_quickstart_pipeline_end_to_end_on_a_tiny_budget(tmp_path):
 def test_several_adapter_checkpoints_share_one_backbone_in_evaluate_and_predict(tmp_path, mini_npz, capsys):
     from PIL import Image
 
-    from peft.finetune.checkpoint import load_tasks
+    from peft.finetune.rebuild import load_tasks
     from peft.finetune.predict import evaluate_tasks
 
     runs = {}

@@ -20,6 +20,7 @@ from loaders.transforms import BatchTransform
 from npz_factory import write_google_npz
 from peft.cli import finetune as finetune_cli
 from peft.finetune import checkpoint as ckpt_io
+from peft.finetune import rng as rng_io
 from peft.finetune.options import FinetuneOptions
 from peft.finetune.trainer import Trainer
 
@@ -98,7 +99,7 @@ def test_resume_on_another_kind_of_device_reseeds_the_augmentation_stream(tree, 
         m = Trainer(_opts(tree, out, resume=True)).run()
     assert m["epochs"] == 2 and "random stream 'augment' was saved on cuda and is re-seeded" in caplog.text
     with pytest.raises(ckpt_io.CheckpointMismatch, match="saved on another device"):
-        ckpt_io.restore_rng(rng, {"augment": torch.Generator()})  # without a re-seed rule: one clear error
+        rng_io.restore_rng(rng, {"augment": torch.Generator()})  # without a re-seed rule: one clear error
 
 
 def test_a_stale_build_lock_is_cleared_and_a_held_one_times_out(tmp_path, monkeypatch, caplog):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 from ..adapters import set_adapter
-from ..finetune.checkpoint import load_model_from_checkpoint, load_tasks
+from ..finetune.rebuild import load_model_from_checkpoint, load_tasks
 from ..finetune.distributed import resolve_device
 from ..finetune.data import is_photo_source
 from ..finetune.options import FinetuneOptions

@@ -12,7 +12,7 @@ from typing import Optional
 import loaders
 from vit import plots
 
-from ..finetune.checkpoint import load_for_inference
+from ..finetune.rebuild import load_for_inference
 from ..finetune import OptionsError
 from .args import parse_options
 
@@ -30,7 +30,7 @@ def default_checkpoint() -> Path:
 
 
 def load_model(checkpoint=None, image_size=None, weights=None, resize="google"):
-    """:func:`peft.finetune.checkpoint.load_for_inference` with the cached ViT-B/16 as the default."""
+    """:func:`peft.finetune.rebuild.load_for_inference` with the cached ViT-B/16 as the default."""
     return load_for_inference(checkpoint or default_checkpoint(), image_size, weights, resize)
 
 

@@ -12,9 +12,10 @@ evaluation files), ``suite`` / ``sweep`` (benchmark suites, hyper-parameters cho
     metrics = run(FinetuneOptions(mode="rlrr", data="cifar10", epochs=5))
 """
 
-from .checkpoint import CheckpointMismatch, load_checkpoint, load_model_from_checkpoint
+from .checkpoint import CheckpointMismatch, load_checkpoint
+from .rebuild import load_model_from_checkpoint, load_tasks
 from .options import FinetuneOptions, OptionsError, check_options
 from .trainer import Trainer, TrainingDiverged, export_npz, run
 
 __all__ = ["CheckpointMismatch", "FinetuneOptions", "OptionsError", "Trainer", "TrainingDiverged", "check_options",
-           "export_npz", "load_checkpoint", "load_model_from_checkpoint", "run"]
+           "export_npz", "load_checkpoint", "load_model_from_checkpoint", "load_tasks", "run"]

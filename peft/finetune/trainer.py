@@ -30,7 +30,7 @@ from loaders.npz import NpzArchive, infer_config
 from .. import kernels, modes, state
 from . import checkpoint as ckpt_io
 from . import distributed as pdist
-from . import predict, report
+from . import predict, report, rng
 from .build import build_model, resolve_weights
 from .data import prepare_data, write_split_files
 from .optim import LRSchedule, build_optimizer
@@ -168,7 +168,7 @@ class Trainer:
         if with_training_state:
             d["training_state"] = {
                 "optimizer": self.optimizer.state_dict(), "lr_per_step": self.lr_per_step,
-                "scaler": self.scaler.state_dict(), "rng": ckpt_io.capture_rng(self.generators),
+                "scaler": self.scaler.state_dict(), "rng": rng.capture_rng(self.generators),
                 "train_seconds": self.train_seconds, "train_images": self.train_images,
             }
         return d
@@ -201,7 +201,7 @@ class Trainer:
         self.lr_per_step = list(ts.get("lr_per_step", []))
         self.scaler.load_state_dict(ts["scaler"])
         self.epoch, self.step, self.best_val = ck["epoch"], ck["step"], ck["best_val_accuracy"]
-        for note in ckpt_io.restore_rng(ts["rng"], self.generators, reseed=self.reseed):
+        for note in rng.restore_rng(ts["rng"], self.generators, reseed=self.reseed):
             log.warning("--resume on another device: %s (the run continues reproducibly, not bitwise as it would "
                         "have on the original device)", note)
         self.history = ck["history"]
