@@ -7,8 +7,9 @@
     state = peft.adapter_state_dict(model)   # trainable tensors only
     peft.merge_adapters(model)               # plain nn.Linear / LayerNorm / Conv2d again
 
-This top level is the adapter library and imports only torch: ``base`` (the adapter contract and registry
-entry), one file per method (``selective``: head/mlp/full, ``lora``, ``rlrr`` with ``ssf``), ``functional`` (the
+This top level is the adapter library and imports only torch: ``base`` (the adapter contract, method configs and
+the registry entry), one file per method with its config (``selective``: head/mlp/full, ``bitfit``, ``vpt``,
+``adaptformer``, ``adapter``, ``lora`` (``LoraConfig``), ``dora``, ``fact``, ``ssf``, ``rlrr``), ``functional`` (the
 RLRR specification), ``rlrr_function`` (its autograd Function), ``kernels`` (the optional fused CUDA kernel),
 ``modes`` (the registry), ``state`` (adapter state dicts, merging), ``adapters`` (named adapters: many tasks
 on one frozen backbone). The fine-tuning engine is ``peft.finetune``,

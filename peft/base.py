@@ -251,11 +251,11 @@ class MethodConfig:
     def check(self) -> None:
         for name in self.POSITIVE:
             if getattr(self, name) < 1:
-                raise ValueError(f"--{self.PREFIX}-{name.replace('_', '-')} must be at least 1, got "
+                raise ValueError(f"--{self.PREFIX.replace('_', '-')}-{name.replace('_', '-')} must be at least 1, got "
                                  f"{getattr(self, name)}")
         for name, allowed in self.CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"--{self.PREFIX}-{name.replace('_', '-')} {getattr(self, name)!r}: choose one "
+                raise ValueError(f"--{self.PREFIX.replace('_', '-')}-{name.replace('_', '-')} {getattr(self, name)!r}: choose one "
                                  f"of {', '.join(allowed)}")
 
     @classmethod

@@ -8,14 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import peft
-from test_peft import images, make_model
+from conftest import images, make_model
 
 
-@pytest.fixture(autouse=True)
-def torch_backend():
-    peft.set_backend("torch")
-    yield
-    peft.set_backend(None)
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 def train_alone(mode: str, num_classes: int, seed: int, **options):
@@ -73,6 +69,10 @@ def test_named_state_dict_round_trip_and_errors():
     model = make_model()
     peft.add_adapter(model, "a", mode="rlrr", num_classes=4)
     state = peft.adapter_state_dict(model, "a")
+    assert state["head.weight"].shape == (4, 16) and not state["head.weight"].any() and not state["head.bias"].any()
+    peft.set_adapter(model, "a")  # a new task's head starts at zero: every class equally likely until trained
+    with torch.no_grad():
+        assert torch.equal(model(images()), torch.zeros(3, 4))
     assert "head.weight" in state and "blocks.0.attn.q.s_out" in state and "blocks.0.attn.q.weight" not in state
     with pytest.raises(ValueError, match="exists already"):
         peft.add_adapter(model, "a", mode="lora")

@@ -57,6 +57,9 @@ def _one_line(err: str) -> str:
     (["--kernel", "cuda"], "--kernel cuda runs the fused RLRR kernel, which needs a CUDA device"),
     (["--schedule-lag", "-1"], "--schedule-lag must be at least 0"),
     (["--mode", "vpt", "--recipe", "vpt-official", "--data", "vtab-1k:cifar"], "Pass --lr, or use tools/vtab.py"),
+    (["--mode", "adaptformer", "--export-npz", "out.npz"], "--mode adaptformer cannot be merged: its adapter has a ReLU"),
+    (["--mode", "lora", "--lora-rank", "0"], "--lora-rank must be at least 1, got 0"),
+    (["--mode", "vpt-shallow", "--vpt-shallow-tokens", "0"], "--vpt-shallow-tokens must be at least 1"),
 ])
 def test_flags_that_cannot_work_are_one_line_usage_errors(argv, flag, weights, tmp_path, capsys):
     argv = [str(weights) if a == "WEIGHTS" else a for a in argv]

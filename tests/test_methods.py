@@ -7,14 +7,17 @@ it merges. Merging is checked against the adapted model (relative error ≤ 1e-5
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 from torch import nn
 
 import peft
 import vit
-from peft.base import Adapter, NotMergeableError
-from test_peft import images, make_model, randomize_adapters, rel_err
+from peft.base import Adapter, LinearDelta, NotMergeableError
+from conftest import b16, images, make_model, randomize_adapters, rel_err
 
 TRAINABLE = {  # which parameter names train besides the head
     "head": lambda n: False,
@@ -36,20 +39,34 @@ IDENTITY_OPTIONS = {  # options under which the adapted model is exactly the pre
     "ssf": {"ssf_init": "identity"}, "rlrr": {"rlrr_init": "identity"}, "vpt": None,
     "vpt-shallow": None, "adapter": None, "dora": {}, "fact-tt": {},  # NOAH's adapter starts with xavier weights: not identity
 }
-B16_BACKBONE = {"head": 0, "mlp": 56_669_184, "full": 85_798_656, "bitfit": 102_912, "vpt": 92_160,
-                "adaptformer": 156_768, "lora": 294_912, "ssf": 205_824, "rlrr": 288_768,
-                "vpt-shallow": 7_680, "adapter": 156_768, "dora": 313_344, "fact-tt": 21_504}
+D, M, L = 768, 3072, 12  # ViT-B/16: width, MLP width, blocks
+B16_BACKBONE = {  # trainable backbone parameters, written as each paper's count (the head, 769 × classes, apart)
+    "head": 0,
+    "mlp": L * (2 * D * M + M + D),  # fc1 and fc2 with their biases
+    "full": 85_798_656,  # every parameter of ViT-B/16 without its head (Dosovitskiy et al.: 86M with it)
+    "bitfit": D + L * (4 * D + M + D + 2 * D) + D,  # patch embedding; q, k, v, proj, fc1, fc2, two LayerNorms; norm
+    "vpt": L * 10 * D,  # 10 prompts per block
+    "vpt-shallow": 10 * D,  # 10 prompts once
+    "adaptformer": L * (D * 8 + 8 + 8 * D + D),  # down and up with biases, d = 8
+    "adapter": L * (D * 8 + 8 + 8 * D + D),  # one adapter per block, after the MLP
+    "lora": L * 2 * 8 * (D + D),  # A (8 × D) and B (D × 8) on q and v
+    "dora": L * 2 * 8 * (D + D) + 2 * L * D,  # LoRA's, plus a magnitude per output of q and v
+    "fact-tt": 2 * D * 8 + L * (4 * 8 * 8 + 2 * (M // D) * 8 * 8),  # U, V; per-layer cores (fc1, fc2: 4 chunks)
+    "ssf": 2 * (D + L * (7 * D + M) + D),  # scale and shift after every operation
+    # s_out + s_in + f on q, k, v, proj (3D each), fc1 (2M + D), fc2 (2D + M); SSF after norm1, norm2 (2D each),
+    # the patch embedding and the final norm
+    "rlrr": L * (4 * 3 * D + (2 * M + D) + (2 * D + M) + 2 * 2 * D) + 2 * 2 * D,
+}
+PUBLISHED = {"rlrr": 288_768, "lora": 294_912, "ssf": 205_824, "vpt": 92_160, "adaptformer": 156_768,
+             "bitfit": 102_912, "fact-tt": 21_504, "dora": 313_344, "vpt-shallow": 7_680,
+             "adapter": 156_768}  # as the README's methods table states them
 
 
 def test_the_table_covers_the_registry():
     assert set(TRAINABLE) == set(IDENTITY_OPTIONS) == set(B16_BACKBONE) == set(peft.MODES)
 
 
-@pytest.fixture(autouse=True)
-def torch_backend():
-    peft.set_backend("torch")
-    yield
-    peft.set_backend(None)
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 @pytest.mark.parametrize("mode", peft.MODES)
@@ -114,6 +131,13 @@ def test_adapter_state_round_trip(mode):
         if mode in ("mlp", "full"):
             trained.blocks[0].mlp.fc1.weight.add_(0.1)
     state = peft.adapter_state_dict(trained)
+    snapshot = {k: v.clone() for k, v in state.items()}
+    with torch.no_grad():  # training on afterwards must not change a saved state: it is a copy
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    assert all(torch.equal(state[k], snapshot[k]) and not state[k].requires_grad for k in state)
+    peft.load_adapter_state_dict(trained, snapshot)  # back to the saved values
     fresh = make_model()
     torch.manual_seed(123)  # a different adapter init
     peft.apply_mode(fresh, mode)
@@ -125,24 +149,10 @@ def test_adapter_state_round_trip(mode):
 
 @pytest.mark.parametrize("mode", peft.MODES)
 def test_vit_b16_backbone_counts(mode):
-    with torch.device("meta"):
-        model = vit.VisionTransformer(vit.get_config("ViT-B/16", num_classes=10))
+    model = b16()
     peft.apply_mode(model, mode)
     trainable, _ = peft.trainable_parameters(model)
-    assert trainable - 769 * 10 == B16_BACKBONE[mode]
-
-
-def test_published_counts_by_hand():
-    d, m, layers = 768, 3072, 12
-    assert B16_BACKBONE["bitfit"] == d + layers * (4 * d + m + d + 2 * d) + d  # patch, q/k/v/proj, fc1, fc2, 2 LN; norm
-    assert B16_BACKBONE["ssf"] == 2 * (d + layers * (7 * d + m) + d)
-    assert B16_BACKBONE["vpt"] == layers * 10 * d
-    assert B16_BACKBONE["adaptformer"] == layers * (d * 8 + 8 + 8 * d + d)
-    assert B16_BACKBONE["vpt-shallow"] == 10 * d
-    assert B16_BACKBONE["adapter"] == layers * (d * 8 + 8 + 8 * d + d)  # one adapter per block, after the MLP
-    assert B16_BACKBONE["dora"] == B16_BACKBONE["lora"] + 2 * layers * d  # + a magnitude per output of q and v
-    r = 8
-    assert B16_BACKBONE["fact-tt"] == 2 * d * r + layers * (4 * r * r + 2 * (m // d) * r * r)  # U, V; per-layer cores
+    assert trainable - 769 * 10 == B16_BACKBONE[mode] == PUBLISHED.get(mode, B16_BACKBONE[mode])
 
 
 def test_vpt_prompts_are_inserted_then_replaced_and_maps_keep_them_out_of_the_grid():
@@ -181,3 +191,240 @@ def test_attention_maps_work_for_every_method(mode, method):
     assert (maps.rollout.flatten(1).amax(1) - 1).abs().max() < 1e-6  # each map divided by its max
     assert maps.per_layer.shape == (2, 3, 4, 4)
     assert (maps.prefix_share > 0).all() == mode.startswith("vpt")  # prompt tokens: a prefix with attention
+
+
+# ── the method config: one fact per option ─────────────────────────────────────────────────────────────────────
+
+def _other_value(opt):
+    """A valid value different from the option's default."""
+    if opt.choices:
+        return next(c for c in opt.choices if c != opt.default)
+    if opt.kind is int:
+        return opt.default + 1
+    if opt.kind is float:
+        return round(opt.default + 0.25, 6)
+    return "q,k"  # LoRA / DoRA targets
+
+
+@pytest.mark.parametrize("mode", peft.MODES)
+def test_the_config_is_the_one_source_of_a_methods_options(mode):
+    from peft.cli.args import parse_options
+    from peft.finetune import FinetuneOptions
+
+    method = peft.METHODS[mode]
+    config = method.config()
+    fields = dataclasses.fields(config)
+    assert list(method.options) == [f"{config.PREFIX}_{f.name}" for f in fields]
+    for key, opt in method.options.items():
+        assert opt.default == getattr(config, opt.field) and opt.kind is type(opt.default), key
+        assert len(opt.help) > 10 and "\n" not in opt.help, key  # the field's one-line comment
+    assert method.config.from_options(config.to_options()) == config  # what checkpoints record reads back
+    # the command line: one flag per field, parsed into the same config the Python API builds
+    changed = {key: _other_value(opt) for key, opt in method.options.items()}
+    argv = ["--mode", mode] + [a for k, v in changed.items() for a in (method.options[k].flag, str(v))]
+    opts = parse_options(argv, FinetuneOptions, with_methods=True)
+    expected = dataclasses.replace(config, **{method.options[k].field: v for k, v in changed.items()})
+    assert opts.method_config() == expected == peft.configure_mode(mode, **changed)
+
+
+@pytest.mark.parametrize("mode", [m for m in peft.MODES if peft.METHODS[m].config.POSITIVE or
+                                  peft.METHODS[m].config.CHOICES])
+def test_a_config_refuses_values_its_method_cannot_use_naming_the_flag(mode):
+    cls = peft.METHODS[mode].config
+    for name in cls.POSITIVE:
+        with pytest.raises(ValueError, match=f"--{cls.PREFIX.replace('_', '-')}-{name.replace('_', '-')} must be"):
+            cls(**{name: 0})
+    for name in cls.CHOICES:
+        with pytest.raises(ValueError, match=f"--{cls.PREFIX.replace('_', '-')}-{name.replace('_', '-')} 'nope'"):
+            cls(**{name: "nope"})
+
+
+def test_apply_method_takes_a_config_as_hf_peft_does():
+    a, b = make_model(), make_model()
+    torch.manual_seed(0)
+    names = peft.apply_method(a, peft.LoraConfig(rank=3, targets=("q", "fc1")))
+    torch.manual_seed(0)
+    assert names == peft.apply_mode(b, "lora", lora_rank=3, lora_targets="q,fc1")
+    assert a.blocks[0].attn.q.lora_A.shape == (3, 16)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with pytest.raises(TypeError, match="not the config of a registered method"):
+        peft.apply_method(make_model(), object())
+
+
+# ── the adapter contract ─────────────────────────────────────────────────────────────────────────────────────
+
+def _outermost_adapters(model):
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, Adapter)]
+    return [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
+
+
+@pytest.mark.parametrize("mode", peft.MODES)
+def test_wrappers_take_the_layer_over_and_say_once_whether_they_merge(mode):
+    method = peft.METHODS[mode]
+    model = make_model()
+    before = dict(model.named_parameters())
+    peft.apply_mode(model, mode)
+    own = set(peft.adapter_parameter_names(model))
+    for name, p in model.named_parameters():  # the same tensor objects under the same names, frozen
+        if name in before and name not in own and not method.trains_backbone and not name.startswith("head."):
+            assert p is before[name] and not p.requires_grad, name
+    kinds = {type(m) for _, m in _outermost_adapters(model)}
+    assert kinds == set(method.wrappers)  # the registry lists exactly the wrappers the method puts in
+    assert method.mergeable == all(k.CANNOT_MERGE is None for k in kinds)
+    for _, module in _outermost_adapters(model):
+        if module.CANNOT_MERGE is not None:
+            with pytest.raises(NotMergeableError) as info:
+                module.merge()
+            assert module.CANNOT_MERGE in str(info.value)
+
+
+WEIGHT_SPACE = [m for m in peft.MODES if any(issubclass(w, LinearDelta) for w in peft.METHODS[m].wrappers)]
+
+
+def test_the_weight_space_methods_are_the_linear_ones():
+    assert set(WEIGHT_SPACE) == {"lora", "dora", "rlrr", "fact-tt"}
+
+
+@pytest.mark.parametrize("mode", WEIGHT_SPACE)
+def test_delta_weight_merge_in_place_and_unmerge_mean_the_same_for_every_method(mode):
+    """In float64: every wrapper computes F.linear(x, W + ΔW, b + Δb); merging in place gives the same model and
+    unmerging restores the pretrained tensors bit for bit."""
+    model = make_model().double()
+    peft.apply_mode(model, mode)
+    randomize_adapters(model)
+    model.eval()
+    x = images().double()
+    wrappers = [m for m in model.modules() if isinstance(m, LinearDelta)]
+    pretrained = {id(m): (m.weight.clone(), None if m.bias is None else m.bias.clone()) for m in wrappers}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in wrappers:
+            t = torch.randn(5, m.in_features, generator=g, dtype=torch.float64)
+            db = m.delta_bias()
+            bias = m.bias if db is None else (m.bias if m.bias is not None else 0) + db
+            expected = torch.nn.functional.linear(t, m.weight + m.delta_weight(), bias)
+            torch.testing.assert_close(m(t), expected, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(m.merged_weight(), m.weight + m.delta_weight(), rtol=1e-14, atol=1e-14)
+        adapted = model(x)
+        for m in wrappers:
+            m.merge_in_place()
+        assert all(m.merged for m in wrappers)
+        torch.testing.assert_close(model(x), adapted, rtol=1e-12, atol=1e-12)
+        assert any(not torch.equal(m.weight, pretrained[id(m)][0]) for m in wrappers)
+        for m in wrappers:
+            m.unmerge()
+        for m in wrappers:
+            w, b = pretrained[id(m)]
+            assert torch.equal(m.weight, w) and (b is None or torch.equal(m.bias, b))
+        assert torch.equal(model(x), adapted)
+
+
+def test_adaptformer_is_its_equation_at_non_zero_adapter_values():
+    """x_mid = x + attn(norm1 x);  out = x_mid + mlp(norm2 x_mid) + s · up(ReLU(down(x_mid))), in float64, with
+    every adapter weight non-zero and a scale that is not the default (so both the branch input and s matter)."""
+    model = make_model().double()
+    peft.apply_mode(model, "adaptformer", adaptformer_scale=0.37, adaptformer_dim=3)
+    randomize_adapters(model, scale=0.5)
+    model.eval()
+    t = torch.randn(2, 17, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.no_grad():
+        for block in model.blocks:
+            mid = t + block.attn(block.norm1(t))
+            down, up = block.adapter_down, block.adapter_up
+            branch = torch.relu(mid @ down.weight.T + down.bias) @ up.weight.T + up.bias
+            expected = mid + block.mlp(block.norm2(mid)) + 0.37 * branch
+            torch.testing.assert_close(block(t), expected, rtol=1e-12, atol=1e-12)
+            assert (0.37 * branch).abs().max() > 1e-2  # the branch is not negligible
+            t = expected
+
+
+class _DroppedBranch(nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)  # drop-path that dropped the whole branch for every sample
+
+
+def test_adaptformer_branch_is_outside_the_mlps_drop_path():
+    """Official AdaptFormer adds its branch after the MLP's drop-path: with the MLP path dropped, the block's output
+    is x_mid + s · branch(x_mid)."""
+    model = make_model().double()
+    peft.apply_mode(model, "adaptformer")
+    randomize_adapters(model, scale=0.5)
+    model.eval()
+    block = model.blocks[0]
+    block.drop_path2 = _DroppedBranch()
+    t = torch.randn(2, 17, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.no_grad():
+        mid = t + block.attn(block.norm1(t))
+        down, up = block.adapter_down, block.adapter_up
+        branch = torch.relu(mid @ down.weight.T + down.bias) @ up.weight.T + up.bias
+        torch.testing.assert_close(block(t), mid + 0.1 * branch, rtol=1e-12, atol=1e-12)
+
+
+def test_lora_dropout_is_on_the_branch_input_only_and_the_init_is_kaiming():
+    torch.manual_seed(0)
+    base = nn.Linear(64, 32)
+    layer = peft.LoRALinear(base, rank=4, alpha=12.0, dropout=1.0)  # p = 1: the branch sees zeros
+    randomize_adapters(layer)
+    layer.train()
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), base(x))
+        layer.eval()
+        torch.testing.assert_close(layer(x), base(x) + 3.0 * x @ layer.lora_A.T @ layer.lora_B.T)
+    fresh = peft.LoRALinear(nn.Linear(400, 50), rank=64)
+    bound = 1 / math.sqrt(400)  # kaiming-uniform with a = √5 on (r, in): U(±1/√in)
+    assert fresh.lora_A.abs().max() <= bound and fresh.lora_A.abs().max() > 0.98 * bound
+    assert torch.all(fresh.lora_B == 0)
+
+
+def test_vpt_prompts_follow_the_papers_uniform_init():
+    model = vit.VisionTransformer(vit.get_config("testing"))
+    peft.apply_mode(model, "vpt", vpt_tokens=200)
+    c = model.config
+    bound = math.sqrt(6.0 / (c.in_channels * c.patch_size ** 2 + c.hidden_size))  # Xavier-uniform on (3·P², D)
+    prompts = torch.cat([b.prompts.detach().flatten() for b in model.blocks])
+    assert prompts.abs().max() <= bound and prompts.abs().max() > 0.98 * bound
+    assert abs(prompts.mean().item()) < 0.05 * bound and abs(prompts.std().item() - bound / math.sqrt(3)) < 0.05 * bound
+
+
+def _uniform_bound_ok(t, bound):
+    m = t.abs().max().item()
+    return m <= bound * (1 + 1e-6) and m > 0.95 * bound
+
+
+def test_every_init_follows_its_published_distribution():
+    """Each method's new tensors, on ViT-Ti/16 (many draws): uniform bounds reached but not exceeded, normal
+    standard deviations within 5 %, zeros where the method starts from zero."""
+    def fresh(mode, **options):
+        torch.manual_seed(0)
+        model = vit.VisionTransformer(vit.get_config("ViT-Ti/16"))
+        peft.apply_mode(model, mode, **options)
+        return model
+
+    d = 192
+    lora = fresh("lora").blocks[0].attn.q  # A: kaiming-uniform a=√5 on (r, in) → U(±1/√in); B = 0
+    assert _uniform_bound_ok(lora.lora_A, 1 / math.sqrt(d)) and not lora.lora_B.any()
+    noah = fresh("lora", lora_variant="noah").blocks[0].attn.q  # A (in, r): U(±1/√r)
+    assert _uniform_bound_ok(noah.lora_A, 1 / math.sqrt(8)) and not noah.lora_B.any()
+    rlrr = fresh("rlrr").blocks[0].mlp.fc1  # S_in U(±√(6/in)), S_out U(±√(6/r)), f = 0
+    assert _uniform_bound_ok(rlrr.s_in, math.sqrt(6 / d)) and rlrr.s_out.abs().max() <= math.sqrt(6)
+    assert not rlrr.f.any()
+    ssf = torch.cat([b.attn.q.ssf.scale.detach() for b in fresh("ssf").blocks])  # N(1, 0.02)
+    assert abs(ssf.mean().item() - 1) < 0.005 and abs(ssf.std().item() - 0.02) < 0.001
+    af = fresh("adaptformer").blocks[0]  # down kaiming-uniform a=√5: U(±1/√D); up and biases 0
+    assert _uniform_bound_ok(af.adapter_down.weight, 1 / math.sqrt(d))
+    assert not (af.adapter_up.weight.any() or af.adapter_up.bias.any() or af.adapter_down.bias.any())
+    ad = fresh("adapter").blocks[0].mlp.fc2  # NOAH: xavier-uniform weights, biases N(0, 1e-6)
+    assert _uniform_bound_ok(ad.adapter_down.weight, math.sqrt(6 / (d + 8)))
+    assert 0 < ad.adapter_up.bias.abs().max() < 1e-5
+    fact = fresh("fact-tt")  # U kaiming-uniform on (r, D): U(±1/√D); V = 0; cores U(±1/√fan_in)
+    assert _uniform_bound_ok(fact.fact.u, 1 / math.sqrt(d)) and not fact.fact.v.any()
+    assert _uniform_bound_ok(fact.blocks[0].mlp.fc2.fact_s, 1 / math.sqrt(4 * 8))
+    dora = fresh("dora").blocks[0].attn.v  # magnitude = ‖W‖ per output unit
+    torch.testing.assert_close(dora.magnitude, dora.weight.norm(dim=1), rtol=0, atol=0)
+    plain = vit.VisionTransformer(vit.get_config("ViT-Ti/16"))
+    pretrained_bias = plain.blocks[0].mlp.fc1.bias
+    peft.apply_mode(plain, "bitfit")  # the bias to train starts as a copy of the pretrained one
+    trained_bias = plain.blocks[0].mlp.fc1.bias
+    assert torch.equal(trained_bias, pretrained_bias) and trained_bias is not pretrained_bias
+    assert trained_bias.requires_grad and not pretrained_bias.requires_grad

@@ -6,7 +6,7 @@
 
 from .config import CONFIGS, ViTConfig, get_config
 from .model import (Attention, DropPath, EncoderBlock, Mlp, VisionTransformer, record_attention, resample_pos_embed,
-                    set_drop_path, set_fused_attention, set_gelu)
+                    set_drop_path, set_dropout, set_fused_attention, set_gelu)
 
 __all__ = ["CONFIGS", "ViTConfig", "get_config", "Attention", "DropPath", "EncoderBlock", "Mlp", "VisionTransformer",
-           "record_attention", "resample_pos_embed", "set_drop_path", "set_fused_attention", "set_gelu"]
+           "record_attention", "resample_pos_embed", "set_drop_path", "set_dropout", "set_fused_attention", "set_gelu"]

@@ -222,6 +222,14 @@ def set_drop_path(model: nn.Module, rate: float, mode: str = "sample") -> None:
                 m.p, m.mode = p, mode
 
 
+def set_dropout(model: nn.Module, rate: float) -> None:
+    """Set every dropout rate but the attention probabilities' (the config records it); drop-path: set_drop_path."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Dropout) and not name.endswith("attn_drop"):
+            m.p = rate
+    model.config = model.config.replace(dropout_rate=rate)
+
+
 def set_gelu(model: nn.Module, kind: str) -> None:
     """Switch every MLP's GELU between "tanh" (Google's) and "erf" (the PyTorch ports'); the config records it."""
     model.config = model.config.replace(gelu=kind)  # validates the name

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 import vit
 from loaders import fetch_weights, load_npz
 from loaders.download import file_digest
@@ -42,18 +40,10 @@ def build_model(opts: FinetuneOptions, num_classes: int, weights: tuple[Path, st
     path, name = weights or resolve_weights(opts.weights)
     model = load_npz(path, num_classes=num_classes, image_size=opts.image_size, resize=opts.pos_embed_resize)
     if opts.dropout is not None:
-        set_dropout(model, opts.dropout)
+        vit.set_dropout(model, opts.dropout)
     if opts.drop_path:
         vit.set_drop_path(model, opts.drop_path, opts.drop_path_mode)
     vit.set_gelu(model, opts.gelu)
     base = {"name": name, "path": str(path.resolve()), "sha256": file_digest(path, "sha256"),
             "pos_embed_resize": opts.pos_embed_resize}
     return model, base
-
-
-def set_dropout(model, rate: float) -> None:
-    """Change every dropout rate (a fresh config records it too); attention-probability dropout is left as is."""
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Dropout) and not name.endswith("attn_drop"):  # not DropPath: see set_drop_path
-            m.p = rate
-    model.config = model.config.replace(dropout_rate=rate)

@@ -296,6 +296,11 @@ def check_options(opts: FinetuneOptions) -> None:
             Path(opts.weights).expanduser().resolve():
         raise OptionsError(f"--export-npz {opts.export_npz} is the --weights file: it would overwrite the base "
                            "weights; choose another path")
+    method = get_method(opts.mode)
+    if opts.export_npz and not method.mergeable:  # refused before training, not after it
+        why = next(w.CANNOT_MERGE for w in method.wrappers if w.CANNOT_MERGE is not None)
+        raise OptionsError(f"--export-npz writes a merged plain ViT, but --mode {opts.mode} cannot be merged: {why} "
+                           "(the run folder's checkpoints hold it)")
     if opts.batch_size % opts.grad_accum:
         raise OptionsError(f"--batch-size {opts.batch_size} is not divisible by --grad-accum {opts.grad_accum}")
     if not 0 <= opts.val_fraction < 1:

@@ -1,4 +1,6 @@
-"""Adapters on a real (tiny) ViT: exact identity init, merge, export, gradients, adapter state, counts."""
+"""RLRR and LoRA wrappers in detail on a real (tiny) ViT: identity and official init, merge and export, layers
+without bias, LoRA's in-place merge, the two RLRR implementations, option errors, LoRA targets, state errors.
+What every method shares (what trains, merging, state round trips, counts) is in ``test_methods.py``."""
 
 import math
 
@@ -6,52 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-import vit
-from peft import kernels
-
-import peft  # noqa: E402  (this project's, from the repository root)
-from peft.lora import LoRALinear  # noqa: E402
-from peft.rlrr import RLRRLinear  # noqa: E402
-from peft.ssf import SSF, SSFConv2d, SSFLayerNorm  # noqa: E402
+import peft
+from conftest import images, make_model, randomize_adapters, rel_err
+from peft.lora import LoRALinear
+from peft.rlrr import RLRRLinear
+from peft.ssf import SSF, SSFConv2d, SSFLayerNorm
 
 ADAPTER_CLASSES = (RLRRLinear, LoRALinear, SSF, SSFLayerNorm, SSFConv2d)
-
-
-@pytest.fixture(autouse=True)
-def torch_backend():
-    kernels.set_backend("torch")
-    yield
-    kernels.set_backend(None)
-
-
-def make_model(seed=0, name="testing"):
-    """A tiny ViT whose every parameter is random (so norms, biases, CLS and head all matter)."""
-    torch.manual_seed(seed)
-    model = vit.VisionTransformer(vit.get_config(name))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("norm1.weight") or n.endswith("norm2.weight") or n == "norm.weight":
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / math.sqrt(max(p.shape[-1], 1)))
-    return model.eval()
-
-
-def images(seed=1, n=3, size=32):
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
-def randomize_adapters(model, seed=5, scale=0.3):
-    """Move every adapter parameter away from its init, as training would."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name in peft.adapter_parameter_names(model):
-            p = model.get_parameter(name)
-            p.add_(scale * torch.randn(p.shape, generator=g))
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 # ── identity init and merge ────────────────────────────────────────────────────────────────────────────
@@ -181,35 +145,7 @@ def test_rlrr_impls_agree():
         torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-6 * scale, msg=n)
 
 
-# ── which parameters train ─────────────────────────────────────────────────────────────────────────────
-
-EXPECTED_TRAINABLE = {
-    "head": lambda n: n.startswith("head."),
-    "mlp": lambda n: n.startswith("head.") or ".mlp.fc" in n,
-    "full": lambda n: True,
-    "lora": lambda n: n.startswith("head.") or "lora_" in n,
-    "rlrr": lambda n: n.startswith("head.") or n.split(".")[-1] in ("s_out", "s_in", "f", "scale", "shift"),
-}
-
-
-@pytest.mark.parametrize("mode", sorted(EXPECTED_TRAINABLE))
-def test_only_expected_parameters_get_gradients(mode):
-    model = make_model()
-    peft.apply_mode(model, mode)
-    model.train()
-    model(images()).logsumexp(-1).sum().backward()
-    expected = EXPECTED_TRAINABLE[mode]
-    names = [n for n, _ in model.named_parameters()]
-    assert any(expected(n) for n in names)
-    for n, p in model.named_parameters():
-        assert p.requires_grad == expected(n), n
-        if expected(n):
-            assert p.grad is not None and torch.isfinite(p.grad).all(), n
-        else:
-            assert p.grad is None, n
-    if mode == "rlrr":  # every RLRR/SSF parameter actually receives signal
-        assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in peft.adapter_parameter_names(model))
-
+# ── options ──────────────────────────────────────────────────────────────────────────────────────────
 
 def test_apply_mode_options_and_errors():
     model = make_model()
@@ -238,27 +174,6 @@ def test_lora_targets_short_glob_regex_and_unknown():
 
 # ── adapter state ──────────────────────────────────────────────────────────────────────────────────────
 
-@pytest.mark.parametrize("mode", ["rlrr", "lora", "mlp"])
-def test_adapter_state_round_trip(mode):
-    x = images()
-    trained = make_model()
-    peft.apply_mode(trained, mode, lora_rank=2)
-    randomize_adapters(trained)
-    with torch.no_grad():
-        trained.head.weight.normal_()
-    state = peft.adapter_state_dict(trained)
-    assert set(state) == {n for n, p in trained.named_parameters() if p.requires_grad}
-    assert all(not t.requires_grad for t in state.values())
-
-    fresh = make_model()  # same base weights, different adapter init
-    peft.apply_mode(fresh, mode, lora_rank=2)
-    with torch.no_grad():
-        assert not torch.allclose(fresh(x), trained(x))
-    peft.load_adapter_state_dict(fresh, state)
-    with torch.no_grad():
-        assert torch.equal(fresh(x), trained(x))
-
-
 def test_adapter_state_mismatch_errors():
     model = make_model()
     peft.apply_rlrr(model)
@@ -277,28 +192,3 @@ def test_adapter_state_mismatch_errors():
     peft.apply_lora(lora_model)
     with pytest.raises(ValueError, match="s_out"):
         peft.load_adapter_state_dict(lora_model, state)
-
-
-# ── parameter counts for ViT-B/16 (built on the meta device: no memory, no init cost) ──────────────────
-
-def b16(num_classes=10):
-    with torch.device("meta"):
-        return vit.VisionTransformer(vit.get_config("ViT-B/16", num_classes=num_classes))
-
-
-@pytest.mark.parametrize("mode, backbone", [("rlrr", 288_768), ("lora", 294_912), ("head", 0),
-                                            ("mlp", 12 * (768 * 3072 * 2 + 3072 + 768)), ("full", None)])
-def test_vit_b16_trainable_counts(mode, backbone):
-    model = b16()
-    peft.apply_mode(model, mode)
-    trainable, total = peft.trainable_parameters(model)
-    head = 769 * 10
-    if backbone is None:  # full: everything, i.e. the plain model's size
-        assert trainable == total == sum(p.numel() for p in b16().parameters())
-    else:
-        assert trainable == backbone + head
-    if mode == "rlrr":  # by hand: 6 linears per block (s_out + s_in + f) and 4 SSF sites per model
-        per_block = 4 * (768 + 768 + 768) + (3072 + 768 + 3072) + (768 + 3072 + 768) + 2 * 2 * 768
-        assert backbone == 12 * per_block + 2 * 2 * 768
-    if mode == "lora":
-        assert backbone == 12 * 2 * 8 * (768 + 768)

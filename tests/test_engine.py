@@ -1,0 +1,137 @@
+"""The optimisation rules of the fine-tuning engine, each pinned by a value: what decays and by how much, the
+learning rate at the first and the last step, clipping, that gradient accumulation equals one big batch, which
+epoch is kept, and that the loss options reach the loss. Real (tiny) runs of ``peft.finetune.run`` on the seeded
+``synthetic`` dataset (no files), one thread, float32."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import peft
+import vit
+from peft.finetune import checkpoint as ckpt_io
+from peft.finetune import optim
+from peft.finetune import trainer as training
+from peft.finetune.options import FinetuneOptions
+
+
+pytestmark = pytest.mark.usefixtures("single_process")
+
+
+def run(tmp_path, name, **kw):
+    """The "testing" ViT from scratch on 32 synthetic images (batch 16: two steps per epoch), no augmentation."""
+    base = dict(mode="full", weights="none", model="testing", data="synthetic", max_train_samples=32,
+                max_eval_samples=16, epochs=2, batch_size=16, lr=1e-2, warmup_epochs=0.5, augment=False,
+                precision="fp32", device="cpu", output_dir=str(tmp_path / name), progress=False)
+    base.update(kw)
+    training.run(FinetuneOptions(**base))
+    out = tmp_path / name
+    return json.loads((out / "metrics.json").read_text()), torch.load(out / ckpt_io.LATEST, weights_only=True)
+
+
+def trained_tensors(ck):
+    return {k: v for k, v in ck["state_dict"].items() if v.is_floating_point()}
+
+
+# ── what decays, and by how much ─────────────────────────────────────────────────────────────────────────────
+
+def test_decay_groups_and_values():
+    model = vit.VisionTransformer(vit.get_config("testing"))
+    peft.apply_mode(model, "lora")
+    opts = FinetuneOptions(mode="lora")
+    opt = optim.build_optimizer(model, opts, 1e-3)
+    decay, other = opt.param_groups
+    assert decay["weight_decay"] == 5e-5 and other["weight_decay"] == 0.0  # the official RLRR/SSF rate
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in decay["params"]) == sorted(
+        n for n, p in model.named_parameters() if p.requires_grad and (n == "head.weight" or "lora_" in n))
+    assert sorted(names[id(p)] for p in other["params"]) == ["head.bias"]
+    assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
+    assert FinetuneOptions(weights="none", mode="full").resolved_weight_decay() == 0.05  # from scratch
+    assert FinetuneOptions(weight_decay=0.3).resolved_weight_decay() == 0.3
+
+
+# ── the learning rate of every step ──────────────────────────────────────────────────────────────────────────
+
+def test_first_and_last_step_learning_rates_and_every_group_follows(tmp_path):
+    """step-cosine, 3 epochs × 2 steps, 1 warmup epoch: lr_t = lr·(s + (1 − s)(t + 1)/W) for t < W, then
+    lr·(e + (1 − e)(1 + cos(π (t − W)/(T − W)))/2), with s = warmup_lr/lr, e = min_lr/lr."""
+    lr, warmup_lr, min_lr, total, warmup = 1e-2, 1e-3, 1e-4, 6, 2
+    metrics, ck = run(tmp_path, "lr", epochs=3, warmup_epochs=1, lr=lr, warmup_lr=warmup_lr, min_lr=min_lr)
+    s, e = warmup_lr / lr, min_lr / lr
+    expected = [lr * (s + (1 - s) * (t + 1) / warmup) if t < warmup else
+                lr * (e + (1 - e) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup))))
+                for t in range(total)]
+    assert metrics["lr_per_step"] == pytest.approx(expected, rel=1e-12)
+    assert metrics["lr_per_step"][0] == pytest.approx(lr * (s + (1 - s) / 2), rel=1e-12)  # not warmup_lr itself
+    assert metrics["lr_per_step"][warmup] == pytest.approx(lr, rel=1e-12)  # the peak right after warmup
+    groups = ck["training_state"]["optimizer"]["param_groups"]
+    assert len(groups) == 2 and all(g["lr"] == metrics["lr_per_step"][-1] for g in groups)
+
+
+# ── clipping, accumulation ───────────────────────────────────────────────────────────────────────────────────
+
+def test_the_global_gradient_norm_is_clipped(tmp_path):
+    """One plain SGD step (no momentum, no decay) with clipping at c moves the parameters by exactly lr · c."""
+    lr, clip = 0.5, 1e-3
+    kw = dict(epochs=1, max_train_samples=16, optimizer="sgd", momentum=0.0, weight_decay=0.0, warmup_epochs=0,
+              lr=lr, clip_grad=clip)
+    _, before = run(tmp_path, "none", **{**kw, "lr": 1e-30})  # the same initial model, (practically) not moved
+    _, after = run(tmp_path, "clip", **kw)
+    a, b = trained_tensors(after), trained_tensors(before)
+    moved = math.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum().item() for k in a))
+    assert moved == pytest.approx(lr * clip, rel=1e-4)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    """SGD (sensitive to the gradient's scale, unlike Adam): 4 micro-batches of 4 give the step of one batch of 16."""
+    kw = dict(epochs=1, optimizer="sgd", momentum=0.9, lr=0.3, clip_grad=0.0, warmup_epochs=0)
+    _, one = run(tmp_path, "one", grad_accum=1, **kw)
+    _, four = run(tmp_path, "four", grad_accum=4, **kw)
+    a, b = trained_tensors(one), trained_tensors(four)
+    _, start = run(tmp_path, "start", grad_accum=1, **{**kw, "lr": 1e-30})
+    assert max((a[k] - start["state_dict"][k]).abs().max().item() for k in a) > 1e-3  # the steps did move
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+# ── which epoch is kept ──────────────────────────────────────────────────────────────────────────────────────
+
+def test_the_first_epoch_with_the_best_validation_accuracy_is_kept(tmp_path):
+    """With a learning rate too small to change any prediction, every epoch ties on validation accuracy: the
+    first one is kept (a later epoch must be strictly better to replace it)."""
+    metrics, last = run(tmp_path, "ties", epochs=3, lr=1e-30)
+    best = torch.load(tmp_path / "ties" / ckpt_io.BEST, weights_only=True)
+    assert len({row["val_accuracy"] for row in last["history"]}) == 1 and len(last["history"]) == 3
+    assert best["epoch"] == 1 and metrics["best_epoch"] == 1
+
+
+def test_a_strictly_better_epoch_replaces_the_kept_one(tmp_path):
+    metrics, last = run(tmp_path, "better", epochs=4, lr=3e-2, max_train_samples=64, max_eval_samples=16)
+    accs = [row["val_accuracy"] for row in last["history"]]
+    first_best = accs.index(max(accs)) + 1
+    assert metrics["best_epoch"] == first_best
+    assert torch.load(tmp_path / "better" / ckpt_io.BEST, weights_only=True)["epoch"] == first_best
+
+
+# ── the loss options reach the loss ──────────────────────────────────────────────────────────────────────────
+
+def test_label_smoothing_reaches_the_loss(tmp_path, monkeypatch):
+    seen = []
+    real = training.compute_loss
+
+    def spy(logits, labels, label_smoothing=0.0):
+        seen.append(label_smoothing)
+        return real(logits, labels, label_smoothing)
+
+    monkeypatch.setattr(training, "compute_loss", spy)
+    run(tmp_path, "smooth", epochs=1, label_smoothing=0.2)
+    assert seen and set(seen) == {0.2}
+    logits, labels = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0])
+    logp = logits.log_softmax(-1)
+    by_hand = -(0.8 * logp.gather(1, labels[:, None]).squeeze(1) + 0.2 * logp.mean(-1)).sum()
+    assert real(logits, labels, 0.2).item() == pytest.approx(by_hand.item(), rel=1e-6)  # a sum, in float32
