@@ -195,7 +195,8 @@ def test_fine_tuning_checkpoint_gives_model_and_class_names(monkeypatch, tmp_pat
             "base_weights": None, "state_dict_kind": "full", "state_dict": model.state_dict(),
             "classes": classes}
     path = checkpoint_module.save_atomic(ckpt, tmp_path / "run" / "best.pt")
-    loaded, names, desc = attention_map.load_model(path.parent)
+    loaded, names, desc, normalisation = attention_map.load_model(path.parent)
+    assert normalisation == (0.5, 0.5)  # no recorded options: Google's
     assert names == classes and "best.pt" in desc
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(visualize.attention_maps(loaded, x).probs,
@@ -214,3 +215,27 @@ def test_patch_filters_sum_channels_in_process(checkpoint, tmp_path, monkeypatch
     expected, _ = visualize.patch_filter_pca(weight)
     assert comps.shape == (15, 1, 8, 8)  # 16 filters of 64 values, rank 15 after centring
     np.testing.assert_allclose(comps, expected.numpy(), atol=1e-6)
+
+
+def test_a_run_trained_with_imagenet_normalisation_is_drawn_with_it(tmp_path):
+    """The attention maps feed the model what it was trained on: a run's recorded --normalise, and the figure
+    shows the images back in [0, 1] with the same per-channel mean and std."""
+    import peft.finetune.checkpoint as checkpoint_module
+    from loaders.transforms import BatchTransform
+    from peft.cli import visual
+    from vit import plots
+
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(CONFIG)
+    ckpt = {"format": checkpoint_module.FORMAT, "version": checkpoint_module.VERSION,
+            "model_config": checkpoint_module.config_dict(CONFIG), "mode": "full", "mode_options": {},
+            "base_weights": None, "state_dict_kind": "full", "state_dict": model.state_dict(),
+            "classes": [str(i) for i in range(CONFIG.num_classes)], "options": {"normalise": "imagenet"}}
+    path = checkpoint_module.save_atomic(ckpt, tmp_path / "run" / "best.pt")
+    mean, std = visual.load_model(path.parent).normalisation
+    assert mean == (0.485, 0.456, 0.406) and std == (0.229, 0.224, 0.225)
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    x = BatchTransform(32, train=False, mean=mean, std=std)(images)
+    by_hand = (images.float() / 255 - torch.tensor(mean)) / torch.tensor(std)
+    torch.testing.assert_close(x, by_hand.permute(0, 3, 1, 2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(plots.denormalize(x, mean, std), images.numpy() / 255, atol=1e-5)

@@ -18,8 +18,10 @@ from matplotlib.figure import Figure
 
 from .visualize import divide_by_max, upsample_masks
 
-def denormalize(images: torch.Tensor, mean: float = 0.5, std: float = 0.5) -> np.ndarray:
-    """Model inputs (B, C, H, W) → displayable (B, H, W, C) floats in [0, 1] (C = 1 gives (B, H, W))."""
+def denormalize(images: torch.Tensor, mean=0.5, std=0.5) -> np.ndarray:
+    """Model inputs (B, C, H, W) → displayable (B, H, W, C) floats in [0, 1] (C = 1 gives (B, H, W)); ``mean`` and
+    ``std`` a number or one per channel, as the inputs were normalised."""
+    mean, std = (torch.as_tensor(v, dtype=torch.float32).reshape(1, -1, 1, 1) for v in (mean, std))
     x = (images.detach().float().cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     return x[..., 0] if x.shape[-1] == 1 else x
 

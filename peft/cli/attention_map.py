@@ -102,7 +102,8 @@ def parse_args(argv=None) -> AttentionMapOptions:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    model, classes, desc = load_model(args.checkpoint, args.image_size, args.weights, args.pos_embed_resize)
+    model, classes, desc, (mean, std) = load_model(args.checkpoint, args.image_size, args.weights,
+                                                   args.pos_embed_resize)
     cfg = model.config
     log.info("model %s: %d px, patch %d, %d layers, %d heads, %d classes", desc, cfg.image_size,
              cfg.patch_size, cfg.num_layers, cfg.num_heads, cfg.num_classes)
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
             classes = ds_classes  # a plain .npz carries no names; the dataset's fit if the counts agree
         batches += [images]
         truth += [ds_classes[int(y)] for y in labels]
-    to_input = BatchTransform(cfg.image_size, train=False)  # the evaluation transform: resize, mean = std = 0.5
+    to_input = BatchTransform(cfg.image_size, train=False, mean=mean, std=std)  # as the model was trained
     x = torch.cat([to_input(b) for b in batches])
     if args.labels:
         classes = read_labels(args.labels)
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
     if maps.per_layer is not None:
         rows += [(f"rollout\n{'layer 1' if l == 0 else f'layers 1-{l + 1}'}", m.numpy())
                  for l, m in enumerate(maps.per_layer)]
-    fig = plots.plot_attention(plots.denormalize(x), rows, titles,
+    fig = plots.plot_attention(plots.denormalize(x, mean, std), rows, titles,
                                    title=f"Where {desc} looks (top: predicted class and its probability)")
 
     arrays = {"rollout": maps.rollout.numpy(), "cls_heads": maps.cls_heads.numpy()}

@@ -48,7 +48,7 @@ def parse_args(argv=None) -> PatchFiltersOptions:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    model, _, desc = load_model(args.checkpoint, weights=args.weights)
+    model, _, desc, _ = load_model(args.checkpoint, weights=args.weights)
     weight = model.patch_embed.weight.detach()  # (D, C, P, P)
     if args.sum_channels:
         weight = weight.sum(dim=1, keepdim=True)  # (D, 1, P, P): what a grey input (R = G = B) sees

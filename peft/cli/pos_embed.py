@@ -39,7 +39,7 @@ def parse_args(argv=None) -> PosEmbedOptions:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    model, _, desc = load_model(args.checkpoint, weights=args.weights)
+    model, _, desc, _ = load_model(args.checkpoint, weights=args.weights)
     sim = visualize.pos_embed_similarity(model.pos_embed)
     g = sim.shape[0]
     log.info("model %s: %dx%d position grid, embedding size %d", desc, g, g, model.pos_embed.shape[-1])

@@ -25,7 +25,7 @@ from ..adapters import set_adapter
 from .checkpoint import CheckpointMismatch
 from .rebuild import load_model_from_checkpoint, load_tasks
 from .data import prepare_data
-from .options import FinetuneOptions
+from .options import NORMALISERS, FinetuneOptions
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,6 @@ def evaluate_checkpoint(path, output_dir=None, split: str = "test", weights=None
     return result
 
 
-NORMALISERS = {"half": (0.5, 0.5), "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}  # (mean, std)
 
 
 def eval_transform(image_size: int, photos: bool, crop_pct: float = 0.875, normalise: str = "half",

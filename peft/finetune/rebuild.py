@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -15,6 +16,7 @@ from loaders.download import file_digest
 
 from .. import adapters, modes
 from .checkpoint import CheckpointMismatch, load_checkpoint, load_trainable_state
+from .options import NORMALISERS
 
 
 def build_base_model(model_config: dict, base_weights: dict | None, weights: str | os.PathLike | None = None,
@@ -60,8 +62,19 @@ def load_model_from_checkpoint(path: str | os.PathLike, weights: str | os.PathLi
     return model.to(device).eval(), meta
 
 
+class Inference(NamedTuple):
+    """What the visual tools draw: the model (eval, CPU), its class names (None for a plain .npz), a short
+    description, and the (mean, std) its inputs were normalised with when it was trained (Google's 0.5, 0.5
+    for a .npz)."""
+
+    model: torch.nn.Module
+    classes: list | None
+    description: str
+    normalisation: tuple
+
+
 def load_for_inference(checkpoint, image_size: int | None = None, weights=None, resize: str = "google"):
-    """Any model file the visual tools accept: ``(model, class names or None, short description)``, eval, CPU.
+    """Any model file the visual tools accept, as an :class:`Inference` (model in eval mode on the CPU).
 
     ``checkpoint``: a Google-layout ``.npz`` (also merged fine-tuned models), or a fine-tuning checkpoint ``.pt``
     or run folder (base weights + adapters). ``image_size``: resize the position embedding (``.npz`` only).
@@ -71,13 +84,15 @@ def load_for_inference(checkpoint, image_size: int | None = None, weights=None, 
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_file() and path.suffix == ".npz":
-        return load_npz(path, image_size=image_size, resize=resize), None, path.name
+        return Inference(load_npz(path, image_size=image_size, resize=resize), None, path.name, NORMALISERS["half"])
     model, meta = load_model_from_checkpoint(path, weights=weights)
     if image_size is not None and image_size != model.config.image_size:
         raise CheckpointMismatch(f"--image-size {image_size} only applies to .npz checkpoints; {path} was "
                                  f"fine-tuned at {model.config.image_size} px")
     resolved = Path(meta.get("path", path))  # a run folder resolves to its best.pt or checkpoint.pt
-    return model, meta.get("classes"), f"{resolved.parent.name}/{resolved.name} ({meta.get('mode', '?')})"
+    normalise = meta.get("options", {}).get("normalise", "half")
+    return Inference(model, meta.get("classes"), f"{resolved.parent.name}/{resolved.name} ({meta.get('mode', '?')})",
+                     NORMALISERS[normalise])
 
 
 def load_tasks(paths, weights=None, device: str | torch.device = "cpu"):
