@@ -428,3 +428,18 @@ def test_every_init_follows_its_published_distribution():
     trained_bias = plain.blocks[0].mlp.fc1.bias
     assert torch.equal(trained_bias, pretrained_bias) and trained_bias is not pretrained_bias
     assert trained_bias.requires_grad and not pretrained_bias.requires_grad
+
+
+@pytest.mark.parametrize("mode", ["vpt", "vpt-shallow", "adaptformer"])
+def test_block_adapters_trace_as_one_graph(mode):
+    """The BlockAdapter mechanism (the block's own forward on a view with substituted sub-modules) is plain
+    Python that torch.compile's tracer follows: one graph, no break."""
+    import torch._dynamo as dynamo
+
+    model = make_model()
+    peft.apply_mode(model, mode)
+    model.eval()
+    dynamo.reset()
+    explained = dynamo.explain(model)(images())
+    dynamo.reset()
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
