@@ -127,9 +127,11 @@ def test_broken_adapter_states_are_refused_naming_the_key(weights, tmp_path, cap
     ck = torch.load(run / "best.pt", weights_only=True)
     key = next(k for k in ck["state_dict"] if "lora_A" in k)
     cases = {"nan": lambda c: c["state_dict"][key].fill_(float("nan")),
+             "one inf": lambda c: c["state_dict"][key].view(-1)[3:4].fill_(float("inf")),
              "list": lambda c: c["state_dict"].__setitem__(key, [1.0, 2.0]),
              "other method": lambda c: c.update(mode="rlrr", mode_options={})}
     expected = {"nan": f"adapter state key {key!r} holds non-finite values",
+                "one inf": f"adapter state key {key!r} holds non-finite values",
                 "list": f"adapter state key {key!r} holds a list, not a tensor",
                 "other method": "adapter state does not fit this model"}
     for name, damage in cases.items():

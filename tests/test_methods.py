@@ -443,3 +443,15 @@ def test_block_adapters_trace_as_one_graph(mode):
     explained = dynamo.explain(model)(images())
     dynamo.reset()
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_vpt_dropout_touches_the_prompts_only():
+    """Prompt dropout at p = 1 zeroes the prompts and nothing else: block 0 then runs on [CLS, zeros, patches]."""
+    plain = make_model()
+    model = make_model()
+    peft.apply_mode(model, "vpt", vpt_tokens=2, vpt_dropout=1.0)
+    model.train()
+    t = torch.randn(2, 17, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = plain.blocks[0](torch.cat([t[:, :1], torch.zeros(2, 2, 16), t[:, 1:]], dim=1))
+        torch.testing.assert_close(model.blocks[0](t), expected, rtol=1e-6, atol=1e-6)
