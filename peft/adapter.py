@@ -47,6 +47,7 @@ class SequentialAdapter(Adapter, nn.Module):
 
     ADAPTER_PARAMS = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
     CANNOT_MERGE = "its bottleneck has a non-linearity (QuickGELU), which no weight can absorb; keep the adapter"
+    WRAPS = nn.Linear
 
     def __init__(self, base: nn.Linear, dim: int):
         super().__init__(base)

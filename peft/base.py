@@ -75,10 +75,14 @@ class Adapter:
 
     ADAPTER_PARAMS: ClassVar[tuple[str, ...]] = ()
     CANNOT_MERGE: ClassVar[str | None] = None
+    WRAPS: ClassVar[type | None] = None  # the layer type it takes over (None: any module, e.g. an encoder block)
 
     def __init__(self, layer: nn.Module | None = None):
         nn.Module.__init__(self)  # never the wrapped type's constructor: nothing is allocated twice
         if layer is not None:
+            if self.WRAPS is not None and type(layer) is not self.WRAPS:
+                raise TypeError(f"{type(self).__name__} wraps a plain {self.WRAPS.__name__}, got "
+                                f"{type(layer).__name__} (adapters already applied?)")
             adopt_layer(self, layer)
 
     @classmethod
@@ -106,6 +110,7 @@ class LinearDelta(Adapter):
     (fold the update into the shared frozen tensors and restore them bit for bit, keeping the wrapper, as Hugging
     Face peft does; the pretrained values are kept aside while merged)."""
 
+    WRAPS = nn.Linear
     merged = False  # True while the update is folded into self.weight / self.bias
 
     def delta_weight(self) -> torch.Tensor:

@@ -34,18 +34,24 @@ class _OwnBias(Adapter):
 
 
 class BitFitLinear(_OwnBias, nn.Linear):
+    WRAPS = nn.Linear
+
     def merge(self) -> nn.Linear:
         w = self.weight
         return self._plain(nn.Linear(self.in_features, self.out_features, device=w.device, dtype=w.dtype))
 
 
 class BitFitLayerNorm(_OwnBias, nn.LayerNorm):
+    WRAPS = nn.LayerNorm
+
     def merge(self) -> nn.LayerNorm:
         w = self.weight
         return self._plain(nn.LayerNorm(self.normalized_shape, eps=self.eps, device=w.device, dtype=w.dtype))
 
 
 class BitFitConv2d(_OwnBias, nn.Conv2d):
+    WRAPS = nn.Conv2d
+
     def merge(self) -> nn.Conv2d:
         w = self.weight
         return self._plain(nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,

@@ -31,7 +31,6 @@ IMPLS = ("function", "official")
 RLRR_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2")  # inside each block
 
 
-
 @dataclass(frozen=True)
 class RLRRConfig(MethodConfig):
     """RLRR's options: rank 1 and the kaiming init of the official ViT code (zstarN70/RLRR ``models/networks.py``)."""

@@ -50,6 +50,7 @@ class SSF(Adapter, nn.Module):
 class SSFLayerNorm(Adapter, nn.LayerNorm):
     """A LayerNorm followed by SSF. Keeps the frozen affine as ``weight``/``bias`` (same names as before)."""
 
+    WRAPS = nn.LayerNorm
     ADAPTER_PARAMS = ()  # its SSF child owns scale and shift
 
     def __init__(self, norm: nn.LayerNorm, init: str = "official"):
@@ -79,6 +80,7 @@ class SSFLayerNorm(Adapter, nn.LayerNorm):
 class SSFConv2d(Adapter, nn.Conv2d):
     """A Conv2d followed by SSF on its output channels (the patch embedding). Keeps ``weight``/``bias``."""
 
+    WRAPS = nn.Conv2d
     ADAPTER_PARAMS = ()
 
     def __init__(self, conv: nn.Conv2d, init: str = "official"):
@@ -105,6 +107,7 @@ class SSFLinear(Adapter, nn.Linear):
     """A frozen Linear followed by SSF on its outputs. Keeps ``weight``/``bias``; merges to W' = diag(s) W,
     b' = s ⊙ b + t."""
 
+    WRAPS = nn.Linear
     ADAPTER_PARAMS = ()
 
     def __init__(self, linear: nn.Linear, init: str = "official"):

@@ -192,3 +192,12 @@ def test_adapter_state_mismatch_errors():
     peft.apply_lora(lora_model)
     with pytest.raises(ValueError, match="s_out"):
         peft.load_adapter_state_dict(lora_model, state)
+
+
+def test_a_wrapper_refuses_a_layer_it_does_not_wrap():
+    from peft.ssf import SSFLayerNorm as Norm
+
+    with pytest.raises(TypeError, match="RLRRLinear wraps a plain Linear, got LayerNorm"):
+        RLRRLinear(nn.LayerNorm(4))
+    with pytest.raises(TypeError, match="SSFLayerNorm wraps a plain LayerNorm, got LoRALinear"):
+        Norm(LoRALinear(nn.Linear(4, 4)))
