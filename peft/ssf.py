@@ -54,9 +54,9 @@ class SSFLayerNorm(Adapter, nn.LayerNorm):
     ADAPTER_PARAMS = ()  # its SSF child owns scale and shift
 
     def __init__(self, norm: nn.LayerNorm, init: str = "official"):
-        super().__init__(norm)  # the frozen affine keeps its names
-        if len(norm.normalized_shape) != 1:
+        if type(norm) is nn.LayerNorm and len(norm.normalized_shape) != 1:  # (another type: refused just below)
             raise ValueError(f"SSF after a LayerNorm needs a 1-D normalized_shape, got {norm.normalized_shape}")
+        super().__init__(norm)  # the frozen affine keeps its names
         w = norm.weight
         self.ssf = SSF(norm.normalized_shape[0], init, device=None if w is None else w.device,
                        dtype=None if w is None else w.dtype)
