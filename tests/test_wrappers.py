@@ -192,6 +192,9 @@ def test_adapter_state_mismatch_errors():
     peft.apply_lora(lora_model)
     with pytest.raises(ValueError, match="s_out"):
         peft.load_adapter_state_dict(lora_model, state)
+    transposed = {**state, "blocks.0.attn.q.s_in": state["blocks.0.attn.q.s_in"].T.contiguous()}  # same size
+    with pytest.raises(ValueError, match=r"shape mismatches \(1\): blocks.0.attn.q.s_in: checkpoint \(16, 1\)"):
+        peft.load_adapter_state_dict(model, transposed)
 
 
 def test_a_wrapper_refuses_a_layer_it_does_not_wrap():
