@@ -55,6 +55,14 @@ def test_decay_groups_and_values():
     assert FinetuneOptions(weight_decay=0.3).resolved_weight_decay() == 0.3
 
 
+def test_default_learning_rates():
+    """The registry's rate per method (ViT-B/16, batch 128), 1e-3 from scratch, --lr over both."""
+    assert {m: FinetuneOptions(mode=m).resolved_lr() for m in ("rlrr", "lora", "full", "head")} == {
+        "rlrr": 3e-3, "lora": 1e-3, "full": 1e-4, "head": 1e-3}
+    assert FinetuneOptions(weights="none", mode="full").resolved_lr() == 1e-3
+    assert FinetuneOptions(mode="rlrr", lr=0.25).resolved_lr() == 0.25
+
+
 # ── the learning rate of every step ──────────────────────────────────────────────────────────────────────────
 
 def test_first_and_last_step_learning_rates_and_every_group_follows(tmp_path):
@@ -110,12 +118,19 @@ def test_the_first_epoch_with_the_best_validation_accuracy_is_kept(tmp_path):
     assert best["epoch"] == 1 and metrics["best_epoch"] == 1
 
 
-def test_a_strictly_better_epoch_replaces_the_kept_one(tmp_path):
+def test_a_strictly_better_epoch_replaces_the_kept_one_and_is_the_one_tested(tmp_path):
+    from peft.finetune.predict import evaluate_checkpoint
+
     metrics, last = run(tmp_path, "better", epochs=4, lr=3e-2, max_train_samples=64, max_eval_samples=16)
     accs = [row["val_accuracy"] for row in last["history"]]
     first_best = accs.index(max(accs)) + 1
     assert metrics["best_epoch"] == first_best
     assert torch.load(tmp_path / "better" / ckpt_io.BEST, weights_only=True)["epoch"] == first_best
+    assert first_best < 4  # this seed's best epoch is not the last, so the next lines tell them apart
+    best = evaluate_checkpoint(tmp_path / "better" / ckpt_io.BEST, tmp_path / "eval-best", device="cpu")
+    latest = evaluate_checkpoint(tmp_path / "better" / ckpt_io.LATEST, tmp_path / "eval-last", device="cpu")
+    assert metrics["test_mean_auc"] == pytest.approx(best["test_mean_auc"], abs=1e-12)  # tested once, the best
+    assert metrics["test_mean_auc"] != pytest.approx(latest["test_mean_auc"], abs=1e-6)
 
 
 # ── the loss options reach the loss ──────────────────────────────────────────────────────────────────────────

@@ -285,12 +285,12 @@ def test_the_weight_space_methods_are_the_linear_ones():
     assert set(WEIGHT_SPACE) == {"lora", "dora", "rlrr", "fact-tt"}
 
 
-@pytest.mark.parametrize("mode", WEIGHT_SPACE)
-def test_delta_weight_merge_in_place_and_unmerge_mean_the_same_for_every_method(mode):
+@pytest.mark.parametrize("mode, options", [(m, {}) for m in WEIGHT_SPACE] + [("lora", {"lora_variant": "noah"})])
+def test_delta_weight_merge_in_place_and_unmerge_mean_the_same_for_every_method(mode, options):
     """In float64: every wrapper computes F.linear(x, W + ΔW, b + Δb); merging in place gives the same model and
     unmerging restores the pretrained tensors bit for bit."""
     model = make_model().double()
-    peft.apply_mode(model, mode)
+    peft.apply_mode(model, mode, **options)
     randomize_adapters(model)
     model.eval()
     x = images().double()
@@ -455,3 +455,54 @@ def test_vpt_dropout_touches_the_prompts_only():
     with torch.no_grad():
         expected = plain.blocks[0](torch.cat([t[:, :1], torch.zeros(2, 2, 16), t[:, 1:]], dim=1))
         torch.testing.assert_close(model.blocks[0](t), expected, rtol=1e-6, atol=1e-6)
+
+
+PUBLISHED_DEFAULTS = {  # the defaults each method's paper / official code states (see each config's docstring)
+    "lora": dict(rank=8, alpha=8.0, targets="q,v", dropout=0.0, variant="loralib"),
+    "dora": dict(rank=8, alpha=8.0, targets="q,v"),
+    "rlrr": dict(rank=1, init="official", impl="function", weight_memory="rebuild"),
+    "ssf": dict(init="official"),
+    "vpt": dict(tokens=10, dropout=0.1),
+    "vpt-shallow": dict(tokens=10, dropout=0.1),
+    "adaptformer": dict(dim=8, scale=0.1, dropout=0.1),
+    "adapter": dict(dim=8, placement="mlp"),
+    "fact-tt": dict(rank=8, scale=1.0, dropout=0.1),
+}
+
+
+@pytest.mark.parametrize("mode", peft.MODES)
+def test_each_method_defaults_to_its_published_values(mode):
+    assert dataclasses.asdict(peft.METHODS[mode].config()) == PUBLISHED_DEFAULTS.get(mode, {})
+
+
+def _residual_off_span(delta, basis):
+    """‖delta − its projection on the column space of ``basis``‖ / ‖delta‖ (rows of delta are vectors)."""
+    q, _ = torch.linalg.qr(basis)
+    return ((delta - delta @ q @ q.T).norm() / delta.norm()).item()
+
+
+def test_dropout_sits_inside_the_low_rank_branches():
+    """With dropout active, AdaptFormer's branch minus up's bias stays in the span of up's columns (dropout acts
+    between ReLU and up), and a FacT layer's increment stays in the span of V (dropout acts on the cores' output):
+    both low-rank, which dropout after the last projection would break."""
+    model = make_model().double()
+    peft.apply_mode(model, "adaptformer", adaptformer_dim=3, adaptformer_dropout=0.5)
+    randomize_adapters(model, scale=0.5)
+    model.train()
+    block = model.blocks[0]
+    block.drop_path2 = _DroppedBranch()  # the block's output is then x_mid + s · branch
+    t = torch.randn(4, 17, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    with torch.no_grad():
+        mid = t + block.attn(block.norm1(t))
+        branch = (block(t) - mid) / block.scale - block.adapter_up.bias
+    assert branch.norm() > 0 and _residual_off_span(branch.reshape(-1, 16), block.adapter_up.weight) < 1e-10
+
+    model = make_model().double()
+    peft.apply_mode(model, "fact-tt", fact_rank=2, fact_dropout=0.5)
+    randomize_adapters(model, scale=0.5)
+    model.train()
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    layer = model.blocks[0].attn.q
+    with torch.no_grad():
+        delta = layer(x) - torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert delta.norm() > 0 and _residual_off_span(delta, model.fact.v) < 1e-10
