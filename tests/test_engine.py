@@ -150,3 +150,29 @@ def test_label_smoothing_reaches_the_loss(tmp_path, monkeypatch):
     logp = logits.log_softmax(-1)
     by_hand = -(0.8 * logp.gather(1, labels[:, None]).squeeze(1) + 0.2 * logp.mean(-1)).sum()
     assert real(logits, labels, 0.2).item() == pytest.approx(by_hand.item(), rel=1e-6)  # a sum, in float32
+
+
+# ── resume: every random stream ──────────────────────────────────────────────────────────────────────────────
+
+def test_every_random_stream_is_captured_and_restored():
+    """Python's, numpy's, torch's global streams and the run's own generators repeat their draws after a restore
+    (through a weights_only save and load, as a checkpoint carries them)."""
+    import io
+    import random
+
+    import numpy as np
+
+    from peft.finetune import rng
+
+    gens = {"augment": torch.Generator().manual_seed(3)}
+    random.random(), np.random.rand(), torch.rand(1), torch.rand(1, generator=gens["augment"])  # mid-stream
+    buffer = io.BytesIO()
+    torch.save(rng.capture_rng(gens), buffer)
+
+    def draws():
+        return (random.random(), float(np.random.rand()), np.random.randn(), torch.rand(2).tolist(),
+                torch.rand(2, generator=gens["augment"]).tolist())
+
+    first = draws()
+    rng.restore_rng(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True), gens)
+    assert draws() == first

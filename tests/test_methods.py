@@ -501,8 +501,11 @@ def test_dropout_sits_inside_the_low_rank_branches():
     peft.apply_mode(model, "fact-tt", fact_rank=2, fact_dropout=0.5)
     randomize_adapters(model, scale=0.5)
     model.train()
-    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    layer = model.blocks[0].attn.q
-    with torch.no_grad():
-        delta = layer(x) - torch.nn.functional.linear(x, layer.weight, layer.bias)
-    assert delta.norm() > 0 and _residual_off_span(delta, model.fact.v) < 1e-10
+    v = model.fact.v
+    for name, width in (("attn.q", 16), ("mlp.fc1", 16), ("mlp.fc2", 32)):  # square, expand (4 chunks), reduce
+        layer = model.blocks[0].get_submodule(name)
+        x = torch.randn(40, width, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        with torch.no_grad():
+            delta = layer(x) - torch.nn.functional.linear(x, layer.weight, layer.bias)
+        chunks = delta.reshape(-1, 16)  # fc1's output: each D-chunk is V applied to its own core output
+        assert delta.norm() > 0 and _residual_off_span(chunks, v) < 1e-10, name
