@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -176,3 +177,38 @@ def test_every_random_stream_is_captured_and_restored():
     first = draws()
     rng.restore_rng(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True), gens)
     assert draws() == first
+
+
+# ── every bound of every number the run takes ────────────────────────────────────────────────────────────────
+
+BOUNDS = [  # (options, the start of the one-line error): just past each documented bound
+    (dict(epochs=0), "--epochs must be at least 1"), (dict(batch_size=0), "--batch-size must be at least 1"),
+    (dict(grad_accum=0), "--grad-accum must be at least 1"), (dict(eval_batch_size=0), "--eval-batch-size must be"),
+    (dict(max_train_samples=0), "--max-train-samples must be"), (dict(max_eval_samples=0), "--max-eval-samples must"),
+    (dict(image_size=0), "--image-size must be at least 1"), (dict(threads=0), "--threads must be at least 1"),
+    (dict(stop_after_epoch=-1), "--stop-after-epoch must be at least 0"), (dict(log_every=0), "--log-every must be"),
+    (dict(warmup_epochs=-0.5), "--warmup-epochs must be at least 0"), (dict(lr=0.0), "--lr must be positive"),
+    (dict(weight_decay=-1e-4), "--weight-decay must be at least 0"), (dict(clip_grad=-1.0), "--clip-grad must be"),
+    (dict(label_smoothing=1.0), "--label-smoothing must be in [0, 1)"), (dict(dropout=1.0), "--dropout must be in"),
+    (dict(drop_path=1.0), "--drop-path must be in [0, 1)"), (dict(warmup_lr=-1e-6), "--warmup-lr and --min-lr"),
+    (dict(min_lr=-1e-6), "--warmup-lr and --min-lr"), (dict(cooldown_epochs=-1), "--cooldown-epochs must be"),
+    (dict(schedule_lag=-1), "--schedule-lag must be at least 0"), (dict(restart_epochs=0), "--restart-epochs must"),
+    (dict(official_test_from=-1), "--official-test-from must be"), (dict(official_test_every=0), "--official-test-every"),
+    (dict(schedule="epoch-cosine", epochs=5, cooldown_epochs=5), "--cooldown-epochs 5 leaves no epoch"),
+    (dict(momentum=1.0), "--momentum must be in [0, 1)"), (dict(batch_size=10, grad_accum=3), "--batch-size 10 is not"),
+    (dict(val_fraction=1.0), "--val-fraction must be in [0, 1)"), (dict(test_fraction=1.0), "--test-fraction must be"),
+    (dict(val_fraction=0.5, test_fraction=0.5), "--test-fraction must be in [0, 1) and leave images"),
+    (dict(crop_pct=0.0), "--crop-pct must be in (0, 1]"), (dict(workers=0), "--workers must be at least 1"),
+    (dict(store_size=0), "--store-size must be at least 1"), (dict(crop_scale="0.5,0.2"), "--crop-scale '0.5,0.2'"),
+]
+
+
+@pytest.mark.parametrize("options, message", BOUNDS, ids=[next(iter(o)) + "=" + str(next(iter(o.values())))
+                                                         for o, _ in BOUNDS])
+def test_every_numeric_option_is_checked_at_its_bound(options, message):
+    from peft.finetune import OptionsError, check_options
+
+    good = dict(weights="none", mode="full", model="testing", data="synthetic", device="cpu")
+    check_options(FinetuneOptions(**good))  # the baseline passes
+    with pytest.raises(OptionsError, match="^" + re.escape(message)):
+        check_options(FinetuneOptions(**{**good, **options}))

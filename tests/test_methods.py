@@ -151,7 +151,8 @@ def test_adapter_state_round_trip(mode):
 def test_vit_b16_backbone_counts(mode):
     model = b16()
     peft.apply_mode(model, mode)
-    trainable, _ = peft.trainable_parameters(model)
+    trainable, total = peft.trainable_parameters(model)
+    assert total == sum(p.numel() for p in model.parameters()) > trainable or mode == "full"
     assert trainable - 769 * 10 == B16_BACKBONE[mode] == PUBLISHED.get(mode, B16_BACKBONE[mode])
 
 
@@ -306,10 +307,15 @@ def test_delta_weight_merge_in_place_and_unmerge_mean_the_same_for_every_method(
             torch.testing.assert_close(m(t), expected, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(m.merged_weight(), m.weight + m.delta_weight(), rtol=1e-14, atol=1e-14)
         adapted = model(x)
+        plain = {id(m): m.merge() for m in wrappers}
         for m in wrappers:
             m.merge_in_place()
         assert all(m.merged for m in wrappers)
         torch.testing.assert_close(model(x), adapted, rtol=1e-12, atol=1e-12)
+        for m in wrappers:  # merge() of a merged wrapper is the same plain layer (the update is not added twice)
+            again = m.merge()
+            assert torch.equal(again.weight, plain[id(m)].weight) and (again.bias is None or torch.equal(
+                again.bias, plain[id(m)].bias))
         assert any(not torch.equal(m.weight, pretrained[id(m)][0]) for m in wrappers)
         for m in wrappers:
             m.unmerge()
