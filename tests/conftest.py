@@ -4,9 +4,12 @@ Tests import the helpers (``from conftest import make_model, images``) and use t
 on ``sys.path`` so that small modules beside the tests (``npz_factory``, ``benchmark_trees``) import too.
 """
 
+import http.server
 import math
 import os
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +76,49 @@ def single_process(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def server():
+    """A loopback HTTP server (tests/loopback.py): yields its base URL and its state (requests seen, whether Range
+    is honoured, after how many bytes the connection drops)."""
+    from loopback import Handler
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.state = {"requests": [], "honour_range": True, "drop_after": 0}
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd.state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+# ── fine-tuning runs on real Fashion-MNIST (Debian's dataset-fashion-mnist) ──────────────────────────────────────
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
+                                  reason=f"real Fashion-MNIST not installed at {FMNIST} "
+                                         "(apt-get install dataset-fashion-mnist)")
+
+
+def tiny(tmp_path, name="run", **kw):
+    """Options of a run of the "testing" ViT (32 px, D=16) from scratch on 256 Fashion-MNIST images of classes 0-4."""
+    from peft.finetune.options import FinetuneOptions
+
+    base = dict(mode="full", weights="none", model="testing", data="fashion_mnist", data_root=str(FMNIST),
+                classes="0-4", max_train_samples=256, max_eval_samples=96, epochs=2, warmup_epochs=0.5,
+                batch_size=32, lr=3e-3, device="cpu", output_dir=str(tmp_path / name), progress=False)
+    base.update(kw)
+    return FinetuneOptions(**base)
+
+
+@pytest.fixture(scope="session")
+def mini_npz(tmp_path_factory):
+    """A random ViT-Mini/4 checkpoint in Google's layout, as a stand-in for pretrained weights."""
+    from npz_factory import write_google_npz
+
+    path = tmp_path_factory.mktemp("weights") / "mini.npz"
+    write_google_npz(path, vit.get_config("ViT-Mini/4"), seed=0)
+    return path

@@ -2,69 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-import http.server
 import socket
-import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import vit
 from loaders import KNOWN_WEIGHTS, CheckpointError, default_cache_dir, fetch_weights
 from loaders.download import DownloadError, download_file, file_digest
+from loopback import MD5, PAYLOAD, SHA256
+from loopback import part as _part
 from npz_factory import write_google_npz
-
-PAYLOAD = np.random.default_rng(0).integers(0, 256, size=300_000, dtype=np.uint8).tobytes()
-SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
-MD5 = hashlib.md5(PAYLOAD).hexdigest()
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves PAYLOAD at /file.bin (honouring "Range: bytes=N-" unless told not to) and a 500 at /error."""
-
-    def do_GET(self):  # noqa: N802 (http.server's naming)
-        state = self.server.state
-        state["requests"].append((self.path, self.headers.get("Range")))
-        if self.path != "/file.bin":
-            self.send_error(500 if self.path == "/error" else 404)
-            return
-        start = 0
-        rng = self.headers.get("Range")
-        if rng and state["honour_range"]:
-            start = int(rng.removeprefix("bytes=").split("-")[0])
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
-        else:
-            self.send_response(200)
-        body = PAYLOAD[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if state["drop_after"]:  # the connection breaks mid-transfer
-            body = body[:state["drop_after"]]
-            self.close_connection = True
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture()
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.state = {"requests": [], "honour_range": True, "drop_after": 0}
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd.state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
-def _part(dest: Path) -> Path:
-    return dest.with_name(dest.name + ".part")
 
 
 def test_full_download_verifies_and_renames(server, tmp_path):

@@ -18,35 +18,7 @@ from peft.finetune import rebuild
 from peft.finetune import trainer as training
 from peft.finetune import optim
 from peft.finetune.options import FinetuneOptions
-
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
-                                  reason=f"real Fashion-MNIST not installed at {FMNIST} "
-                                         "(apt-get install dataset-fashion-mnist)")
-
-
-pytestmark = pytest.mark.usefixtures("single_process")
-
-
-def tiny(tmp_path, name="run", **kw) -> FinetuneOptions:
-    """The "testing" ViT (32 px, D=16) from scratch on 256 Fashion-MNIST images of classes 0-4."""
-    base = dict(mode="full", weights="none", model="testing", data="fashion_mnist", data_root=str(FMNIST),
-                classes="0-4", max_train_samples=256, max_eval_samples=96, epochs=2, warmup_epochs=0.5,
-                batch_size=32, lr=3e-3, device="cpu", output_dir=str(tmp_path / name), progress=False)
-    base.update(kw)
-    return FinetuneOptions(**base)
-
-
-@pytest.fixture(scope="module")
-def mini_npz(tmp_path_factory):
-    """A random ViT-Mini/4 checkpoint in Google's layout, as a stand-in for pretrained weights."""
-    import vit
-    from npz_factory import write_google_npz
-
-    path = tmp_path_factory.mktemp("weights") / "mini.npz"
-    write_google_npz(path, vit.get_config("ViT-Mini/4"), seed=0)
-    return path
-
+from conftest import FMNIST, needs_fmnist, tiny
 
 TOOLS = {"finetune": finetune_cli, "evaluate": evaluate_cli, "predict": predict_cli, "quickstart": quickstart_cli}
 

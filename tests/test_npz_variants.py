@@ -27,7 +27,9 @@ import vit
 from loaders import CheckpointError, load_npz, read_npz, save_npz
 from loaders.npz import NAMINGS, ZERO_HEAD_MESSAGE
 from npz_factory import google_params, write_google_npz
-from test_model import ODD, _images, _rel_err, google_forward
+from google_reference import ODD, google_forward
+from google_reference import images as _images
+from google_reference import rel_err as _rel_err
 
 scipy_ndimage = pytest.importorskip("scipy.ndimage", reason="scipy (test extra) is the independent resize reference")
 ROOT = Path(__file__).resolve().parents[1]

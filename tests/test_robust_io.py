@@ -23,8 +23,8 @@ from loaders import fetch_weights
 from loaders.atomic import atomic_write
 from loaders.datasets import DataNotFoundError, DatasetError, load_dataset, read_idx
 from loaders.download import DownloadError, download_file
-from test_download import PAYLOAD, SHA256, _part
-from test_download import server  # noqa: F401  (the loopback Range server fixture)
+from loopback import PAYLOAD, SHA256
+from loopback import part as _part
 
 ROOT = Path(__file__).resolve().parents[1]
 

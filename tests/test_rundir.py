@@ -14,7 +14,7 @@ import pytest
 from peft.cli import finetune as finetune_cli
 from peft.finetune import CheckpointMismatch, OptionsError
 from peft.finetune import trainer as training
-from test_finetune import FMNIST, mini_npz, needs_fmnist, tiny  # noqa: F401  (mini_npz: a fixture)
+from conftest import FMNIST, needs_fmnist, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLD = ("import sys, time; sys.path.insert(0, sys.argv[2]); from peft.finetune.rundir import RunFolder; "
