@@ -212,3 +212,46 @@ def test_every_numeric_option_is_checked_at_its_bound(options, message):
     check_options(FinetuneOptions(**good))  # the baseline passes
     with pytest.raises(OptionsError, match="^" + re.escape(message)):
         check_options(FinetuneOptions(**{**good, **options}))
+
+
+def test_the_epochs_train_loss_and_accuracy_are_per_image_means(tmp_path):
+    """From scratch the head is zero, so every logit is 0 and every image's loss is ln 10 (10 synthetic classes);
+    with a learning rate too small to move anything the epoch's mean loss is exactly that, and the accuracy is a
+    count over the 32 images."""
+    _, ck = run(tmp_path, "means", epochs=1, lr=1e-30)
+    row = ck["history"][0]
+    assert row["train_loss"] == pytest.approx(math.log(10), rel=1e-6)
+    assert 0 <= row["train_accuracy"] <= 1 and (row["train_accuracy"] * 32) == pytest.approx(
+        round(row["train_accuracy"] * 32), abs=1e-9)
+
+
+class _Payload:
+    """A pickle that runs code when loaded (writes a file): what weights_only=True exists to refuse."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "ran.txt"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "payload": _Payload(str(marker))}, path)
+    with pytest.raises(ckpt_io.CheckpointMismatch, match="evil.pt is not a readable checkpoint"):
+        ckpt_io.load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_sweeping_a_method_option_sets_the_methods_option():
+    from peft.finetune import OptionsError
+    from peft.finetune.sweep import apply_point, parse_grid
+
+    grid = parse_grid(["lora_rank=2,4", "lr=1e-3"])
+    assert grid == [("lora_rank", [2, 4]), ("lr", [1e-3])]
+    kw = apply_point({"mode": "lora", "method_options": {"lora_alpha": 4.0}}, {"lora_rank": 4, "lr": 1e-3})
+    assert kw["method_options"] == {"lora_alpha": 4.0, "lora_rank": 4} and kw["lr"] == 1e-3 and "lora_rank" not in kw
+    assert FinetuneOptions(**kw).method_config() == peft.LoraConfig(rank=4, alpha=4.0)
+    with pytest.raises(OptionsError, match="--sweep lora_rank: not an option of --mode rlrr"):
+        apply_point({"mode": "rlrr"}, {"lora_rank": 4})

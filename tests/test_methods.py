@@ -515,3 +515,21 @@ def test_dropout_sits_inside_the_low_rank_branches():
             delta = layer(x) - torch.nn.functional.linear(x, layer.weight, layer.bias)
         chunks = delta.reshape(-1, 16)  # fc1's output: each D-chunk is V applied to its own core output
         assert delta.norm() > 0 and _residual_off_span(chunks, v) < 1e-10, name
+
+
+def test_adapter_both_placement_adds_houlsbys_second_adapter_after_the_attention():
+    model = make_model()
+    names = peft.apply_mode(model, "adapter", adapter_placement="both")
+    assert names == [f"blocks.{i}.{p}" for i in range(2) for p in ("attn.proj", "mlp.fc2")]
+    big = b16()
+    peft.apply_mode(big, "adapter", adapter_placement="both")
+    assert peft.trainable_parameters(big)[0] - 769 * 10 == 2 * B16_BACKBONE["adapter"]  # 313,536 (NOAH: 156,768 × 2)
+
+
+def test_a_config_and_fields_combine_and_a_foreign_config_is_refused():
+    model = make_model()
+    peft.apply_lora(model, peft.LoraConfig(rank=3, targets="q"), alpha=6.0)  # the fields replace the config's
+    q = model.blocks[0].attn.q
+    assert q.rank == 3 and q.scaling == 2.0 and type(model.blocks[0].attn.v) is nn.Linear
+    with pytest.raises(TypeError, match="expected a LoraConfig, got RLRRConfig"):
+        peft.apply_lora(make_model(), peft.RLRRConfig())

@@ -204,3 +204,9 @@ def test_a_wrapper_refuses_a_layer_it_does_not_wrap():
         RLRRLinear(nn.LayerNorm(4))
     with pytest.raises(TypeError, match="SSFLayerNorm wraps a plain LayerNorm, got LoRALinear"):
         Norm(LoRALinear(nn.Linear(4, 4)))
+
+
+def test_freeze_all_but_sets_every_flag_and_counts_what_trains():
+    model = make_model()
+    assert peft.freeze_all_but(model, lambda n: n.startswith("head.")) == 16 * 10 + 10
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
