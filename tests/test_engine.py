@@ -255,3 +255,27 @@ def test_sweeping_a_method_option_sets_the_methods_option():
     assert FinetuneOptions(**kw).method_config() == peft.LoraConfig(rank=4, alpha=4.0)
     with pytest.raises(OptionsError, match="--sweep lora_rank: not an option of --mode rlrr"):
         apply_point({"mode": "rlrr"}, {"lora_rank": 4})
+
+
+def test_sgd_takes_the_momentum_flag():
+    model = vit.VisionTransformer(vit.get_config("testing"))
+    opt = optim.build_optimizer(model, FinetuneOptions(optimizer="sgd", momentum=0.5, weights="none", mode="full"), 0.1)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.5 and opt.defaults["lr"] == 0.1
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path):
+    path = tmp_path / "new.pt"
+    torch.save({"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION + 1}, path)
+    with pytest.raises(ckpt_io.CheckpointMismatch, match=f"format version {ckpt_io.VERSION + 1}; this code reads up to"):
+        ckpt_io.load_checkpoint(path)
+
+
+def test_evaluation_crops_photos_by_crop_pct():
+    """--crop-pct 0.5 at 32 px: the shorter side goes to 64 (a 64-px photo is not resampled) and the centre 32 × 32
+    is cut: exactly the photo's middle pixels, normalised."""
+    from peft.finetune.predict import eval_transform
+
+    photo = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = eval_transform(32, photos=True, crop_pct=0.5)(photo)
+    expected = (photo[:, 16:48, 16:48].permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
