@@ -279,3 +279,14 @@ def test_evaluation_crops_photos_by_crop_pct():
     x = eval_transform(32, photos=True, crop_pct=0.5)(photo)
     expected = (photo[:, 16:48, 16:48].permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
     torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
+
+
+def test_an_infinite_loss_stops_the_run_like_nan(tmp_path, monkeypatch):
+    real = training.compute_loss
+
+    def infinite(logits, labels, label_smoothing=0.0):
+        return real(logits, labels, label_smoothing) * float("inf")
+
+    monkeypatch.setattr(training, "compute_loss", infinite)
+    with pytest.raises(training.TrainingDiverged, match=r"loss is inf at epoch 1, step 1"):
+        run(tmp_path, "inf", epochs=1)

@@ -271,6 +271,7 @@ def test_wrappers_take_the_layer_over_and_say_once_whether_they_merge(mode):
             assert p is before[name] and not p.requires_grad, name
     kinds = {type(m) for _, m in _outermost_adapters(model)}
     assert kinds == set(method.wrappers)  # the registry lists exactly the wrappers the method puts in
+    assert type(model.head) is nn.Linear  # the head trains as itself, never wrapped
     assert method.mergeable == all(k.CANNOT_MERGE is None for k in kinds)
     for _, module in _outermost_adapters(model):
         if module.CANNOT_MERGE is not None:
@@ -415,8 +416,11 @@ def test_every_init_follows_its_published_distribution():
     rlrr = fresh("rlrr").blocks[0].mlp.fc1  # S_in U(±√(6/in)), S_out U(±√(6/r)), f = 0
     assert _uniform_bound_ok(rlrr.s_in, math.sqrt(6 / d)) and rlrr.s_out.abs().max() <= math.sqrt(6)
     assert not rlrr.f.any()
-    ssf = torch.cat([b.attn.q.ssf.scale.detach() for b in fresh("ssf").blocks])  # N(1, 0.02)
+    ssf_model = fresh("ssf")
+    ssf = torch.cat([b.attn.q.ssf.scale.detach() for b in ssf_model.blocks])  # scale ~ N(1, 0.02)
     assert abs(ssf.mean().item() - 1) < 0.005 and abs(ssf.std().item() - 0.02) < 0.001
+    shift = torch.cat([b.attn.q.ssf.shift.detach() for b in ssf_model.blocks])  # shift ~ N(0, 0.02)
+    assert abs(shift.mean().item()) < 0.005 and abs(shift.std().item() - 0.02) < 0.001
     af = fresh("adaptformer").blocks[0]  # down kaiming-uniform a=√5: U(±1/√D); up and biases 0
     assert _uniform_bound_ok(af.adapter_down.weight, 1 / math.sqrt(d))
     assert not (af.adapter_up.weight.any() or af.adapter_up.bias.any() or af.adapter_down.bias.any())
