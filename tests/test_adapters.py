@@ -88,3 +88,16 @@ def test_named_state_dict_round_trip_and_errors():
     peft.apply_mode(applied, "lora")
     with pytest.raises(ValueError, match="already has adapters from apply_mode"):
         peft.add_adapter(applied, "x", mode="rlrr")
+
+
+def test_a_named_adapter_state_is_a_copy():
+    model = make_model()
+    peft.add_adapter(model, "a", mode="lora", num_classes=4)
+    state = peft.adapter_state_dict(model, "a")
+    snapshot = {k: v.clone() for k, v in state.items()}
+    peft.set_adapter(model, "a")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)  # training on
+    assert all(torch.equal(state[k], snapshot[k]) for k in state)

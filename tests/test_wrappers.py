@@ -210,3 +210,19 @@ def test_freeze_all_but_sets_every_flag_and_counts_what_trains():
     model = make_model()
     assert peft.freeze_all_but(model, lambda n: n.startswith("head.")) == 16 * 10 + 10
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+
+
+def test_the_reused_rlrr_weight_is_kept_per_compute_dtype():
+    """weight_memory="reuse": a W' built under bf16 autocast is not served to a float32 pass (same S): the float32
+    output equals the one of a layer that rebuilds W' every time, bit for bit."""
+    torch.manual_seed(0)
+    base = nn.Linear(24, 20)
+    reuse, rebuild = RLRRLinear(base, weight_memory="reuse"), RLRRLinear(base, weight_memory="rebuild")
+    with torch.no_grad():
+        for a, b in ((reuse.s_out, rebuild.s_out), (reuse.s_in, rebuild.s_in), (reuse.f, rebuild.f)):
+            b.copy_(a)
+        x = torch.randn(5, 24)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = reuse(x)
+        assert low.dtype == torch.bfloat16
+        assert torch.equal(reuse(x), rebuild(x))
