@@ -28,6 +28,7 @@ an ``apply(model, config)`` function and a :class:`Method` entry; ``peft/modes.p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import re
 import typing
@@ -113,14 +114,14 @@ class LinearDelta(Adapter):
     WRAPS = nn.Linear
     merged = False  # True while the update is folded into self.weight / self.bias
 
-    def delta_weight(self) -> torch.Tensor:
-        raise NotImplementedError
+    def delta_weight(self) -> torch.Tensor:  # every subclass defines it (the contract above)
+        raise NotImplementedError(f"{type(self).__name__} must define delta_weight(), ΔW (out × in)")
 
     def delta_bias(self) -> torch.Tensor | None:
         return None
 
-    def adapted(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:  # every subclass defines it (the contract above)
+        raise NotImplementedError(f"{type(self).__name__} must define adapted(x), its unmerged forward")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias) if self.merged else self.adapted(x)
@@ -186,9 +187,8 @@ class _Substituted:
     def __init__(self, module: nn.Module, substitutes: dict):
         self._module, self._substitutes = module, substitutes
 
-    def __getattr__(self, name: str):
-        subs = self.__dict__["_substitutes"]
-        return subs[name] if name in subs else getattr(self.__dict__["_module"], name)
+    def __getattr__(self, name: str):  # only reached for names not set in __init__
+        return self._substitutes[name] if name in self._substitutes else getattr(self._module, name)
 
 
 class BlockAdapter(Adapter):
@@ -209,16 +209,20 @@ class BlockAdapter(Adapter):
 
 # -------------------------------------------------------------------------------------------------- method configs
 
+_FIELD_LINE = re.compile(r"^\s+(\w+):[^#]*#\s*(.*)$")
+
+
+@functools.cache
 def field_comments(cls) -> dict[str, str]:
-    """The trailing ``# comment`` of each field line in a dataclass's source: one place for every help text."""
+    """The trailing ``# comment`` of each field line in a dataclass's source: one place for every help text (read
+    once per class: it parses the source files)."""
     comments = {}
     for klass in reversed(cls.__mro__):
         try:
             source = inspect.getsource(klass)
         except (OSError, TypeError):
             continue
-        pattern = re.compile(r"^\s+(\w+):[^#]*#\s*(.*)$")
-        comments.update({m.group(1): m.group(2) for m in map(pattern.match, source.splitlines()) if m})
+        comments.update({m.group(1): m.group(2) for m in map(_FIELD_LINE.match, source.splitlines()) if m})
     return comments
 
 
@@ -254,18 +258,18 @@ class MethodConfig:
         self.check()
 
     def check(self) -> None:
+        flag = {o.field: o.flag for o in self.options().values()}
         for name in self.POSITIVE:
             if getattr(self, name) < 1:
-                raise ValueError(f"--{self.PREFIX.replace('_', '-')}-{name.replace('_', '-')} must be at least 1, got "
-                                 f"{getattr(self, name)}")
+                raise ValueError(f"{flag[name]} must be at least 1, got {getattr(self, name)}")
         for name, allowed in self.CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"--{self.PREFIX.replace('_', '-')}-{name.replace('_', '-')} {getattr(self, name)!r}: choose one "
-                                 f"of {', '.join(allowed)}")
+                raise ValueError(f"{flag[name]} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
 
     @classmethod
+    @functools.cache
     def options(cls) -> dict[str, Option]:
-        """The flat options, keyed ``PREFIX_field``, in field order."""
+        """The flat options, keyed ``PREFIX_field``, in field order (built once per class; do not modify)."""
         hints, helps = typing.get_type_hints(cls), field_comments(cls)
         return {f"{cls.PREFIX}_{f.name}": Option(f"{cls.PREFIX}_{f.name}", f.name, hints[f.name], f.default,
                                                  helps.get(f.name, ""), cls.CHOICES.get(f.name))

@@ -58,7 +58,7 @@ class RLRRLinear(LinearDelta, nn.Module):
     fused CUDA kernel). impl="official": the official three-pass formula with autograd keeping W' (benchmarks).
     """
 
-    def __init__(self, base: nn.Linear, config: "RLRRConfig | None" = None, **fields):
+    def __init__(self, base: nn.Linear, config: RLRRConfig | None = None, **fields):
         config = configure(RLRRConfig, config, fields)
         super().__init__(base)  # the same Parameter objects: names and storage unchanged, frozen
         rank, impl, weight_memory = config.rank, config.impl, config.weight_memory
