@@ -26,7 +26,7 @@ from peft.finetune import FinetuneOptions
 from peft.finetune import trainer as training
 from peft.finetune.rebuild import load_for_inference, load_model_from_checkpoint
 
-DATA = ["--data", "fashion_mnist", "--classes", "0-1", "--max-train-samples", "32", "--max-eval-samples", "16",
+DATA = ["--data", "synthetic", "--classes", "0-1", "--max-train-samples", "32", "--max-eval-samples", "16",
         "--epochs", "1", "--batch-size", "16", "--image-size", "32", "--device", "cpu", "--no-progress",
         "--threads", "1"]
 
