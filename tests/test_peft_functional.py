@@ -279,6 +279,22 @@ def test_failed_self_test_is_remembered_but_a_transient_error_is_not(monkeypatch
     assert calls["build"] == 2
 
 
+def test_a_kernel_returning_nan_is_never_used(monkeypatch):
+    """load_extension with a build whose weight kernel writes one NaN: refused, remembered, the PyTorch path runs."""
+    import torch.utils.cpp_extension as cpp
+
+    real_self_test = kernels.self_test
+    monkeypatch.setattr(cpp, "load", lambda **kw: _PoisonedExtension("rlrr_weight", float("nan")))
+    monkeypatch.setattr(kernels.preflight, "build_problem", lambda: None)  # as on a GPU machine with the tools
+    monkeypatch.setattr(kernels, "self_test", lambda ext, device="cuda": real_self_test(ext, device="cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "_extension", None)
+    monkeypatch.setattr(kernels, "_failure", None)
+    with pytest.raises(kernels.KernelUnavailableError, match="failed its self-test.*rlrr_weight"):
+        kernels.load_extension()
+    assert not kernels.kernel_available()
+
+
 @pytest.mark.parametrize("memory", ["keep", "reuse"])
 def test_weight_memory_options_compute_the_same_and_build_less(memory, monkeypatch):
     """keep: W' saved from the forward (no rebuild in backward); reuse: W' built once per optimizer step and
