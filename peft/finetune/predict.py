@@ -96,10 +96,8 @@ def evaluate_checkpoint(path, output_dir=None, split: str = "test", weights=None
     dtype = pdist.autocast_dtype(opts.precision, ctx.device)
     probs = predict(model, ds, tf, batch_size, ctx, dtype, desc=split)
     out = Path(output_dir) if output_dir else Path(meta["path"]).parent
-    files = (d.files or {}).get(split)  # folders and lists: each image's name (unless capped to a random subset)
-    files = [name for name, _ in files] if files is not None and len(files) == len(ds) else None
     summary = report.write_evaluation_report(out, probs.numpy(), labels.cpu().numpy(), d.classes,
-                                             meta.get("history"), prefix=split, files=files)
+                                             meta.get("history"), prefix=split)
     result = {"checkpoint": meta["path"], "split": split, "mode": meta["mode"], "epoch": meta["epoch"],
               f"{split}_accuracy": summary["accuracy"], **{f"{split}_{k}": v for k, v in summary.items()},
               "trainable_parameters": meta.get("trainable_parameters"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -51,25 +52,12 @@ def classification_report_text(report: dict, classes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_predictions_csv(path: Path, files: list[str], probs: np.ndarray, labels: np.ndarray,
-                          classes: list[str]) -> None:
-    """One row per evaluated image, in evaluation order: its file, true class, predicted class, that probability."""
-    preds = probs.argmax(axis=1)
-    with atomic_write(path, "w") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["file", "class", "predicted", "probability"])
-        w.writerows([name, classes[t], classes[p], f"{probs[i, p]:.6f}"]
-                     for i, (name, t, p) in enumerate(zip(files, labels, preds)))
-
-
 def write_evaluation_report(out_dir: str | os.PathLike, probs, labels, classes: list[str],
-                            history: list[dict] | None = None, prefix: str = "test",
-                            files: list[str] | None = None) -> dict:
+                            history: list[dict] | None = None, prefix: str = "test") -> dict:
     """Write every evaluation artefact for one split; returns a summary (accuracy, macro F1, mean AUC).
 
-    Files: {prefix}_confusion.png (+ .csv counts), {prefix}_report.txt/.json/.csv, {prefix}_roc.png, with a
-    history also history.csv and curves.png, and with ``files`` (the evaluated images' names, in order)
-    {prefix}_predictions.csv.
+    Files: {prefix}_confusion.png (+ .csv counts), {prefix}_report.txt/.json/.csv, {prefix}_roc.png, and with a
+    history also history.csv and curves.png.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,9 +88,21 @@ def write_evaluation_report(out_dir: str | os.PathLike, probs, labels, classes: 
         w.writeheader()
         w.writerows(per_class)
     plots.plot_roc(curves, classes, out / f"{prefix}_roc.png")
-    if files is not None:
-        write_predictions_csv(out / f"{prefix}_predictions.csv", files, probs, labels, classes)
     if history:
         write_history_csv(history, out / "history.csv")
         plots.plot_curves(history, out / "curves.png")
     return summary
+
+
+def write_predictions_csv(path: Path, files: list[str], probs, labels, classes: list[str]) -> None:
+    """One row per evaluated image, in evaluation order: its file, true class, predicted class, that probability.
+    A name that is not valid UTF-8 (a non-UTF-8 file name read as surrogates) is written with backslash escapes."""
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    preds = probs.argmax(axis=1)
+    text = io.StringIO(newline="")
+    w = csv.writer(text, lineterminator="\n")
+    w.writerow(["file", "class", "predicted", "probability"])
+    w.writerows([name, classes[t], classes[p], f"{probs[i, p]:.6f}"]
+                for i, (name, t, p) in enumerate(zip(files, labels, preds)))
+    with atomic_write(path) as f:
+        f.write(text.getvalue().encode("utf-8", "backslashreplace"))
