@@ -15,10 +15,10 @@ import math
 import pytest
 import torch
 
+import peft
 import vit
 from conftest import images
 from npz_factory import write_google_npz
-from peft import modes
 from peft.cli import evaluate as evaluate_cli
 from peft.cli import finetune as finetune_cli
 from peft.cli.args import parse_options
@@ -115,8 +115,8 @@ def _flags(mode: str) -> list[str]:
 
 
 def test_every_registered_method_and_option_has_a_non_default_value_here():
-    assert sorted(NON_DEFAULT) == sorted(modes.MODES), "add the new method's options to NON_DEFAULT"
-    for name, method in modes.METHODS.items():
+    assert sorted(NON_DEFAULT) == sorted(peft.METHODS), "add the new method's options to NON_DEFAULT"
+    for name, method in peft.METHODS.items():
         assert sorted(_flags(name)[::2]) == sorted(o.flag for o in method.options.values()), name
         opts = parse_options(["--mode", name, *_flags(name)], FinetuneOptions, with_methods=True)
         config, default = opts.method_config(), method.config()
@@ -132,7 +132,7 @@ def _settings(model) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", modes.MODES)
+@pytest.mark.parametrize("mode", list(peft.METHODS))
 def test_a_methods_options_survive_the_checkpoint_and_the_rebuilt_model_computes_the_same(weights, tmp_path, mode):
     run = tmp_path / "run"
     trainer = _train(["--mode", mode, *_flags(mode), "--weights", str(weights), "--output-dir", str(run),
@@ -141,7 +141,7 @@ def test_a_methods_options_survive_the_checkpoint_and_the_rebuilt_model_computes
     model, meta = load_model_from_checkpoint(run)
     assert meta["mode"] == mode
     assert {k: meta["mode_options"][k] for k in NON_DEFAULT[mode]} == NON_DEFAULT[mode]  # what was asked for
-    assert modes.configure_mode(mode, **meta["mode_options"]) == trainer.method_config  # as recorded
+    assert peft.METHODS[mode].config.from_options(meta["mode_options"]) == trainer.method_config  # as recorded
     assert repr(model) == repr(trained)  # same modules, sizes, dropout rates
     assert _settings(model) == _settings(trained)  # same scales, ranks, variants, implementations
     x = images(seed=3, n=4)
