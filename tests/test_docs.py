@@ -134,7 +134,7 @@ def test_every_tool_command_in_the_guides_uses_real_flags(tool_flags):
 
 
 def test_the_flag_check_sees_a_wrong_flag(tool_flags):
-    assert wrong_flags([("g.md", "finetune", " --mode rlrr --no-such-flag 3 --sweep lr=1e-3"), ("g.md", "gone", "")],
+    assert wrong_flags([("g.md", "finetune", " --mode rlrr --no-such-flag 3 --lr 1e-3"), ("g.md", "gone", "")],
                        tool_flags) == ["g.md: tools/finetune.py has no flag --no-such-flag", "g.md: tools/gone.py does not exist"]
     assert "--threads" in tool_flags["quickstart"] and "--rehearsal" in tool_flags["vtab"]
 
