@@ -190,3 +190,42 @@ def test_the_outside_path_pattern_matches_what_it_should():
     assert OUTSIDE.search("python ../" + "shared/" + "hooks/x.py") and OUTSIDE.search("see /" + "work/notes")
     assert OUTSIDE.search("url='file:///" + "shared/models/a.npz'")
     assert not OUTSIDE.search("~/.cache/vit-peft and /usr/share/datasets/fashion-mnist, file:///mnt/models/a.npz")
+
+
+# ── the methods tables ──────────────────────────────────────────────────────────────────────────────────────
+
+def methods_table(path: Path) -> list[dict[str, str]]:
+    """The rows of a guide's table under '## The methods', as {column: cell}."""
+    text = path.read_text()
+    section = text[text.index("## The methods"):]
+    lines = [l for l in section.splitlines() if l.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = []
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != len(head) or not cells[0].startswith("`"):
+            break
+        rows.append(dict(zip(head, cells)))
+    return rows
+
+
+@pytest.mark.parametrize("guide", ["README.md", "peft/README.md"])
+def test_the_methods_tables_say_what_the_registry_holds(guide):
+    """Every registered method in the registry's order, its ViT-B/16 count as counted on the meta device, whether it
+    merges, and (where the table shows it) its default learning rate."""
+    import peft
+    from conftest import b16
+
+    rows = methods_table(ROOT / guide)
+    assert [r["mode"].strip("`") for r in rows] == list(peft.MODES)
+    for r in rows:
+        mode = r["mode"].strip("`")
+        model = b16()
+        peft.apply_mode(model, mode)
+        count = int(re.match(r"[\d,]+", r["ViT-B/16 params"]).group(0).replace(",", ""))
+        assert count == peft.trainable_parameters(model)[0] - 769 * 10, mode
+        method = peft.METHODS[mode]
+        merges = next(v for k, v in r.items() if k.startswith("merge")).replace("*", "").split()[0]
+        assert merges == ("–" if not method.wrappers else "yes" if method.mergeable else "no"), mode
+        if "default lr" in r:
+            assert float(r["default lr"]) == method.lr, mode
