@@ -229,3 +229,8 @@ def test_the_methods_tables_say_what_the_registry_holds(guide):
         assert merges == ("–" if not method.wrappers else "yes" if method.mergeable else "no"), mode
         if "default lr" in r:
             assert float(r["default lr"]) == method.lr, mode
+
+
+def test_the_readme_stays_short():
+    """What it is, the two commands, three paths, the methods, the guides: the reference lives in the guides."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200
