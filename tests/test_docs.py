@@ -153,7 +153,7 @@ def test_the_tours_name_model_py_pieces_in_file_order():
     guide = (ROOT / "vit" / "README.md").read_text()
     section = guide[guide.index("## A tour of `vit/model.py`"):]
     cells = re.findall(r"^\| ([^|]+)\|", section[:section.index("```")], re.M)[1:]  # below the header
-    names = [n.rpartition(".")[2] for cell in cells for n in re.findall(r"`(\w[\w.]*)`", cell)]
+    names = [n.rpartition(".")[2] for cell in cells for n in re.findall(r"`(\w[\w.]*)", cell)]
     lines = [re.search(rf"^\s*(?:class|def) {n}\b", source, re.M) for n in names]
     assert all(lines), [n for n, m in zip(names, lines) if not m]
     assert [m.start() for m in lines] == sorted(m.start() for m in lines) and len(names) >= 10
