@@ -242,3 +242,28 @@ def test_the_methods_tables_say_what_the_registry_holds(guide):
 def test_the_readme_stays_short():
     """What it is, the two commands, three paths, the methods, the guides: the reference lives in the guides."""
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+# ── the files the guides name ───────────────────────────────────────────────────────────────────────────────
+
+PATH = re.compile(r"(?<![\w./-])((?:vit|loaders|peft|tools|tests|img)/[\w/-]*\w\.(?:py|md|cu|cpp|h|sh|png))(?![\w*])")
+
+
+def placeholder(path: str) -> bool:
+    """`tools/NAME.py`, `peft/mymethod.py`: names that stand for any file."""
+    stem = Path(path).stem
+    return stem.isupper() or stem.startswith("my")
+
+
+def test_every_file_a_guide_names_exists():
+    """`peft/finetune/recipes.py`, `tests/test_recipes.py`, `img/...png`: a renamed or removed file leaves no stale
+    mention behind (paths are from the repository root)."""
+    missing = [f"{g.relative_to(ROOT)}: {p}" for g in GUIDES for p in sorted(set(PATH.findall(g.read_text())))
+               if not (ROOT / p).exists() and not placeholder(p)]
+    assert not missing, "\n".join(missing)
+
+
+def test_the_file_finder_reads_paths_as_written():
+    text = "see `peft/modes.py`, tools/finetune.py --x, img/a.png, tests/test_kernel*.py and runs/peft/x.py"
+    assert PATH.findall(text) == ["peft/modes.py", "tools/finetune.py", "img/a.png"]  # not globs, not under runs/
+    assert placeholder("tools/NAME.py") and placeholder("peft/mymethod.py") and not placeholder("peft/modes.py")
