@@ -267,3 +267,10 @@ def test_the_file_finder_reads_paths_as_written():
     text = "see `peft/modes.py`, tools/finetune.py --x, img/a.png, tests/test_kernel*.py and runs/peft/x.py"
     assert PATH.findall(text) == ["peft/modes.py", "tools/finetune.py", "img/a.png"]  # not globs, not under runs/
     assert placeholder("tools/NAME.py") and placeholder("peft/mymethod.py") and not placeholder("peft/modes.py")
+
+
+def test_the_tests_guide_names_every_test_file():
+    """tests/README.md says what each test file holds the code to: a new file gets its row."""
+    guide = (ROOT / "tests" / "README.md").read_text()
+    unnamed = [p.name for p in sorted((ROOT / "tests").glob("test_*.py")) if f"`{p.name}`" not in guide]
+    assert not unnamed, f"tests/README.md has no row for {', '.join(unnamed)}"
