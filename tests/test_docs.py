@@ -182,7 +182,12 @@ def repository_files() -> list[Path]:
     return [ROOT / name for name in out.stdout.splitlines() if (ROOT / name).is_file()]
 
 
-def test_no_file_names_a_path_outside_the_repository():
+# How the project was made is no part of it: a reader needs the conditions of a measurement, not its history.
+DEVELOPMENT = re.compile("|".join(["in this " + "session", "was " + "lent", "were " + "lent", "sessions " + "that",
+                                   "this project's " + "(?:2-core|build machine|CPU box)"]), re.I)
+
+
+def mentions(pattern: re.Pattern) -> list[str]:
     hits = []
     for path in repository_files():
         try:
@@ -190,14 +195,24 @@ def test_no_file_names_a_path_outside_the_repository():
         except UnicodeDecodeError:
             continue  # images
         hits += [f"{path.relative_to(ROOT)}:{text[:m.start()].count(chr(10)) + 1}: {m.group(0)}"
-                 for m in OUTSIDE.finditer(text)]
-    assert not hits, "\n".join(hits)
+                 for m in pattern.finditer(text)]
+    return hits
+
+
+def test_no_file_names_a_path_outside_the_repository():
+    assert mentions(OUTSIDE) == []
+
+
+def test_no_file_tells_how_the_project_was_developed():
+    assert mentions(DEVELOPMENT) == []
 
 
 def test_the_outside_path_pattern_matches_what_it_should():
     assert OUTSIDE.search("python ../" + "shared/" + "hooks/x.py") and OUTSIDE.search("see /" + "work/notes")
     assert OUTSIDE.search("url='file:///" + "shared/models/a.npz'")
     assert not OUTSIDE.search("~/.cache/vit-peft and /usr/share/datasets/fashion-mnist, file:///mnt/models/a.npz")
+    assert DEVELOPMENT.search("No GPU was " + "lent while this kernel was written")
+    assert DEVELOPMENT.search("on this project's " + "2-core CPU box") and not DEVELOPMENT.search("a 2-core AMD EPYC")
 
 
 # ── the methods tables ──────────────────────────────────────────────────────────────────────────────────────
