@@ -174,7 +174,8 @@ OUTSIDE = re.compile("|".join(["/" + "work/", r"\.\./" + "shared", "shared/" + "
 
 
 def repository_files() -> list[Path]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+    """The files git tracks (a scratch file beside them is the user's, not the repository's)."""
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     if out.returncode != 0:  # not a git checkout (an unpacked archive): every file but hidden folders
         return [p for p in ROOT.rglob("*") if p.is_file() and not any(s.startswith(".") for s in
