@@ -127,9 +127,9 @@ def test_evaluate_reads_the_runs_own_val_and_test_files_after_the_folder_grew(se
     for split in ("val", "test"):
         out = tmp_path / f"eval-{split}"
         assert evaluate_cli.cli([str(run), "--split", split, "--output-dir", str(out), "--device", "cpu"]) == 0
+        per_class = json.loads((out / f"{split}_report.json").read_text())["classes"]
+        assert [c["support"] for c in per_class] == support[split], split  # the evaluated labels, per class
         with open(out / f"{split}_predictions.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         assert sorted(r["file"] for r in rows) == held[split], split
         assert all(r["class"] == r["file"].split("/")[0] for r in rows), split  # each label is its own file's
-        per_class = json.loads((out / f"{split}_report.json").read_text())["classes"]
-        assert [c["support"] for c in per_class] == support[split], split
