@@ -45,6 +45,11 @@ def load_synthetic(split: str = "train") -> ImageDataset:
     return ImageDataset(images, labels, [str(c) for c in range(10)], f"synthetic-{split}")
 
 
+def is_named_dataset(name: str) -> bool:
+    """One of :data:`DATASETS` (by any of its spellings)."""
+    return str(name).lower().replace("-", "").replace("_", "") in _ALIASES
+
+
 def load_dataset(name: str, root: str | Path | None = None, split: str = "train",
                  download: bool = True) -> ImageDataset:
     """Load one split of a dataset by name ("cifar10", "cifar100", "fashion_mnist", "tiny_imagenet"; "-" and
@@ -73,7 +78,7 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
 
 __all__ = ["CACHE_ENV", "CacheReport", "LIST_SUFFIXES", "PixelStore", "Source", "decode_cached", "gather_batch",
            "open_source", "CIFAR_ARCHIVES", "DATASETS", "DATA_ENV", "DataNotFoundError", "DatasetError", "FASHION_MNIST_CLASSES",
-           "FASHION_MNIST_FILES", "ImageDataset", "RestrictedUnpickler", "SPLITS", "count_batches",
+           "FASHION_MNIST_FILES", "ImageDataset", "is_named_dataset", "RestrictedUnpickler", "SPLITS", "count_batches",
            "default_data_root", "iterate_batches", "load_cifar", "load_dataset", "load_fashion_mnist",
            "load_image_folder", "load_synthetic", "load_tiny_imagenet", "parse_class_spec", "parse_idx", "random_subset", "read_idx",
            "restricted_unpickle", "select_classes", "shard_bounds", "shard_indices", "split_indices",
