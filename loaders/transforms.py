@@ -18,9 +18,8 @@ Two families, chosen by the data:
   window at a uniform whole-pixel offset (torchvision's RandomCrop) plus flip, and ``resize="center"`` with
   crop_pct = S / 256 for the centre crop; whole-pixel boxes of side S copy pixels exactly.
 
-Inputs are normalised with mean = std = 0.5 by default, the convention of Google's ViT checkpoints.
-
-`iterate_batches` (defined in loaders.datasets) is re-exported here for convenience.
+Inputs are normalised with mean = std = 0.5 by default, the convention of Google's ViT checkpoints. Which of
+these a run uses is chosen in one place, :mod:`loaders.transforms_factory`.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .datasets import count_batches, iterate_batches, shard_indices  # noqa: F401  (re-exported)
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area")
 PADDING_MODES = ("reflect", "zeros")

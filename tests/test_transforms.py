@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from loaders.transforms import BatchTransform, iterate_batches
+from loaders.transforms import BatchTransform
 
 
 def rand_images(b, h, w, c, seed=0):
@@ -130,16 +130,18 @@ def test_same_seed_same_output():
     assert t(x).shape == (16, 3, 16, 16)  # global RNG when no generator is given
 
 
-def test_iterate_batches_feeds_the_transform():
+def test_batch_stream_feeds_the_transform():
     from loaders.datasets import ImageDataset
+    from loaders.datasets.stream import BatchStream
 
     ds = ImageDataset(rand_images(10, 8, 8, 1), torch.arange(10) % 2, ["even", "odd"], "toy")
     t = BatchTransform(8, train=True)
     seen = 0
-    for images, labels in iterate_batches(ds, 4, shuffle=True, generator=torch.Generator().manual_seed(0)):
-        out = t(images, torch.Generator().manual_seed(seen))
-        assert out.shape == (len(labels), 3, 8, 8)
-        seen += len(labels)
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    for batch in BatchStream(ds, order.split(4), "cpu"):
+        out = t(batch.images, torch.Generator().manual_seed(seen), batch.sizes, batch.rows)
+        assert out.shape == (len(batch.labels), 3, 8, 8)
+        seen += len(batch.labels)
     assert seen == 10
 
 

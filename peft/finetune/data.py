@@ -25,10 +25,11 @@ from loaders.datasets.fgvc import load_fgvc, store_side
 from loaders.datasets.lists import read_text
 from loaders.datasets.vtab import load_vtab
 from loaders.images import StorePolicy
+from loaders.transforms_factory import create_transforms
 
 from . import distributed as pdist
 from . import report
-from .options import FinetuneOptions, OptionsError
+from .options import NORMALISERS, FinetuneOptions, OptionsError
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,20 @@ PROTOCOL_SPLITS = {
     ("fgvc", "final"): ("trainval", None, "test"),  # the official final run (RLRR train_fgvc.py:152)
     ("fgvc", "tune"): ("train", "val", None),
 }
+
+
+def image_kind(photos: bool, stored: int | None) -> str:
+    """What the images of a run are, for :mod:`loaders.transforms_factory`: "stored" (a fixed stored² larger than
+    the input, FGVC's 256²), "photos" (any size) or "fixed" (small images of one size)."""
+    return "stored" if stored else "photos" if photos else "fixed"
+
+
+def run_transforms(opts: FinetuneOptions, data: "Data", image_size: int):
+    """A run's (training, evaluation) transforms: its options and its data's kind, through
+    :func:`loaders.transforms_factory.create_transforms` (the one path from options to the batch)."""
+    mean, std = NORMALISERS[opts.normalise]
+    return create_transforms(image_size, image_kind(data.photos, data.stored), data.stored, opts.augment, opts.crop,
+                             opts.flip, opts.crop_scale_range(), opts.crop_pct, mean, std)
 
 
 def is_photo_source(data: str) -> bool:

@@ -20,13 +20,14 @@ from loaders.datasets.stream import BatchStream
 from loaders.images import StorePolicy, decode_for_store
 from loaders.npz import ZERO_HEAD_MESSAGE, has_zero_head
 from loaders.transforms import BatchTransform
+from loaders.transforms_factory import create_eval_transform
 
 from . import distributed as pdist
 from . import report
 from ..adapters import set_adapter
 from .checkpoint import CheckpointMismatch
 from .rebuild import load_model_from_checkpoint, load_tasks
-from .data import is_photo_source, prepare_data
+from .data import image_kind, is_photo_source, prepare_data
 from .options import NORMALISERS, FinetuneOptions, OptionsError
 
 log = logging.getLogger(__name__)
@@ -129,14 +130,9 @@ def check_recorded_data(data: str) -> None:
 
 def eval_transform(image_size: int, photos: bool, crop_pct: float = 0.875, normalise: str = "half",
                    stored: int | None = None) -> BatchTransform:
-    """The evaluation transform of a run: resize + centre crop for photos, the centre image_size² of images
-    stored at ``stored``² (FGVC's official 224 of 256), squash for fixed-size sets."""
+    """The evaluation transform of a run (:func:`loaders.transforms_factory.create_eval_transform`)."""
     mean, std = NORMALISERS[normalise]
-    if stored:
-        return BatchTransform(image_size, train=False, resize="center", crop_pct=image_size / stored, mean=mean, std=std)
-    if photos:
-        return BatchTransform(image_size, train=False, resize="center", crop_pct=crop_pct, mean=mean, std=std)
-    return BatchTransform(image_size, train=False, mean=mean, std=std)
+    return create_eval_transform(image_size, image_kind(photos, stored), stored, crop_pct, mean, std)
 
 
 def run_eval_transform(opts: FinetuneOptions, image_size: int) -> BatchTransform:
@@ -145,24 +141,6 @@ def run_eval_transform(opts: FinetuneOptions, image_size: int) -> BatchTransform
     photos = not (data.startswith(("vtab-1k:", "fgvc:")) or is_named_dataset(data))
     stored = store_side(image_size) if data.startswith("fgvc:") else None
     return eval_transform(image_size, photos, opts.crop_pct, opts.normalise, stored)
-
-
-def run_transforms(opts, data, image_size: int) -> tuple[BatchTransform, BatchTransform]:
-    """A run's training and evaluation transforms. Photos: random resized crop / resize + centre crop; FGVC's
-    stored 256² (``data.stored``): a random image_size² window + flip / the centre window, as the official RLRR
-    pipeline (``RLRRDatasets/fgvc_tranforms.py``); small fixed-size images: pad + random crop / squash."""
-    mean, std = NORMALISERS[opts.normalise]
-    train = opts.augment and (opts.crop or opts.flip)
-    if data.stored:
-        train_tf = BatchTransform(image_size, train=opts.augment, crop="random", flip=opts.flip, mean=mean, std=std)
-    elif data.photos:
-        train_tf = BatchTransform(image_size, train=train, crop="resized" if opts.crop else "pad",
-                                  crop_padding=None if opts.crop else 0, flip=opts.flip, resize="center",
-                                  scale=opts.crop_scale_range(), crop_pct=opts.crop_pct, mean=mean, std=std)
-    else:
-        train_tf = BatchTransform(image_size, train=train, crop_padding=None if opts.crop else 0, flip=opts.flip,
-                                  mean=mean, std=std)
-    return train_tf, eval_transform(image_size, data.photos, opts.crop_pct, opts.normalise, data.stored)
 
 
 def decode_files(files, policy: StorePolicy) -> tuple[PixelStore, np.ndarray, dict[int, str]]:

@@ -32,7 +32,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as pdist
 from . import predict, report, rng
 from .build import build_model, resolve_weights
-from .data import is_photo_source, prepare_data, write_skipped, write_split_files
+from .data import is_photo_source, prepare_data, run_transforms, write_skipped, write_split_files
 from .optim import LRSchedule, build_optimizer
 from .options import RESUMABLE, FinetuneOptions, changed_options, check_options
 from .recipes import apply_recipe, recipe_settings
@@ -109,7 +109,7 @@ class Trainer:
         self.trainable, self.total = state.trainable_parameters(self.model)
         log.info("trainable parameters: %s of %s (%.3f%%)", f"{self.trainable:,}", f"{self.total:,}",
                  100 * self.trainable / self.total)
-        self.train_tf, self.eval_tf = predict.run_transforms(opts, self.data, self.model.config.image_size)
+        self.train_tf, self.eval_tf = run_transforms(opts, self.data, self.model.config.image_size)
         self.lr = opts.resolved_lr()
         self.optimizer = build_optimizer(self.model, opts, self.lr)
         self.steps_per_epoch = math.ceil(len(self.data.train) / opts.batch_size)
