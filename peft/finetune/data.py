@@ -119,14 +119,22 @@ def _benchmark_data(opts: FinetuneOptions, ctx: pdist.DistContext) -> Data:
     val, test = load(val_split), load(test_split)
     counts = {s: d.load_counts for s, d in (("train", train), ("val", val), ("test", test)) if d is not None}
     empty = train.subset(torch.zeros(0, dtype=torch.int64))
-    train = random_subset(train, opts.max_train_samples, opts.seed)
-    val = random_subset(val, opts.max_eval_samples, opts.seed + 1) if val is not None else empty
-    test = random_subset(test, opts.max_eval_samples, opts.seed + 2) if test is not None else empty
+    train, val, test = capped(opts, train, val if val is not None else empty, test if test is not None else empty)
     splits = {"train": train_split, "val": val_split, "test": test_split}
     log.info("data %s (%s protocol): trains on %s (%d), selects on %s, tests on %s", opts.data, opts.protocol,
              train_split, len(train.labels), val_split or "the last epoch", test_split or "nothing (tuning)")
     return Data(train, val, test, list(train.classes), train.name, splits, counts,
                 stored=store_side(size) if kind == "fgvc" else None)
+
+
+def capped(opts: FinetuneOptions, train: ImageDataset, val: ImageDataset, test: ImageDataset):
+    """The last step of every source's splits: the seeded caps (--max-train-samples, --max-eval-samples), and the
+    one warning when nothing is held out for validation."""
+    if not opts.val_fraction and not opts.data.startswith(("vtab-1k:", "fgvc:")):
+        log.warning("--val-fraction 0: no validation split, the last epoch is kept (test set never selects)")
+    return (random_subset(train, opts.max_train_samples, opts.seed),
+            random_subset(val, opts.max_eval_samples, opts.seed + 1),
+            random_subset(test, opts.max_eval_samples, opts.seed + 2))
 
 
 def stratified_holdout(labels: np.ndarray, fractions: dict[str, float], seed: int, classes: list[str]) -> dict:
@@ -205,11 +213,7 @@ def _photo_data(opts: FinetuneOptions, ctx: pdist.DistContext, image_size: int, 
     for g, c in src.counts.items():  # a flat folder's skipped files never reached a split: counted under train
         counts[g]["skipped"] = c["skipped"]
     counts["train"]["outside_classes"] = len(src.outside)  # images beside the class folders, in no class
-    train = random_subset(splits["train"], opts.max_train_samples, opts.seed)
-    val = random_subset(splits["val"], opts.max_eval_samples, opts.seed + 1)
-    test = random_subset(splits["test"], opts.max_eval_samples, opts.seed + 2)
-    if not opts.val_fraction:
-        log.warning("--val-fraction 0: no validation split, the last epoch is kept (test set never selects)")
+    train, val, test = capped(opts, splits["train"], splits["val"], splits["test"])
     log.info("data %s: %d train, %d val, %d test images (test: %s), %d classes, %d file(s) skipped", opts.data,
              len(train), len(val), len(test), "its test/ folder" if src.has_test else f"{opts.test_fraction:g} held out",
              len(ds.classes), len(src.skipped))
@@ -230,6 +234,11 @@ def prepare_data(opts: FinetuneOptions, ctx: pdist.DistContext, image_size: int 
     if is_photo_source(opts.data):
         recorded = read_split_files(split_lists) if split_lists is not None else None
         return _photo_data(opts, ctx, image_size, recorded)
+    return _named_data(opts, ctx)
+
+
+def _named_data(opts: FinetuneOptions, ctx: pdist.DistContext) -> Data:
+    """CIFAR, Fashion-MNIST, Tiny-ImageNet, synthetic: in memory, moved to the device whole."""
 
     def load(split):
         ds = load_dataset(opts.data, root=opts.data_root, split=split)
@@ -242,11 +251,8 @@ def prepare_data(opts: FinetuneOptions, ctx: pdist.DistContext, image_size: int 
     if opts.val_fraction > 0:
         train, val = split_train_val(train, opts.val_fraction, opts.seed)
     else:
-        log.warning("--val-fraction 0: no validation split, the last epoch is kept (test set never selects)")
         val = train.subset(torch.zeros(0, dtype=torch.int64))
-    train = random_subset(train, opts.max_train_samples, opts.seed)
-    val = random_subset(val, opts.max_eval_samples, opts.seed + 1)
-    test = random_subset(test, opts.max_eval_samples, opts.seed + 2)
+    train, val, test = capped(opts, train, val, test)
     log.info("data %s%s: %d train, %d val, %d test images, %d classes, %s pixels", opts.data,
              f" classes {opts.classes}" if opts.classes else "", len(train.labels), len(val.labels),
              len(test.labels), len(train.classes), "x".join(map(str, train.images.shape[1:])))
