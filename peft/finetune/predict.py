@@ -106,17 +106,17 @@ def evaluate_checkpoint(path, output_dir=None, split: str = "test", weights=None
     dtype = pdist.autocast_dtype(opts.precision, ctx.device)
     probs = predict(model, ds, tf, batch_size, ctx, dtype, desc=split)
     out = Path(output_dir) if output_dir else Path(meta["path"]).parent
-    summary = report.write_evaluation_report(out, probs.numpy(), labels.cpu().numpy(), d.classes,
-                                             meta.get("history"), prefix=split)
+    ev = report.write_evaluation_numbers(out, probs.numpy(), labels.cpu().numpy(), d.classes, meta.get("history"),
+                                         prefix=split)
+    summary = ev.summary
     result = {"checkpoint": meta["path"], "split": split, "mode": meta["mode"], "epoch": meta["epoch"],
               f"{split}_accuracy": summary["accuracy"], **{f"{split}_{k}": v for k, v in summary.items()},
               "trainable_parameters": meta.get("trainable_parameters"),
               "total_parameters": meta.get("total_parameters")}
-    report.write_json(result, out / f"{split}_evaluation.json")
+    report.write_json(result, out / f"{split}_evaluation.json")  # every number on disk before any figure
+    report.write_figures(out, ev, d.classes, meta.get("history"), split)
     log.info("%s accuracy %.4f on %d images; files in %s", split, summary["accuracy"], summary["num_samples"], out)
     return result
-
-
 
 
 def check_recorded_data(data: str) -> None:
