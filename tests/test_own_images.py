@@ -46,6 +46,17 @@ def _tool(name: str, *args, cwd=ROOT, timeout=240):
                           text=True, timeout=timeout, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def _evaluate(capsys, monkeypatch, cwd, *args) -> tuple[int, list[str], str]:
+    """tools/evaluate.py's command line, in this process, started in ``cwd``: (exit code, error lines, stdout)."""
+    from peft.cli import evaluate as evaluate_cli
+
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    code = evaluate_cli.cli([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, _errors(out.err), out.out
+
+
 def _errors(stderr: str) -> list[str]:
     """The lines a tool printed besides its log (whose lines carry a level name: "12:00:00 WARNING name: ...")."""
     return [line for line in stderr.splitlines()
@@ -79,7 +90,7 @@ def odd_run(tmp_path_factory, weights):
 
 
 @pytest.mark.slow
-def test_odd_file_names_train_and_their_split_lists_round_trip_every_name(tmp_path, weights):
+def test_odd_file_names_train_and_their_split_lists_round_trip_every_name(tmp_path, weights, capsys, monkeypatch):
     photos = tmp_path / "photos"
     _pngs(photos / "cat", 0, 4)
     _pngs(photos / "dog", 1, 5)
@@ -96,8 +107,8 @@ def test_odd_file_names_train_and_their_split_lists_round_trip_every_name(tmp_pa
     assert "cat/" + os.fsdecode(LATIN1) in listed and "cat/" + NEWLINE in listed
     # evaluate reads the lists back: the very same test images (a lost name would be "gone" or re-split)
     (photos / "dog" / "late.png").write_bytes((photos / "dog" / "0.png").read_bytes())  # the folder grew since
-    e = _tool("evaluate", run, "--output-dir", tmp_path / "ev")
-    assert e.returncode == 0, e.stderr[-2000:]
+    code, err, _ = _evaluate(capsys, monkeypatch, tmp_path, run, "--output-dir", tmp_path / "ev")
+    assert code == 0, err
     ev = json.loads((tmp_path / "ev" / "test_evaluation.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
     assert ev["test_num_samples"] == len(lists["test"]) == metrics["num_test"]
@@ -117,50 +128,59 @@ def test_photos_beside_the_class_folders_are_reported_counted_and_warned(odd_run
 
 
 @pytest.mark.slow
-def test_relative_data_evaluated_from_elsewhere_and_no_test_split_in_one_line(odd_run, tmp_path):
+def test_no_test_split_is_said_in_one_line_never_a_fake_accuracy(odd_run, tmp_path, capsys, monkeypatch):
+    work, run, r = odd_run
+    assert r.returncode == 0, r.stderr[-2000:]
+    code, err, out = _evaluate(capsys, monkeypatch, work, run)  # --test-fraction 0; started where the run was
+    assert code == 2 and len(err) == 1 and "this run has no test split" in err[0] and "--split val" in err[0], err
+    assert "0.0000" not in out and not (run / "test_evaluation.json").exists()
+
+
+@pytest.mark.slow
+def test_relative_data_evaluated_from_elsewhere_and_moved(odd_run, tmp_path, capsys, monkeypatch):
     work, run, r = odd_run
     assert r.returncode == 0, r.stderr[-2000:]
     opts = json.loads((run / "options.json").read_text())
     assert opts["data"] == str((work / "photos").resolve())  # recorded absolute
-    e = _tool("evaluate", run, cwd=tmp_path)  # another directory
-    assert e.returncode == 2 and "this run has no test split" in e.stderr and "--split val" in e.stderr, e.stderr
-    assert len(_errors(e.stderr)) == 1 and "0.0000" not in e.stdout
-    assert not (run / "test_evaluation.json").exists()
-    e = _tool("evaluate", run, "--split", "val", "--output-dir", tmp_path / "ev", cwd=tmp_path)
-    assert e.returncode == 0, e.stderr[-2000:]
+    code, err, _ = _evaluate(capsys, monkeypatch, tmp_path, run, "--split", "val", "--output-dir", tmp_path / "ev")
+    assert code == 0, err
     ev = json.loads((tmp_path / "ev" / "val_evaluation.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
     assert ev["val_num_samples"] == metrics["num_val"] == len(json.loads((run / "splits" / "val.json").read_text())["files"])
     assert ev["val_accuracy"] == pytest.approx(metrics["val_accuracy"], abs=1e-12)
     (work / "photos").rename(work / "moved")  # the folder moves: said in one line, naming where it was
     try:
-        e = _tool("evaluate", run, "--split", "val", "--output-dir", tmp_path / "ev2", cwd=tmp_path)
-        assert e.returncode == 1 and "not there any more" in e.stderr and str(work / "photos") in e.stderr, e.stderr
-        assert len(_errors(e.stderr)) == 1
+        code, err, _ = _evaluate(capsys, monkeypatch, tmp_path, run, "--split", "val", "--output-dir", tmp_path / "e2")
+        assert code == 1 and len(err) == 1 and "not there any more" in err[0] and str(work / "photos") in err[0], err
     finally:
         (work / "moved").rename(work / "photos")
 
 
 @pytest.mark.slow
-def test_predict_answers_every_good_file_and_names_each_bad_one(odd_run, tmp_path):
+def test_predict_answers_every_good_file_and_names_each_bad_one(odd_run, tmp_path, capsys, caplog):
+    from peft.cli import predict as predict_cli
+
     work, run, r = odd_run
     assert r.returncode == 0, r.stderr[-2000:]
     photo(50, 40, 1, seed=5).save(tmp_path / "good.png")
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    p = _tool("predict", tmp_path / "good.png", tmp_path / "bad.jpg", tmp_path / "gone.png", "--checkpoint", run,
-              "--device", "cpu")
-    assert p.returncode == 1, p.stderr
-    out = p.stdout.splitlines()
+    capsys.readouterr()
+    code = predict_cli.cli([str(tmp_path / "good.png"), str(tmp_path / "bad.jpg"), str(tmp_path / "gone.png"),
+                            "--checkpoint", str(run), "--device", "cpu"])
+    printed = capsys.readouterr()
+    assert code == 1, printed.err
+    out = printed.out.splitlines()
     assert out[0] == str(tmp_path / "good.png") and out[1].strip().startswith("1.") and len(out) == 3  # 2 classes
-    bad = [line for line in p.stderr.splitlines() if "bad.jpg" in line]
-    gone = [line for line in p.stderr.splitlines() if "gone.png" in line]
+    bad = [line for line in printed.err.splitlines() if "bad.jpg" in line]
+    gone = [line for line in printed.err.splitlines() if "gone.png" in line]
     assert len(bad) == 1 and len(gone) == 1 and "gone.png" not in bad[0]  # each on its own line
-    # the folder of the run, read by predict --data: the notes.txt there is warned about as in training
+    # a folder read by predict --data: the readme.txt there is warned about, as in training
     (tmp_path / "few").mkdir()
     photo(50, 40, 1, seed=5).save(tmp_path / "few" / "good.png")
     (tmp_path / "few" / "readme.txt").write_text("x")
-    p = _tool("predict", "--data", tmp_path / "few", "--checkpoint", run, "--device", "cpu")
-    assert p.returncode == 0 and "ignored 1 file(s) that are not images" in p.stderr, p.stderr
+    caplog.clear()
+    assert predict_cli.cli(["--data", str(tmp_path / "few"), "--checkpoint", str(run), "--device", "cpu"]) == 0
+    assert any("ignored 1 file(s) that are not images" in m for m in caplog.messages), caplog.messages
 
 
 @pytest.mark.slow
