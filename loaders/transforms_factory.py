@@ -7,10 +7,11 @@ Which transform a batch gets depends on what the images are, said once here:
 * ``"photos"``: images of any size (image folders, CSV lists): training takes timm's RandomResizedCrop + flip,
   evaluation resizes the shorter side to S / crop_pct and takes the centre S × S;
 * ``"stored"``: images stored at a fixed ``stored``² larger than S (the official FGVC pipeline's 256²): training
-  takes an S × S window at a random whole-pixel offset + flip (torchvision's RandomCrop), evaluation the centre
-  window (crop_pct = S / stored).
+  takes an S × S window at a random whole-pixel offset (whatever ``crop`` says: the official pipeline always
+  crops) + flip (torchvision's RandomCrop), evaluation the centre window (crop_pct = S / stored).
 
-With ``augment`` False (or neither ``crop`` nor ``flip``), training uses the evaluation transform's pixels.
+With ``augment`` False (for "fixed" and "photos" also with neither ``crop`` nor ``flip``), training uses the
+evaluation transform itself.
 """
 
 from __future__ import annotations
@@ -39,17 +40,21 @@ def create_transforms(image_size: int, kind: str, stored: int | None = None, aug
                       std: float | Sequence[float] = 0.5) -> tuple[BatchTransform, BatchTransform]:
     """(training transform, evaluation transform) for images of ``kind`` (see the module docstring)."""
     _check(kind, stored)
-    train = augment and (crop or flip)
-    if kind == "stored":  # the official RLRR pipeline (RLRRDatasets/fgvc_tranforms.py)
-        train_tf = BatchTransform(image_size, train=augment, crop="random", flip=flip, mean=mean, std=std)
-    elif kind == "photos":
-        train_tf = BatchTransform(image_size, train=train, crop="resized" if crop else "pad",
+    eval_tf = create_eval_transform(image_size, kind, stored, crop_pct, mean, std)
+    if kind == "stored":  # the official RLRR pipeline (RLRRDatasets/fgvc_tranforms.py): always its random window
+        if not augment:
+            return eval_tf, eval_tf
+        return BatchTransform(image_size, train=True, crop="random", flip=flip, mean=mean, std=std), eval_tf
+    if not (augment and (crop or flip)):
+        return eval_tf, eval_tf
+    if kind == "photos":
+        train_tf = BatchTransform(image_size, train=True, crop="resized" if crop else "pad",
                                   crop_padding=None if crop else 0, flip=flip, resize="center", scale=crop_scale,
                                   crop_pct=crop_pct, mean=mean, std=std)
     else:
-        train_tf = BatchTransform(image_size, train=train, crop_padding=None if crop else 0, flip=flip, mean=mean,
+        train_tf = BatchTransform(image_size, train=True, crop_padding=None if crop else 0, flip=flip, mean=mean,
                                   std=std)
-    return train_tf, create_eval_transform(image_size, kind, stored, crop_pct, mean, std)
+    return train_tf, eval_tf
 
 
 def _check(kind: str, stored: int | None) -> None:

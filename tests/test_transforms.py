@@ -154,3 +154,26 @@ def test_cuda_matches_cpu():
         gpu = t(x.cuda(), torch.Generator().manual_seed(3))
         assert gpu.device.type == "cuda"
         torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=0)
+
+
+def test_the_factory_gives_each_kind_its_crops_and_no_augmentation_the_evaluation_pixels():
+    from loaders.transforms import CenterCrop, RandomResizedCrop, RandomWindow, WholeImage
+    from loaders.transforms_factory import create_transforms
+
+    for kind, stored, train_box, eval_box in (("fixed", None, WholeImage, WholeImage),
+                                               ("photos", None, RandomResizedCrop, CenterCrop),
+                                               ("stored", 40, RandomWindow, CenterCrop)):
+        train, ev = create_transforms(32, kind, stored)
+        assert isinstance(train.sampler, train_box) and isinstance(ev.sampler, eval_box) and train.train, kind
+        x = rand_images(4, 40, 40, 3)
+        sizes = torch.tensor([[40, 40], [40, 31], [33, 40], [40, 40]])
+        for off in (dict(augment=False), dict(crop=False, flip=False)):
+            plain, ev = create_transforms(32, kind, stored, **off)
+            if kind == "stored" and "crop" in off:
+                continue  # the official FGVC pipeline crops whatever --crop says
+            assert torch.equal(plain(x, torch.Generator().manual_seed(0), sizes), ev(x, sizes=sizes)), (kind, off)
+    assert create_transforms(32, "fixed")[0].crop_padding == 4  # pad by S / 8
+    with pytest.raises(ValueError, match="stored side"):
+        create_transforms(32, "stored")
+    with pytest.raises(ValueError, match="kind"):
+        create_transforms(32, "squash")
