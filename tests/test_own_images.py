@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import vit
 from conftest import FMNIST, needs_fmnist
 from loaders.datasets import DatasetError, open_source, parse_class_spec
+from loaders.images import StorePolicy
 from npz_factory import write_google_npz
 from peft.bench.photos import photo
 from peft.finetune import FinetuneOptions
@@ -28,7 +28,6 @@ from peft.finetune import plots
 from peft.finetune import trainer as training
 from peft.finetune.predict import predict_folder, predict_images, run_eval_transform
 from peft.finetune.rebuild import load_model_from_checkpoint
-from loaders.images import StorePolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 LATIN1 = b"caf\xe9.png"  # a Latin-1 name from an old zip: not valid UTF-8
