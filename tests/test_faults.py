@@ -219,7 +219,11 @@ def test_the_kernel_build_names_what_is_missing_and_training_falls_back(monkeypa
         kernels.set_backend(None)
 
 
-def test_kernel_and_compile_flags_are_recorded_and_compile_trains_the_same(weights, tmp_path):
+def test_kernel_and_compile_flags_are_recorded_and_compile_trains_the_same(tmp_path):
+    # One block instead of the fixture's two: tracing and compiling the step is most of this test's time, and it
+    # grows with the blocks, while one block already holds every layer kind that compiles (attention, MLP, RLRR).
+    weights = tmp_path / "one-block.npz"
+    write_google_npz(weights, vit.get_config("testing", num_layers=1), seed=0)
     common = ["--weights", str(weights)] + TINY
     assert finetune_cli.cli(common + ["--output-dir", str(tmp_path / "eager"), "--kernel", "torch"]) == 0
     assert finetune_cli.cli(common + ["--output-dir", str(tmp_path / "compiled"), "--compile"]) == 0
