@@ -38,8 +38,8 @@ def _interrupt_when(argv: list[str], marker: Path, sig: int) -> subprocess.Compl
         while not marker.is_file() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         if not marker.is_file():
-            ended = f"it ended with {proc.returncode}: {proc.communicate()[1][-1500:]}" if proc.poll() is not None else ""
-            pytest.fail(f"{marker} never appeared; {ended}")
+            ended = proc.poll() is not None and f"it ended with {proc.returncode}: {proc.communicate()[1][-1500:]}"
+            pytest.fail(f"{marker} never appeared; {ended or 'still running'}")
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
     finally:
