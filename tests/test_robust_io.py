@@ -67,8 +67,10 @@ def slow_server():
 def test_concurrent_processes_download_once_and_share_the_verified_file(slow_server, tmp_path):
     url, state = slow_server
     dest = tmp_path / "file.bin"
-    code = ("import sys; sys.path.insert(0, sys.argv[3]); from loaders.download import download_file; "
-            "print(download_file(sys.argv[1], sys.argv[2], sha256=sys.argv[4]))")
+    # The downloader module alone (its package's __init__ would import torch: ~4 s per process on a busy machine).
+    code = ("import sys, types; loaders = types.ModuleType('loaders'); loaders.__path__ = [sys.argv[3] + '/loaders']; "
+            "sys.modules['loaders'] = loaders; from loaders.download import download_file; "
+            "assert 'torch' not in sys.modules; print(download_file(sys.argv[1], sys.argv[2], sha256=sys.argv[4]))")
     procs = [subprocess.Popen([sys.executable, "-c", code, url, str(dest), str(ROOT), SHA256], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outs = [p.communicate(timeout=120) for p in procs]
