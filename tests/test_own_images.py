@@ -328,7 +328,7 @@ def test_two_hundred_classes_report_within_a_memory_cap(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     with Image.open(tmp_path / "test_confusion.png") as im:
-        assert max(im.size) <= 14 * 120  # bounded, whatever the number of classes
+        assert max(im.size) <= plots.MAX_INCHES * 120  # bounded, whatever the number of classes
     top = (tmp_path / "test_top_confusions.csv").read_text().splitlines()
     assert top[0] == "true,predicted,count,share_of_true" and 1 < len(top) <= 51
     cm = np.loadtxt(tmp_path / "test_confusion.csv", delimiter=",", dtype=np.int64)

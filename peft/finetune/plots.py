@@ -30,7 +30,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 LABELLED_CLASSES = 30  # up to this many classes a confusion figure names its rows and prints each cell
-MAX_INCHES = 14.0  # its side at most (1,680 px at 120 dpi), whatever the number of classes
+MAX_INCHES = 12.0  # its side at most (1,440 px at 120 dpi), whatever the number of classes
 
 
 def plot_confusion(cm_norm: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:
@@ -38,6 +38,8 @@ def plot_confusion(cm_norm: np.ndarray, classes: list[str], path: Path, title: s
     past that it is a heat map without labels, of bounded size (the largest confusions are in
     <split>_top_confusions.csv)."""
     k = len(classes)
+    # Half an inch per class while cells are few; beyond, the matrix is a picture and stays MAX_INCHES (1440 px):
+    # at 0.5 in per class, 120 classes drew a 7440 px square, 55 Mpx to encode.
     size = min(MAX_INCHES, max(4.0, 0.5 * k + 2))
     fig = Figure(figsize=(size, size))
     ax = fig.subplots()
