@@ -106,6 +106,7 @@ def test_the_rlrr_official_vtab_run_records_the_official_lr_of_every_step(weight
     assert m["selected_on"].startswith("last epoch") and m["best_epoch"] == 110  # the honest number: never test
 
 
+@pytest.mark.slow
 def test_the_fact_official_vtab_run_records_facts_schedule_and_drops_the_last_batch(weights, tmp_path):
     """fact_tt.py's loop: CosineLRScheduler(t_initial=100, warmup_t=10, lr_min=1e-5, warmup_lr_init=1e-6) stepped
     with step(ep) after each of 100 epochs (timm 0.4.12's _get_lr is the formula of TimmCosine for one cycle),
@@ -136,6 +137,17 @@ def test_the_fact_official_vtab_run_records_facts_schedule_and_drops_the_last_ba
     cfg = vit.get_config("testing")  # U, V; per block q, k, v, proj (r × r), fc1 (c·r × r), fc2 (r × c·r); head
     c = cfg.mlp_dim // cfg.hidden_size
     assert m["trainable_parameters"] == 2 * 16 * 8 + cfg.num_layers * (4 * 64 + 2 * c * 64) + 16 * 47 + 47
+
+
+def test_drop_last_without_one_full_batch_is_a_usage_error(weights, tmp_path, capsys):
+    root = tmp_path / "vtab"
+    write_vtab_tree(root, "dtd", 47, sizes=(12, 6, 10))
+    code = finetune_cli.cli(["--mode", "head", "--data", "vtab-1k:dtd", "--data-root", str(root), "--weights",
+                             str(weights), "--image-size", "32", "--batch-size", "64", "--drop-last", "--epochs", "1",
+                             "--device", "cpu", "--no-progress", "--output-dir", str(tmp_path / "run"), "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--drop-last: the 18 training images make no full batch of --batch-size 64" in err
+    assert "Traceback" not in err and not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 def test_fact_recipe_takes_each_tasks_rank_and_scale_and_the_tables_print_the_mean_count():
