@@ -36,6 +36,7 @@ NORMALISERS = {"half": (0.5, 0.5), "imagenet": ((0.485, 0.456, 0.406), (0.229, 0
 NORMALISATIONS = tuple(NORMALISERS)
 # "project" plus one official run per method (tables in peft/finetune/recipes.py, which checks this list)
 RECIPES = ("project", "rlrr-official", "ssf-official", "lora-noah", "adapter-noah", "fact-official", "vpt-official")
+HEAD_INITS = ("zero", "trunc-normal", "linear")
 SCRATCH_LR = 1e-3  # training from scratch (--weights none): nothing pretrained to preserve
 
 
@@ -45,7 +46,7 @@ class FinetuneOptions:
                                       "protocol": PROTOCOLS, "decay_groups": DECAY_GROUPS, "recipe": RECIPES,
                                       "drop_path_mode": DROP_PATH_MODES, "gelu": GELU_KINDS,
                                       "schedule": SCHEDULES, "optimizer": OPTIMIZERS, "normalise": NORMALISATIONS,
-                                      "kernel": ("auto", "cuda", "torch")}
+                                      "kernel": ("auto", "cuda", "torch"), "head_init": HEAD_INITS}
     mode: str = "rlrr"  # what trains: one of the registered methods (peft/modes.py)
     weights: str = "ViT-B_16"  # base weights: a .npz path, a known name (downloaded once, cached), or none
     model: str = "ViT-B/16"  # model preset for --weights none (training from scratch); else the .npz decides
@@ -87,6 +88,7 @@ class FinetuneOptions:
     crop: bool = True  # with --augment: random crop (photos: random resized crop; small images: after padding by size/8)
     flip: bool = True  # with --augment: random horizontal flip
     dropout: typing.Optional[float] = None  # override the model's dropout rate
+    head_init: str = "zero"  # the new head's start: zero (Google's) | trunc-normal (std 0.02, zero bias: NOAH) | linear (nn.Linear's default: FacT)
     drop_path: float = 0.0  # residual-branch drop rate of the last block (linear from 0 at the first)
     drop_path_mode: str = "sample"  # sample: stochastic depth | sample-floor: the same drawn as timm 0.4 (FacT's runs) | element: per-element dropout (what the RLRR code does)
     gelu: str = "tanh"  # MLP activation: tanh (what Google's JAX model computes) | erf (the PyTorch code of the PEFT papers)

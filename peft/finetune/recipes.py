@@ -126,11 +126,11 @@ _NOAH_COMMON = dict(
          gelu="erf", normalise="imagenet",  # lib/datasets.py:241 Normalize(IMAGENET_DEFAULT_MEAN, _STD)
          image_size=224, seed=0, flip=False, crop=False,  # --seed 0 (:170); --no_aug --direct_resize
          drop_last=True,  # DataLoader(dataset_train, ..., drop_last=True) (supernet_train_prompt.py:275-281)
+         head_init="trunc-normal",  # reset_classifier: trunc_normal_(head.weight, std=.02), bias 0 (model/
+         # supernet_vision_transformer_timm.py:551-555, called at supernet_train_prompt.py:328-329)
          official_test_from=1, official_test_every=10)  # evaluate at epoch % 10 == 0 and the last (:427-430)
 _NOAH_NOTES = ("Images: NOAH resizes to 224² bicubic (transforms.Resize((224, 224), interpolation=3)) as the VTAB "
                "pipeline here does.",
-               "Head: NOAH's head starts truncated-normal std 0.02 (init_weights / reset_classifier, "
-               "model/supernet_vision_transformer_timm.py:531,554); here it starts at zero.",
                "Per-block drop-path rates: NOAH takes them from a float32 torch.linspace (:422), here they are "
                "computed in float64 (a relative difference below 1e-7 in each rate).")
 LORA_NOAH = Recipe(
@@ -175,13 +175,12 @@ FACT = Recipe(
          drop_path_mode="sample-floor",  # timm 0.4.12 DropPath: floor(keep + torch.rand) per sample
          gelu="erf", normalise="imagenet",  # timm nn.GELU; vtab.py Normalize(IMAGENET_DEFAULT_MEAN, _STD)
          image_size=224, seed=42, flip=False, crop=False,  # Resize((224, 224), interpolation=3) only; --seed 42
+         head_init="linear",  # vit.reset_classifier(...) (:185): timm 0.4.12 builds a new nn.Linear, default init
          official_test_from=10, official_test_every=10),  # test when ep % 10 == 9 (:35-39): epochs 10, 20, ..., 100
     {"vtab-1k": {}},
     method_options=dict(fact_dropout=0.1),  # _.dp = nn.Dropout(0.1) (fact_tt.py:114,124)
     task_method_options={"vtab-1k": {t: dict(fact_rank=r, fact_scale=sc) for t, (r, sc) in FACT_TT_TASKS.items()}},
     notes=("FacT publishes no FGVC FacT-TT run in JieShibo/PETL-ViT; FGVC rows use --recipe rlrr-official.",
-           "Head: timm 0.4.12's reset_classifier builds a new nn.Linear (PyTorch's default init, kaiming-uniform "
-           "weight and uniform bias); here the head starts at zero.",
            "Per-block drop-path rates: timm takes them from a float32 torch.linspace, here they are computed in "
            "float64 (a relative difference below 1e-7 in each rate).",
            "Trainable parameters vary with the task's rank: 8,448 (rank 4), 21,504 (rank 8), 61,440 (rank 16) for "
