@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import BlockAdapter, Method, MethodConfig, check_fresh, configure, freeze_for_adapters, replace_module
@@ -71,7 +72,10 @@ class VPTBlock(BlockAdapter, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, 1 + p + patches, D)
         # Expanded to the batch first, then dropped: every sample draws its own mask, as the official code does
         # (KMnP/vpt@4410440 src/models/vit_prompt/vit.py:82,114-115). In eval mode the dropout is the identity.
-        prompts = self.prompt_dropout(self.prompts.expand(x.shape[0], -1, -1)).to(x.dtype)
+        # Functional, with the module's rate and mode: module hooks (torch's FlopCounterMode) cannot take the
+        # expanded view of a parameter that no_grad creates.
+        drop = self.prompt_dropout
+        prompts = F.dropout(self.prompts.expand(x.shape[0], -1, -1), drop.p, drop.training).to(x.dtype)
         rest = x[:, 1:] if self.insert else x[:, 1 + self.num_tokens:]
         return self.run_block(torch.cat([x[:, :1], prompts, rest], dim=1))
 
