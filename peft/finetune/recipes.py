@@ -111,27 +111,31 @@ SSF = Recipe(
            "(256² resize, 224 crops) and the weights themselves are evaluated.",))
 
 # NOAH's LoRA and Adapter, the "LoRA 0.29M" and "Adapter 0.16M" rows of the VTAB-1k tables:
-# configs/{LoRA,Adapter}/VTAB/slurm_train_*_vtab.sh and supernet_train_prompt.py defaults (ZhangYuanhan-AI/NOAH@e9c55f3).
+# configs/{LoRA,Adapter}/VTAB/slurm_train_*_vtab.sh and supernet_train_prompt.py defaults
+# (ZhangYuanhan-AI/NOAH@e9c55f3).
 _NOAH_COMMON = dict(
     epochs=100,  # --epochs=100; the loop runs range(args.epochs): no cooldown epochs (supernet_train_prompt.py:400)
-         schedule="epoch-cosine", cooldown_epochs=0, warmup_epochs=10,  # :107 --warmup-epochs 10
-         warmup_lr=1e-6, min_lr=1e-5,  # defaults, not set by the script (supernet_train_prompt.py:98,100)
-         schedule_lag=1,  # lr_scheduler.step(epoch) after epoch `epoch` (:414)
-         lr=1e-3, weight_decay=1e-4,  # LR=0.001, WEIGHT_DECAY=0.0001 (slurm_train_lora_vtab.sh)
-         optimizer="adamw", decay_groups="timm",  # --opt adamw (:74), timm create_optimizer: 1-D/bias not decayed
-         batch_size=64,  # --batch-size=64, one GPU (slurm_train_lora_vtab.sh)
-         precision="fp32",  # --amp not passed: store_true, default off (:188)
-         clip_grad=0.0, label_smoothing=0.0,  # --clip-grad None (:80); --smoothing=0 (script)
-         drop_path=0.1, drop_path_mode="sample",  # --drop-path default 0.1 (:59), timm stochastic depth
-         gelu="erf", normalise="imagenet",  # lib/datasets.py:241 Normalize(IMAGENET_DEFAULT_MEAN, _STD)
-         image_size=224, seed=0, flip=False, crop=False,  # --seed 0 (:170); --no_aug --direct_resize
-         drop_last=True,  # DataLoader(dataset_train, ..., drop_last=True) (supernet_train_prompt.py:275-281)
-         head_init="trunc-normal",  # reset_classifier: trunc_normal_(head.weight, std=.02), bias 0 (model/
-         # supernet_vision_transformer_timm.py:551-555, called at supernet_train_prompt.py:328-329)
-         official_test_from=1, official_test_every=10)  # evaluate at epoch % 10 == 0 and the last (:427-430)
+    schedule="epoch-cosine", cooldown_epochs=0, warmup_epochs=10,  # :107 --warmup-epochs 10
+    warmup_lr=1e-6, min_lr=1e-5,  # defaults, not set by the script (supernet_train_prompt.py:98,100)
+    schedule_lag=1,  # lr_scheduler.step(epoch) after epoch `epoch` (:414)
+    lr=1e-3, weight_decay=1e-4,  # LR=0.001, WEIGHT_DECAY=0.0001 (slurm_train_lora_vtab.sh)
+    optimizer="adamw", decay_groups="timm",  # --opt adamw (:74), timm create_optimizer: 1-D/bias not decayed
+    batch_size=64,  # --batch-size=64, one GPU (slurm_train_lora_vtab.sh)
+    precision="fp32",  # --amp not passed: store_true, default off (:188)
+    clip_grad=0.0, label_smoothing=0.0,  # --clip-grad None (:80); --smoothing=0 (script)
+    drop_path=0.1, drop_path_mode="sample",  # --drop-path default 0.1 (:59); timm 0.5.4's DropPath (requirements.txt),
+    # per-sample bernoulli_ masks, one module called after attention and after the MLP (model/
+    # supernet_vision_transformer_timm.py:308,364-365)
+    gelu="erf", normalise="imagenet",  # lib/datasets.py:241 Normalize(IMAGENET_DEFAULT_MEAN, _STD)
+    image_size=224, seed=0, flip=False, crop=False,  # --seed 0 (:170); --no_aug --direct_resize
+    drop_last=True,  # DataLoader(dataset_train, ..., drop_last=True) (supernet_train_prompt.py:275-281)
+    head_init="trunc-normal",  # reset_classifier: trunc_normal_(head.weight, std=.02), bias 0 (model/
+    # supernet_vision_transformer_timm.py:551-555, called at supernet_train_prompt.py:328-329)
+    official_test_from=1, official_test_every=10)  # evaluate at epoch % 10 == 0 and the last (:427-430)
 _NOAH_NOTES = ("Images: NOAH resizes to 224² bicubic (transforms.Resize((224, 224), interpolation=3)) as the VTAB "
                "pipeline here does.",
-               "Per-block drop-path rates: NOAH takes them from a float32 torch.linspace (:422), here they are "
+               "Per-block drop-path rates: NOAH takes them from a float32 torch.linspace "
+               "(model/supernet_vision_transformer_timm.py:422), here they are "
                "computed in float64 (a relative difference below 1e-7 in each rate).")
 LORA_NOAH = Recipe(
     "lora-noah", "lora", "NOAH's LoRA runs (ZhangYuanhan-AI/NOAH configs/LoRA/VTAB, supernet_train_prompt.py)",
