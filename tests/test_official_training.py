@@ -147,14 +147,16 @@ def _ti(mode, **options):
 
 # --------------------------------------------------------------------------------------------------------- VPT
 
-def _vpt_reference(P, x, tokens, p, layers, heads):
+def _vpt_reference(P, x, tokens, p, layers, heads, deep=True):
     """KMnP/vpt@4410440 ``PromptedTransformer``: prompts expanded to the batch, then ``prompt_dropout``; deep prompts
-    replace the previous block's prompt outputs; the frozen encoder runs in eval mode (no drop-path)."""
+    replace the previous block's prompt outputs (shallow: inserted once); the frozen encoder runs in eval mode (no
+    drop-path)."""
     h = embed(P, x)
     for i in range(layers):
-        prompts = F.dropout(P[f"blocks.{i}.prompts"].expand(len(x), -1, -1), p, training=True)
-        rest = h[:, 1:] if i == 0 else h[:, 1 + tokens:]
-        h = torch.cat([h[:, :1], prompts, rest], 1)
+        if i == 0 or deep:
+            prompts = F.dropout(P[f"blocks.{i}.prompts"].expand(len(x), -1, -1), p, training=True)
+            rest = h[:, 1:] if i == 0 else h[:, 1 + tokens:]
+            h = torch.cat([h[:, :1], prompts, rest], 1)
         pre = f"blocks.{i}."
         h = h + F.linear(attention_core(F.linear(ln(h, P, pre + "norm1"), *fused_qkv(P, pre)), heads),
                          P[pre + "attn.proj.weight"], P[pre + "attn.proj.bias"])
@@ -162,14 +164,17 @@ def _vpt_reference(P, x, tokens, p, layers, heads):
     return head(P, h)
 
 
-def test_vpt_drops_each_samples_prompts_with_its_own_mask():
+@pytest.mark.parametrize("mode", ["vpt", "vpt-shallow"])
+def test_vpt_drops_each_samples_prompts_with_its_own_mask(mode):
     model = _model()
-    peft.apply_mode(model, "vpt", vpt_tokens=4, vpt_dropout=0.1)
+    key = mode.replace("-", "_")
+    peft.apply_mode(model, mode, **{f"{key}_tokens": 4, f"{key}_dropout": 0.1})
     _perturb(model)
     P = _leaves(model)
     c = model.config
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    _compare(model, P, lambda P, x: _vpt_reference(P, x, 4, 0.1, c.num_layers, c.num_heads), trainable)
+    _compare(model, P, lambda P, x: _vpt_reference(P, x, 4, 0.1, c.num_layers, c.num_heads, deep=mode == "vpt"),
+             trainable)
 
 
 def test_vpts_eval_output_is_bit_identical_to_the_one_mask_code():
