@@ -37,7 +37,8 @@ class ViTConfig:
         if self.gelu not in GELU_KINDS:
             raise ValueError(f"gelu must be one of {', '.join(GELU_KINDS)}, got {self.gelu!r}")
         if self.drop_path_mode not in DROP_PATH_MODES:
-            raise ValueError(f"drop_path_mode must be one of {', '.join(DROP_PATH_MODES)}, got {self.drop_path_mode!r}")
+            raise ValueError(f"drop_path_mode must be one of {', '.join(DROP_PATH_MODES)}, "
+                             f"got {self.drop_path_mode!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.image_size % self.patch_size:
