@@ -139,6 +139,23 @@ def test_the_fact_official_vtab_run_records_facts_schedule_and_drops_the_last_ba
     assert m["trainable_parameters"] == 2 * 16 * 8 + cfg.num_layers * (4 * 64 + 2 * c * 64) + 16 * 47 + 47
 
 
+@pytest.mark.parametrize("recipe, mode", [("lora-noah", "lora"), ("adapter-noah", "adapter")])
+def test_noahs_recipes_run_with_their_dropouts_and_drop_the_last_batch(weights, tmp_path, recipe, mode):
+    root = tmp_path / "vtab"
+    write_vtab_tree(root, "eurosat", 10, sizes=(12, 6, 10))
+    out = tmp_path / "run"
+    code = finetune_cli.cli(["--recipe", recipe, "--mode", mode, "--data", "vtab-1k:eurosat", "--data-root", str(root),
+                             "--weights", str(weights), "--image-size", "32", "--batch-size", "8", "--epochs", "3",
+                             "--device", "cpu", "--no-progress", "--output-dir", str(out), "--threads", "1"])
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 3 * 2 and m["epochs"] == 3  # 18 images, batches of 8: the last 2 of each epoch dropped
+    options = m["recipe_settings"]["method_options"]
+    assert options[f"{mode}_dropout"] == 0.1 and m["recipe_settings"]["set"]["head_init"] == "trunc-normal"
+    assert [r["epoch"] for r in ckpt_io.load_checkpoint(out / "best.pt")["history"]
+            if "test_accuracy_each_epoch" in r] == [1, 3]  # epoch % 10 == 0 (0-based) and the last
+
+
 def test_the_recipes_start_the_head_as_their_official_code(weights):
     """NOAH: reset_classifier's trunc_normal_(std=.02) and zero bias; FacT (timm 0.4.12): a new nn.Linear,
     U(±1/√in) for weight and bias; the project: zero. Checked on a 4,000-way head by KS test (p > 1e-3)."""
