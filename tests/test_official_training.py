@@ -10,8 +10,9 @@ on the attention input, drop-path after attention, drop-path after the MLP, the 
 dropouts q, k, v, proj, drop-path, fc1, fc2, drop-path; VPT's prompt dropout before each block). Each mask is drawn
 with the call the official code makes (``nn.Dropout`` on a tensor of the same shape; timm 0.5.4's
 ``bernoulli_(keep)``; timm 0.4.12's ``floor(keep + torch.rand)``), so one draw too many, too few or out of order
-shows as different logits. Drop-path rates are the official ``torch.linspace(0, rate, depth)`` (float32); the
-rate 0.5 used here is exact in float32, so the rates are equal too.
+shows as different logits. Drop-path rates are the official ``torch.linspace(0, rate, depth)`` (float32), which
+``vit.model.drop_path_rates`` computes the same way (checked for the recipes' 0.1 on 12 blocks); the tests use 0.5
+so that masks do drop branches at batch 3.
 """
 
 from __future__ import annotations
@@ -233,6 +234,11 @@ def _noah_lora_reference(P, x, rates, p, heads):
         h = h + drop_path_timm05(out, rate)
         h = h + drop_path_timm05(mlp(P, pre, ln(h, P, pre + "norm2")), rate)
     return head(P, h)
+
+
+def test_drop_path_rates_are_the_official_float32_linspace():
+    cfg = vit.get_config("ViT-B/16", drop_path_rate=0.1)
+    assert vit.model.drop_path_rates(cfg) == _official_rates(0.1, 12) and _official_rates(0.1, 12)[-1] != 0.1
 
 
 def test_noah_lora_trains_as_noahs_vtab_runs():

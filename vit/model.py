@@ -123,9 +123,12 @@ class DropPath(nn.Module):
 
 
 def drop_path_rates(config: ViTConfig) -> list[float]:
-    """Per-block drop-path rates, rising linearly from 0 (first block) to ``drop_path_rate`` (last block)."""
-    n = config.num_layers
-    return [config.drop_path_rate * i / max(n - 1, 1) for i in range(n)]
+    """Per-block drop-path rates, rising linearly from 0 (first block) to ``drop_path_rate`` (last block), computed
+    as every official PEFT code computes them: a float32 ``torch.linspace`` read back as Python floats (so 0.1
+    becomes 0.10000000149...; zstarN70/RLRR ``models/networks.py:217``, dongzelian/SSF
+    ``models/vision_transformer.py:454``, ZhangYuanhan-AI/NOAH ``model/supernet_vision_transformer_timm.py:422``).
+    On the CPU whatever the default device, so that a model built on the meta device gets numbers too."""
+    return torch.linspace(0, config.drop_path_rate, config.num_layers, dtype=torch.float32, device="cpu").tolist()
 
 
 class EncoderBlock(nn.Module):

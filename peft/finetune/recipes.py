@@ -133,10 +133,7 @@ _NOAH_COMMON = dict(
     # supernet_vision_transformer_timm.py:551-555, called at supernet_train_prompt.py:328-329)
     official_test_from=1, official_test_every=10)  # evaluate at epoch % 10 == 0 and the last (:427-430)
 _NOAH_NOTES = ("Images: NOAH resizes to 224² bicubic (transforms.Resize((224, 224), interpolation=3)) as the VTAB "
-               "pipeline here does.",
-               "Per-block drop-path rates: NOAH takes them from a float32 torch.linspace "
-               "(model/supernet_vision_transformer_timm.py:422), here they are "
-               "computed in float64 (a relative difference below 1e-7 in each rate).")
+               "pipeline here does.",)
 LORA_NOAH = Recipe(
     "lora-noah", "lora", "NOAH's LoRA runs (ZhangYuanhan-AI/NOAH configs/LoRA/VTAB, supernet_train_prompt.py)",
     _NOAH_COMMON, {"vtab-1k": {}},
@@ -185,8 +182,6 @@ FACT = Recipe(
     method_options=dict(fact_dropout=0.1),  # _.dp = nn.Dropout(0.1) (fact_tt.py:114,124)
     task_method_options={"vtab-1k": {t: dict(fact_rank=r, fact_scale=sc) for t, (r, sc) in FACT_TT_TASKS.items()}},
     notes=("FacT publishes no FGVC FacT-TT run in JieShibo/PETL-ViT; FGVC rows use --recipe rlrr-official.",
-           "Per-block drop-path rates: timm takes them from a float32 torch.linspace, here they are computed in "
-           "float64 (a relative difference below 1e-7 in each rate).",
            "Trainable parameters vary with the task's rank: 8,448 (rank 4), 21,504 (rank 8), 61,440 (rank 16) for "
            "ViT-B/16 without the head; the mean over the 19 tasks is 39,734 (FacT's 0.040M)."))
 
