@@ -28,6 +28,7 @@ Pillow raised, whatever that was: ``OSError`` for a truncated, empty or unidenti
 from __future__ import annotations
 
 import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,10 +70,12 @@ def scale_16bit(a: np.ndarray) -> np.ndarray:
 
 
 # 16-bit colour in Pillow: the tile's unpacker keeps the high byte of each sample. The same unpacker with the
-# other byte order keeps the low byte (the PNG filters still see 6 or 8 bytes per pixel), so a second decode of
-# the file recovers every sample: v = 256 · high + low. Grey + alpha ("LA;16B", given as RGBA) is decoded a
-# second time with the plain 4-byte unpacker, whose R, G, B, A are the bytes L-high, L-low, A-high, A-low.
-_OTHER_BYTE = {"RGB;16B": "RGB;16L", "RGB;16L": "RGB;16B", "RGBA;16B": "RGBA;16L", "RGBA;16L": "RGBA;16B"}
+# other byte order keeps the low byte (the PNG filters still see 6 or 8 bytes per pixel; ";16N" is native order,
+# TIFF's through libtiff), so a second decode of the file recovers every sample: v = 256 · high + low. Grey +
+# alpha ("LA;16B", given as RGBA) is decoded again with the plain 4-byte unpacker: its R, G, B, A are the bytes
+# L-high, L-low, A-high, A-low.
+_OTHER_BYTE = {"RGB;16B": "RGB;16L", "RGB;16L": "RGB;16B", "RGBA;16B": "RGBA;16L", "RGBA;16L": "RGBA;16B",
+               **{f"{m};16N": f"{m};16{'B' if sys.byteorder == 'little' else 'L'}" for m in ("RGB", "RGBA")}}
 _GREY_ALPHA_16 = {"LA;16B": "RGBA"}
 
 

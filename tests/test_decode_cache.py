@@ -209,6 +209,19 @@ def test_a_damaged_image_of_an_earlier_cache_is_decoded_again_not_copied(tmp_pat
     np.testing.assert_array_equal(new.gather(np.arange(300))[0].numpy(), want)
 
 
+def test_a_damaged_image_whose_file_changed_during_the_run_is_served_as_the_file_is_now(tmp_path, caplog):
+    files = _many(tmp_path / "few", 4)
+    store, _ = decode_cached(files, tmp_path / "few", "few", POLICY, workers=1, progress=False)
+    again, _ = decode_cached(files, tmp_path / "few", "few", POLICY, workers=1, progress=False)
+    _flip(_cache_dir(tmp_path / "few"), store, 2)
+    Image.fromarray(_tile(77, 6)).save(files[2])  # same shape, other pixels: not written back into the cache
+    with caplog.at_level(logging.WARNING):
+        np.testing.assert_array_equal(again.image(2), _tile(77, 6))
+        np.testing.assert_array_equal(again.image(2), _tile(77, 6))
+    said = _warnings(caplog)
+    assert len(said) == 1 and "could not be repaired" in said[0], said
+
+
 def test_a_damaged_image_whose_file_is_gone_stops_with_an_error_naming_it(tmp_path):
     files = _many(tmp_path / "few", 4)
     store, _ = decode_cached(files, tmp_path / "few", "few", POLICY, workers=1, progress=False)
@@ -295,14 +308,35 @@ def test_16bit_samples_follow_one_rule_in_photo_folders_benchmark_lists_and_pred
     np.testing.assert_array_equal(single[1:], np.broadcast_to(colour, (8, 8, 3))[1:])
 
 
-def test_a_16bit_photo_decodes_the_same_through_every_store_kind(tmp_path):
+def _tiff16(path: Path, a: np.ndarray, order: str, deflate: bool) -> None:
+    """A one-strip 16-bit RGB TIFF, byte order "<" or ">", uncompressed (Pillow's raw decoder) or deflated
+    (libtiff's)."""
+    h, w, _ = a.shape
+    data = a.astype(order + "u2").tobytes()
+    data = zlib.compress(data) if deflate else data
+    bps_at, data_at = 8 + 2 + 12 * 10 + 4, 8 + 2 + 12 * 10 + 4 + 6
+    tags = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, bps_at), (259, 3, 1, 8 if deflate else 1), (262, 3, 1, 2),
+            (273, 4, 1, data_at), (277, 3, 1, 3), (278, 3, 1, h), (279, 4, 1, len(data)), (284, 3, 1, 1)]
+    out = (b"II" if order == "<" else b"MM") + struct.pack(order + "HIH", 42, 8, len(tags))
+    for tag, kind, count, value in tags:
+        out += struct.pack(order + ("HHIHH" if kind == 3 and count == 1 else "HHII"), tag, kind, count, value,
+                           *((0,) if kind == 3 and count == 1 else ()))
+    path.write_bytes(out + struct.pack(order + "IHHH", 0, 16, 16, 16) + data)
+
+
+def test_a_16bit_photo_decodes_the_same_through_every_store_kind_png_and_tiff(tmp_path):
     values = _values16((5, 7, 3), 9)
-    _png16(tmp_path / "x.png", values)
-    shorter = decode_for_store(tmp_path / "x.png", StorePolicy("shorter", 64))
-    square = decode_for_store(tmp_path / "x.png", StorePolicy("square", 64))
-    np.testing.assert_array_equal(shorter, _rule(values))
-    np.testing.assert_array_equal(square, np.asarray(Image.fromarray(_rule(values)).resize((64, 64),
-                                                                                           Image.Resampling.BICUBIC)))
+    files = [tmp_path / "x.png"] + [tmp_path / f"x{order == '<'}{deflate}.tif" for order in "<>" for deflate in (0, 1)]
+    _png16(files[0], values)
+    for order in "<>":
+        for deflate in (0, 1):
+            _tiff16(tmp_path / f"x{order == '<'}{deflate}.tif", values, order, bool(deflate))
+    for f in files:
+        shorter = decode_for_store(f, StorePolicy("shorter", 64))
+        square = decode_for_store(f, StorePolicy("square", 64))
+        np.testing.assert_array_equal(shorter, _rule(values), err_msg=f.name)
+        np.testing.assert_array_equal(square, np.asarray(Image.fromarray(_rule(values)).resize(
+            (64, 64), Image.Resampling.BICUBIC)), err_msg=f.name)
 
 
 # ------------------------------------------------------------------------------------------- bad images
