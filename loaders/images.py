@@ -108,11 +108,10 @@ def _sixteen_bit_colour(im: Image.Image, source) -> Image.Image | None:
         im.load()
         high = np.asarray(im).astype(np.int64)
         low = _decode_as(source, _OTHER_BYTE[raw]).astype(np.int64)
-        return Image.fromarray(scale_16bit(high * 256 + low), im.mode)
+        return Image.fromarray(scale_16bit(high * 256 + low))  # (H, W, 3 or 4): "RGB" or "RGBA", as im
     if raw in _GREY_ALPHA_16:
         b = _decode_as(source, _GREY_ALPHA_16[raw]).astype(np.int64)  # (H, W, 4): L-high, L-low, A-high, A-low
-        return Image.fromarray(scale_16bit(np.stack([b[..., 0] * 256 + b[..., 1], b[..., 2] * 256 + b[..., 3]], -1)),
-                               "LA")
+        return Image.fromarray(scale_16bit(np.stack([b[..., 0] * 256 + b[..., 1], b[..., 2] * 256 + b[..., 3]], -1)))
     return None
 
 
@@ -120,9 +119,9 @@ def to_8bit(im: Image.Image) -> Image.Image:
     """A loaded image whose samples are 8 bits: 16-bit and 32-bit integer greyscale scaled (:func:`scale_16bit`),
     float greyscale rounded and clipped to 0..255; 8-bit images as they are."""
     if im.mode.startswith("I"):  # I;16*, or "I" holding 16-bit values: scale, not clip
-        return Image.fromarray(scale_16bit(np.asarray(im)), "L")
+        return Image.fromarray(scale_16bit(np.asarray(im)))  # (H, W): "L"
     if im.mode == "F":
-        return Image.fromarray(np.clip(np.rint(np.asarray(im)), 0, 255).astype(np.uint8), "L")
+        return Image.fromarray(np.clip(np.rint(np.asarray(im)), 0, 255).astype(np.uint8))
     return im
 
 
