@@ -155,10 +155,11 @@ class _Opened(NamedTuple):
     reasons: dict[int, str]  # item -> why it could not be decoded
 
 
-def _open(folder: Path, key: str | None = None, n: int | None = None, repair=None) -> _Opened:
+def _open(folder: Path, key: str | None = None, n: int | None = None,
+          source: tuple[list[Path], StorePolicy] | None = None) -> _Opened:
     """The cache in ``folder`` if its index passes every check (its key and count too, where given); raises
-    CacheDamaged, and nothing else, when it does not. Its images are checked on first use (``repair``: see
-    :class:`PixelStore`)."""
+    CacheDamaged, and nothing else, when it does not. Its images are checked on first use; ``source`` (the files
+    and policy it was built from) lets a damaged one be decoded again, without it a damaged one raises."""
     ix = read_index(folder / "index.npz")
     if key is not None and ix.key != key:
         raise CacheDamaged("its key does not match the files")
@@ -173,36 +174,37 @@ def _open(folder: Path, key: str | None = None, n: int | None = None, repair=Non
     except (OSError, ValueError) as e:
         raise CacheDamaged(f"pixels.u8 cannot be mapped ({type(e).__name__}: {e})") from e
     store = PixelStore(pixels, ix.offsets, ix.shapes, path=pixels_path, crc=ix.crc,
-                       repair=repair(ix) if repair is not None else None)
+                       repair=_Repair(folder, ix, *source) if source is not None else None)
     return _Opened(store, ix.ok, ix.entries, ix.reasons)
 
 
-def _repairer(folder: Path, files: list[Path], policy: StorePolicy):
-    """For the store of the cache in ``folder``: a damaged image decoded again from its file (one warning), and
-    written back into pixels.u8 when it matches its recorded checksum (best effort)."""
-    count = [0]
+class _Repair:
+    """A damaged image of the cache in ``folder`` decoded again from its file, with one warning, and written back
+    into pixels.u8 when its pixels match the recorded checksum (else served from memory)."""
 
-    def make(ix: Index):
-        def repair(j: int) -> np.ndarray:
-            path = files[j]
-            try:
-                arr = np.ascontiguousarray(decode_for_store(path, policy))
-            except ImageDecodeError as e:
-                raise DatasetError(f"decode cache {folder}: the stored image of {path} is damaged and the file no "
-                                   f"longer decodes ({e.reason}); delete {folder} to rebuild it") from None
-            if arr.shape != tuple(int(v) for v in ix.shapes[j]):
-                raise DatasetError(f"decode cache {folder}: the stored image of {path} is damaged and the file now "
-                                   f"decodes to another shape (changed during the run?); run again")
-            wrote = zlib.crc32(arr) == int(ix.crc[j]) and _write_back(folder / "pixels.u8", int(ix.offsets[j]), arr)
-            count[0] += 1
-            if count[0] <= _WARN_REPAIRS or str(count[0]).rstrip("0") == "1":
-                log.warning("decode cache %s: the stored image of %s does not match its checksum (damaged on disk); "
-                            "decoded it again from the file%s%s", folder, path,
-                            "" if wrote else " (the cache could not be repaired)",
-                            f" [{count[0]} damaged images so far]" if count[0] > 1 else "")
-            return arr
-        return repair
-    return make
+    def __init__(self, folder: Path, ix: Index, files: list[Path], policy: StorePolicy):
+        self.folder, self.ix, self.files, self.policy = folder, ix, files, policy
+        self.count = 0
+
+    def __call__(self, j: int) -> np.ndarray:
+        path, folder = self.files[j], self.folder
+        try:
+            arr = np.ascontiguousarray(decode_for_store(path, self.policy))
+        except ImageDecodeError as e:
+            raise DatasetError(f"decode cache {folder}: the stored image of {path} is damaged and the file no longer "
+                               f"decodes ({e.reason}); delete {folder} to rebuild it") from None
+        if arr.shape != tuple(int(v) for v in self.ix.shapes[j]):
+            raise DatasetError(f"decode cache {folder}: the stored image of {path} is damaged and the file now "
+                               f"decodes to another shape (changed during the run?); run again")
+        wrote = zlib.crc32(arr) == int(self.ix.crc[j]) and _write_back(folder / "pixels.u8", int(self.ix.offsets[j]),
+                                                                         arr)
+        self.count += 1
+        if self.count <= _WARN_REPAIRS or str(self.count).rstrip("0") == "1":
+            log.warning("decode cache %s: the stored image of %s does not match its checksum (damaged on disk); "
+                        "decoded it again from the file%s%s", folder, path,
+                        "" if wrote else " (the cache could not be repaired)",
+                        f" [{self.count} damaged images so far]" if self.count > 1 else "")
+        return arr
 
 
 def _write_back(pixels_path: Path, offset: int, arr: np.ndarray) -> bool:
@@ -235,7 +237,7 @@ def decode_cached(files: list[Path], root: Path, name: str, policy: StorePolicy,
         with file_lock(folder / stem, f"decode cache {name}"):
             if final.exists():
                 try:
-                    opened = _open(final, key, n, _repairer(final, files, policy))
+                    opened = _open(final, key, n, (files, policy))
                     return opened.store, CacheReport(final, opened.ok, np.zeros(n, bool), opened.reasons)
                 except CacheDamaged as e:
                     log.warning("decode cache %s fails its checks (%s); rebuilding it", final, e)
@@ -350,7 +352,7 @@ def _write(files, entries, key, stem, final, tmp, out, policy, workers, progress
         if old != final and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
     try:
-        opened = _open(final, key, len(files), _repairer(final, files, policy))
+        opened = _open(final, key, len(files), (files, policy))
     except CacheDamaged as e:  # pragma: no cover - we just wrote it
         raise OSError(f"the decode cache just written to {final} fails its checks: {e}") from None
     log.info("decode cache %s: %d images (%.1f MiB), %d decoded, %d skipped", final, int(ok.sum()),
