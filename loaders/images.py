@@ -53,6 +53,9 @@ class ImageDecodeError(DatasetError):
         super().__init__(f"{path}: cannot decode image ({reason})")
         self.path, self.reason = path, reason
 
+    def __reduce__(self):  # crosses process boundaries (decode workers) intact
+        return type(self), (self.path, self.reason)
+
 
 def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).replace(chr(10), ' ') or type(e).__name__}"

@@ -4,6 +4,7 @@ decoded again. Every file is written by the test."""
 
 import logging
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -368,6 +369,7 @@ def test_a_bad_image_raises_image_decode_error_naming_the_file_and_what_pillow_r
                 decode_for_store(path, policy)
             assert isinstance(e.value, DatasetError) and str(path) in str(e.value), kind
             assert e.value.reason.startswith(raised + ":"), (kind, e.value.reason)
+            assert str(pickle.loads(pickle.dumps(e.value))) == str(e.value)  # as a decode worker would send it
         with pytest.raises(ImageDecodeError, match=raised):  # the single-file path of tools/predict.py
             read_image(path)
 
