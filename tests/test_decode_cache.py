@@ -27,6 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 POLICY = StorePolicy.for_photos(32)  # what finetune and predict --data store for a 32 px model
 
 
+@pytest.fixture(autouse=True)
+def cache_beside_the_data(monkeypatch):
+    """Every cache of this file in <data>/.vit-peft-cache, whatever the environment says."""
+    monkeypatch.delenv("VIT_PEFT_CACHE", raising=False)
+
+
 def _tile(k: int, n: int = 12) -> np.ndarray:
     rng = np.random.default_rng(k)
     return rng.integers(0, 256, (n, n + 2, 3), dtype=np.uint8)
@@ -95,8 +101,7 @@ def _predict_folder(folder):
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_a_damaged_index_is_rebuilt_with_one_warning_in_finetune_and_predict(tmp_path, caplog, monkeypatch, damage):
-    monkeypatch.delenv("VIT_PEFT_CACHE", raising=False)
+def test_a_damaged_index_is_rebuilt_with_one_warning_in_finetune_and_predict(tmp_path, caplog, damage):
     root = _folder(tmp_path / "photos")
     first = open_source(root, POLICY, workers=1, progress=False)  # what finetune opens
     want = [first.dataset.images.image(i).copy() for i in range(len(first.dataset))]
@@ -274,8 +279,7 @@ def _rule(v):
 
 
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])
-def test_16bit_samples_follow_one_rule_in_photo_folders_benchmark_lists_and_predict(tmp_path, channels, monkeypatch):
-    monkeypatch.delenv("VIT_PEFT_CACHE", raising=False)
+def test_16bit_samples_follow_one_rule_in_photo_folders_benchmark_lists_and_predict(tmp_path, channels):
     shape = (8, 8) if channels == 1 else (8, 8, channels)
     values = _values16(shape, channels)
     if channels in (2, 4):  # opaque but for the first row, so the colour is checked exactly where alpha is 65535
