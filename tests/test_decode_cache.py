@@ -18,7 +18,7 @@ from PIL import Image
 import vit
 from loaders.datasets import DatasetError, decode_cached, open_source
 from loaders.datasets.vtab import load_vtab
-from loaders.images import StorePolicy, decode_for_store, load_8bit, read_image
+from loaders.images import StorePolicy, decode_for_store, read_image
 
 from conftest import make_model
 from npz_factory import write_google_npz
@@ -342,6 +342,7 @@ def test_a_16bit_photo_decodes_the_same_through_every_store_kind_png_and_tiff(tm
         np.testing.assert_array_equal(shorter, _rule(values), err_msg=f.name)
         np.testing.assert_array_equal(square, np.asarray(Image.fromarray(_rule(values)).resize(
             (64, 64), Image.Resampling.BICUBIC)), err_msg=f.name)
+    from loaders.images import load_8bit
     for channels in (2, 4):  # the depth step keeps alpha: every sample, alpha too, by the rule
         values = _values16((5, 7, channels), channels)
         _png16(tmp_path / f"a{channels}.png", values)
