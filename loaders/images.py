@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image  # Pillow comes with matplotlib
+from PIL import ExifTags, Image
 
 from .errors import DataNotFoundError, DatasetError
 
