@@ -134,7 +134,7 @@ def run_options(o: SuiteOptions, task: str, mode: str, seed: int, out: Path, poi
         if getattr(o, field):
             kw[field] = getattr(o, field)
     kw = sweeps.apply_point({k: v for k, v in kw.items() if v is not None}, point or {})
-    kw["explicit"] = sorted(k for k in kw if k != "method_options")
+    kw["explicit"] = sorted([k for k in kw if k != "method_options"] + list(kw["method_options"]))  # as the CLI
     return FinetuneOptions(**kw)
 
 

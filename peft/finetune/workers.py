@@ -112,12 +112,13 @@ def work(suite, run_cell) -> None:
         raise OptionsError(f"--lease {o.lease}: give a positive number of seconds")
     cells = mine(suite, shard)
     claims = None if shard is not None else Claims(suite.out / CLAIMS_DIR, o.lease)
-    log.info("worker %s: %d of %d cells %s", claims.worker if claims else f"shard {shard[0]}/{shard[1]}",
-             len(cells), len(suite.cells), "to share by claims" if claims else "in this shard")
+    who = claims.worker if claims else f"shard {shard[0]}/{shard[1]}"
+    log.info("worker %s: %d of %d cells %s", who, len(cells), len(suite.cells),
+             "to share by claims" if claims else "in this shard")
     if slots is None:
-        _work_here(suite, cells, claims, run_cell)
+        _work_here(suite, cells, claims, run_cell, who)
     else:
-        _work_on_devices(suite, cells, claims, slots)
+        _work_on_devices(suite, cells, claims, slots, who)
 
 
 def _poll(o) -> float:
@@ -134,7 +135,7 @@ def _waiting(suite, cells, since: float) -> float:
     return time.monotonic()
 
 
-def _work_here(suite, cells, claims, run_cell) -> None:
+def _work_here(suite, cells, claims, run_cell, who: str) -> None:
     current, lock = [None], threading.Lock()
 
     def on_lost(claim):  # another worker took this cell over: stop running it (the main thread gets the signal)
@@ -157,6 +158,7 @@ def _work_here(suite, cells, claims, run_cell) -> None:
                 heartbeat.hold(claim)
             with lock:
                 current[0] = claim
+            log.info("cell %s: run by worker %s", cell.key, who)
             try:
                 run_cell(suite, cell)
             except KeyboardInterrupt:
@@ -185,6 +187,8 @@ def option_flags(opts: FinetuneOptions) -> list[str]:
     """The ``tools/finetune.py`` flags that give ``opts``: every explicit field, then the method's options."""
     flags = []
     for name in opts.explicit:
+        if name in opts.method_options:
+            continue
         value = getattr(opts, name)
         if value is None:
             continue
@@ -222,7 +226,7 @@ def cell_command(opts: FinetuneOptions, devices: list[str]) -> tuple[list[str], 
             *target, *flags, "--device", device], env
 
 
-def _work_on_devices(suite, cells, claims, slots) -> None:
+def _work_on_devices(suite, cells, claims, slots, who: str) -> None:
     free, running, lost, failed = list(slots), {}, set(), []
     logs = suite.out / LOGS_DIR
     logged = 0.0
@@ -264,8 +268,8 @@ def _work_on_devices(suite, cells, claims, slots) -> None:
                     if claim is not None:
                         heartbeat.hold(claim)
                     running[cell.key] = (proc, cell, claim, devices, log_file)
-                    log.info("%s: started on %s (pid %d, log %s)", suite.label(cell), ",".join(devices), proc.pid,
-                             path)
+                    log.info("cell %s: run by worker %s on %s (pid %d, log %s)", cell.key, who, ",".join(devices),
+                             proc.pid, path)
                 if not running:
                     if failed:
                         raise CellFailed("; ".join(failed))
