@@ -2,10 +2,10 @@
 
 A worker walks the suite's cells in order and runs each one that is not finished, whose grid is complete (a
 sweep's final run), and that it can claim (``peft.finetune.claims``: an exclusive file per cell, a heartbeat, and
-a takeover of a claim whose holder died). It rewrites the results files after each cell and ends when every cell
-is finished; while the cells left are held by others it waits, so that it can take over the cell of a worker
-that dies. Started N times (by hand, by ``sbatch --array``, on machines sharing the folder), the suite is done
-once, cell by cell as one worker would do it.
+a takeover of a claim whose holder died). It rewrites the results files after a cell (at most once a minute, and
+when it ends) and ends when every cell is finished; while the cells left are held by others it waits, so that it
+can take over the cell of a worker that dies. Started N times (by hand, by ``sbatch --array``, on machines
+sharing the folder), the suite is done once, cell by cell as one worker would do it.
 
 ``--shard K/N`` (or ``--shard slurm``: K and N from ``SLURM_ARRAY_TASK_ID`` / ``_MIN`` / ``_STEP`` / ``_COUNT``)
 gives a fixed partition instead, without claims: the worker runs the cells i with i % N == K (a sweep's final
@@ -36,6 +36,20 @@ log = logging.getLogger(__name__)
 
 CLAIMS_DIR = ".claims"
 LOGS_DIR = "logs"
+RESULTS_EVERY_S = 60.0  # a worker rewrites the results files after a cell at most this often (and when it ends)
+
+
+class _Results:
+    """The results files, rewritten after a cell when the last rewrite is RESULTS_EVERY_S old (reading every
+    finished cell of a table of a thousand cells takes about a second)."""
+
+    def __init__(self, suite):
+        self.suite, self.last = suite, -RESULTS_EVERY_S
+
+    def cell_finished(self) -> None:
+        if time.monotonic() - self.last >= RESULTS_EVERY_S:
+            write_results(self.suite)
+            self.last = time.monotonic()
 
 
 class CellFailed(RuntimeError):
@@ -143,7 +157,7 @@ def _work_here(suite, cells, claims, run_cell, who: str) -> None:
             if current[0] is claim:
                 _thread.interrupt_main()
 
-    logged = 0.0
+    logged, results = 0.0, _Results(suite)
     with Heartbeat(suite.o.lease / 5, on_lost) as heartbeat:
         while True:
             picked = _pick(suite, cells, claims, ())
@@ -177,7 +191,7 @@ def _work_here(suite, cells, claims, run_cell, who: str) -> None:
                 if claim is not None:
                     heartbeat.drop(claim)
                     claims.release(claim, finished=suite.done(cell))
-            write_results(suite)
+            results.cell_finished()
 
 
 # ── one process per cell (--devices) ─────────────────────────────────────────────────────────────────────────
@@ -229,7 +243,7 @@ def cell_command(opts: FinetuneOptions, devices: list[str]) -> tuple[list[str], 
 def _work_on_devices(suite, cells, claims, slots, who: str) -> None:
     free, running, lost, failed = list(slots), {}, set(), []
     logs = suite.out / LOGS_DIR
-    logged = 0.0
+    logged, results = 0.0, _Results(suite)
     with Heartbeat(suite.o.lease / 5, on_lost=lambda claim: lost.add(claim.key)) as heartbeat:
         try:
             while True:
@@ -251,7 +265,7 @@ def _work_on_devices(suite, cells, claims, slots, who: str) -> None:
                         log.error("%s", failed[-1])
                     elif code == 0:
                         log.info("%s: finished on %s", suite.label(cell), ",".join(devices))
-                        write_results(suite)
+                        results.cell_finished()
                 while free and not failed:
                     picked = _pick(suite, cells, claims, running)
                     if picked is None:
