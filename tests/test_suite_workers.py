@@ -249,6 +249,9 @@ def test_a_stale_claim_is_taken_over_once_and_its_holder_learns_it(tmp_path, mon
     taken = [a.try_claim("cell"), b.try_claim("cell")]
     assert sum(t is not None for t in taken) == 1 and next(t for t in taken if t).generation == 1
     assert not claim.beat() and claim.lost  # the old holder gives the cell up
+    winner = next(t for t in taken if t)
+    (a if taken[0] else b).release(winner, finished=False)  # stopped (SIGTERM, an error): free at once, no lease
+    assert Claims(tmp_path, lease=3600).try_claim("cell").generation == 2
     # on this machine, a holder whose process has ended is stale at once, without waiting for the lease
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           timeout=60).stdout.strip()

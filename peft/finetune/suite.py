@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loaders.atomic import file_lock
 from loaders.datasets import load_dataset, select_classes
 from loaders.datasets.fgvc import FGVC_SETS
 from loaders.datasets.vtab import REHEARSAL_TASKS, VTAB_TASKS, write_vtab_task
@@ -247,11 +248,13 @@ def plan(o: SuiteOptions) -> Suite:
 
 def prepare(o: SuiteOptions) -> Suite:
     """The rehearsal's data (once), the plan, and ``suite.json`` (what ``tools/vtab.py report DIR`` reads)."""
+    workers.check(o)
     if o.rehearsal:
         if not o.data_root:
             raise OptionsError("--rehearsal writes its Fashion-MNIST tasks into --data-root: give one")
         if not o.report:
-            make_rehearsal(Path(o.data_root))
+            with file_lock(Path(o.data_root) / "rehearsal", "the rehearsal's tasks"):  # several workers at once
+                make_rehearsal(Path(o.data_root))
     suite = plan(o)
     if not o.report:
         suite.out.mkdir(parents=True, exist_ok=True)

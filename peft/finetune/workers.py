@@ -117,13 +117,17 @@ def _pick(suite, cells, claims, busy) -> tuple | None:
     return None
 
 
+def check(o) -> tuple:
+    """This worker's options: (shard or None, device slots or None); a bad one is an OptionsError."""
+    if o.lease <= 0:
+        raise OptionsError(f"--lease {o.lease}: give a positive number of seconds")
+    return parse_shard(o.shard), parse_devices(o.devices, o.devices_per_cell)
+
+
 def work(suite, run_cell) -> None:
     """Run this worker's share of ``suite``: ``run_cell(suite, cell)`` in this process, or ``--devices`` processes."""
     o = suite.o
-    shard = parse_shard(o.shard)
-    slots = parse_devices(o.devices, o.devices_per_cell)
-    if o.lease <= 0:
-        raise OptionsError(f"--lease {o.lease}: give a positive number of seconds")
+    shard, slots = check(o)
     cells = mine(suite, shard)
     claims = None if shard is not None else Claims(suite.out / CLAIMS_DIR, o.lease)
     who = claims.worker if claims else f"shard {shard[0]}/{shard[1]}"
