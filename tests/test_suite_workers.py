@@ -188,6 +188,21 @@ def test_a_job_array_splits_as_shard_does(tree, tmp_path, monkeypatch):
     assert vtab_cli.cli(["report", str(tmp_path / "nowhere")]) == 2  # not a suite folder: one line, exit 2
 
 
+@pytest.mark.slow
+def test_an_array_of_two_runs_the_suite_by_shards_and_equals_one_worker(tree, tmp_path, monkeypatch, single):
+    o = _options(tree, tmp_path / "suite")  # grid point 1, grid point 2, the final run: shards {0, 2} and {1}
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    partial = run_suite(SuiteOptions(**{**o.__dict__, "shard": "slurm"}))
+    assert partial["cells"] == {"total": 3, "finished": 1, "missing": [c.key for c in plan(o).cells[::2]]}
+    assert not list((tmp_path / "suite" / ".claims").glob("*"))  # a fixed partition takes no claims
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")  # its final run needs shard 1's grid point: finished now
+    results = run_suite(SuiteOptions(**{**o.__dict__, "shard": "slurm"}))
+    ref_o, ref = single
+    assert _per_cell(tmp_path / "suite", plan(o)) == _per_cell(Path(ref_o.output_dir), plan(ref_o))
+    assert _table(results) == _table(ref)
+
+
 def test_a_cell_command_line_gives_exactly_its_options(tree, tmp_path, monkeypatch):
     from peft.cli.args import parse_options
     from peft.finetune.options import FinetuneOptions

@@ -16,6 +16,10 @@ No server and no lock daemon: a claim is a file, and the file system's exclusive
   workers that judged it stale at once, one wins; nothing is renamed or deleted while the cell is unfinished, so
   no worker can mistake a fresh claim for the stale one. A holder that was only slow (a network partition longer
   than the lease) sees ``g + 1`` at its next heartbeat and gives the cell up.
+- **NFS caches** can make a claim look absent for a while (cached negative lookups); that is safe, because
+  every decision is an exclusive create, which the server answers: a worker that misses a claim fails to create
+  it. The cost is only that a holder may learn of a takeover up to the cache's lifetime late, so leases should be
+  minutes, not seconds (the default is 300 s).
 - **Finished** cells are recognised by their own result file (the caller's ``done``), checked again right after
   every successful claim, so a cell finished while another worker was claiming it is never run twice; the claims
   of a finished cell are then removed.
