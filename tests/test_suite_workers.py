@@ -125,7 +125,8 @@ def test_workers_share_a_suite_each_cell_once_and_equal_one_worker(tree, tmp_pat
     assert _per_cell(tmp_path / "suite", suite) == _per_cell(Path(ref_o.output_dir), plan(ref_o))
     results = json.loads((tmp_path / "suite" / "results.json").read_text())
     assert _table(results) == _table(json.loads((Path(ref_o.output_dir) / "results.json").read_text()))
-    assert results["cells"] == {"total": 3, "finished": 3, "missing": []} and list(results["chosen"]["svhn"]) == ["head"]
+    assert results["cells"] == {"total": 3, "finished": 3, "missing": []}
+    assert list(results["chosen"]["svhn"]) == ["head"]
     assert not any((tmp_path / "suite" / ".claims").rglob("*.[0-9]"))  # finished cells leave no claims
     if workers == 3:  # the --devices worker's cells ran in processes given their device, logged per cell
         assert all("Traceback" not in p.read_text() for p in (tmp_path / "suite" / "logs").glob("*.log"))
@@ -160,7 +161,8 @@ def test_a_worker_killed_mid_cell_leaves_it_to_the_next_which_resumes_it(tree, t
     assert started == [(str(first), True)]  # run once more, from its checkpoint
     history = (first / "history.csv").read_text().splitlines()
     assert [int(row.split(",")[0]) for row in history[1:]] == list(range(1, 31))  # epochs before the kill kept
-    assert results["cells"] == {"total": 1, "finished": 1, "missing": []} and json.loads((first / "metrics.json").read_text())["epochs"] == 30
+    assert results["cells"] == {"total": 1, "finished": 1, "missing": []}
+    assert json.loads((first / "metrics.json").read_text())["epochs"] == 30
 
 
 def test_a_job_array_splits_as_shard_does(tree, tmp_path, monkeypatch):

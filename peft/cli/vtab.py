@@ -21,7 +21,7 @@ EXAMPLES = """examples:
   python tools/vtab.py --data-root /data/vtab-1k --tasks cifar,dtd --modes all --protocol tune --epochs 20
   python tools/vtab.py --suite fgvc --data-root /data/fgvc --tasks cub,flowers --modes rlrr --seeds 42,43
   # one machine, 8 GPUs: 8 cells at once; or start the same command on several machines sharing runs/vtab
-  python tools/vtab.py --data-root /data/vtab-1k --modes all --recipe official --devices \\
+  python tools/vtab.py --data-root /data/vtab-1k --modes rlrr,lora,ssf --recipe official --devices \\
       cuda:0,cuda:1,cuda:2,cuda:3,cuda:4,cuda:5,cuda:6,cuda:7 --output-dir runs/vtab
   # SLURM: every task of the array is a worker (sbatch --array=0-31 job.sh, job.sh running the same command)
   # the table so far, with the number of cells still missing

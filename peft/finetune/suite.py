@@ -75,11 +75,11 @@ class SuiteOptions:
     threads: int = 0  # torch CPU threads (0: torch's default)
     progress: bool = True  # tqdm progress bars
     sweep: list = dataclasses.field(default_factory=list)  # NAME=V1,V2,...: choose on validation, then test once (repeatable)
-    shard: str = ""  # K/N: run only the cells i with i % N == K, without claims; slurm: K and N from the job array's environment (default: claim cells, any number of workers)
-    devices: str = ""  # run one cell per device at once, each in its own process: cuda:0,cuda:1,... (default: one cell at a time in this process on --device)
+    shard: str = ""  # K/N: only the cells i with i % N == K, no claims; slurm: K, N from the job array (default: claims)
+    devices: str = ""  # one cell per device at once, a process each: cuda:0,cuda:1,... (default: one at a time, here)
     devices_per_cell: int = 1  # with --devices: each cell spans this many of them through torchrun
-    lease: float = 300.0  # seconds a claimed cell's heartbeat may stay silent before another worker takes the cell over
-    report: bool = False  # only write results.* from the cells finished so far (no training); also: tools/vtab.py report DIR
+    lease: float = 300.0  # seconds a claim's heartbeat may stay silent before another worker takes the cell over
+    report: bool = False  # only write results.* from the cells finished so far (also: tools/vtab.py report DIR)
 
 
 def task_names(o: SuiteOptions) -> list[str]:
