@@ -276,3 +276,28 @@ def test_a_stale_claim_is_taken_over_once_and_its_holder_learns_it(tmp_path, mon
     (tmp_path / "other.0").write_text(json.dumps({"machine": mine_.machine, "pid": int(dead), "state": "running"}))
     assert mine_.machine is None or mine_.try_claim("other").generation == 1
     assert claims_mod._process_ended(int(dead)) and not claims_mod._process_ended(os.getpid())
+
+
+def test_a_worker_whose_cell_was_taken_over_stops_running_it(tree, tmp_path):
+    from peft.finetune import workers
+    from peft.finetune.suite import prepare
+
+    suite = prepare(_options(tree, tmp_path / "suite", modes="head", sweep=[], lease=0.5))
+    seen = []
+
+    def cell_taken_over(suite, cell):  # a cell that another worker takes over while it runs (a long pause here)
+        other = Claims(suite.out / workers.CLAIMS_DIR, lease=60)
+        os.close(os.open(other.path(cell.key, 1), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        end = time.monotonic() + 30
+        try:
+            while time.monotonic() < end:
+                time.sleep(0.01)
+        except KeyboardInterrupt:  # the heartbeat found generation 1: this worker gives the cell up
+            seen.append(cell.key)
+            (suite.out / cell.key).mkdir(parents=True)
+            (suite.out / cell.key / "metrics.json").write_text("{}")  # ... and the other worker finishes it
+            raise
+        pytest.fail("the worker kept running a cell another worker had taken over")
+
+    workers.work(suite, cell_taken_over)  # returns: the cell is finished (by the other worker)
+    assert seen == ["svhn/head/seed-42"]
