@@ -140,7 +140,9 @@ def work(suite, run_cell) -> None:
 
 
 def _poll(o) -> float:
-    return min(o.lease / 10, 5.0)
+    """Seconds between looks at the suite while every cell left is someone else's (a worker that finishes a grid's
+    last point runs the final run itself at once; this only delays taking over a dead worker's cell)."""
+    return min(o.lease / 10, 15.0)
 
 
 def _waiting(suite, cells, since: float) -> float:
