@@ -276,6 +276,12 @@ def test_a_stale_claim_is_taken_over_once_and_its_holder_learns_it(tmp_path, mon
     (tmp_path / "other.0").write_text(json.dumps({"machine": mine_.machine, "pid": int(dead), "state": "running"}))
     assert mine_.machine is None or mine_.try_claim("other").generation == 1
     assert claims_mod._process_ended(int(dead)) and not claims_mod._process_ended(os.getpid())
+    # a live process of this machine (or one that got a dead holder's number): its heartbeat decides
+    (tmp_path / "reused.0").write_text(json.dumps({"machine": mine_.machine, "pid": os.getpid(), "state": "running"}))
+    observer = Claims(tmp_path, lease=0.2)
+    assert observer.try_claim("reused") is None
+    time.sleep(0.3)
+    assert observer.try_claim("reused").generation == 1
 
 
 def test_a_worker_whose_cell_was_taken_over_stops_running_it(tree, tmp_path):

@@ -127,7 +127,9 @@ class Claims:
         if holder.get("state") == "released":
             return True
         if holder.get("machine") is not None and holder.get("machine") == self.machine and holder.get("pid"):
-            return _process_ended(int(holder["pid"]))  # our own machine: no need to wait for the lease
+            if _process_ended(int(holder["pid"])):
+                return True  # our own machine: no need to wait for the lease
+            # alive, or its number reused by another process: the heartbeat decides, as for other machines
         snapshot = data + f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()
         now = time.monotonic()
         seen = self._seen.get(path)
