@@ -231,7 +231,7 @@ def cell_command(opts: FinetuneOptions, devices: list[str]) -> tuple[list[str], 
     script = root / "tools" / "finetune.py"
     target = [str(script)] if package == "peft" and script.is_file() else ["-m", f"{package}.cli.finetune"]
     env = dict(os.environ)
-    flags = [f for f in option_flags(opts)]
+    flags = option_flags(opts)
     if "--device" in flags:
         i = flags.index("--device")
         del flags[i:i + 2]
@@ -247,22 +247,23 @@ def cell_command(opts: FinetuneOptions, devices: list[str]) -> tuple[list[str], 
 
 
 def _work_on_devices(suite, cells, claims, slots, who: str) -> None:
-    free, running, lost, failed = list(slots), {}, set(), []
+    free, running, lost, stopping, failed = list(slots), {}, set(), set(), []
     logs = suite.out / LOGS_DIR
-    logged, results = 0.0, _Results(suite)
+    logged, results, next_look = 0.0, _Results(suite), 0.0
     with Heartbeat(suite.o.lease / 5, on_lost=lambda claim: lost.add(claim.key)) as heartbeat:
         try:
             while True:
                 for key, (proc, cell, claim, devices, log_file) in list(running.items()):
                     code = proc.poll()
                     if code is None:
-                        if key in lost and not getattr(proc, "stopping", False):
+                        if key in lost and key not in stopping:
                             proc.send_signal(signal.SIGTERM)  # taken over: its checkpoint stays for the new holder
-                            proc.stopping = True
+                            stopping.add(key)
                         continue
                     del running[key]
                     log_file.close()
                     free.append(devices)
+                    next_look = 0.0  # a slot is free: look for the next cell now
                     if claim is not None:
                         heartbeat.drop(claim)
                         claims.release(claim, finished=suite.done(cell))
@@ -272,9 +273,10 @@ def _work_on_devices(suite, cells, claims, slots, who: str) -> None:
                     elif code == 0:
                         log.info("%s: finished on %s", suite.label(cell), ",".join(devices))
                         results.cell_finished()
-                while free and not failed:
+                while free and not failed and time.monotonic() >= next_look:
                     picked = _pick(suite, cells, claims, running)
-                    if picked is None:
+                    if picked is None:  # the cells left are others' (or wait for a grid): look again later
+                        next_look = time.monotonic() + _poll(suite.o)
                         break
                     cell, claim = picked
                     devices = free.pop(0)
@@ -296,9 +298,7 @@ def _work_on_devices(suite, cells, claims, slots, who: str) -> None:
                     if all(suite.done(c) for c in cells):
                         return
                     logged = _waiting(suite, cells, logged)
-                    time.sleep(_poll(suite.o))
-                else:
-                    time.sleep(0.2)
+                time.sleep(0.2 if running else max(0.2, next_look - time.monotonic()))
         finally:  # interrupted (Ctrl-C) or failed: stop the cells' processes; their checkpoints stay
             for proc, cell, claim, _, log_file in running.values():
                 proc.terminate()
