@@ -8,11 +8,15 @@ zeros, so the adapted model equals the base model at step 0; dropout on the LoRA
 
 Like :class:`peft.rlrr.RLRRLinear`, the wrapper owns the frozen ``weight``/``bias`` under their old names.
 
-``variant="noah"`` is the LoRA of the VTAB-1k tables' "LoRA 0.29M" row (NOAH, ZhangYuanhan-AI/NOAH
-``model/module/qkv_super_prompt.py:28-30,57``): one low-rank pair on the fused qkv projection, W_qkv + (A B)ᵀ with
-A (in × r) kaiming-uniform (a = √5 on the (in, r) tensor: bound 1/√r) and B (r × 3·out) zero, no α/r scaling. With
-separate q, k, v layers that is one A shared by the three and B split into three (r × out) blocks, so k is adapted
-too; 4·D·r per block = 294,912 for ViT-B/16 at r = 8, the same count as q,v LoRA in loralib's form.
+``variant="noah"`` is the LoRA of the VTAB-1k tables' "LoRA 0.29M" row as NOAH's VTAB runs trained it
+(ZhangYuanhan-AI/NOAH@e9c55f3 ``model/supernet_vision_transformer_timm.py:224-228,277-281``): one low-rank pair on
+the fused qkv projection, x W_qkvᵀ + (drop(x) A) B with A (in × r), B (r × 3·out), no α/r scaling. With separate
+q, k, v layers that is one A shared by the three and B split into three (r × out) blocks, so k is adapted too;
+4·D·r per block = 294,912 for ViT-B/16 at r = 8, the same count as q,v LoRA in loralib's form. Initialisation: the
+run's ``init_weights`` (``:462,531``, timm's ``_init_vit_weights``) re-draws both A and B truncated-normal std 0.02
+after the module's own kaiming/zero init, so B is not zero and the model does not start as the pretrained one.
+Dropout (``--drop_rate_LoRA``, 0.1 in the runs) is applied once to the block's attention input, before the fused
+projection: one mask shared by q, k and v (:class:`SharedInputDropout`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,29 @@ class LoraConfig(MethodConfig):
         super().__post_init__()
 
 
+class SharedInputDropout(nn.Dropout):
+    """Dropout shared by ``users`` layers that read the same input: the first call on a tensor draws the mask, the
+    next ``users - 1`` calls on that same tensor object get the same dropped tensor (then it is forgotten). NOAH's
+    ``LoRA_drop(x)`` runs once before its fused qkv projection; with separate q, k, v this keeps the one mask (and
+    the one draw from the random stream, at q's call)."""
+
+    def __init__(self, p: float, users: int):
+        super().__init__(p)
+        self.users = users
+        self._last: tuple | None = None  # (input, output, calls left)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self._last is not None and self._last[0] is x:
+            _, out, left = self._last
+            self._last = (x, out, left - 1) if left > 1 else None
+            return out
+        out = super().forward(x)
+        self._last = (x, out, self.users - 1) if self.users > 1 else None
+        return out
+
+
 class LoRALinear(LinearDelta, nn.Module):
     """``nn.Linear`` + (α/r) B A; ``merge()``, ``merge_in_place()`` and ``unmerge()`` come from
     :class:`peft.base.LinearDelta`, built on ``delta_weight()``."""
@@ -60,9 +87,10 @@ class LoRALinear(LinearDelta, nn.Module):
     ADAPTER_PARAMS = ("lora_A", "lora_B")
 
     def __init__(self, base: nn.Linear, config: LoraConfig | None = None, shared_A: nn.Parameter | None = None,
-                 **fields):
+                 shared_dropout: nn.Module | None = None, **fields):
         """``config`` or its fields (``rank=4``). ``shared_A``: NOAH's variant, an (in, r) A shared with the
-        block's other projections; B is then (r, out) and the update x A B is not scaled."""
+        block's other projections; B is then (r, out), drawn truncated-normal std 0.02, and the update x A B is not
+        scaled; ``shared_dropout`` the dropout module those projections share."""
         config = configure(LoraConfig, config, fields)
         super().__init__(base)
         rank = config.rank
@@ -73,8 +101,12 @@ class LoRALinear(LinearDelta, nn.Module):
         if self.noah:
             if tuple(shared_A.shape) != (self.in_features, rank):
                 raise ValueError(f"shared_A must be ({self.in_features}, {rank}), got {tuple(shared_A.shape)}")
+            if shared_dropout is not None:
+                self.lora_dropout = shared_dropout
             self.lora_A = shared_A
-            self.lora_B = nn.Parameter(torch.zeros(rank, self.out_features, **kw))
+            self.lora_B = nn.Parameter(torch.empty(rank, self.out_features, **kw))
+            with torch.no_grad():
+                nn.init.trunc_normal_(self.lora_B, std=0.02)  # _init_vit_weights on LoRA_b (bounds ±2 absolute)
             return
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
@@ -130,17 +162,20 @@ def find_lora_targets(model: nn.Module, targets) -> list[str]:
 
 
 def inject_noah(model: nn.Module, config: LoraConfig) -> list[str]:
-    """NOAH's LoRA: per block one A (in, r), kaiming-uniform on that shape, shared by q, k and v, each with its
-    zero (r, out) block of B. Returns the wrapped module names."""
+    """NOAH's LoRA as its VTAB runs trained it: per block one A (in, r) shared by q, k and v, each with its (r, out)
+    block of B, all truncated-normal std 0.02, and one dropout mask on the attention input shared by the three.
+    Returns the wrapped module names."""
     names = []
     for i, block in enumerate(model.blocks):
         ref = block.attn.q.weight
         shared = nn.Parameter(torch.empty(ref.shape[1], config.rank, device=ref.device, dtype=ref.dtype))
         with torch.no_grad():
-            nn.init.kaiming_uniform_(shared, a=math.sqrt(5))  # fan_in = r on the (in, r) tensor: bound 1/√r
+            nn.init.trunc_normal_(shared, std=0.02)  # _init_vit_weights on LoRA_a (timm: bounds ±2 absolute)
+        dropout = SharedInputDropout(config.dropout, users=3) if config.dropout > 0 else None
         for part in ("q", "k", "v"):
             name = f"blocks.{i}.attn.{part}"
-            replace_module(model, name, LoRALinear(model.get_submodule(name), config, shared_A=shared))
+            replace_module(model, name, LoRALinear(model.get_submodule(name), config, shared_A=shared,
+                                                   shared_dropout=dropout))
             names.append(name)
     return names
 
@@ -173,5 +208,5 @@ METHOD = Method(
     lr_note="the usual LoRA rate for ViTs with AdamW (B starts at zero, so the start is the base model)",
     paper="Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022")
 
-__all__ = ["LoRALinear", "LoraConfig", "METHOD", "SHORT_NAMES", "VARIANTS", "apply_lora", "find_lora_targets",
-           "inject_lora", "inject_noah"]
+__all__ = ["LoRALinear", "LoraConfig", "METHOD", "SHORT_NAMES", "SharedInputDropout", "VARIANTS", "apply_lora",
+           "find_lora_targets", "inject_lora", "inject_noah"]

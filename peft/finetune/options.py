@@ -22,20 +22,21 @@ from loaders.datasets import parse_class_spec
 from loaders.datasets.fgvc import FGVC_SETS
 from loaders.datasets.vtab import task_info
 from loaders.npz import CheckpointError, NpzArchive, infer_config
-from vit.config import GELU_KINDS, get_config
+from vit.config import DROP_PATH_MODES, GELU_KINDS, get_config
 from vit.model import RESIZE_METHODS
 
 from ..modes import METHODS, MODES, get_method
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PROTOCOLS = ("final", "tune")
-DECAY_GROUPS = ("project", "rlrr", "timm", "vpt")
+DECAY_GROUPS = ("project", "rlrr", "timm", "vpt", "all")
 SCHEDULES = ("step-cosine", "epoch-cosine", "epoch-restarts", "epoch-warmup-cosine")
 OPTIMIZERS = ("adamw", "sgd")
 NORMALISERS = {"half": (0.5, 0.5), "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}  # (mean, std)
 NORMALISATIONS = tuple(NORMALISERS)
 # "project" plus one official run per method (tables in peft/finetune/recipes.py, which checks this list)
-RECIPES = ("project", "rlrr-official", "ssf-official", "lora-noah", "vpt-official")
+RECIPES = ("project", "rlrr-official", "ssf-official", "lora-noah", "adapter-noah", "fact-official", "vpt-official")
+HEAD_INITS = ("zero", "trunc-normal", "linear")
 SCRATCH_LR = 1e-3  # training from scratch (--weights none): nothing pretrained to preserve
 
 
@@ -43,23 +44,24 @@ SCRATCH_LR = 1e-3  # training from scratch (--weights none): nothing pretrained 
 class FinetuneOptions:
     CHOICES: typing.ClassVar[dict] = {"mode": MODES, "precision": PRECISIONS, "pos_embed_resize": RESIZE_METHODS,
                                       "protocol": PROTOCOLS, "decay_groups": DECAY_GROUPS, "recipe": RECIPES,
-                                      "drop_path_mode": ("sample", "element"), "gelu": GELU_KINDS,
+                                      "drop_path_mode": DROP_PATH_MODES, "gelu": GELU_KINDS,
                                       "schedule": SCHEDULES, "optimizer": OPTIMIZERS, "normalise": NORMALISATIONS,
-                                      "kernel": ("auto", "cuda", "torch")}
+                                      "kernel": ("auto", "cuda", "torch"), "head_init": HEAD_INITS}
     mode: str = "rlrr"  # what trains: one of the registered methods (peft/modes.py)
     weights: str = "ViT-B_16"  # base weights: a .npz path, a known name (downloaded once, cached), or none
     model: str = "ViT-B/16"  # model preset for --weights none (training from scratch); else the .npz decides
     data: str = "cifar10"  # cifar10 | cifar100 | fashion_mnist | tiny_imagenet | vtab-1k:TASK | fgvc:NAME | a folder
     protocol: str = "final"  # benchmarks: final (train800val200 / FGVC trainval, test once at the end) | tune (train800 / train, select on val)
-    recipe: str = "project"  # project, or a method's official run: rlrr-official, ssf-official, lora-noah, vpt-official (see README)
+    recipe: str = "project"  # project, or a method's official run: rlrr-official, ssf-official, lora-noah, adapter-noah, fact-official, vpt-official (see README)
     data_root: typing.Optional[str] = None  # where datasets are cached (default $VIT_PEFT_DATA or ~/.cache)
-    classes: typing.Optional[str] = None  # train/test on a class subset, e.g. 0-4 or 1,3,5 (relabelled 0..k-1)
+    classes: typing.Optional[str] = None  # train/test on a class subset: indices or names, e.g. 0-4, 1,3,5 or cat,dog (relabelled 0..k-1 in that order)
     image_size: typing.Optional[int] = None  # input resolution (default: the weights' own, 224 for Google's)
     pos_embed_resize: str = "google"  # position-grid resize at another resolution: google (scipy zoom) | bilinear | bicubic
     val_fraction: float = 0.1  # share of the training set held out for model selection (never the test set)
     test_fraction: float = 0.1  # a flat image folder or CSV list: share of each class held out as the test split
     workers: typing.Optional[int] = None  # processes decoding images into the cache (default: the available cores)
     strict_data: bool = False  # stop before training if any image cannot be decoded (default: skip it, see skipped.txt)
+    drop_empty_classes: bool = False  # leave out class folders without a readable image (default: such a folder is an error)
     crop_scale: str = "0.08,1"  # photos: area range of the random resized crop, "min,max" (timm's default)
     crop_pct: float = 0.875  # photos: evaluation resizes the shorter side to image_size / crop_pct, then centre-crops
     store_size: typing.Optional[int] = None  # photos: shorter side kept in the decode cache (default image_size / crop_pct)
@@ -77,17 +79,19 @@ class FinetuneOptions:
     momentum: float = 0.9  # sgd momentum
     batch_size: int = 128  # global batch per optimizer step (split over processes and --grad-accum)
     grad_accum: int = 1  # micro-batches per optimizer step (same result, less memory)
+    drop_last: bool = False  # skip each epoch's last partial batch (the NOAH and FacT loaders' drop_last=True)
     lr: typing.Optional[float] = None  # peak learning rate (default: the mode's, peft.modes)
     weight_decay: typing.Optional[float] = None  # AdamW decay (default 5e-5, the official rate; 0.05 from scratch)
-    decay_groups: str = "project"  # what decays: project (matrices only) | rlrr (RLRR code) | timm (not 1-D, not bias: SSF, NOAH) | vpt (all but the head bias)
+    decay_groups: str = "project"  # what decays: project (matrices only) | rlrr (RLRR code) | timm (not 1-D, not bias: SSF, NOAH) | vpt (all but the head bias) | all (every trainable tensor: FacT)
     clip_grad: float = 1.0  # clip the global gradient norm (0: off)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     augment: bool = True  # augment training images (--crop, --flip)
     crop: bool = True  # with --augment: random crop (photos: random resized crop; small images: after padding by size/8)
     flip: bool = True  # with --augment: random horizontal flip
     dropout: typing.Optional[float] = None  # override the model's dropout rate
+    head_init: str = "zero"  # the new head's start: zero (Google's) | trunc-normal (std 0.02, zero bias: NOAH) | linear (nn.Linear's default: FacT)
     drop_path: float = 0.0  # residual-branch drop rate of the last block (linear from 0 at the first)
-    drop_path_mode: str = "sample"  # sample: stochastic depth | element: per-element dropout (what the RLRR code does)
+    drop_path_mode: str = "sample"  # sample: stochastic depth | sample-floor: the same drawn as timm 0.4 (FacT's runs) | element: per-element dropout (what the RLRR code does)
     gelu: str = "tanh"  # MLP activation: tanh (what Google's JAX model computes) | erf (the PyTorch code of the PEFT papers)
     normalise: str = "half"  # input normalisation: half (mean = std = 0.5, Google's) | imagenet (ImageNet mean/std: NOAH, VPT)
     frozen_eval: bool = False  # keep the frozen backbone in eval mode while training (no dropout/drop-path in it: VPT)
@@ -312,7 +316,7 @@ def check_options(opts: FinetuneOptions) -> None:
                            "or torch here")
     if opts.classes:
         try:
-            parse_class_spec(opts.classes, range(1 << 30))  # indices only: the dataset checks its own range
+            parse_class_spec(opts.classes, None)  # the syntax: the data names its own classes
         except ValueError as e:
             raise OptionsError(f"--classes {opts.classes!r}: {str(e).split(': ', 1)[-1]}") from None
     if opts.export_npz and not opts.from_scratch and Path(opts.export_npz).expanduser().resolve() == \

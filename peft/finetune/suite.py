@@ -11,7 +11,8 @@ interrupted half-way resumes from its checkpoint. After every run the results ar
 ``results.png``.
 
 ``--recipe official`` gives each method its own official run (``peft.finetune.recipes.METHOD_RECIPES``: RLRR,
-SSF, LoRA as NOAH ran it, VPT; the other methods run rlrr-official's protocol at their own learning rate). Runs of
+SSF, LoRA and the Adapter as NOAH ran them, FacT-TT, VPT; the other methods, and the benchmarks a recipe does not
+cover, run rlrr-official's protocol at the method's own learning rate). Runs of
 an official recipe also test after every epoch as the official loop does, and their results carry
 ``test_accuracy_official`` (the maximum over those epochs: test-selected, labelled so) beside ``test_accuracy``.
 ``--sweep NAME=V1,V2`` chooses hyper-parameters on validation first (``peft.finetune.sweep``).

@@ -32,9 +32,9 @@ from . import checkpoint as ckpt_io
 from . import distributed as pdist
 from . import predict, report, rng
 from .build import build_model, resolve_weights
-from .data import prepare_data, write_split_files
+from .data import is_photo_source, prepare_data, run_transforms, write_skipped, write_split_files
 from .optim import LRSchedule, build_optimizer
-from .options import FinetuneOptions, changed_options, check_options, resumable_flags
+from .options import FinetuneOptions, OptionsError, changed_options, check_options, resumable_flags
 from .recipes import apply_recipe, recipe_settings
 from .rundir import RunFolder
 
@@ -66,6 +66,8 @@ class Trainer:
     def __init__(self, opts: FinetuneOptions, ctx: pdist.DistContext | None = None):
         opts = apply_recipe(opts)
         check_options(opts)
+        if is_photo_source(opts.data):  # recorded absolute: evaluate/predict find it from any directory
+            opts.data = str(Path(opts.data).expanduser().resolve())
         self.opts = opts
         self.ctx = ctx or pdist.init_distributed(opts.device)
         self.out = Path(opts.output_dir)
@@ -107,10 +109,14 @@ class Trainer:
         self.trainable, self.total = state.trainable_parameters(self.model)
         log.info("trainable parameters: %s of %s (%.3f%%)", f"{self.trainable:,}", f"{self.total:,}",
                  100 * self.trainable / self.total)
-        self.train_tf, self.eval_tf = predict.run_transforms(opts, self.data, self.model.config.image_size)
+        self.train_tf, self.eval_tf = run_transforms(opts, self.data, self.model.config.image_size)
         self.lr = opts.resolved_lr()
         self.optimizer = build_optimizer(self.model, opts, self.lr)
-        self.steps_per_epoch = math.ceil(len(self.data.train) / opts.batch_size)
+        n_train = len(self.data.train)
+        self.steps_per_epoch = n_train // opts.batch_size if opts.drop_last else math.ceil(n_train / opts.batch_size)
+        if self.steps_per_epoch == 0:
+            raise OptionsError(f"--drop-last: the {n_train} training images make no full batch of --batch-size "
+                               f"{opts.batch_size}; lower --batch-size or leave out --drop-last")
         self.total_steps = opts.epochs * self.steps_per_epoch
         self.schedule = LRSchedule(opts, self.lr, self.steps_per_epoch)
         self.lr_per_step: list[float] = []  # the first group's lr as each optimizer step used it
@@ -216,8 +222,10 @@ class Trainer:
         self.ddp.train()
         if opts.frozen_eval:  # VPT: the frozen backbone keeps eval mode (no dropout or drop-path in it)
             state.train_adapters_only(self.model)
-        n = len(d.train)
-        order = torch.randperm(n, generator=self.generators["data_order"])
+        order = torch.randperm(len(d.train), generator=self.generators["data_order"])
+        if opts.drop_last:  # the official loaders' drop_last=True: the shuffled tail that fills no batch is skipped
+            order = order[:self.steps_per_epoch * opts.batch_size]
+        n = len(order)
         batches = BatchStream(d.train, order.split(opts.batch_size), ctx.device, ctx.rank, ctx.world_size)
         totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, count
         # Non-finite losses are flagged on the device (the step index and loss of the first one) and read with the
@@ -336,8 +344,8 @@ class Trainer:
         if ctx.is_main:
             report.write_json(dataclasses.asdict(opts), self.out / "options.json")
             write_split_files(self.data, self.out / "splits")
-            if self.data.photos:  # one line per file that could not be decoded, with the reason
-                report.write_text("".join(f"{p}\t{why}\n" for p, why in self.data.skipped), self.out / "skipped.txt")
+            if self.data.photos:  # one line per file left out, with the reason
+                write_skipped(self.data, self.out / "skipped.txt")
             if self.data.skipped:
                 log.warning("%d image(s) could not be decoded and are left out; see %s", len(self.data.skipped),
                             self.out / "skipped.txt")
@@ -402,10 +410,11 @@ class Trainer:
             metrics["test_accuracy_official_epoch"] = next(r["epoch"] for r in self.history
                                                            if r.get("test_accuracy_each_epoch") == max(official))
         if ctx.is_main:
-            summary = report.write_evaluation_report(self.out, probs.numpy(), labels.cpu().numpy(),
-                                                     self.data.classes, self.history, prefix=split)
-            metrics.update({f"{split}_macro_f1": summary["macro_f1"], f"{split}_mean_auc": summary["mean_auc"]})
-            report.write_json(metrics, self.out / "metrics.json")
+            ev = report.write_evaluation_numbers(self.out, probs.numpy(), labels.cpu().numpy(), self.data.classes,
+                                                 self.history, prefix=split)
+            metrics.update({f"{split}_macro_f1": ev.summary["macro_f1"], f"{split}_mean_auc": ev.summary["mean_auc"]})
+            report.write_json(metrics, self.out / "metrics.json")  # every number on disk before any figure
+            report.write_figures(self.out, ev, self.data.classes, self.history, split)
             if opts.export_npz:
                 export_npz(self.model, opts.export_npz)
             log.info("%s accuracy %.4f (best val %.4f at epoch %d); reports in %s", split, test["accuracy"],
