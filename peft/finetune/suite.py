@@ -44,7 +44,8 @@ from . import report, workers
 from . import sweep as sweeps
 from .options import RECIPES, FinetuneOptions, OptionsError, check_options
 from .recipes import METHOD_RECIPES, RECIPE_TABLE, apply_recipe
-from .results import PUBLISHED_FGVC, PUBLISHED_VTAB, summarise, write_results  # noqa: F401 (the suite's API)
+from .results import (PUBLISHED_FGVC, PUBLISHED_VTAB, markdown, summarise,  # noqa: F401 (the suite's API)
+                      write_results)
 from .trainer import run
 
 log = logging.getLogger(__name__)
