@@ -191,3 +191,17 @@ def test_full_size_b16_i21k_loads(tmp_path):
     assert block.mlp.fc1.weight[3000, d] == params["Transformer/encoderblock_11/MlpBlock_3/Dense_0/kernel"][d, 3000]
     assert model.patch_embed.weight[d, 2, 15, 3] == params["embedding/kernel"][15, 3, 2, d]
     assert model.head.weight[21842, 767] == params["head/kernel"][767, 21842]
+
+
+@pytest.mark.parametrize("mode", ["sample", "element"])
+def test_drop_path_keeps_the_expected_value_of_the_branch(mode):
+    """Training-time drop-path scales what it keeps by 1/(1 - p), so the branch's mean is unchanged; eval is the
+    identity. Both kinds: each sample's branch whole (stochastic depth) or each element (the official RLRR code)."""
+    p = 0.25
+    x = torch.ones(4000, 3, 2)
+    torch.manual_seed(0)
+    y = vit.DropPath(p, mode).train()(x)
+    kept = y.unique()
+    assert len(kept) == 2 and kept[0] == 0 and kept[1].item() == pytest.approx(1 / (1 - p), rel=1e-6)
+    assert abs(y.mean().item() - 1) < 0.03  # 4000 samples (whole-sample mode): over 3 standard errors
+    assert torch.equal(vit.DropPath(p, mode).eval()(x), x)
