@@ -137,9 +137,7 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     model adapted for that task alone would give them, so one file loads into either."""
     if name is None:
         return state.adapter_state_dict(model)
-    task = _task(model, name)
-    return {f"{path}.{p}": t.detach().cpu().clone() for path, module in task.modules.items()
-            for p, t in module.named_parameters() if p in _own_parameters(module)}
+    return {key: t.detach().cpu().clone() for key, t in _task_parameters(_task(model, name)).items()}
 
 
 @torch.no_grad()
@@ -148,11 +146,22 @@ def load_adapter_state_dict(model: nn.Module, saved: dict[str, torch.Tensor], na
     if name is None:
         return state.load_adapter_state_dict(model, saved)
     task = _task(model, name)
-    params = {f"{path}.{p}": t for path, module in task.modules.items()
-              for p, t in module.named_parameters() if p in _own_parameters(module)}
+    params = _task_parameters(task)
     state.check_state_fits(params, saved, f"adapter {name!r} ({task.mode})")
     for key, p in params.items():
         p.copy_(saved[key])
+
+
+def _task_parameters(task: _Task) -> dict[str, nn.Parameter]:
+    """The task's own tensors by the names the model adapted for it alone gives them: a tensor shared by several
+    wrappers (NOAH's one A per block for q, k and v) under its first name only, as ``named_parameters`` does."""
+    params, seen = {}, set()
+    for path, module in task.modules.items():
+        for p, t in module.named_parameters():
+            if p in _own_parameters(module) and id(t) not in seen:
+                seen.add(id(t))
+                params[f"{path}.{p}"] = t
+    return params
 
 
 def _task(model: nn.Module, name: str) -> _Task:
