@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, Method, MethodConfig, check_fresh, configure, freeze_for_adapters, replace_module
+from .base import Adapter, Cost, Method, MethodConfig
 
 PLACEMENTS = ("mlp", "both")
 
@@ -49,9 +49,9 @@ class SequentialAdapter(Adapter, nn.Module):
     CANNOT_MERGE = "its bottleneck has a non-linearity (QuickGELU), which no weight can absorb; keep the adapter"
     WRAPS = nn.Linear
 
-    def __init__(self, base: nn.Linear, dim: int):
+    def __init__(self, base: nn.Linear, config: AdapterConfig):
         super().__init__(base)
-        width = base.out_features
+        width, dim = base.out_features, config.dim
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.adapter_down = nn.Linear(width, dim, **kw)
         self.adapter_up = nn.Linear(dim, width, **kw)
@@ -69,22 +69,18 @@ class SequentialAdapter(Adapter, nn.Module):
         return f"dim={self.adapter_down.out_features}"
 
 
-def apply_adapter(model: nn.Module, config: AdapterConfig | None = None, **fields) -> list[str]:
-    """Adapters after every block's MLP (and attention, ``placement="both"``); freezes all but them and the head."""
-    config = configure(AdapterConfig, config, fields)
-    check_fresh(model)
+def adapter_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Every block's ``mlp.fc2`` (and ``attn.proj`` first, ``placement="both"``)."""
     parts = ("attn.proj", "mlp.fc2") if config.placement == "both" else ("mlp.fc2",)
-    names = [f"blocks.{i}.{part}" for i in range(len(model.blocks)) for part in parts]
-    for name in names:
-        replace_module(model, name, SequentialAdapter(model.get_submodule(name), config.dim))
-    freeze_for_adapters(model)
-    return names
+    return [f"blocks.{i}.{part}" for i in range(len(model.blocks)) for part in parts]
 
 
 METHOD = Method(
-    "adapter", apply_adapter, "a sequential bottleneck adapter after every MLP (d = 8, NOAH's VTAB row), + head",
-    lr=1e-3, config=AdapterConfig, wrappers=(SequentialAdapter,),
+    "adapter", "a sequential bottleneck adapter after every MLP (d = 8, NOAH's VTAB row), + head",
+    lr=1e-3, config=AdapterConfig, wrappers=(SequentialAdapter,), targets=adapter_targets,
+    cost=lambda config: Cost(branches=dict.fromkeys(("attn", "mlp") if config.placement == "both" else ("mlp",),
+                                                    config.dim)),
     lr_note="NOAH's Adapter VTAB runs use 1e-3 (configs/Adapter/VTAB/slurm_train_adapter_vtab.sh)",
     paper="Houlsby et al., Parameter-Efficient Transfer Learning for NLP, ICML 2019")
 
-__all__ = ["AdapterConfig", "METHOD", "SequentialAdapter", "apply_adapter"]
+__all__ = ["AdapterConfig", "METHOD", "SequentialAdapter", "adapter_targets"]

@@ -69,14 +69,21 @@ def adopt_layer(wrapper: nn.Module, layer: nn.Module) -> None:
 
 
 class Adapter:
-    """Base of every adapter module (first in the bases: ``class X(Adapter, nn.Module)``).
+    """Base of every adapter module (first in the bases: ``class X(Adapter, nn.Module)``), built as
+    ``Wrapper(layer, config)`` with the method's :class:`MethodConfig`.
 
     ``ADAPTER_PARAMS``: the names of its own trainable parameters. ``CANNOT_MERGE``: why it cannot be merged into
-    plain layers (None: it can, and the subclass implements :meth:`merge`)."""
+    plain layers (None: it can, and the subclass implements :meth:`merge`). ``NO_DECAY``, ``DECAY``, ``BIASES``,
+    ``DROPOUTS``: facts the optimizer and the training loop read (:func:`declared`)."""
 
     ADAPTER_PARAMS: ClassVar[tuple[str, ...]] = ()
     CANNOT_MERGE: ClassVar[str | None] = None
     WRAPS: ClassVar[type | None] = None  # the layer type it takes over (None: any module, e.g. an encoder block)
+    # What the engine asks instead of knowing the method (names relative to the wrapper):
+    NO_DECAY: ClassVar[tuple[str, ...]] = ()  # own parameters never weight-decayed: vectors in spirit at any rank
+    DECAY: ClassVar[tuple[str, ...]] = ()  # own parameters always decayed: weight matrices even at rank 1
+    BIASES: ClassVar[tuple[str, ...]] = ()  # own parameters that are biases under another name (official codes' rules)
+    DROPOUTS: ClassVar[tuple[str, ...]] = ()  # own dropout sub-modules: they train while the frozen backbone is in eval
 
     def __init__(self, layer: nn.Module | None = None):
         nn.Module.__init__(self)  # never the wrapped type's constructor: nothing is allocated twice
@@ -181,30 +188,17 @@ class LinearDelta(Adapter):
         self.merged = False
 
 
-class _Substituted:
-    """A view of a module in which some attributes are replaced for one call of a forward."""
-
-    def __init__(self, module: nn.Module, substitutes: dict):
-        self._module, self._substitutes = module, substitutes
-
-    def __getattr__(self, name: str):  # only reached for names not set in __init__
-        return self._substitutes[name] if name in self._substitutes else getattr(self._module, name)
-
-
 class BlockAdapter(Adapter):
-    """The one mechanism for methods that add tokens or a branch to an encoder block (VPT, AdaptFormer).
+    """The one mechanism for methods that add tokens to an encoder block (VPT): the wrapper takes the block over
+    (its sub-modules keep their names) and :meth:`run_block` runs *the block's own forward* on it, so tokens are
+    added by changing ``x`` before the call and nothing of the block's computation is written a second time."""
 
-    The wrapper takes the block over (its sub-modules keep their names) and :meth:`run_block` runs *the block's own
-    forward* on it, optionally with named sub-modules replaced for that call, e.g. ``run_block(x, norm2=tap)`` to
-    observe the input of the MLP sub-layer. Tokens are added by changing ``x`` before the call, a parallel branch by
-    adding to the result; nothing of the block's computation is written a second time."""
-
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, config: "MethodConfig | None" = None):
         super().__init__(block)
         self._block_forward = type(block).forward
 
-    def run_block(self, x: torch.Tensor, **substitutes) -> torch.Tensor:
-        return self._block_forward(_Substituted(self, substitutes) if substitutes else self, x)
+    def run_block(self, x: torch.Tensor) -> torch.Tensor:
+        return self._block_forward(self, x)
 
 
 # -------------------------------------------------------------------------------------------------- method configs
@@ -301,24 +295,56 @@ def configure(cls: type[MethodConfig], config: MethodConfig | None, fields: dict
     return dataclasses.replace(config, **fields) if fields else config
 
 
+class Work(typing.NamedTuple):
+    """Multiply-adds an adapted layer adds to the FLOP model (``peft.bench.flops``): per image in the forward and
+    backward passes, and once per pass whatever the batch (a weight rebuilt from its factors), forward / backward."""
+
+    forward: float = 0
+    backward: float = 0
+    forward_once: float = 0
+    backward_once: float = 0
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What a method changes in the analytic FLOP model of a ViT (``peft.bench.flops``), for one config.
+
+    ``linears`` maps a block Linear's short name (q, k, v, proj, fc1, fc2; ``qkv``: one fused layer) to its
+    adapter's work, a function ``(tokens, fan_in, fan_out, input_needs_grad) -> Work``; ``branches`` maps a
+    sub-layer ("attn", "mlp") to the width of a trained down/up bottleneck added after it."""
+
+    extra_tokens: int = 0  # tokens every block processes besides CLS and patches (prompts)
+    trains_input: bool = False  # something trains at block 0's input (prompts): gradients reach the stream there
+    trains_everywhere: bool = False  # a trained vector after every layer: every activation needs a gradient
+    trains_weights: tuple[str, ...] = ()  # layers whose own weight trains (short names; "*": every layer)
+    linears: dict = dataclasses.field(default_factory=dict)
+    branches: dict = dataclasses.field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Method:
-    """A registry entry: how to apply the method, its config and published defaults.
+    """A registry entry: the method's config, where its wrappers go, and its published defaults.
 
-    ``apply(model, config)`` adapts and freezes the model in place and returns the names of the replaced
-    modules. ``config`` is the method's :class:`MethodConfig` class; ``wrappers`` its adapter classes (they say
-    whether it merges); ``lr`` the default peak AdamW learning rate for ViT-B/16 at batch 128, with the reason in
-    ``lr_note``. ``trains_backbone``: it updates pretrained tensors in place (mlp, full: it cannot share a backbone
-    with other tasks); ``saves_everything``: its checkpoints store every parameter (full).
+    :meth:`apply` is the one skeleton every method shares: refuse an adapted model, find the ``targets(model,
+    config)`` (dotted module names), replace each by its wrapper (``wrap(model, name, config)``; by default the
+    wrapper in ``wrappers`` whose ``WRAPS`` is the layer's type, built as ``Wrapper(layer, config)``), freeze all
+    but the adapters and the head. A method that adds nothing gives ``trains`` instead (which pretrained tensors
+    train). ``cost(config)``: its :class:`Cost` in the FLOP model. ``lr``: the default peak AdamW learning rate for
+    ViT-B/16 at batch 128, with the reason in ``lr_note``. ``trains_backbone``: it updates pretrained tensors in
+    place (mlp, full: it cannot share a backbone with other tasks); ``saves_everything``: its checkpoints store
+    every parameter (full).
     """
 
     name: str
-    apply: Callable[[nn.Module, MethodConfig], list[str]]
     summary: str  # what trains, in a few words
     lr: float
     lr_note: str = ""
     config: type[MethodConfig] = NoOptions
     wrappers: tuple[type, ...] = ()
+    targets: Callable[[nn.Module, MethodConfig], list[str]] | None = None
+    wrap: Callable[[nn.Module, str, MethodConfig], nn.Module] | None = None
+    trains: Callable[[str], bool] | None = None
+    cost: Callable[[MethodConfig], Cost] = lambda config: Cost()
     trains_backbone: bool = False
     saves_everything: bool = False
     paper: str = ""
@@ -330,6 +356,30 @@ class Method:
     @property
     def options(self) -> dict[str, Option]:
         return self.config.options()
+
+    def apply(self, model: nn.Module, config: MethodConfig | None = None) -> list[str]:
+        """Adapt and freeze ``model`` in place; returns the names of the replaced modules (empty for a method that
+        adds nothing)."""
+        config = configure(self.config, config, {})
+        if self.trains is not None:
+            freeze_all_but(model, self.trains)
+            return []
+        check_fresh(model)
+        names = self.targets(model, config)
+        for name in names:
+            replace_module(model, name, (self.wrap or self.wrap_by_type)(model, name, config))
+        freeze_for_adapters(model)
+        return names
+
+    def wrap_by_type(self, model: nn.Module, name: str, config: MethodConfig) -> nn.Module:
+        """``Wrapper(layer, config)`` with the wrapper made for the layer's type."""
+        layer = model.get_submodule(name)
+        for wrapper in self.wrappers:
+            if wrapper.WRAPS is type(layer):
+                return wrapper(layer, config)
+        plain = " / ".join(f"nn.{w.WRAPS.__name__}" for w in self.wrappers if w.WRAPS is not None)
+        raise TypeError(f"cannot apply {self.name} to {name}: it is a {type(layer).__name__}, not a plain {plain} "
+                        "(adapters already applied?)")
 
 
 # -------------------------------------------------------------------------------------------------- model surgery
@@ -374,6 +424,13 @@ def check_fresh(model: nn.Module) -> None:
         present = sorted({type(m).__name__ for m in model.modules() if isinstance(m, Adapter)})
         raise ValueError(f"the model already has adapters ({', '.join(present)}); apply one method to a fresh "
                          "model, or merge_adapters() first")
+
+
+def declared(model: nn.Module, fact: str) -> set[str]:
+    """Full names of the parameters (or modules) the model's wrappers list under ``fact`` ("NO_DECAY", "DECAY",
+    "BIASES", "DROPOUTS"): how the optimizer and the training loop learn what only the method knows."""
+    return {f"{mod_name}.{p}" if mod_name else p for mod_name, module in model.named_modules()
+            if isinstance(module, Adapter) for p in getattr(module, fact)}
 
 
 def freeze_for_adapters(model: nn.Module) -> None:

@@ -18,6 +18,7 @@ too; 4·D·r per block = 294,912 for ViT-B/16 at r = 8, the same count as q,v Lo
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LinearDelta, Method, MethodConfig, check_fresh, configure, freeze_for_adapters, replace_module
+from .base import Cost, LinearDelta, Method, MethodConfig, Work, configure
 
 SHORT_NAMES = ("q", "k", "v", "proj", "fc1", "fc2")
 VARIANTS = ("loralib", "noah")
@@ -58,28 +59,41 @@ class LoRALinear(LinearDelta, nn.Module):
     :class:`peft.base.LinearDelta`, built on ``delta_weight()``."""
 
     ADAPTER_PARAMS = ("lora_A", "lora_B")
+    DECAY = ("lora_A", "lora_B")  # weight matrices, even at rank 1
+    DROPOUTS = ("lora_dropout",)
 
-    def __init__(self, base: nn.Linear, config: LoraConfig | None = None, shared_A: nn.Parameter | None = None,
-                 **fields):
-        """``config`` or its fields (``rank=4``). ``shared_A``: NOAH's variant, an (in, r) A shared with the
-        block's other projections; B is then (r, out) and the update x A B is not scaled."""
+    def __init__(self, base: nn.Linear, config: LoraConfig | None = None, **fields):
+        """``config`` or its fields (``rank=4``). NOAH's variant (``variant="noah"``): B is (r, out), the update
+        x A B is not scaled, and A, (in, r), is the block's, given by :meth:`share_A`."""
         config = configure(LoraConfig, config, fields)
         super().__init__(base)
         rank = config.rank
-        self.noah = shared_A is not None
+        self.noah = config.variant == "noah"
         self.rank, self.alpha, self.scaling = rank, config.alpha, 1.0 if self.noah else config.alpha / rank
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if self.noah:
-            if tuple(shared_A.shape) != (self.in_features, rank):
-                raise ValueError(f"shared_A must be ({self.in_features}, {rank}), got {tuple(shared_A.shape)}")
-            self.lora_A = shared_A
+            self.register_parameter("lora_A", None)  # until share_A
             self.lora_B = nn.Parameter(torch.zeros(rank, self.out_features, **kw))
             return
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def share_A(self, shared: nn.Parameter) -> "LoRALinear":
+        """NOAH's variant: use the block's (in, r) A, shared with its other projections."""
+        if tuple(shared.shape) != (self.in_features, self.rank):
+            raise ValueError(f"shared A must be ({self.in_features}, {self.rank}), got {tuple(shared.shape)}")
+        self.lora_A = shared
+        return self
+
+    @staticmethod
+    def macs(rank: int, tokens: int, fan_in: int, fan_out: int, input_grad: bool, once: float = 0) -> Work:
+        """The branch's two rank-r products (tokens·r·(in + out)); backward dB = dYᵀ(A x), d(Ax) = dY B and
+        dA = d(Ax)ᵀ x (tokens·r·(2·out + in)), and the branch's share of dX when the input needs one."""
+        return Work(forward=tokens * rank * (fan_in + fan_out), forward_once=once,
+                    backward=tokens * rank * (2 * fan_out + fan_in) + (tokens * rank * fan_in if input_grad else 0))
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -129,49 +143,50 @@ def find_lora_targets(model: nn.Module, targets) -> list[str]:
     return [n for n in linears if n in found]  # model order
 
 
-def inject_noah(model: nn.Module, config: LoraConfig) -> list[str]:
-    """NOAH's LoRA: per block one A (in, r), kaiming-uniform on that shape, shared by q, k and v, each with its
-    zero (r, out) block of B. Returns the wrapped module names."""
-    names = []
-    for i, block in enumerate(model.blocks):
-        ref = block.attn.q.weight
-        shared = nn.Parameter(torch.empty(ref.shape[1], config.rank, device=ref.device, dtype=ref.dtype))
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(shared, a=math.sqrt(5))  # fan_in = r on the (in, r) tensor: bound 1/√r
-        for part in ("q", "k", "v"):
-            name = f"blocks.{i}.attn.{part}"
-            replace_module(model, name, LoRALinear(model.get_submodule(name), config, shared_A=shared))
-            names.append(name)
-    return names
-
-
-def inject_lora(model: nn.Module, config: LoraConfig | None = None, **fields) -> list[str]:
-    """Wrap the targeted Linears in :class:`LoRALinear` (no freezing). Returns their names. The "noah" variant
-    adapts the fused q,k,v of every block (``targets`` and ``alpha`` do not apply)."""
-    config = configure(LoraConfig, config, fields)
+def lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The targeted Linears; NOAH's variant: q, k and v of every block (``targets`` does not apply)."""
     if config.variant == "noah":
-        return inject_noah(model, config)
-    names = find_lora_targets(model, config.targets)
-    for name in names:
-        replace_module(model, name, LoRALinear(model.get_submodule(name), config))
-    return names
+        return [f"blocks.{i}.attn.{part}" for i in range(len(model.blocks)) for part in ("q", "k", "v")]
+    return find_lora_targets(model, config.targets)
+
+
+def wrap_lora(model: nn.Module, name: str, config: LoraConfig) -> LoRALinear:
+    """``LoRALinear(layer, config)``; NOAH's variant shares one A per block, drawn with the block's q: kaiming-uniform
+    on the (in, r) tensor (fan_in = r: bound 1/√r), and taken from the wrapped q by k and v."""
+    wrapper = LoRALinear(model.get_submodule(name), config)
+    if config.variant != "noah":
+        return wrapper
+    block, _, part = name.rpartition(".")
+    if part != "q":
+        return wrapper.share_A(model.get_submodule(f"{block}.q").lora_A)
+    ref = wrapper.weight
+    shared = nn.Parameter(torch.empty(ref.shape[1], config.rank, device=ref.device, dtype=ref.dtype))
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(shared, a=math.sqrt(5))
+    return wrapper.share_A(shared)
 
 
 def apply_lora(model: nn.Module, config: LoraConfig | None = None, **fields) -> list[str]:
     """LoRA on the targeted Linears (short names q,k,v,proj,fc1,fc2, or glob/regex on full names), or NOAH's
     fused-qkv variant; freezes all but adapters and head. ``apply_lora(model, LoraConfig(rank=16))`` or
     ``apply_lora(model, rank=16)``. Returns the wrapped module names."""
-    check_fresh(model)
-    changed = inject_lora(model, config, **fields)
-    freeze_for_adapters(model)
-    return changed
+    return METHOD.apply(model, configure(LoraConfig, config, fields))
+
+
+def short_targets(config) -> tuple[str, ...]:
+    """The short names a LoRA-style config targets, for the FLOP model (``qkv``: one fused layer, as timm's)."""
+    if getattr(config, "variant", "") == "noah":
+        return ("q", "k", "v")
+    return tuple(t.strip() for t in config.targets.split(","))
 
 
 METHOD = Method(
-    "lora", apply_lora, "LoRA A/B on the targets (default q, v; r = 8), + head", lr=1e-3, config=LoraConfig,
-    wrappers=(LoRALinear,),
+    "lora", "LoRA A/B on the targets (default q, v; r = 8), + head", lr=1e-3, config=LoraConfig,
+    wrappers=(LoRALinear,), targets=lora_targets, wrap=wrap_lora,
+    cost=lambda config: Cost(linears=dict.fromkeys(short_targets(config),
+                                                   functools.partial(LoRALinear.macs, config.rank))),
     lr_note="the usual LoRA rate for ViTs with AdamW (B starts at zero, so the start is the base model)",
     paper="Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022")
 
 __all__ = ["LoRALinear", "LoraConfig", "METHOD", "SHORT_NAMES", "VARIANTS", "apply_lora", "find_lora_targets",
-           "inject_lora", "inject_noah"]
+           "lora_targets", "short_targets", "wrap_lora"]

@@ -16,9 +16,23 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .base import Adapter, Method, MethodConfig, check_fresh, configure, freeze_for_adapters, replace_module
+from .base import Adapter, Cost, Method, MethodConfig
 
 INITS = ("official", "identity")
+
+
+@dataclass(frozen=True)
+class SSFConfig(MethodConfig):
+    """SSF's options: the paper's init (dongzelian/SSF ``models/vision_transformer.py`` ``init_ssf_scale_shift``)."""
+
+    PREFIX: ClassVar[str] = "ssf"
+    CHOICES: ClassVar[dict] = {"init": INITS}
+    init: str = "official"  # SSF init: official (scale ~ N(1, 0.02), shift ~ N(0, 0.02)) | identity (scale 1, shift 0: starts as the base model)
+
+
+def _init(config) -> str:
+    """The init a wrapper's config names (SSF's or RLRR's, which places SSF too); the default without one."""
+    return "official" if config is None else config.init
 
 
 class SSF(Adapter, nn.Module):
@@ -28,6 +42,7 @@ class SSF(Adapter, nn.Module):
     """
 
     ADAPTER_PARAMS = ("scale", "shift")
+    NO_DECAY = ("scale", "shift")  # rescaling vectors, not weights
     CANNOT_MERGE = "on its own it is no layer; the SSF wrappers fold it into the layer it follows"
 
     def __init__(self, dim: int, init: str = "official", device=None, dtype=None):
@@ -53,12 +68,12 @@ class SSFLayerNorm(Adapter, nn.LayerNorm):
     WRAPS = nn.LayerNorm
     ADAPTER_PARAMS = ()  # its SSF child owns scale and shift
 
-    def __init__(self, norm: nn.LayerNorm, init: str = "official"):
+    def __init__(self, norm: nn.LayerNorm, config: SSFConfig | None = None):
         if type(norm) is nn.LayerNorm and len(norm.normalized_shape) != 1:  # (another type: refused just below)
             raise ValueError(f"SSF after a LayerNorm needs a 1-D normalized_shape, got {norm.normalized_shape}")
         super().__init__(norm)  # the frozen affine keeps its names
         w = norm.weight
-        self.ssf = SSF(norm.normalized_shape[0], init, device=None if w is None else w.device,
+        self.ssf = SSF(norm.normalized_shape[0], _init(config), device=None if w is None else w.device,
                        dtype=None if w is None else w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,9 +98,9 @@ class SSFConv2d(Adapter, nn.Conv2d):
     WRAPS = nn.Conv2d
     ADAPTER_PARAMS = ()
 
-    def __init__(self, conv: nn.Conv2d, init: str = "official"):
+    def __init__(self, conv: nn.Conv2d, config: SSFConfig | None = None):
         super().__init__(conv)
-        self.ssf = SSF(conv.out_channels, init, device=conv.weight.device, dtype=conv.weight.dtype)
+        self.ssf = SSF(conv.out_channels, _init(config), device=conv.weight.device, dtype=conv.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, D, H/P, W/P)
         return self.ssf(super().forward(x), dim=1)
@@ -110,9 +125,9 @@ class SSFLinear(Adapter, nn.Linear):
     WRAPS = nn.Linear
     ADAPTER_PARAMS = ()
 
-    def __init__(self, linear: nn.Linear, init: str = "official"):
+    def __init__(self, linear: nn.Linear, config: SSFConfig | None = None):
         super().__init__(linear)
-        self.ssf = SSF(linear.out_features, init, device=linear.weight.device, dtype=linear.weight.dtype)
+        self.ssf = SSF(linear.out_features, _init(config), device=linear.weight.device, dtype=linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ssf(super().forward(x))
@@ -129,38 +144,15 @@ class SSFLinear(Adapter, nn.Linear):
 SSF_TARGETS = ("norm1", "attn.q", "attn.k", "attn.v", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")  # per block
 
 
-def wrap_ssf(module: nn.Module, init: str = "official") -> nn.Module:
-    """The SSF wrapper for a plain Linear, LayerNorm or Conv2d."""
-    for cls, wrapper in ((nn.Linear, SSFLinear), (nn.LayerNorm, SSFLayerNorm), (nn.Conv2d, SSFConv2d)):
-        if type(module) is cls:
-            return wrapper(module, init)
-    raise TypeError(f"SSF wraps a plain nn.Linear / nn.LayerNorm / nn.Conv2d, got {type(module).__name__} "
-                    "(adapters already applied?)")
-
-
-@dataclass(frozen=True)
-class SSFConfig(MethodConfig):
-    """SSF's options: the paper's init (dongzelian/SSF ``models/vision_transformer.py`` ``init_ssf_scale_shift``)."""
-
-    PREFIX: ClassVar[str] = "ssf"
-    CHOICES: ClassVar[dict] = {"init": INITS}
-    init: str = "official"  # SSF init: official (scale ~ N(1, 0.02), shift ~ N(0, 0.02)) | identity (scale 1, shift 0: starts as the base model)
-
-
-def apply_ssf(model: nn.Module, config: SSFConfig | None = None, **fields) -> list[str]:
-    """SSF after every operation of a :class:`vit.VisionTransformer`; freezes all but SSF and the head."""
-    config = configure(SSFConfig, config, fields)
-    check_fresh(model)
-    names = ["patch_embed"] + [f"blocks.{i}.{t}" for i in range(len(model.blocks)) for t in SSF_TARGETS] + ["norm"]
-    for name in names:
-        replace_module(model, name, wrap_ssf(model.get_submodule(name), config.init))
-    freeze_for_adapters(model)
-    return names
+def ssf_targets(model: nn.Module, config: SSFConfig) -> list[str]:
+    """After every operation of a :class:`vit.VisionTransformer`: the patch embedding, each block's norms and
+    Linears, the final norm."""
+    return ["patch_embed"] + [f"blocks.{i}.{t}" for i in range(len(model.blocks)) for t in SSF_TARGETS] + ["norm"]
 
 
 METHOD = Method(
-    "ssf", apply_ssf,
-    "scale and shift after every operation (norms, q, k, v, proj, fc1, fc2, patch embedding), + head", lr=3e-3,
-    config=SSFConfig, wrappers=(SSFLinear, SSFLayerNorm, SSFConv2d),
+    "ssf", "scale and shift after every operation (norms, q, k, v, proj, fc1, fc2, patch embedding), + head",
+    lr=3e-3, config=SSFConfig, wrappers=(SSFLinear, SSFLayerNorm, SSFConv2d), targets=ssf_targets,
+    cost=lambda config: Cost(trains_everywhere=True),
     lr_note="the rate of RLRR's scale vectors (the same kind of parameter); SSF's own VTAB runs tune it per task",
     paper="Lian et al., Scaling & Shifting Your Features: A New Baseline for Efficient Model Tuning, NeurIPS 2022")

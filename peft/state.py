@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, AdapterStateError, replace_module
+from .base import Adapter, AdapterStateError, declared, replace_module
 
 
 @torch.no_grad()
@@ -88,12 +88,12 @@ def runtime_path(model: nn.Module, device) -> str | None:
 
 
 def train_adapters_only(model: nn.Module) -> None:
-    """Eval mode for the model, train mode for the adapters' own dropouts (VPT's prompt dropout, LoRA's): the
-    frozen backbone runs without dropout or drop-path, as VPT's ``PromptedTransformer.train()`` keeps it."""
+    """Eval mode for the model, train mode for the dropouts the adapters declare as their own (``DROPOUTS``: VPT's
+    prompt dropout, LoRA's, AdaptFormer's, FacT's): the frozen backbone runs without dropout or drop-path, as
+    VPT's ``PromptedTransformer.train()`` keeps it."""
     model.eval()
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Dropout) and name.rsplit(".", 1)[-1] in ("prompt_dropout", "lora_dropout"):
-            m.train()
+    for name in declared(model, "DROPOUTS"):
+        model.get_submodule(name).train()
 
 
 __all__ = ["adapter_state_dict", "load_adapter_state_dict", "merge_adapters", "runtime_path", "train_adapters_only",

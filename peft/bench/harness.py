@@ -23,7 +23,9 @@ import vit
 from vit.config import ViTConfig
 
 from .. import kernels, modes, state
+from ..base import MethodConfig
 from ..lora import LoraConfig
+from ..rlrr import RLRRConfig
 from .flops import train_macs
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,20 @@ def _timm_model(mode: str, config: ViTConfig):
         model = hf_peft.get_peft_model(model, lora)
         note += f", HF peft {hf_peft.__version__} LoRA r={ours.rank} on qkv"
     return model, note
+
+
+def row_method(row: str) -> tuple[str, MethodConfig | None]:
+    """The registered method, and its config, that a benchmark row computes (the FLOP model's input): the RLRR rows
+    are RLRR configs, ``merged`` the plain ViT (a head-only count), ``timm`` full fine-tuning, ``timm-lora`` LoRA on
+    one fused qkv layer."""
+    if row == "timm-lora":
+        return "lora", LoraConfig(targets="qkv")
+    if row == "rlrr-official":
+        return "rlrr", RLRRConfig(impl="official")
+    if row.startswith("rlrr-kernel"):
+        return "rlrr", RLRRConfig(weight_memory=row.rsplit("-", 1)[1] if row.endswith(("-keep", "-reuse")) else
+                                  "rebuild")
+    return {"merged": "head", "timm": "full"}.get(row, row), None
 
 
 def build_model(mode: str, config: ViTConfig, device: torch.device):
@@ -278,7 +294,7 @@ def prepare(spec: dict) -> Bench | dict:
     result["note"] = note
     result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result["total_params"] = sum(p.numel() for p in model.parameters())
-    macs = train_macs(config, base_mode, batch)
+    macs = train_macs(config, row_method(base_mode)[0], batch, row_method(base_mode)[1])
     result["forward_gflop_per_image"] = 2 * macs["forward"] / 1e9
     result["train_gflop_per_image"] = 2 * macs["train"] / 1e9 if base_mode not in INFERENCE_ONLY else None
     opt = None
