@@ -13,12 +13,14 @@
   computing the same function, which :func:`peft.merge_adapters` puts in the wrapper's place. A method whose
   extra computation no plain layer can hold says why once, in ``CANNOT_MERGE``; its ``merge()`` raises
   :class:`NotMergeableError` with that reason and its registry entry reports ``mergeable = False``.
-* *Weight-space methods* (the function is (W + ΔW) x + b' for a frozen Linear: LoRA, DoRA, RLRR, FacT-TT) derive
-  from :class:`LinearDelta` and define ``delta_weight()`` (and ``delta_bias()`` if they move the bias); ``merge()``,
-  ``merge_in_place()`` and ``unmerge()`` are built on them, with the same meaning for every method.
-* *Branches and tokens* around an encoder block go through :class:`BlockAdapter`: the wrapper runs the block's own
-  forward, with named sub-modules substituted for the call, so it follows the model when the block changes (the
-  model imports nothing from ``peft``).
+* *Weight-space methods* fold into the wrapped layer's own tensors (:class:`FoldsIn`: ``merged_tensors()`` gives
+  ``merge_in_place()`` and ``unmerge()``). For a frozen Linear, (W + ΔW) x + b' (LoRA, DoRA, RLRR, FacT-TT), they
+  derive from :class:`LinearDelta` and define ``delta_weight()`` (and ``delta_bias()`` if they move the bias);
+  SSF folds its scale and shift into the layer it follows. BitFit needs no unmerge: its trained bias is a copy,
+  the pretrained one is never written.
+* *Tokens* added to an encoder block go through :class:`BlockAdapter`: the wrapper runs the block's own forward,
+  so it follows the model when the block changes (the model imports nothing from ``peft``); a branch beside a
+  sub-layer (AdaptFormer) writes the block's two residual lines out with the branch added.
 
 **A method** is one file: its wrappers, a :class:`MethodConfig` (fields with their published defaults and a one-line
 comment each: the command-line flags, the registry's documentation, the FLOP model and the checkpoints read it),
@@ -108,18 +110,53 @@ class Adapter:
         return None
 
 
-class LinearDelta(Adapter):
+class FoldsIn(Adapter):
+    """An adapter whose update folds into the wrapped layer's own frozen tensors (a weight-space update: LoRA,
+    DoRA, RLRR, FacT-TT, SSF). The subclass defines ``merged_tensors()``, the new values of the wrapped layer's
+    tensors by name (``weight``, ``bias``); built on it, the same for every such method: ``merge_in_place()`` writes
+    them into the shared frozen tensors (forward then runs the plain layer) and ``unmerge()`` restores the
+    pretrained values bit for bit, kept aside while merged, as Hugging Face peft does."""
+
+    merged = False  # True while the update is folded into the wrapped layer's tensors
+
+    def merged_tensors(self) -> dict[str, torch.Tensor]:  # every subclass defines it (the contract above)
+        raise NotImplementedError(f"{type(self).__name__} must define merged_tensors()")
+
+    @torch.no_grad()
+    def merge_in_place(self) -> None:
+        """Write the merged tensors into the frozen ones; forward then skips the adapter."""
+        if self.merged:
+            return
+        new = self.merged_tensors()
+        absent = next((name for name in new if getattr(self, name) is None), None)
+        if absent is not None:
+            raise NotMergeableError(f"{type(self).__name__} moves the {absent} of a layer that has none: use merge()")
+        self._pretrained = {name: getattr(self, name).clone() for name in new}
+        for name, value in new.items():
+            getattr(self, name).copy_(value)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Put the pretrained tensors back, bit for bit."""
+        if not self.merged:
+            return
+        for name, value in self._pretrained.items():
+            getattr(self, name).copy_(value)
+        del self._pretrained
+        self.merged = False
+
+
+class LinearDelta(FoldsIn):
     """An adapter of a frozen ``nn.Linear`` whose function is (W + ΔW) x + b + Δb.
 
     Subclasses define ``delta_weight()`` (ΔW, out × in), if they move the bias ``delta_bias()`` (Δb, out), and their
     unmerged computation ``adapted(x)``. Built on those, the same for every method: ``merged_weight()`` /
     ``merged_bias()`` (formed in at least float32, rounded once to W's dtype; a method may form W + ΔW another way,
-    as RLRR's W ⊙ (1 + S)), ``merge()`` (a new plain ``nn.Linear``), and ``merge_in_place()`` / ``unmerge()``
-    (fold the update into the shared frozen tensors and restore them bit for bit, keeping the wrapper, as Hugging
-    Face peft does; the pretrained values are kept aside while merged)."""
+    as RLRR's W ⊙ (1 + S)), ``merge()`` (a new plain ``nn.Linear``), and from :class:`FoldsIn`
+    ``merge_in_place()`` / ``unmerge()``."""
 
     WRAPS = nn.Linear
-    merged = False  # True while the update is folded into self.weight / self.bias
 
     def delta_weight(self) -> torch.Tensor:  # every subclass defines it (the contract above)
         raise NotImplementedError(f"{type(self).__name__} must define delta_weight(), ΔW (out × in)")
@@ -150,6 +187,12 @@ class LinearDelta(Adapter):
         bias = db.to(acc) if self.bias is None else self.bias.to(acc) + db.to(acc)
         return bias.to(self.weight.dtype)
 
+    def merged_tensors(self) -> dict[str, torch.Tensor]:
+        new = {"weight": self.merged_weight()}
+        if self.delta_bias() is not None:
+            new["bias"] = self.merged_bias()
+        return new
+
     @torch.no_grad()
     def merge(self) -> nn.Linear:
         """A new plain, frozen ``nn.Linear`` computing the adapted map (this module is left unchanged)."""
@@ -160,32 +203,6 @@ class LinearDelta(Adapter):
         if bias is not None:
             out.bias.copy_(bias)
         return out.requires_grad_(False)
-
-    @torch.no_grad()
-    def merge_in_place(self) -> None:
-        """Write the merged weight (and bias) into the frozen tensors; forward then skips the adapter."""
-        if self.merged:
-            return
-        weight, bias = self.merged_weight(), self.merged_bias()
-        if bias is not None and self.bias is None:
-            raise NotMergeableError(f"{type(self).__name__} moves the bias of a Linear that has none: use merge()")
-        self._pretrained = (self.weight.clone(), None if self.bias is None else self.bias.clone())
-        self.weight.copy_(weight)
-        if bias is not None:
-            self.bias.copy_(bias)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Put the pretrained weight (and bias) back, bit for bit."""
-        if not self.merged:
-            return
-        weight, bias = self._pretrained
-        self.weight.copy_(weight)
-        if bias is not None:
-            self.bias.copy_(bias)
-        del self._pretrained
-        self.merged = False
 
 
 class BlockAdapter(Adapter):

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .base import Adapter, Cost, Method, MethodConfig
+from .base import Adapter, Cost, FoldsIn, Method, MethodConfig
 
 INITS = ("official", "identity")
 
@@ -62,7 +62,7 @@ class SSF(Adapter, nn.Module):
         return x * self.scale.view(shape) + self.shift.view(shape)
 
 
-class SSFLayerNorm(Adapter, nn.LayerNorm):
+class SSFLayerNorm(FoldsIn, nn.LayerNorm):
     """A LayerNorm followed by SSF. Keeps the frozen affine as ``weight``/``bias`` (same names as before)."""
 
     WRAPS = nn.LayerNorm
@@ -77,22 +77,28 @@ class SSFLayerNorm(Adapter, nn.LayerNorm):
                        dtype=None if w is None else w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ssf(super().forward(x))
+        y = super().forward(x)
+        return y if self.merged else self.ssf(y)
+
+    @torch.no_grad()
+    def merged_tensors(self) -> dict[str, torch.Tensor]:
+        """The SSF folded into the affine: γ' = s ⊙ γ, β' = s ⊙ β + t."""
+        s, t = self.ssf.scale, self.ssf.shift
+        return {"weight": s if self.weight is None else s * self.weight,
+                "bias": t if self.bias is None else s * self.bias + t}
 
     @torch.no_grad()
     def merge(self) -> nn.LayerNorm:
-        """A plain LayerNorm with the SSF folded into its affine: γ' = s ⊙ γ, β' = s ⊙ β + t."""
-        s, t = self.ssf.scale, self.ssf.shift
-        norm = nn.LayerNorm(self.normalized_shape, eps=self.eps, device=s.device, dtype=s.dtype)
-        gamma = s if self.weight is None else s * self.weight
-        beta = t if self.bias is None else s * self.bias + t
-        norm.weight.copy_(gamma)
-        norm.bias.copy_(beta)
-        norm.requires_grad_(False)
-        return norm
+        """A plain LayerNorm with the SSF folded into its affine."""
+        new = {"weight": self.weight, "bias": self.bias} if self.merged else self.merged_tensors()
+        norm = nn.LayerNorm(self.normalized_shape, eps=self.eps, device=new["weight"].device,
+                            dtype=new["weight"].dtype)
+        norm.weight.copy_(new["weight"])
+        norm.bias.copy_(new["bias"])
+        return norm.requires_grad_(False)
 
 
-class SSFConv2d(Adapter, nn.Conv2d):
+class SSFConv2d(FoldsIn, nn.Conv2d):
     """A Conv2d followed by SSF on its output channels (the patch embedding). Keeps ``weight``/``bias``."""
 
     WRAPS = nn.Conv2d
@@ -103,22 +109,28 @@ class SSFConv2d(Adapter, nn.Conv2d):
         self.ssf = SSF(conv.out_channels, _init(config), device=conv.weight.device, dtype=conv.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, D, H/P, W/P)
-        return self.ssf(super().forward(x), dim=1)
+        y = super().forward(x)
+        return y if self.merged else self.ssf(y, dim=1)
+
+    @torch.no_grad()
+    def merged_tensors(self) -> dict[str, torch.Tensor]:
+        """The SSF folded in: W'[o] = s[o] W[o], b' = s ⊙ b + t."""
+        s, t = self.ssf.scale, self.ssf.shift
+        return {"weight": self.weight * s.view(-1, 1, 1, 1), "bias": t if self.bias is None else s * self.bias + t}
 
     @torch.no_grad()
     def merge(self) -> nn.Conv2d:
-        """A plain Conv2d with the SSF folded in: W'[o] = s[o] W[o], b' = s ⊙ b + t."""
-        s, t = self.ssf.scale, self.ssf.shift
+        """A plain Conv2d with the SSF folded in."""
+        new = {"weight": self.weight, "bias": self.bias} if self.merged else self.merged_tensors()
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
                          padding=self.padding, dilation=self.dilation, groups=self.groups, bias=True,
                          padding_mode=self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
-        conv.weight.copy_(self.weight * s.view(-1, 1, 1, 1))
-        conv.bias.copy_(t if self.bias is None else s * self.bias + t)
-        conv.requires_grad_(False)
-        return conv
+        conv.weight.copy_(new["weight"])
+        conv.bias.copy_(new["bias"])
+        return conv.requires_grad_(False)
 
 
-class SSFLinear(Adapter, nn.Linear):
+class SSFLinear(FoldsIn, nn.Linear):
     """A frozen Linear followed by SSF on its outputs. Keeps ``weight``/``bias``; merges to W' = diag(s) W,
     b' = s ⊙ b + t."""
 
@@ -130,14 +142,20 @@ class SSFLinear(Adapter, nn.Linear):
         self.ssf = SSF(linear.out_features, _init(config), device=linear.weight.device, dtype=linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ssf(super().forward(x))
+        y = super().forward(x)
+        return y if self.merged else self.ssf(y)
+
+    @torch.no_grad()
+    def merged_tensors(self) -> dict[str, torch.Tensor]:
+        s, t = self.ssf.scale, self.ssf.shift
+        return {"weight": self.weight * s[:, None], "bias": t if self.bias is None else s * self.bias + t}
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
-        s, t = self.ssf.scale, self.ssf.shift
+        new = {"weight": self.weight, "bias": self.bias} if self.merged else self.merged_tensors()
         out = nn.Linear(self.in_features, self.out_features, device=self.weight.device, dtype=self.weight.dtype)
-        out.weight.copy_(self.weight * s[:, None])
-        out.bias.copy_(t if self.bias is None else s * self.bias + t)
+        out.weight.copy_(new["weight"])
+        out.bias.copy_(new["bias"])
         return out.requires_grad_(False)
 
 

@@ -64,3 +64,36 @@ def test_a_method_declares_its_cost_for_its_own_config():
     small, large = (train_macs(config, "lora", 2, peft.LoraConfig(rank=r))["train"] for r in (2, 4))
     assert large > small
     assert train_macs(config, "vpt", 2, peft.VPTConfig(tokens=20))["forward"] > train_macs(config, "vpt", 2)["forward"]
+
+
+@pytest.mark.parametrize("mode", ["ssf", "rlrr", "lora", "dora", "fact-tt"])
+def test_every_weight_space_wrapper_merges_in_place_and_unmerges_bit_for_bit(mode):
+    """The one in-place contract (FoldsIn), SSF's wrappers included: merged in place, the model computes the same
+    function (float64) with the update in the frozen tensors; unmerged, the pretrained tensors are back exactly."""
+    from conftest import images, randomize_adapters
+    from peft.base import FoldsIn
+
+    model = make_model().double()
+    peft.apply_mode(model, mode)
+    randomize_adapters(model)
+    model.eval()  # FacT's dropout
+    wrappers = [m for m in model.modules() if isinstance(m, FoldsIn)]
+    assert wrappers
+    if mode in ("ssf", "rlrr"):
+        assert any(type(m).__name__.startswith("SSF") for m in wrappers)
+    pretrained = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    x = images().double()
+    with torch.no_grad():
+        adapted = model(x)
+        for m in wrappers:
+            m.merge_in_place()
+        torch.testing.assert_close(model(x), adapted, rtol=1e-12, atol=1e-12)
+        assert any(not torch.equal(p, pretrained[n]) for n, p in model.named_parameters() if n in pretrained)
+        merged = {id(m): m.merge() for m in wrappers}  # merge() of a merged wrapper: the update is not added twice
+        for m in wrappers:
+            m.unmerge()
+        assert all(torch.equal(p, pretrained[n]) for n, p in model.named_parameters() if n in pretrained)
+        torch.testing.assert_close(model(x), adapted, rtol=0, atol=0)
+        for m in wrappers:
+            fresh = m.merge()
+            assert torch.equal(fresh.weight, merged[id(m)].weight)

@@ -40,10 +40,10 @@ def project_decay(name: str, p: torch.Tensor, declared: dict[str, set[str]]) -> 
 
 def rlrr_decay(name: str, p: torch.Tensor, declared: dict[str, set[str]]) -> bool:
     """The official RLRR code's ``get_parameters`` (zstarN70/RLRR ``models/networks.py:299-313``): names holding
-    'bias' or 'norm' are not decayed. On RLRR's official names that decays s_in and s_out (``scale_col``,
-    ``scale_line``), the patch-embedding SSF (``ssf_scale_patch``) and the head's weight, and not f
-    (``shift_bias``), the norms' SSF or the head bias; here the biases under other names are the wrappers'
-    ``BIASES``."""
+    'bias' or 'norm' are not decayed. On RLRR's official names that decays its two scale factors (``scale_col``,
+    ``scale_line``), the patch embedding's scale and shift (``ssf_scale_patch``) and the head's weight, and not the
+    shift of the adapted Linears (``shift_bias``), the norms' scale and shift or the head bias; here the biases
+    under other names are the wrappers' ``BIASES``."""
     return name not in declared["BIASES"] and "bias" not in name and "norm" not in name
 
 
