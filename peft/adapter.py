@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Adapter, Cost, Method, MethodConfig
+from .fields import option
 
 PLACEMENTS = ("mlp", "both")
 
@@ -36,10 +37,8 @@ class AdapterConfig(MethodConfig):
     """The Adapter's options: NOAH's VTAB row (``experiments/Adapter/ViT-B_prompt_adapter_8.yaml``: d = 8, MLP only)."""
 
     PREFIX: ClassVar[str] = "adapter"
-    CHOICES: ClassVar[dict] = {"placement": PLACEMENTS}
-    POSITIVE: ClassVar[tuple] = ("dim",)
-    dim: int = 8  # Adapter bottleneck width d
-    placement: str = "mlp"  # mlp: after every MLP (NOAH, the VTAB row) | both: also after the attention (Houlsby)
+    dim: int = option(8, "Adapter bottleneck width d", min=1)
+    placement: str = option("mlp", "mlp: after every MLP (NOAH, the VTAB row) | both: also after the attention (Houlsby)", choices=PLACEMENTS)
 
 
 class SequentialAdapter(Adapter, nn.Module):

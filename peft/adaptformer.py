@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Adapter, Cost, Method, MethodConfig
+from .fields import option
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,9 @@ class AdaptFormerConfig(MethodConfig):
     width of the VTAB tables' row (d = 8)."""
 
     PREFIX: ClassVar[str] = "adaptformer"
-    POSITIVE: ClassVar[tuple] = ("dim",)
-    dim: int = 8  # AdaptFormer bottleneck width
-    scale: float = 0.1  # AdaptFormer output scale s (fixed)
-    dropout: float = 0.1  # dropout inside the AdaptFormer branch
+    dim: int = option(8, "AdaptFormer bottleneck width", min=1)
+    scale: float = option(0.1, "AdaptFormer output scale s (fixed)")
+    dropout: float = option(0.1, "dropout inside the AdaptFormer branch", min=0, max=1)
 
 
 class AdaptFormerBlock(Adapter, nn.Module):

@@ -22,17 +22,15 @@
   so it follows the model when the block changes (the model imports nothing from ``peft``); a branch beside a
   sub-layer (AdaptFormer) writes the block's two residual lines out with the branch added.
 
-**A method** is one file: its wrappers, a :class:`MethodConfig` (fields with their published defaults and a one-line
-comment each: the command-line flags, the registry's documentation, the FLOP model and the checkpoints read it),
-an ``apply(model, config)`` function and a :class:`Method` entry; ``peft/modes.py`` lists the entries.
+**A method** is one file: its wrappers, a :class:`MethodConfig` (fields with their published defaults, help and
+bounds as metadata: the command-line flags, the registry's documentation, the FLOP model and the checkpoints read
+it), where its wrappers go and a :class:`Method` entry; ``peft/modes.py`` lists the entries.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
-import re
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -40,6 +38,8 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import fields
 
 
 class NotMergeableError(TypeError):
@@ -220,23 +220,6 @@ class BlockAdapter(Adapter):
 
 # -------------------------------------------------------------------------------------------------- method configs
 
-_FIELD_LINE = re.compile(r"^\s+(\w+):[^#]*#\s*(.*)$")
-
-
-@functools.cache
-def field_comments(cls) -> dict[str, str]:
-    """The trailing ``# comment`` of each field line in a dataclass's source: one place for every help text (read
-    once per class: it parses the source files)."""
-    comments = {}
-    for klass in reversed(cls.__mro__):
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        comments.update({m.group(1): m.group(2) for m in map(_FIELD_LINE.match, source.splitlines()) if m})
-    return comments
-
-
 @dataclass(frozen=True)
 class Option:
     """One option of a method as the command line sees it: flat keyword (``lora_rank``), field, type, default,
@@ -256,34 +239,27 @@ class Option:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Base of every method's config (as Hugging Face peft's ``LoraConfig``): a frozen dataclass whose fields carry
-    the published default and a trailing one-line comment (the ``--flag``'s help). ``PREFIX`` names the flags
-    (``PREFIX="lora"``: field ``rank`` is ``--lora-rank`` and keyword ``lora_rank``); ``CHOICES`` lists allowed
-    values per field. ``check()`` raises ValueError naming the flag for a value the method cannot use."""
+    """Base of every method's config (as Hugging Face peft's ``LoraConfig``): a frozen dataclass whose fields are
+    :func:`peft.fields.option` s carrying the published default, the one-line help of the ``--flag`` and the
+    accepted values. ``PREFIX`` names the flags (``PREFIX="lora"``: field ``rank`` is ``--lora-rank`` and keyword
+    ``lora_rank``). ``check()`` (:func:`peft.fields.check`, as every options class) raises ValueError naming the
+    flag for a value the method cannot use."""
 
     PREFIX: ClassVar[str] = ""
-    CHOICES: ClassVar[dict[str, tuple]] = {}
-    POSITIVE: ClassVar[tuple[str, ...]] = ()  # fields that must be at least 1 (ranks, widths, token counts)
 
     def __post_init__(self):
         self.check()
 
     def check(self) -> None:
-        flag = {o.field: o.flag for o in self.options().values()}
-        for name in self.POSITIVE:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{flag[name]} must be at least 1, got {getattr(self, name)}")
-        for name, allowed in self.CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{flag[name]} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        fields.check(self, ValueError, lambda name: fields.flag(f"{self.PREFIX}_{name}"))
 
     @classmethod
     @functools.cache
     def options(cls) -> dict[str, Option]:
         """The flat options, keyed ``PREFIX_field``, in field order (built once per class; do not modify)."""
-        hints, helps = typing.get_type_hints(cls), field_comments(cls)
+        hints = typing.get_type_hints(cls)
         return {f"{cls.PREFIX}_{f.name}": Option(f"{cls.PREFIX}_{f.name}", f.name, hints[f.name], f.default,
-                                                 helps.get(f.name, ""), cls.CHOICES.get(f.name))
+                                                 fields.help_of(f), fields.choices_of(f))
                 for f in dataclasses.fields(cls)}
 
     @classmethod

@@ -23,6 +23,7 @@ from torch import nn
 
 from .base import Cost, LinearDelta, Method, MethodConfig, configure
 from .lora import LoRALinear, find_lora_targets, short_targets
+from .fields import option
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,9 @@ class DoraConfig(MethodConfig):
     alpha; the DoRA paper's commonsense runs use r = 8..32 on q, k, v, up, down)."""
 
     PREFIX: ClassVar[str] = "dora"
-    POSITIVE: ClassVar[tuple] = ("rank",)
-    rank: int = 8  # DoRA rank r of the direction's LoRA update
-    alpha: float = 8.0  # DoRA scale alpha (the update is scaled by alpha / r)
-    targets: str = "q,v"  # comma-separated Linear names that get DoRA (q,k,v,proj,fc1,fc2)
+    rank: int = option(8, "DoRA rank r of the direction's LoRA update", min=1)
+    alpha: float = option(8.0, "DoRA scale alpha (the update is scaled by alpha / r)")
+    targets: str = option("q,v", "comma-separated Linear names that get DoRA (q,k,v,proj,fc1,fc2)")
 
     def __post_init__(self):
         if not isinstance(self.targets, str):  # a list or tuple of names: one canonical form, "q,v"

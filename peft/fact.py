@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Adapter, Cost, LinearDelta, Method, MethodConfig, Work
+from .fields import option
 
 TARGETS = ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2")
 
@@ -37,10 +38,9 @@ class FactConfig(MethodConfig):
     """FacT-TT's options: ``set_FacT(model, dim=8, s=1)`` and the dropout of ``FacT/fact_tt.py``."""
 
     PREFIX: ClassVar[str] = "fact"
-    POSITIVE: ClassVar[tuple] = ("rank",)
-    rank: int = 8  # FacT rank d of the shared factors and the cores
-    scale: float = 1.0  # FacT scale s of the increment (tuned per task in FacT/configs/tt)
-    dropout: float = 0.1  # dropout on the FacT cores' outputs
+    rank: int = option(8, "FacT rank d of the shared factors and the cores", min=1)
+    scale: float = option(1.0, "FacT scale s of the increment (tuned per task in FacT/configs/tt)")
+    dropout: float = option(0.1, "dropout on the FacT cores' outputs", min=0, max=1)
 
 
 def _linear_init(t: torch.Tensor) -> None:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Cost, LinearDelta, Method, MethodConfig, Work, configure
+from .fields import option
 
 SHORT_NAMES = ("q", "k", "v", "proj", "fc1", "fc2")
 VARIANTS = ("loralib", "noah")
@@ -40,13 +41,11 @@ class LoraConfig(MethodConfig):
     the placement the LoRA paper recommends (Hu et al. 2022, §7.1)."""
 
     PREFIX: ClassVar[str] = "lora"
-    CHOICES: ClassVar[dict] = {"variant": VARIANTS}
-    POSITIVE: ClassVar[tuple] = ("rank",)
-    rank: int = 8  # LoRA rank r
-    alpha: float = 8.0  # LoRA scale alpha (update scaled by alpha / r)
-    targets: str = "q,v"  # comma-separated Linear names that get LoRA (q,k,v,proj,fc1,fc2), globs or regexes
-    dropout: float = 0.0  # dropout on the LoRA branch input
-    variant: str = "loralib"  # loralib (= HF peft: B A scaled by alpha/r on the targets) | noah (the VTAB tables' LoRA row: one unscaled pair on the fused q,k,v)
+    rank: int = option(8, "LoRA rank r", min=1)
+    alpha: float = option(8.0, "LoRA scale alpha (update scaled by alpha / r)")
+    targets: str = option("q,v", "comma-separated Linear names that get LoRA (q,k,v,proj,fc1,fc2), globs or regexes")
+    dropout: float = option(0.0, "dropout on the LoRA branch input", min=0, max=1)
+    variant: str = option("loralib", "loralib (= HF peft: B A scaled by alpha/r on the targets) | noah (the VTAB tables' LoRA row: one unscaled pair on the fused q,k,v)", choices=VARIANTS)
 
     def __post_init__(self):
         if not isinstance(self.targets, str):  # a list or tuple of names: one canonical form, "q,v"

@@ -26,6 +26,7 @@ from .base import Cost, LinearDelta, Method, MethodConfig, Work, configure
 from .functional import official_rlrr_linear, rlrr_weight
 from .rlrr_function import WEIGHT_MEMORY, WeightCache, rlrr_linear
 from .ssf import INITS, SSFConv2d, SSFLayerNorm
+from .fields import option
 
 IMPLS = ("function", "official")
 RLRR_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2")  # inside each block
@@ -36,12 +37,10 @@ class RLRRConfig(MethodConfig):
     """RLRR's options: rank 1 and the kaiming init of the official ViT code (zstarN70/RLRR ``models/networks.py``)."""
 
     PREFIX: ClassVar[str] = "rlrr"
-    CHOICES: ClassVar[dict] = {"init": INITS, "impl": IMPLS, "weight_memory": WEIGHT_MEMORY}
-    POSITIVE: ClassVar[tuple] = ("rank",)
-    rank: int = 1  # RLRR rescaling rank (the official ViT code uses 1)
-    init: str = "official"  # RLRR init: official (kaiming, not the base model at step 0) | identity (S_out = 0: starts as the base model)
-    impl: str = "function"  # function (W' rebuilt in backward, optional CUDA kernel) | official (the official formula, autograd keeps W'; for benchmarks)
-    weight_memory: str = "rebuild"  # rebuild W' in backward | keep the forward's W' until backward (+ one W' per layer in flight, ~170 MB bf16 for ViT-B/16) | reuse W' while S is unchanged (one persistent W' per layer: one build per optimizer step across --grad-accum)
+    rank: int = option(1, "RLRR rescaling rank (the official ViT code uses 1)", min=1)
+    init: str = option("official", "RLRR init: official (kaiming, not the base model at step 0) | identity (S_out = 0: starts as the base model)", choices=INITS)
+    impl: str = option("function", "function (W' rebuilt in backward, optional CUDA kernel) | official (the official formula, autograd keeps W'; for benchmarks)", choices=IMPLS)
+    weight_memory: str = option("rebuild", "rebuild W' in backward | keep the forward's W' until backward (+ one W' per layer in flight, ~170 MB bf16 for ViT-B/16) | reuse W' while S is unchanged (one persistent W' per layer: one build per optimizer step across --grad-accum)", choices=WEIGHT_MEMORY)
 
 
 class RLRRLinear(LinearDelta, nn.Module):

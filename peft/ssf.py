@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .base import Adapter, Cost, FoldsIn, Method, MethodConfig
+from .fields import option
 
 INITS = ("official", "identity")
 
@@ -26,8 +27,7 @@ class SSFConfig(MethodConfig):
     """SSF's options: the paper's init (dongzelian/SSF ``models/vision_transformer.py`` ``init_ssf_scale_shift``)."""
 
     PREFIX: ClassVar[str] = "ssf"
-    CHOICES: ClassVar[dict] = {"init": INITS}
-    init: str = "official"  # SSF init: official (scale ~ N(1, 0.02), shift ~ N(0, 0.02)) | identity (scale 1, shift 0: starts as the base model)
+    init: str = option("official", "SSF init: official (scale ~ N(1, 0.02), shift ~ N(0, 0.02)) | identity (scale 1, shift 0: starts as the base model)", choices=INITS)
 
 
 def _init(config) -> str:

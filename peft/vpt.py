@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .base import BlockAdapter, Cost, Method, MethodConfig
+from .fields import option
 
 
 @dataclass(frozen=True)
@@ -34,20 +35,17 @@ class VPTConfig(MethodConfig):
     ``config.py:74``; the ``vpt-official`` recipe sets 0)."""
 
     PREFIX: ClassVar[str] = "vpt"
-    POSITIVE: ClassVar[tuple] = ("tokens",)
     DEEP: ClassVar[bool] = True  # prompts at every block (False: before the first only)
-    tokens: int = 10  # VPT prompt tokens per block
-    dropout: float = 0.1  # dropout on the prompt tokens
+    tokens: int = option(10, "prompt tokens (vpt: per block; vpt-shallow: once, before block 0)", min=1)
+    dropout: float = option(0.1, "dropout on the prompt tokens", min=0, max=1)
 
 
 @dataclass(frozen=True)
 class VPTShallowConfig(VPTConfig):
-    """VPT-shallow's options: VPT-deep's, with prompts inserted once."""
+    """VPT-shallow's options: VPT-deep's fields, with prompts inserted once."""
 
     PREFIX: ClassVar[str] = "vpt_shallow"
     DEEP: ClassVar[bool] = False
-    tokens: int = 10  # VPT-shallow prompt tokens (inserted once, before block 0)
-    dropout: float = 0.1  # dropout on the VPT-shallow prompt tokens
 
 
 class VPTBlock(BlockAdapter, nn.Module):

@@ -228,16 +228,21 @@ def test_the_config_is_the_one_source_of_a_methods_options(mode):
     assert opts.method_config() == expected == peft.configure_mode(mode, **changed)
 
 
-@pytest.mark.parametrize("mode", [m for m in peft.MODES if peft.METHODS[m].config.POSITIVE or
-                                  peft.METHODS[m].config.CHOICES])
+def _bounded(cls):
+    return [f for f in dataclasses.fields(cls) if {"min", "choices"} & set(f.metadata)]
+
+
+@pytest.mark.parametrize("mode", [m for m in peft.MODES if _bounded(peft.METHODS[m].config)])
 def test_a_config_refuses_values_its_method_cannot_use_naming_the_flag(mode):
     cls = peft.METHODS[mode].config
-    for name in cls.POSITIVE:
-        with pytest.raises(ValueError, match=f"--{cls.PREFIX.replace('_', '-')}-{name.replace('_', '-')} must be"):
-            cls(**{name: 0})
-    for name in cls.CHOICES:
-        with pytest.raises(ValueError, match=f"--{cls.PREFIX.replace('_', '-')}-{name.replace('_', '-')} 'nope'"):
-            cls(**{name: "nope"})
+    for f in _bounded(cls):
+        flag = f"--{cls.PREFIX.replace('_', '-')}-{f.name.replace('_', '-')}"
+        if "min" in f.metadata:
+            with pytest.raises(ValueError, match=f"{flag} must be"):
+                cls(**{f.name: f.metadata["min"] - 1})
+        if "choices" in f.metadata:
+            with pytest.raises(ValueError, match=f"{flag} 'nope'"):
+                cls(**{f.name: "nope"})
 
 
 def test_apply_method_takes_a_config_as_hf_peft_does():

@@ -53,6 +53,7 @@ import sys
 from ..bench.data import run_data_benchmark
 from ..bench.loop import run_loop_benchmark
 from ..bench.suite import BenchmarkOptions, run
+from .. import fields
 from ..finetune import OptionsError
 from . import args
 from .args import run_main
@@ -66,15 +67,8 @@ def parse_options(argv=None) -> BenchmarkOptions:
 
 
 def check(opts: BenchmarkOptions) -> None:
-    for flag, value in (("--repeats", opts.repeats), ("--threads", opts.threads + 1), ("--steps", opts.steps + 1),
-                        ("--warmup", opts.warmup + 1)):
-        if value < 1:
-            raise OptionsError(f"{flag} must be positive (0 allowed where it means the default), got {value}")
-    bad = [b for b in opts.batch_sizes if b < 1]
-    if bad:
-        raise OptionsError(f"--batch-sizes must be positive, got {bad}")
-    if opts.peak_tflops < 0:
-        raise OptionsError(f"--peak-tflops must not be negative, got {opts.peak_tflops}")
+    """Every field against its metadata (:func:`peft.fields.check`, as every options class)."""
+    fields.check(opts, OptionsError)
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,7 @@ from ..finetune import OptionsError
 from ..finetune.distributed import setup_logging
 from ..finetune.predict import evaluate_checkpoint, evaluate_tasks
 from .args import parse_options, run_main
+from ..fields import option
 
 EXAMPLES = """examples:
   python tools/evaluate.py runs/cifar10-rlrr                 # best.pt of a run, files into that folder
@@ -22,16 +23,15 @@ EXAMPLES = """examples:
 
 @dataclass
 class EvaluateOptions:
-    CHOICES: typing.ClassVar[dict] = {"split": ("test", "val")}
-    checkpoint: str = ""  # a checkpoint file or a run folder (its best.pt); several, comma-separated: one backbone
-    split: str = "test"  # test | val (the held-out validation split of the run)
-    weights: typing.Optional[str] = None  # base .npz if it moved since training (sha256 must match)
-    data: typing.Optional[str] = None  # dataset (default: the one the run used)
-    data_root: typing.Optional[str] = None  # dataset cache folder
-    output_dir: typing.Optional[str] = None  # where the files go (default: the checkpoint's folder)
-    batch_size: int = 256  # images per forward pass
-    max_samples: int = -1  # cap the split (-1: as in the run; 0: the whole split)
-    device: str = "auto"  # auto | cpu | cuda
+    checkpoint: str = option("", "a checkpoint file or a run folder (its best.pt); several, comma-separated: one backbone")
+    split: str = option("test", "test | val (the held-out validation split of the run)", choices=("test", "val"))
+    weights: typing.Optional[str] = option(None, "base .npz if it moved since training (sha256 must match)")
+    data: typing.Optional[str] = option(None, "dataset (default: the one the run used)")
+    data_root: typing.Optional[str] = option(None, "dataset cache folder")
+    output_dir: typing.Optional[str] = option(None, "where the files go (default: the checkpoint's folder)")
+    batch_size: int = option(256, "images per forward pass")
+    max_samples: int = option(-1, "cap the split (-1: as in the run; 0: the whole split)")
+    device: str = option("auto", "auto | cpu | cuda")
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,7 @@ from ..finetune.options import FinetuneOptions
 from ..finetune.predict import eval_transform, predict_files, predict_folder
 from ..finetune import OptionsError
 from .args import parse_options, run_main
+from ..fields import option
 
 EXAMPLES = """examples:
   python tools/predict.py cat.png dog.jpg --checkpoint runs/cifar10-rlrr
@@ -27,12 +28,12 @@ EXAMPLES = """examples:
 @dataclass
 class PredictOptions:
     REQUIRED: ClassVar[tuple] = ("checkpoint",)
-    images: list[str] = field(default_factory=list)  # image files (any format PIL reads; resized like evaluation)
-    data: Optional[str] = None  # a folder: every image under it, decoded once into the cache
-    checkpoint: list = field(default_factory=list)  # a checkpoint file or a run folder (its best.pt); repeat the flag for several adapter checkpoints of one base: they share one backbone in memory and each reports its own top classes (images may come before or after)
-    weights: Optional[str] = None  # base .npz if it moved since training (sha256 must match)
-    top_k: int = 5  # classes to print per image
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    images: list[str] = option(help="image files (any format PIL reads; resized like evaluation)", default_factory=list)
+    data: Optional[str] = option(None, "a folder: every image under it, decoded once into the cache")
+    checkpoint: list = option(help="a checkpoint file or a run folder (its best.pt); repeat the flag for several adapter checkpoints of one base: they share one backbone in memory and each reports its own top classes (images may come before or after)", default_factory=list)
+    weights: Optional[str] = option(None, "base .npz if it moved since training (sha256 must match)")
+    top_k: int = option(5, "classes to print per image")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
 
 
 def main(argv=None) -> int:

@@ -22,31 +22,32 @@ from pathlib import Path
 from ..modes import MODES, get_method
 from .options import FinetuneOptions, OptionsError
 from .trainer import run
+from ..fields import option
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class QuickstartOptions:
-    output_dir: str = "runs/quickstart"  # everything goes here: pretrained.npz, one folder per mode, results.md
-    modes: str = ",".join(MODES)  # comma-separated fine-tuning modes to compare
-    pretrain_classes: str = "0-4"  # Fashion-MNIST classes for pretraining from scratch
-    finetune_classes: str = "5-9"  # the other classes, for fine-tuning
-    pretrain_samples: int = 27000  # training images for pretraining (all 27,000 left after the validation split)
-    pretrain_epochs: int = 5  # pretraining epochs
-    pretrain_lr: float = 2e-3  # AdamW peak learning rate from scratch
-    finetune_samples: int = 1500  # training images per fine-tuning run (a low-data transfer task)
-    finetune_epochs: int = 5  # fine-tuning epochs per mode
-    eval_samples: int = 1000  # cap on validation and test images per run (validation runs every epoch)
-    batch_size: int = 64  # global batch size
-    augment: bool = False  # random crop + flip (off: in runs this short they slow learning more than they help)
-    retrain: bool = False  # pretrain again even if pretrained.npz exists
-    data: str = "fashion_mnist"  # dataset name (Fashion-MNIST is the one that works offline)
-    data_root: str = ""  # dataset cache folder (default: the Debian package, else $VIT_PEFT_DATA)
-    seed: int = 0  # random seed for every run
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch CPU threads (0: torch's default)
-    progress: bool = True  # tqdm progress bars
+    output_dir: str = option("runs/quickstart", "everything goes here: pretrained.npz, one folder per mode, results.md")
+    modes: str = option(",".join(MODES), "comma-separated fine-tuning modes to compare")
+    pretrain_classes: str = option("0-4", "Fashion-MNIST classes for pretraining from scratch")
+    finetune_classes: str = option("5-9", "the other classes, for fine-tuning")
+    pretrain_samples: int = option(27000, "training images for pretraining (all 27,000 left after the validation split)")
+    pretrain_epochs: int = option(5, "pretraining epochs")
+    pretrain_lr: float = option(2e-3, "AdamW peak learning rate from scratch")
+    finetune_samples: int = option(1500, "training images per fine-tuning run (a low-data transfer task)")
+    finetune_epochs: int = option(5, "fine-tuning epochs per mode")
+    eval_samples: int = option(1000, "cap on validation and test images per run (validation runs every epoch)")
+    batch_size: int = option(64, "global batch size")
+    augment: bool = option(False, "random crop + flip (off: in runs this short they slow learning more than they help)")
+    retrain: bool = option(False, "pretrain again even if pretrained.npz exists")
+    data: str = option("fashion_mnist", "dataset name (Fashion-MNIST is the one that works offline)")
+    data_root: str = option("", "dataset cache folder (default: the Debian package, else $VIT_PEFT_DATA)")
+    seed: int = option(0, "random seed for every run")
+    device: str = option("auto", "auto | cpu | cuda")
+    threads: int = option(0, "torch CPU threads (0: torch's default)")
+    progress: bool = option(True, "tqdm progress bars")
 
 
 # Fine-tuning learning rates for this small model (D=96): higher than ViT-B/16's defaults because the runs are

@@ -38,6 +38,7 @@ from . import sweep as sweeps
 from .options import RECIPES, FinetuneOptions, OptionsError, check_options
 from .recipes import METHOD_RECIPES, RECIPE_TABLE, apply_recipe
 from .trainer import run
+from ..fields import option
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +55,25 @@ PUBLISHED_FGVC = {"rlrr": 90.4, "ssf": 90.7, "lora": 89.5, "full": 88.5, "head":
 
 @dataclass
 class SuiteOptions:
-    CHOICES = {"suite": SUITES, "protocol": ("final", "tune"), "recipe": ("official",) + RECIPES}
-    data_root: str = ""  # folder with one sub-folder per VTAB-1k task, or VPT's FGVC folders
-    suite: str = "vtab"  # vtab | fgvc
-    tasks: str = "all"  # all, or comma-separated task names (vtab-1k tasks / fgvc: cub,nabirds,flowers,dogs,cars)
-    modes: str = "rlrr"  # comma-separated methods, or all
-    weights: str = "ViT-B_16"  # base weights (a .npz path or a known name)
-    output_dir: str = "runs/vtab"  # one folder per task/mode/seed, and the results files
-    protocol: str = "final"  # vtab-1k: final (train800val200 -> test once) | tune (train800 -> val200)
-    recipe: str = "rlrr-official"  # official (each method's own official run) | a recipe name (all methods) | project
-    epochs: int = 0  # 0: the recipe's (100)
-    seeds: str = "42"  # comma-separated seeds; results are their mean
-    image_size: int = 0  # 0: the recipe's (224)
-    batch_size: int = 0  # 0: the recipe's (32)
-    max_train_samples: int = 0  # 0: every image of the training list
-    precision: str = ""  # "": the recipe's (official runs: fp16) | auto | bf16 | fp16 | fp32 (e.g. fp32 on a CPU)
-    rehearsal: bool = False  # the offline rehearsal: Fashion-MNIST cut VTAB-style into --data-root (tasks: fmnist_*)
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch CPU threads (0: torch's default)
-    progress: bool = True  # tqdm progress bars
-    sweep: list = dataclasses.field(default_factory=list)  # NAME=V1,V2,...: choose on validation, then test once (repeatable)
+    data_root: str = option("", "folder with one sub-folder per VTAB-1k task, or VPT's FGVC folders")
+    suite: str = option("vtab", "vtab | fgvc", choices=SUITES)
+    tasks: str = option("all", "all, or comma-separated task names (vtab-1k tasks / fgvc: cub,nabirds,flowers,dogs,cars)")
+    modes: str = option("rlrr", "comma-separated methods, or all")
+    weights: str = option("ViT-B_16", "base weights (a .npz path or a known name)")
+    output_dir: str = option("runs/vtab", "one folder per task/mode/seed, and the results files")
+    protocol: str = option("final", "vtab-1k: final (train800val200 -> test once) | tune (train800 -> val200)", choices=("final", "tune"))
+    recipe: str = option("rlrr-official", "official (each method's own official run) | a recipe name (all methods) | project", choices=("official",) + RECIPES)
+    epochs: int = option(0, "0: the recipe's (100)")
+    seeds: str = option("42", "comma-separated seeds; results are their mean")
+    image_size: int = option(0, "0: the recipe's (224)")
+    batch_size: int = option(0, "0: the recipe's (32)")
+    max_train_samples: int = option(0, "0: every image of the training list")
+    precision: str = option("", "\"\": the recipe's (official runs: fp16) | auto | bf16 | fp16 | fp32 (e.g. fp32 on a CPU)")
+    rehearsal: bool = option(False, "the offline rehearsal: Fashion-MNIST cut VTAB-style into --data-root (tasks: fmnist_*)")
+    device: str = option("auto", "auto | cpu | cuda")
+    threads: int = option(0, "torch CPU threads (0: torch's default)")
+    progress: bool = option(True, "tqdm progress bars")
+    sweep: list = option(help="NAME=V1,V2,...: choose on validation, then test once (repeatable)", default_factory=list)
 
 
 def task_names(o: SuiteOptions) -> list[str]:
