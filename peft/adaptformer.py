@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, Cost, Method, MethodConfig
+from .base import Wrapper, Cost, Method, MethodConfig
 from .fields import option
 
 
@@ -36,7 +36,7 @@ class AdaptFormerConfig(MethodConfig):
     dropout: float = option(0.1, "dropout inside the AdaptFormer branch", min=0, max=1)
 
 
-class AdaptFormerBlock(Adapter, nn.Module):
+class AdaptFormerBlock(Wrapper, nn.Module):
     """An encoder block (its ``norm1``, ``attn``, ``norm2``, ``mlp`` and drop-paths taken over, same names) with
     AdaptFormer's branch beside its MLP sub-layer: s · branch(x) is added outside the MLP's drop-path, as the official
     code does. The forward is the block's, written out (``vit.model.EncoderBlock.forward``) plus the branch."""

@@ -2,11 +2,11 @@
 
 **The adapter contract** (kept by every wrapper, so that merging, saving and the engine need no per-method code):
 
-* *Built one way.* An adapter module is an :class:`Adapter`; its ``__init__`` calls ``super().__init__(layer)``,
+* *Built one way.* An adapter module is an :class:`Wrapper`; its ``__init__`` calls ``super().__init__(layer)``,
   which takes the wrapped layer over (:func:`adopt_layer`): the layer's hyper-parameters (``in_features``,
   ``eps``, ``stride``, ...), its Parameter objects (``weight``, ``bias``: the same tensors under the same names,
   frozen) and its sub-modules (an encoder block's ``norm1``, ``attn``, ...). Nothing is allocated twice, and a
-  wrapper that subclasses the layer's type (``SSFLayerNorm(Adapter, nn.LayerNorm)``) runs that type's forward.
+  wrapper that subclasses the layer's type (``SSFLayerNorm(Wrapper, nn.LayerNorm)``) runs that type's forward.
 * *Its own parameters* are named by ``ADAPTER_PARAMS``; :func:`adapter_parameter_names` is the one place that
   lists them for a model, :func:`has_adapters` the one place that says whether a model is adapted.
 * *Merging.* ``merge()`` returns a new plain module (``nn.Linear``, ``nn.LayerNorm``, ``nn.Conv2d``, ...)
@@ -18,13 +18,13 @@
   derive from :class:`LinearDelta` and define ``delta_weight()`` (and ``delta_bias()`` if they move the bias);
   SSF folds its scale and shift into the layer it follows. BitFit needs no unmerge: its trained bias is a copy,
   the pretrained one is never written.
-* *Tokens* added to an encoder block go through :class:`BlockAdapter`: the wrapper runs the block's own forward,
+* *Tokens* added to an encoder block go through :class:`BlockWrapper`: the wrapper runs the block's own forward,
   so it follows the model when the block changes (the model imports nothing from ``peft``); a branch beside a
   sub-layer (AdaptFormer) writes the block's two residual lines out with the branch added.
 
 **A method** is one file: its wrappers, a :class:`MethodConfig` (fields with their published defaults, help and
 bounds as metadata: the command-line flags, the registry's documentation, the FLOP model and the checkpoints read
-it), where its wrappers go and a :class:`Method` entry; ``peft/modes.py`` lists the entries.
+it), where its wrappers go and a :class:`Method` entry; ``peft/registry.py`` lists the entries.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def adopt_layer(wrapper: nn.Module, layer: nn.Module) -> None:
         wrapper.add_module(name, child)
 
 
-class Adapter:
-    """Base of every adapter module (first in the bases: ``class X(Adapter, nn.Module)``), built as
+class Wrapper:
+    """Base of every adapter module (first in the bases: ``class X(Wrapper, nn.Module)``), built as
     ``Wrapper(layer, config)`` with the method's :class:`MethodConfig`.
 
     ``ADAPTER_PARAMS``: the names of its own trainable parameters. ``CANNOT_MERGE``: why it cannot be merged into
@@ -110,7 +110,7 @@ class Adapter:
         return None
 
 
-class FoldsIn(Adapter):
+class FoldsIn(Wrapper):
     """An adapter whose update folds into the wrapped layer's own frozen tensors (a weight-space update: LoRA,
     DoRA, RLRR, FacT-TT, SSF). The subclass defines ``merged_tensors()``, the new values of the wrapped layer's
     tensors by name (``weight``, ``bias``); built on it, the same for every such method: ``merge_in_place()`` writes
@@ -205,7 +205,7 @@ class LinearDelta(FoldsIn):
         return out.requires_grad_(False)
 
 
-class BlockAdapter(Adapter):
+class BlockWrapper(Wrapper):
     """The one mechanism for methods that add tokens to an encoder block (VPT): the wrapper takes the block over
     (its sub-modules keep their names) and :meth:`run_block` runs *the block's own forward* on it, so tokens are
     added by changing ``x`` before the call and nothing of the block's computation is written a second time."""
@@ -401,20 +401,20 @@ def adapter_parameter_names(model: nn.Module) -> list[str]:
     …): the one definition of "an adapter's own parameters"."""
     names = []
     for mod_name, module in model.named_modules():
-        if isinstance(module, Adapter):
+        if isinstance(module, Wrapper):
             names += [f"{mod_name}.{p}" if mod_name else p for p in module.ADAPTER_PARAMS]
     return names
 
 
 def has_adapters(model: nn.Module) -> bool:
     """Whether any adapter module is inside ``model`` (the one definition of "already adapted")."""
-    return any(isinstance(m, Adapter) for m in model.modules())
+    return any(isinstance(m, Wrapper) for m in model.modules())
 
 
 def check_fresh(model: nn.Module) -> None:
     """Refuse to stack a second method on a model that already carries adapters."""
     if has_adapters(model):
-        present = sorted({type(m).__name__ for m in model.modules() if isinstance(m, Adapter)})
+        present = sorted({type(m).__name__ for m in model.modules() if isinstance(m, Wrapper)})
         raise ValueError(f"the model already has adapters ({', '.join(present)}); apply one method to a fresh "
                          "model, or merge_adapters() first")
 
@@ -423,7 +423,7 @@ def declared(model: nn.Module, fact: str) -> set[str]:
     """Full names of the parameters (or modules) the model's wrappers list under ``fact`` ("NO_DECAY", "DECAY",
     "BIASES", "DROPOUTS"): how the optimizer and the training loop learn what only the method knows."""
     return {f"{mod_name}.{p}" if mod_name else p for mod_name, module in model.named_modules()
-            if isinstance(module, Adapter) for p in getattr(module, fact)}
+            if isinstance(module, Wrapper) for p in getattr(module, fact)}
 
 
 def freeze_for_adapters(model: nn.Module) -> None:

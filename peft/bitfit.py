@@ -5,7 +5,7 @@ Masked Language-models", ACL 2022. In a ViT the biases are those of the patch em
 and every LayerNorm: 102,912 for ViT-B/16.
 
 Each layer gets a wrapper of its own type that shares the frozen weight and owns a *copy* of the bias, so the
-pretrained bias stays intact (several tasks can share one backbone, see ``peft.adapters``) and ``merge()``
+pretrained bias stays intact (several tasks can share one backbone, see ``peft.tasks``) and ``merge()``
 returns the plain layer with the trained bias.
 """
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, Cost, Method, MethodConfig
+from .base import Wrapper, Cost, Method, MethodConfig
 
 
-class _OwnBias(Adapter):
+class _OwnBias(Wrapper):
     """Shares the wrapped layer's frozen ``weight``; ``bias`` is a trainable copy."""
 
     ADAPTER_PARAMS = ("bias",)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, Cost, LinearDelta, Method, MethodConfig, Work
+from .base import Wrapper, Cost, LinearDelta, Method, MethodConfig, Work
 from .fields import option
 
 TARGETS = ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -47,7 +47,7 @@ def _linear_init(t: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(t, a=math.sqrt(5))  # nn.Linear's default for a (out, in) weight
 
 
-class FacTShared(Adapter, nn.Module):
+class FacTShared(Wrapper, nn.Module):
     """The factors U (rank, D) and V (D, rank) every FacT layer of the model shares."""
 
     ADAPTER_PARAMS = ("u", "v")

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .base import Adapter, Cost, FoldsIn, Method, MethodConfig
+from .base import Wrapper, Cost, FoldsIn, Method, MethodConfig
 from .fields import option
 
 INITS = ("official", "identity")
@@ -35,7 +35,7 @@ def _init(config) -> str:
     return "official" if config is None else config.init
 
 
-class SSF(Adapter, nn.Module):
+class SSF(Wrapper, nn.Module):
     """Scale and shift features: y = γ ⊙ x + β along one dimension (Lian et al., NeurIPS 2022).
 
     init="official" (as the RLRR code): γ ~ N(1, 0.02), β ~ N(0, 0.02). init="identity": γ = 1, β = 0.

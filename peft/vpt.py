@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .base import BlockAdapter, Cost, Method, MethodConfig
+from .base import BlockWrapper, Cost, Method, MethodConfig
 from .fields import option
 
 
@@ -48,8 +48,8 @@ class VPTShallowConfig(VPTConfig):
     DEEP: ClassVar[bool] = False
 
 
-class VPTBlock(BlockAdapter, nn.Module):
-    """An encoder block with its own prompts, through :class:`peft.base.BlockAdapter`: inserted after CLS
+class VPTBlock(BlockWrapper, nn.Module):
+    """An encoder block with its own prompts, through :class:`peft.base.BlockWrapper`: inserted after CLS
     (``insert``, block 0) or replacing the previous block's prompt outputs, then the block's own forward. The
     prompts start at zero; :func:`wrap_vpt` draws them with the bound of the model's patch size."""
 

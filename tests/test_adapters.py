@@ -22,7 +22,7 @@ def train_alone(mode: str, num_classes: int, seed: int, **options):
         torch.nn.init.zeros_(model.head.weight), torch.nn.init.zeros_(model.head.bias)
     model.config = model.config.replace(num_classes=num_classes)
     torch.manual_seed(seed)
-    peft.apply_mode(model, mode, **options)
+    peft.apply_method(model, mode, **options)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -85,8 +85,8 @@ def test_named_state_dict_round_trip_and_errors():
     with pytest.raises(ValueError, match="missing keys \\(1\\): head.bias"):
         peft.load_adapter_state_dict(model, bad, name="a")
     applied = make_model()
-    peft.apply_mode(applied, "lora")
-    with pytest.raises(ValueError, match="already has adapters from apply_mode"):
+    peft.apply_method(applied, "lora")
+    with pytest.raises(ValueError, match="already has adapters from apply_method"):
         peft.add_adapter(applied, "x", mode="rlrr")
 
 

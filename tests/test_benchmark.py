@@ -128,7 +128,7 @@ def test_forward_flops_of_vit_b16_match_the_published_count():
     assert sum(macs.values()) == pytest.approx(17.56e9, rel=1e-3)  # 17.56 GMACs = 35.1 GFLOPs (timm, fvcore)
 
 
-@pytest.mark.parametrize("mode", peft.MODES)
+@pytest.mark.parametrize("mode", peft.METHOD_NAMES)
 @pytest.mark.parametrize("pre_logits", [None, 12])
 def test_analytic_flops_equal_torch_flop_counter(mode, pre_logits):
     """The analytic per-mode count equals what FlopCounterMode counts on a forward and a training step.
@@ -143,7 +143,7 @@ def test_analytic_flops_equal_torch_flop_counter(mode, pre_logits):
     batch = 3
     torch.manual_seed(0)
     model = vit.VisionTransformer(config)
-    peft.apply_mode(model, mode)
+    peft.apply_method(model, mode)
     vit.set_fused_attention(model, False)
     images = torch.randn(batch, config.in_channels, config.image_size, config.image_size)
     labels = torch.randint(0, config.num_classes, (batch,))
@@ -158,7 +158,7 @@ def test_official_rlrr_differs_only_by_its_elementwise_rank1_products():
     config = vit.get_config("testing")
     batch = 2
     model = vit.VisionTransformer(config)
-    peft.apply_mode(model, "rlrr", rlrr_impl="official")
+    peft.apply_method(model, "rlrr", rlrr_impl="official")
     vit.set_fused_attention(model, False)
     images = torch.randn(batch, 3, config.image_size, config.image_size)
     labels = torch.randint(0, config.num_classes, (batch,))

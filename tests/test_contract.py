@@ -10,19 +10,19 @@ from torch import nn
 
 import peft
 from conftest import make_model
-from peft.base import Adapter
+from peft.base import Wrapper
 from peft.state import train_adapters_only
 
 ALL_DROPOUTS = {"lora": {"lora_dropout": 0.1}, "vpt": {"vpt_dropout": 0.1}, "vpt-shallow": {"vpt_shallow_dropout": 0.1}}
 
 
-@pytest.mark.parametrize("mode", peft.MODES)
+@pytest.mark.parametrize("mode", peft.METHOD_NAMES)
 def test_only_the_adapters_dropouts_train_under_a_frozen_backbone(mode):
     """--frozen-eval: every dropout a method adds (those the plain model does not have) trains, the backbone's do
     not. AdaptFormer's and FacT's branch dropouts were left in eval mode by a list of attribute names."""
     plain = {name for name, _ in make_model().named_modules()}
     model = make_model()
-    peft.apply_mode(model, mode, **ALL_DROPOUTS.get(mode, {}))
+    peft.apply_method(model, mode, **ALL_DROPOUTS.get(mode, {}))
     train_adapters_only(model)
     added = {n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and n not in plain}
     training = {n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.training}
@@ -39,7 +39,7 @@ def test_every_wrapper_is_built_from_a_layer_and_its_config():
                                ["conv", "config"], ["linear", "config"], ["model", "config"]), (wrapper, params)
 
 
-@pytest.mark.parametrize("mode", [m for m in peft.MODES if peft.METHODS[m].targets is not None])
+@pytest.mark.parametrize("mode", [m for m in peft.METHOD_NAMES if peft.METHODS[m].targets is not None])
 def test_apply_replaces_exactly_the_targets_and_freezes_the_rest(mode):
     """The skeleton: the returned names are the method's targets, each now one of its wrappers; only the wrappers'
     own parameters and the head train; a second method is refused."""
@@ -74,7 +74,7 @@ def test_every_weight_space_wrapper_merges_in_place_and_unmerges_bit_for_bit(mod
     from peft.base import FoldsIn
 
     model = make_model().double()
-    peft.apply_mode(model, mode)
+    peft.apply_method(model, mode)
     randomize_adapters(model)
     model.eval()  # FacT's dropout
     wrappers = [m for m in model.modules() if isinstance(m, FoldsIn)]

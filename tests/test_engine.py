@@ -42,7 +42,7 @@ def trained_tensors(ck):
 
 def test_decay_groups_and_values():
     model = vit.VisionTransformer(vit.get_config("testing"))
-    peft.apply_mode(model, "lora")
+    peft.apply_method(model, "lora")
     opts = FinetuneOptions(mode="lora")
     opt = optim.build_optimizer(model, opts, 1e-3)
     decay, other = opt.param_groups

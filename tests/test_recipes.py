@@ -241,7 +241,7 @@ def official_forward(P: dict, x: torch.Tensor, heads: int, layers: int) -> torch
 def _rlrr_model(weights, dtype=torch.float64, gelu="erf"):
     model = load_npz(weights, num_classes=5)
     torch.manual_seed(3)
-    peft.apply_mode(model, "rlrr")
+    peft.apply_method(model, "rlrr")
     with torch.no_grad():
         for n, p in model.named_parameters():  # every trainable tensor away from its init (head, f included)
             if p.requires_grad:
@@ -316,13 +316,13 @@ def test_noah_lora_is_one_unscaled_pair_on_the_fused_qkv():
     """NOAH's module (qkv_super_prompt.py): qkv = x (W_qkv + (A B)ᵀ)ᵀ + b with A (in, r), B (r, 3·D), re-derived
     on the fused weight and compared with our separate q, k, v."""
     big = vit.VisionTransformer(vit.get_config("ViT-B/16", num_classes=10))
-    peft.apply_mode(big, "lora", lora_variant="noah")
+    peft.apply_method(big, "lora", lora_variant="noah")
     assert sum(p.numel() for n, p in big.named_parameters() if p.requires_grad and not n.startswith("head")) == 294_912
     a = big.blocks[0].attn.q.lora_A
     assert a.shape == (768, 8) and 0.9 / math.sqrt(8) < a.abs().max().item() <= 1 / math.sqrt(8)  # bound 1/√r
     model = vit.VisionTransformer(vit.get_config("testing")).double().eval()
     base = copy.deepcopy(model)
-    peft.apply_mode(model, "lora", lora_variant="noah", lora_rank=4)
+    peft.apply_method(model, "lora", lora_variant="noah", lora_rank=4)
     attn, ref = model.blocks[0].attn, base.blocks[0].attn
     with torch.no_grad():
         for part in ("q", "k", "v"):
@@ -373,11 +373,11 @@ def test_recipes_are_data_with_sources_and_refuse_what_they_do_not_cover():
     noah = apply_recipe(FinetuneOptions(mode="lora", data="vtab-1k:cifar", recipe="lora-noah"))
     assert noah.method_options == {"lora_variant": "noah", "lora_rank": 8} and noah.normalise == "imagenet"
     ssf_model = vit.VisionTransformer(vit.get_config("testing"))
-    peft.apply_mode(ssf_model, "ssf")
+    peft.apply_method(ssf_model, "ssf")
     decayed = {id(p) for p in param_groups(ssf_model, 0.1, "timm")[0]["params"]}
     assert {n for n, p in ssf_model.named_parameters() if id(p) in decayed} == {"head.weight"}  # SSF's own groups
     vpt_model = vit.VisionTransformer(vit.get_config("testing"))
-    peft.apply_mode(vpt_model, "vpt")
+    peft.apply_method(vpt_model, "vpt")
     no_decay = {id(p) for p in param_groups(vpt_model, 0.1, "vpt")[1]["params"]}
     assert {n for n, p in vpt_model.named_parameters() if id(p) in no_decay} == {"head.bias"}
 
@@ -393,7 +393,7 @@ def test_command_line_flags_win_over_the_recipe_even_at_their_default():
 
 def test_frozen_eval_keeps_the_backbone_deterministic_but_the_prompt_dropout_on():
     model = vit.VisionTransformer(vit.get_config("testing", dropout_rate=0.5))
-    peft.apply_mode(model, "vpt", vpt_dropout=0.5)
+    peft.apply_method(model, "vpt", vpt_dropout=0.5)
     model.train()
     peft.state.train_adapters_only(model)
     dropouts = {n: m.training for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}

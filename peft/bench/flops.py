@@ -13,7 +13,7 @@ from __future__ import annotations
 from vit.config import ViTConfig
 
 from ..base import Cost, MethodConfig, Work
-from ..modes import get_method
+from ..registry import get_method
 
 
 def forward_macs(config: ViTConfig, extra_tokens: int = 0) -> dict[str, int]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import vit
 from vit.config import ViTConfig
 
-from .. import kernels, modes, state
+from .. import kernels, registry, state
 from ..base import MethodConfig
 from ..lora import LoraConfig
 from ..rlrr import RLRRConfig
@@ -30,7 +30,7 @@ from .flops import train_macs
 
 log = logging.getLogger(__name__)
 
-ROWS = modes.MODES + ("rlrr-kernel", "rlrr-kernel-keep", "rlrr-kernel-reuse", "rlrr-official", "merged", "timm",
+ROWS = registry.METHOD_NAMES + ("rlrr-kernel", "rlrr-kernel-keep", "rlrr-kernel-reuse", "rlrr-official", "merged", "timm",
                       "timm-lora")  # every method, and more
 INFERENCE_ONLY = ("merged",)
 RESULT_PREFIX = "BENCH_RESULT "  # a worker prints its result as one JSON line after this marker
@@ -139,12 +139,12 @@ def build_model(mode: str, config: ViTConfig, device: torch.device):
             return "rlrr-kernel: the CUDA extension could not be built here; skipped", ""
     model = vit.VisionTransformer(config).to(device)
     note = ""
-    if mode in modes.MODES and mode != "rlrr":
-        modes.apply_mode(model, mode)
+    if mode in registry.METHOD_NAMES and mode != "rlrr":
+        registry.apply_method(model, mode)
     elif mode in ("rlrr", "merged") or mode.startswith("rlrr-kernel"):
         kernels.set_backend("cuda" if mode.startswith("rlrr-kernel") else "torch")
         memory = mode.rsplit("-", 1)[1] if mode.endswith(("-keep", "-reuse")) else "rebuild"
-        modes.apply_mode(model, "rlrr", rlrr_impl="function", rlrr_weight_memory=memory)
+        registry.apply_method(model, "rlrr", rlrr_impl="function", rlrr_weight_memory=memory)
         note = (f"RLRRLinearFunction, fused CUDA kernel, W' {memory}" if mode.startswith("rlrr-kernel") else
                 "RLRRLinearFunction, PyTorch path (W' rebuilt in backward, not kept)")
         if mode == "merged":
@@ -152,7 +152,7 @@ def build_model(mode: str, config: ViTConfig, device: torch.device):
             note = "RLRR merged into plain layers (peft.merge_adapters): the plain ViT"
     elif mode == "rlrr-official":
         kernels.set_backend("torch")
-        modes.apply_mode(model, "rlrr", rlrr_impl="official")
+        registry.apply_method(model, "rlrr", rlrr_impl="official")
         note = "official formula W*s_in*s_out + W; autograd keeps W' per layer"
     else:
         raise ValueError(f"unknown benchmark mode {mode!r}; choose from {', '.join(ROWS)}")

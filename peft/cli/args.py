@@ -25,7 +25,7 @@ from ..base import AdapterStateError, NotMergeableError
 from ..finetune import CheckpointMismatch, OptionsError, TrainingDiverged
 from ..finetune.rundir import RunFolderBusy
 from ..kernels import KernelUnavailableError
-from ..modes import METHODS
+from ..registry import METHODS
 
 log = logging.getLogger("vit-peft")
 

@@ -7,7 +7,7 @@ For one model size and one or more batch sizes this measures, per mode:
 * peak memory of each phase,
 * achieved FLOP/s against an analytic FLOP count of the work the mode must do (:func:`train_macs`).
 
-Modes: ``head``, ``mlp``, ``lora``, ``full`` (peft.apply_mode); ``rlrr`` (the memory-lean autograd Function on
+Modes: ``head``, ``mlp``, ``lora``, ``full`` (peft.apply_method); ``rlrr`` (the memory-lean autograd Function on
 its PyTorch path); ``rlrr-kernel`` (the same Function with the fused CUDA kernel; CUDA only, skipped with a note
 elsewhere); ``rlrr-official`` (the official code's three-pass formula, autograd keeping W'); ``merged`` (RLRR
 merged back into a plain ViT with peft.merge_adapters: inference only, should cost what the plain ViT costs);

@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
-from ..adapters import set_adapter
+from ..tasks import set_adapter
 from ..finetune.rebuild import load_model_from_checkpoint, load_tasks
 from ..finetune.distributed import resolve_device
 from ..finetune.data import is_photo_source

@@ -24,7 +24,7 @@ from loaders.npz import CheckpointError, NpzArchive, infer_config
 from vit.config import GELU_KINDS, get_config
 from vit.model import RESIZE_METHODS
 
-from ..modes import METHODS, MODES, get_method
+from ..registry import METHODS, METHOD_NAMES, get_method
 from .. import fields
 from ..fields import option
 
@@ -43,7 +43,7 @@ SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes 64-bit values and the ru
 
 @dataclass
 class FinetuneOptions:
-    mode: str = option("rlrr", "what trains: one of the registered methods (peft/modes.py)", choices=MODES)
+    mode: str = option("rlrr", "what trains: one of the registered methods (peft/registry.py)", choices=METHOD_NAMES)
     weights: str = option("ViT-B_16", "base weights: a .npz path, a known name (downloaded once, cached), or none")
     model: str = option("ViT-B/16", "model preset for --weights none (training from scratch); else the .npz decides")
     data: str = option("cifar10", "cifar10 | cifar100 | fashion_mnist | tiny_imagenet | vtab-1k:TASK | fgvc:NAME | a folder")
@@ -74,7 +74,7 @@ class FinetuneOptions:
     momentum: float = option(0.9, "sgd momentum", min=0, below=1)
     batch_size: int = option(128, "global batch per optimizer step (split over processes and --grad-accum)", min=1)
     grad_accum: int = option(1, "micro-batches per optimizer step (same result, less memory)", min=1)
-    lr: typing.Optional[float] = option(None, "peak learning rate (default: the mode's, peft.modes)", above=0)
+    lr: typing.Optional[float] = option(None, "peak learning rate (default: the mode's, peft.registry)", above=0)
     weight_decay: typing.Optional[float] = option(None, "AdamW decay (default 5e-5, the official rate; 0.05 from scratch)", min=0)
     decay_groups: str = option("project", "what decays: project (matrices only) | rlrr (RLRR code) | timm (not 1-D, not bias: SSF, NOAH) | vpt (all but the head bias)", choices=DECAY_GROUPS)
     clip_grad: float = option(1.0, "clip the global gradient norm (0: off)", min=0)
@@ -105,7 +105,7 @@ class FinetuneOptions:
     progress: bool = option(True, "tqdm progress bars")
     log_every: int = option(50, "steps between the host reads of the loop (progress numbers, the non-finite-loss check)", min=1)
     # The chosen method's own options (--lora-rank, --rlrr-init, ...: the flags come from the registry,
-    # peft.modes); only options of --mode are allowed, unset ones take the method's published default.
+    # peft.registry); only options of --mode are allowed, unset ones take the method's published default.
     method_options: dict = dataclasses.field(default_factory=dict)
     # Fields given on the command line (filled by the CLI): they win over --recipe. Empty: those differing from
     # the defaults win (the Python API).

@@ -21,7 +21,7 @@ from loaders.transforms import BatchTransform
 
 from . import distributed as pdist
 from . import report
-from ..adapters import set_adapter
+from ..tasks import set_adapter
 from .checkpoint import CheckpointMismatch
 from .rebuild import load_model_from_checkpoint, load_tasks
 from .data import prepare_data

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..modes import MODES, get_method
+from ..registry import METHOD_NAMES, get_method
 from .options import FinetuneOptions, OptionsError
 from .trainer import run
 from ..fields import option
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class QuickstartOptions:
     output_dir: str = option("runs/quickstart", "everything goes here: pretrained.npz, one folder per mode, results.md")
-    modes: str = option(",".join(MODES), "comma-separated fine-tuning modes to compare")
+    modes: str = option(",".join(METHOD_NAMES), "comma-separated fine-tuning modes to compare")
     pretrain_classes: str = option("0-4", "Fashion-MNIST classes for pretraining from scratch")
     finetune_classes: str = option("5-9", "the other classes, for fine-tuning")
     pretrain_samples: int = option(27000, "training images for pretraining (all 27,000 left after the validation split)")
@@ -51,7 +51,7 @@ class QuickstartOptions:
 
 
 # Fine-tuning learning rates for this small model (D=96): higher than ViT-B/16's defaults because the runs are
-# only ~70 steps; same ordering and reasons as the registry's rates (peft.modes). A method without an entry
+# only ~70 steps; same ordering and reasons as the registry's rates (peft.registry). A method without an entry
 # here gets 3x its registry rate.
 QUICKSTART_LR = {"head": 1e-2, "mlp": 1e-3, "lora": 3e-3, "rlrr": 1e-2, "full": 1e-3}
 
@@ -97,9 +97,9 @@ def markdown_table(rows: list[dict]) -> str:
 def run_quickstart(q: QuickstartOptions) -> dict:
     """The whole quick start: pretrain (or reuse pretrained.npz), fine-tune every mode, write results.md/.json."""
     modes = [m.strip() for m in q.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes if m not in METHOD_NAMES]
     if unknown or not modes:  # fail before minutes of pretraining
-        raise OptionsError(f"--modes {q.modes!r}: {', '.join(unknown) or 'no mode'} is not one of {', '.join(MODES)}")
+        raise OptionsError(f"--modes {q.modes!r}: {', '.join(unknown) or 'no mode'} is not one of {', '.join(METHOD_NAMES)}")
     for flag in ("pretrain_samples", "pretrain_epochs", "finetune_samples", "finetune_epochs", "eval_samples",
                  "batch_size"):
         if getattr(q, flag) < 1:

@@ -14,7 +14,7 @@ import vit
 from loaders import load_npz
 from loaders.download import file_digest
 
-from .. import adapters, modes
+from .. import registry, tasks
 from .checkpoint import CheckpointMismatch, load_checkpoint, load_trainable_state
 from .options import NORMALISERS
 
@@ -56,7 +56,7 @@ def load_model_from_checkpoint(path: str | os.PathLike, weights: str | os.PathLi
         model = vit.VisionTransformer(vit.ViTConfig(**ckpt["model_config"]))
     else:  # base .npz (sha256-checked) + the trained adapters and head
         model = build_base_model(ckpt["model_config"], ckpt["base_weights"], weights)
-        modes.apply_mode(model, ckpt["mode"], **ckpt["mode_options"])
+        registry.apply_method(model, ckpt["mode"], **ckpt["mode_options"])
     load_trainable_state(model, ckpt["state_dict"], full, ckpt["path"])
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "training_state")}
     return model.to(device).eval(), meta
@@ -117,7 +117,7 @@ def load_tasks(paths, weights=None, device: str | torch.device = "cpu"):
                                      f"than {first[2]}; one backbone can only carry adapters of the same base")
         name = Path(ckpt["path"]).parent.name or "task"
         name = name if name not in metas else f"{name}-{len(metas)}"
-        adapters.add_adapter(model, name, ckpt["mode"], num_classes=len(ckpt["classes"]), **ckpt["mode_options"])
-        adapters.load_adapter_state_dict(model, ckpt["state_dict"], name=name)
+        tasks.add_adapter(model, name, ckpt["mode"], num_classes=len(ckpt["classes"]), **ckpt["mode_options"])
+        tasks.load_adapter_state_dict(model, ckpt["state_dict"], name=name)
         metas[name] = {k: v for k, v in ckpt.items() if k not in ("state_dict", "training_state")}
     return model.to(device).eval(), metas

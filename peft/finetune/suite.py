@@ -33,7 +33,7 @@ from loaders.datasets import load_dataset, select_classes
 from loaders.datasets.fgvc import FGVC_SETS
 from loaders.datasets.vtab import GROUPS, REHEARSAL_TASKS, VTAB_TASKS, task_info, write_vtab_task
 
-from ..modes import MODES
+from ..registry import METHOD_NAMES
 from . import sweep as sweeps
 from .options import RECIPES, FinetuneOptions, OptionsError, check_options
 from .recipes import METHOD_RECIPES, RECIPE_TABLE, apply_recipe
@@ -86,10 +86,10 @@ def task_names(o: SuiteOptions) -> list[str]:
 
 
 def mode_names(o: SuiteOptions) -> list[str]:
-    names = list(MODES) if o.modes == "all" else [m.strip() for m in o.modes.split(",") if m.strip()]
-    unknown = [m for m in names if m not in MODES]
+    names = list(METHOD_NAMES) if o.modes == "all" else [m.strip() for m in o.modes.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHOD_NAMES]
     if unknown or not names:
-        raise OptionsError(f"--modes: {', '.join(unknown) or 'none given'} is not one of {', '.join(MODES)} (or all)")
+        raise OptionsError(f"--modes: {', '.join(unknown) or 'none given'} is not one of {', '.join(METHOD_NAMES)} (or all)")
     return names
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, Cost, Method, MethodConfig
+from .base import Wrapper, Cost, Method, MethodConfig
 from .fields import option
 
 PLACEMENTS = ("mlp", "both")
@@ -41,7 +41,7 @@ class AdapterConfig(MethodConfig):
     placement: str = option("mlp", "mlp: after every MLP (NOAH, the VTAB row) | both: also after the attention (Houlsby)", choices=PLACEMENTS)
 
 
-class SequentialAdapter(Adapter, nn.Module):
+class SequentialAdapter(Wrapper, nn.Module):
     """A frozen ``nn.Linear`` (h = x Wᵀ + b, under its old parameter names) followed by h + up(QuickGELU(down(h)))."""
 
     ADAPTER_PARAMS = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import state
 from .base import adapter_parameter_names, has_adapters, replace_module
-from .modes import configure_mode, get_method
+from .registry import configure_method, get_method
 
 
 @dataclass
@@ -47,7 +47,7 @@ def _registry(model: nn.Module, create: bool = False) -> _Registry | None:
     reg = model.__dict__.get("_peft_tasks")
     if reg is None and create:
         if has_adapters(model):
-            raise ValueError("the model already has adapters from apply_mode; named adapters need the plain "
+            raise ValueError("the model already has adapters from apply_method; named adapters need the plain "
                              "backbone (merge_adapters first, or start from a fresh model)")
         reg = _Registry(model)
         model.__dict__["_peft_tasks"] = reg
@@ -86,7 +86,7 @@ def add_adapter(model: nn.Module, name: str, mode: str, num_classes: int | None 
     nn.init.zeros_(head.bias)
     model.head = head
     before = dict(model.named_modules())
-    changed = method.apply(model, configure_mode(mode, **options))
+    changed = method.apply(model, configure_method(mode, **options))
     modules = {path: model.get_submodule(path) for path in changed}
     modules["head"] = head
     for path in changed:
