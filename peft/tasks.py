@@ -54,10 +54,20 @@ def _registry(model: nn.Module, create: bool = False) -> _Registry | None:
     return reg
 
 
-def _place(model: nn.Module, modules: dict[str, nn.Module], num_classes: int) -> None:
+def _put(model: nn.Module, path: str, module: nn.Module | None) -> None:
+    """``module`` at ``path``; None: no module there (a task's own addition, such as FacT's ``model.fact``)."""
+    if module is not None:
+        replace_module(model, path, module)
+    elif path in dict(model.named_modules()):
+        parent, _, child = path.rpartition(".")
+        delattr(model.get_submodule(parent) if parent else model, child)
+
+
+def _place(model: nn.Module, modules: dict[str, nn.Module | None], num_classes: int) -> None:
     device = model.cls_token.device
     for path in sorted(modules, key=lambda p: p.count(".")):  # parents before children
-        replace_module(model, path, modules[path].to(device).train(model.training))  # the model's own mode
+        module = modules[path]
+        _put(model, path, None if module is None else module.to(device).train(model.training))  # the model's mode
     model.config = model.config.replace(num_classes=num_classes)
 
 
@@ -90,9 +100,9 @@ def add_adapter(model: nn.Module, name: str, mode: str, num_classes: int | None 
     modules = {path: model.get_submodule(path) for path in changed}
     modules["head"] = head
     for path in changed:
-        reg.base.setdefault(path, before[path])
+        reg.base.setdefault(path, before.get(path))  # None: the method added a module there
     for path in modules:  # back to the plain backbone
-        replace_module(model, path, reg.base[path])
+        _put(model, path, reg.base[path])
     reg.tasks[name] = _Task(mode, dict(options), modules, classes)
     if previous is not None:
         set_adapter(model, previous)

@@ -31,9 +31,11 @@ def test_v1_checkpoint_rebuilds_the_same_model(tmp_path, key):
 
 
 def test_v1_checkpoints_share_one_backbone(tmp_path):
-    paths = [save_atomic(RUNS[k]["checkpoint"], tmp_path / k / "best.pt") for k in ("rlrr", "lora-noah", "vpt")]
+    """Named tasks on one backbone; FacT adds a module (``model.fact``) that exists only while its task is active."""
+    paths = [save_atomic(RUNS[k]["checkpoint"], tmp_path / k / "best.pt") for k in ("rlrr", "lora-noah", "vpt", "fact-tt")]
     model, metas = load_tasks(paths, weights=HERE / "base_v1.npz")
-    for key in ("rlrr", "lora-noah", "vpt"):
+    for key in ("rlrr", "lora-noah", "vpt", "fact-tt"):
         peft.set_adapter(model, key)
         with torch.no_grad():
             torch.testing.assert_close(model(images()), RUNS[key]["logits"], rtol=1e-5, atol=1e-6)
+        assert hasattr(model, "fact") == (key == "fact-tt")
