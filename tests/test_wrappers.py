@@ -147,7 +147,7 @@ def test_rlrr_impls_agree():
 
 # ── options ──────────────────────────────────────────────────────────────────────────────────────────
 
-def test_apply_mode_options_and_errors():
+def test_apply_method_options_and_errors():
     model = make_model()
     changed = peft.apply_method(model, "lora", lora_rank=2, lora_alpha=4, lora_targets=["fc2"], rlrr_rank=3)
     assert changed == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc2"]

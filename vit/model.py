@@ -165,7 +165,8 @@ class VisionTransformer(nn.Module):
         rep = config.representation_size
         self.pre_logits = nn.Linear(d, rep) if rep else None
         self.head = nn.Linear(rep or d, config.num_classes)
-        self.reset_parameters()
+        if not self.cls_token.is_meta:  # the loader's meta-device model gets every tensor from the file: no init
+            self.reset_parameters()
 
     def reset_parameters(self):
         """Initialisation for training from scratch, as Google's ``models_vit.py`` (checkpoints overwrite all of it):
