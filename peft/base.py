@@ -1,14 +1,17 @@
-"""What every PEFT method shares: the adapter contract, method configs, the registry entry, model surgery.
+"""What every PEFT method shares: the wrapper contract, method configs, the registry entry, the apply skeleton.
 
-**The adapter contract** (kept by every wrapper, so that merging, saving and the engine need no per-method code):
+**The wrapper contract** (kept by every wrapper, so that merging, saving and the engine need no per-method code):
 
-* *Built one way.* An adapter module is an :class:`Wrapper`; its ``__init__`` calls ``super().__init__(layer)``,
+* *Built one way*, ``Wrapper(layer, config)``. An adapter module is a :class:`Wrapper`; its ``__init__`` calls
+  ``super().__init__(layer)``,
   which takes the wrapped layer over (:func:`adopt_layer`): the layer's hyper-parameters (``in_features``,
   ``eps``, ``stride``, ...), its Parameter objects (``weight``, ``bias``: the same tensors under the same names,
   frozen) and its sub-modules (an encoder block's ``norm1``, ``attn``, ...). Nothing is allocated twice, and a
   wrapper that subclasses the layer's type (``SSFLayerNorm(Wrapper, nn.LayerNorm)``) runs that type's forward.
 * *Its own parameters* are named by ``ADAPTER_PARAMS``; :func:`adapter_parameter_names` is the one place that
-  lists them for a model, :func:`has_adapters` the one place that says whether a model is adapted.
+  lists them for a model, :func:`has_adapters` the one place that says whether a model is adapted. What else the
+  engine must know it declares too (``NO_DECAY``, ``DECAY``, ``BIASES``, ``DROPOUTS``, read through
+  :func:`declared`); its method entry declares its FLOPs (:class:`Cost`).
 * *Merging.* ``merge()`` returns a new plain module (``nn.Linear``, ``nn.LayerNorm``, ``nn.Conv2d``, ...)
   computing the same function, which :func:`peft.merge_adapters` puts in the wrapper's place. A method whose
   extra computation no plain layer can hold says why once, in ``CANNOT_MERGE``; its ``merge()`` raises
