@@ -4,7 +4,7 @@
     model = load_npz(path, num_classes=10)
 
 Offline: copy the file by hand to ``<cache>/<name>.npz`` (see :func:`default_cache_dir`), pass a local
-path as ``name``, or point ``url`` at a mirror (``file:///shared/ViT-B_16.npz`` works).
+path as ``name``, or point ``url`` at a mirror (``file:///mnt/models/ViT-B_16.npz``, an example path, works).
 """
 
 from __future__ import annotations
