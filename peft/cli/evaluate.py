@@ -11,6 +11,7 @@ from ..finetune import OptionsError
 from ..finetune.distributed import setup_logging
 from ..finetune.predict import evaluate_checkpoint, evaluate_tasks
 from .args import parse_options, run_main
+from .. import fields
 from ..fields import option
 
 EXAMPLES = """examples:
@@ -29,18 +30,15 @@ class EvaluateOptions:
     data: typing.Optional[str] = option(None, "dataset (default: the one the run used)")
     data_root: typing.Optional[str] = option(None, "dataset cache folder")
     output_dir: typing.Optional[str] = option(None, "where the files go (default: the checkpoint's folder)")
-    batch_size: int = option(256, "images per forward pass")
-    max_samples: int = option(-1, "cap the split (-1: as in the run; 0: the whole split)")
+    batch_size: int = option(256, "images per forward pass", min=1)
+    max_samples: int = option(-1, "cap the split (-1: as in the run; 0: the whole split)", min=-1, range_text="-1 (as in the run), 0 (the whole split) or positive")
     device: str = option("auto", "auto | cpu | cuda")
 
 
 def main(argv=None) -> int:
     o = parse_options(argv, EvaluateOptions, description=__doc__, epilog=EXAMPLES, positional=("checkpoint",),
                       prog="evaluate")
-    if o.batch_size < 1:
-        raise OptionsError(f"--batch-size must be at least 1, got {o.batch_size}")
-    if o.max_samples < -1:
-        raise OptionsError(f"--max-samples must be -1 (as in the run), 0 (the whole split) or positive, got {o.max_samples}")
+    fields.check(o, OptionsError)
     setup_logging()
     cap = None if o.max_samples == 0 else o.max_samples
     paths = [c for c in o.checkpoint.split(",") if c]

@@ -15,6 +15,7 @@ from ..finetune.options import FinetuneOptions
 from ..finetune.predict import eval_transform, predict_files, predict_folder
 from ..finetune import OptionsError
 from .args import parse_options, run_main
+from .. import fields
 from ..fields import option
 
 EXAMPLES = """examples:
@@ -32,15 +33,14 @@ class PredictOptions:
     data: Optional[str] = option(None, "a folder: every image under it, decoded once into the cache")
     checkpoint: list = option(help="a checkpoint file or a run folder (its best.pt); repeat the flag for several adapter checkpoints of one base: they share one backbone in memory and each reports its own top classes (images may come before or after)", default_factory=list)
     weights: Optional[str] = option(None, "base .npz if it moved since training (sha256 must match)")
-    top_k: int = option(5, "classes to print per image")
+    top_k: int = option(5, "classes to print per image", min=1)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
 
 
 def main(argv=None) -> int:
     a = parse_options(argv, PredictOptions, prog="predict", description=__doc__, epilog=EXAMPLES,
                       positional=("images",))
-    if a.top_k < 1:
-        raise OptionsError(f"--top-k must be at least 1, got {a.top_k}")
+    fields.check(a, OptionsError)
     if not a.images and a.data is None:
         raise OptionsError("give image files, or --data FOLDER")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

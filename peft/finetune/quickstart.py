@@ -22,6 +22,7 @@ from pathlib import Path
 from ..registry import METHOD_NAMES, get_method
 from .options import FinetuneOptions, OptionsError
 from .trainer import run
+from .. import fields
 from ..fields import option
 
 log = logging.getLogger(__name__)
@@ -33,20 +34,20 @@ class QuickstartOptions:
     modes: str = option(",".join(METHOD_NAMES), "comma-separated fine-tuning modes to compare")
     pretrain_classes: str = option("0-4", "Fashion-MNIST classes for pretraining from scratch")
     finetune_classes: str = option("5-9", "the other classes, for fine-tuning")
-    pretrain_samples: int = option(27000, "training images for pretraining (all 27,000 left after the validation split)")
-    pretrain_epochs: int = option(5, "pretraining epochs")
-    pretrain_lr: float = option(2e-3, "AdamW peak learning rate from scratch")
-    finetune_samples: int = option(1500, "training images per fine-tuning run (a low-data transfer task)")
-    finetune_epochs: int = option(5, "fine-tuning epochs per mode")
-    eval_samples: int = option(1000, "cap on validation and test images per run (validation runs every epoch)")
-    batch_size: int = option(64, "global batch size")
+    pretrain_samples: int = option(27000, "training images for pretraining (all 27,000 left after the validation split)", min=1)
+    pretrain_epochs: int = option(5, "pretraining epochs", min=1)
+    pretrain_lr: float = option(2e-3, "AdamW peak learning rate from scratch", above=0)
+    finetune_samples: int = option(1500, "training images per fine-tuning run (a low-data transfer task)", min=1)
+    finetune_epochs: int = option(5, "fine-tuning epochs per mode", min=1)
+    eval_samples: int = option(1000, "cap on validation and test images per run (validation runs every epoch)", min=1)
+    batch_size: int = option(64, "global batch size", min=1)
     augment: bool = option(False, "random crop + flip (off: in runs this short they slow learning more than they help)")
     retrain: bool = option(False, "pretrain again even if pretrained.npz exists")
     data: str = option("fashion_mnist", "dataset name (Fashion-MNIST is the one that works offline)")
     data_root: str = option("", "dataset cache folder (default: the Debian package, else $VIT_PEFT_DATA)")
     seed: int = option(0, "random seed for every run")
     device: str = option("auto", "auto | cpu | cuda")
-    threads: int = option(0, "torch CPU threads (0: torch's default)")
+    threads: int = option(0, "torch CPU threads (0: torch's default)", min=0)
     progress: bool = option(True, "tqdm progress bars")
 
 
@@ -100,12 +101,7 @@ def run_quickstart(q: QuickstartOptions) -> dict:
     unknown = [m for m in modes if m not in METHOD_NAMES]
     if unknown or not modes:  # fail before minutes of pretraining
         raise OptionsError(f"--modes {q.modes!r}: {', '.join(unknown) or 'no mode'} is not one of {', '.join(METHOD_NAMES)}")
-    for flag in ("pretrain_samples", "pretrain_epochs", "finetune_samples", "finetune_epochs", "eval_samples",
-                 "batch_size"):
-        if getattr(q, flag) < 1:
-            raise OptionsError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(q, flag)}")
-    if q.pretrain_lr <= 0 or q.threads < 0:
-        raise OptionsError("--pretrain-lr must be positive and --threads at least 0")
+    fields.check(q, OptionsError)
     out = Path(q.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
