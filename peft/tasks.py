@@ -1,7 +1,7 @@
 """Many tasks on one frozen backbone: named adapters, each with its own head, switched in place.
 
-    peft.add_adapter(model, "pets", mode="rlrr", num_classes=37)
-    peft.add_adapter(model, "flowers", mode="lora", num_classes=102, lora_rank=4)
+    peft.add_adapter(model, "pets", method="rlrr", num_classes=37)
+    peft.add_adapter(model, "flowers", method="lora", num_classes=102, lora_rank=4)
     peft.load_adapter_state_dict(model, torch.load("pets.pt"), name="pets")   # a task trained on its own
     peft.set_adapter(model, "pets")      # the model now computes exactly what the pets model computes
     peft.set_adapter(model, None)        # the plain backbone again
@@ -9,7 +9,7 @@
 How: a task is the set of wrapper modules its method put into the model, plus its head, kept aside while
 inactive. The wrappers hold the backbone's frozen tensors by reference (they never copy them), so switching is
 a handful of ``setattr`` calls and moves only the task's own tensors to the backbone's device: time and memory of
-the adapter, not the backbone. Methods of different modes coexist (each is activated alone, on the plain
+the adapter, not the backbone. Tasks of different methods coexist (each is activated alone, on the plain
 backbone); methods that train the backbone's own tensors (``full``, ``mlp``) cannot share it and are refused.
 """
 
@@ -27,7 +27,7 @@ from .registry import configure_method, get_method
 
 @dataclass
 class _Task:
-    mode: str
+    method: str
     options: dict
     modules: dict[str, nn.Module]  # path -> the module this task puts there (its wrappers and its head)
     num_classes: int
@@ -77,12 +77,12 @@ def _deactivate(model: nn.Module, reg: _Registry) -> None:
         reg.active = None
 
 
-def add_adapter(model: nn.Module, name: str, mode: str, num_classes: int | None = None, **options) -> list[str]:
-    """Add task ``name``: ``mode``'s adapter (with ``options``) and a new zero-initialised head of ``num_classes``
+def add_adapter(model: nn.Module, name: str, method: str, num_classes: int | None = None, **options) -> list[str]:
+    """Add task ``name``: ``method``'s wrappers (with ``options``) and a new zero-initialised head of ``num_classes``
     outputs (default: the backbone head's). The active task does not change. Returns the adapted module names."""
-    method = get_method(mode)
-    if method.trains_backbone:
-        raise ValueError(f"mode {mode!r} trains the backbone's own tensors, so it cannot share one frozen backbone "
+    entry = get_method(method)
+    if entry.trains_backbone:
+        raise ValueError(f"method {method!r} trains the backbone's own tensors, so it cannot share one frozen backbone "
                          "with other tasks; use a separate model for it")
     reg = _registry(model, create=True)
     if name in reg.tasks:
@@ -96,14 +96,14 @@ def add_adapter(model: nn.Module, name: str, mode: str, num_classes: int | None 
     nn.init.zeros_(head.bias)
     model.head = head
     before = dict(model.named_modules())
-    changed = method.apply(model, configure_method(mode, **options))
+    changed = entry.apply(model, configure_method(method, **options))
     modules = {path: model.get_submodule(path) for path in changed}
     modules["head"] = head
     for path in changed:
         reg.base.setdefault(path, before.get(path))  # None: the method added a module there
     for path in modules:  # back to the plain backbone
         _put(model, path, reg.base[path])
-    reg.tasks[name] = _Task(mode, dict(options), modules, classes)
+    reg.tasks[name] = _Task(method, dict(options), modules, classes)
     if previous is not None:
         set_adapter(model, previous)
     return changed
@@ -157,7 +157,7 @@ def load_adapter_state_dict(model: nn.Module, saved: dict[str, torch.Tensor], na
         return state.load_adapter_state_dict(model, saved)
     task = _task(model, name)
     params = _task_parameters(task)
-    state.check_state_fits(params, saved, f"adapter {name!r} ({task.mode})")
+    state.check_state_fits(params, saved, f"adapter {name!r} ({task.method})")
     for key, p in params.items():
         p.copy_(saved[key])
 
