@@ -3,7 +3,8 @@
 ``atomic_write``: readers see the old file or the new one, never a partial one; the rename is made durable by an
 fsync of the folder; temporary files left by an interrupted write (``kill -9``) are removed by the next write to
 that folder, only ours (by name pattern) and only old ones (so a concurrent writer's file is never touched).
-``file_lock``: an exclusive lock beside a file, for work several processes must not do twice (a download).
+``file_lock``: an exclusive lock beside a file, for work several processes must not do twice (a download); its lock
+file exists only while held. ``make_dirs`` / ``remove_created_dirs``: folders a failed attempt created go again.
 """
 
 from __future__ import annotations
@@ -92,20 +93,85 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
         raise
 
 
+def make_dirs(folder: str | os.PathLike) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns the folders this call created, outermost first, for
+    :func:`remove_created_dirs`. A folder another process creates meanwhile is not counted as ours; a parent another
+    process removes meanwhile is created again."""
+    folder = Path(folder)
+    for _ in range(10):
+        missing, p = [], folder
+        while not p.is_dir() and p != p.parent:
+            missing.append(p)
+            p = p.parent
+        created = []
+        try:
+            for d in reversed(missing):
+                try:
+                    d.mkdir()
+                    created.append(d)
+                except FileExistsError:
+                    if not d.is_dir():
+                        raise
+            return created
+        except FileNotFoundError:  # a parent went away between the two steps: once more
+            remove_created_dirs(created)
+    folder.mkdir(parents=True, exist_ok=True)  # still racing: the plain call raises the real error
+    return []
+
+
+def remove_created_dirs(created: list[Path]) -> None:
+    """Remove folders that :func:`make_dirs` created, innermost first, each only while it is empty: a file anyone
+    put there (another process's too) keeps it and every folder above it."""
+    for d in reversed(created):
+        try:
+            d.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:  # not empty
+            return
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike, what: str = "this file"):
-    """Hold an exclusive lock on ``<path>.lock`` (waiting for another holder, with one log line)."""
+    """Hold an exclusive lock on ``<path>.lock`` (waiting for another holder, with one log line).
+
+    The lock file exists only while it is held: the holder deletes it before unlocking. A process that was waiting
+    on the deleted file finds that it is no longer the file at that path and locks the one that is (creating it),
+    so two holders never overlap. A holder killed with ``kill -9`` leaves an empty lock file; the next holder takes
+    it over and deletes it. The lock's folder is created if missing (and again if another process removes it).
+    """
     lock_path = Path(str(path) + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as f:
-        if fcntl is not None:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                log.info("waiting for another process working on %s (%s)", path, what)
-                fcntl.flock(f, fcntl.LOCK_EX)
+    waited = False
+    while True:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_UN)
+            f = open(lock_path, "a+")
+        except FileNotFoundError:  # the folder was removed between the two calls
+            continue
+        if fcntl is None:
+            break
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if not waited:
+                log.info("waiting for another process working on %s (%s)", path, what)
+                waited = True
+            fcntl.flock(f, fcntl.LOCK_EX)
+        if is_file_at(f, lock_path):
+            break
+        f.close()  # its holder deleted it while this process waited: lock the one at the path now
+    try:
+        yield
+    finally:
+        if fcntl is not None:
+            lock_path.unlink(missing_ok=True)  # still held: whoever opened it before now retries on a new file
+            fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def is_file_at(f, path: Path) -> bool:
+    """Is the open file ``f`` the file now at ``path`` (not one deleted or replaced since it was opened)?"""
+    try:
+        return os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False

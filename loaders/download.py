@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .atomic import file_lock, fsync_dir
+from .atomic import file_lock, fsync_dir, make_dirs, remove_created_dirs
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +69,21 @@ def download_file(url: str, dest, *, sha256: str | None = None, md5: str | None 
 
     A ``dest`` that already exists and verifies is returned without any network access. ``file://`` URLs
     work too (useful for a mirror on a shared disk). Several processes downloading one ``dest`` at once (torchrun
-    ranks, parallel jobs) coordinate through ``<dest>.lock``: one downloads, the others wait and reuse the
-    verified file. Raises :class:`DownloadError`.
+    ranks, parallel jobs) coordinate through ``<dest>.lock`` (there only while held): one downloads, the others wait
+    and reuse the verified file. A failed download leaves no lock and no folder it created (only a resumable
+    ``.part``, if bytes arrived). Raises :class:`DownloadError`.
     """
     dest = Path(dest)
     if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with file_lock(dest, f"downloading {url}"):
-            if not dest.exists():  # nobody finished it while this process waited
-                _download_locked(url, dest, sha256, md5, size, desc)
-                return dest
+        created = make_dirs(dest.parent)
+        try:
+            with file_lock(dest, f"downloading {url}"):
+                if not dest.exists():  # nobody finished it while this process waited
+                    _download_locked(url, dest, sha256, md5, size, desc)
+                    return dest
+        except BaseException:  # a failed first download leaves no empty cache folder (a kept .part keeps it)
+            remove_created_dirs(created)
+            raise
     problems = _problems(dest, size, sha256, md5)
     if not problems:
         log.debug("%s already present and verified", dest)

@@ -41,6 +41,7 @@ def _worker(rank: int, world: int, port: int, out: str, kw: dict) -> None:
     Path(out).mkdir(parents=True, exist_ok=True)
     stacks = open(Path(out).parent / f"stacks-{Path(out).name}-rank{rank}.txt", "w")  # noqa: SIM115 (lives on)
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)  # what a stuck worker is doing
+    _ready(out, rank)
     torch.set_num_threads(1)
     training.run(_options(Path(out), **kw))
 
@@ -48,13 +49,22 @@ def _worker(rank: int, world: int, port: int, out: str, kw: dict) -> None:
 def _stuck_worker(rank: int, world: int, port: int, out: str, kw: dict) -> None:
     stacks = open(Path(out).parent / f"stacks-{Path(out).name}-rank{rank}.txt", "w")  # noqa: SIM115
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+    _ready(out, rank)
     time.sleep(3600)  # a worker that never finishes (as one stuck in a collective would)
+
+
+def _ready(out: str, rank: int) -> Path:
+    """The marker a worker writes once SIGUSR1 dumps its stacks (before that, SIGUSR1 would end it silently)."""
+    marker = Path(out).parent / f"stacks-{Path(out).name}-rank{rank}.ready"
+    marker.touch()
+    return marker
 
 
 def test_a_stuck_worker_fails_the_test_with_its_stack_instead_of_hanging(tmp_path):
     start = time.monotonic()
-    with pytest.raises(pytest.fail.Exception, match=r"(?s)still running after 20 s.*_stuck_worker"):
-        _spawn_with_timeout(_stuck_worker, (2, 0, str(tmp_path / "stuck"), {}), nprocs=2, timeout=20)
+    # A short timeout: the helper waits for a worker still starting (importing) before it asks for its stack.
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)still running after 3 s.*_stuck_worker"):
+        _spawn_with_timeout(_stuck_worker, (2, 0, str(tmp_path / "stuck"), {}), nprocs=2, timeout=3)
     assert time.monotonic() - start < 60
 
 
@@ -66,12 +76,22 @@ def _spawn_with_timeout(fn, args, nprocs: int, timeout: float) -> None:
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             alive = [(rank, p) for rank, p in enumerate(ctx.processes) if p.is_alive()]
+            out = Path(args[2])
+            started = time.monotonic()  # a worker still importing cannot dump its stack yet: up to 60 s more
+            ready = [out.parent / f"stacks-{out.name}-rank{rank}.ready" for rank, _ in alive]
+            while time.monotonic() - started < 60 and not all(m.exists() or not p.is_alive()
+                                                                  for m, (_, p) in zip(ready, alive)):
+                time.sleep(0.1)
             for _, p in alive:
                 os.kill(p.pid, signal.SIGUSR1)
-            time.sleep(2)
+            sent = time.monotonic()  # until each stack is written (or 5 s)
+            while time.monotonic() - sent < 5 and not all(
+                    os.path.getsize(out.parent / f"stacks-{out.name}-rank{rank}.txt") > 0
+                    if (out.parent / f"stacks-{out.name}-rank{rank}.txt").exists() else True for rank, _ in alive):
+                time.sleep(0.1)
+            time.sleep(0.2)  # the end of the dump
             for p in ctx.processes:
                 p.kill()
-            out = Path(args[2])
             stacks = "\n".join(f"rank {rank} (pid {p.pid}):\n" + (out.parent / f"stacks-{out.name}-rank{rank}.txt")
                                .read_text()[-3000:] for rank, p in alive
                                if (out.parent / f"stacks-{out.name}-rank{rank}.txt").exists())

@@ -186,3 +186,31 @@ def test_fetch_weights_unknown_name(tmp_path):
         fetch_weights("ViT-Q_99", cache_dir=tmp_path)
     with pytest.raises(DownloadError, match="does not exist"):
         fetch_weights(str(tmp_path / "missing.npz"))
+
+
+@pytest.mark.parametrize("where", ["unreachable", "server error"])
+def test_the_main_job_without_a_network_leaves_nothing(where, server, tmp_path, monkeypatch, capsys):
+    """`tools/finetune.py --mode rlrr` offline, with and without --output-dir a/b/c: one line, exit 1, and no folder,
+    no lock, no cache folder left (it left runs/, a/b and a 0-byte ~/.cache/vit-peft/ViT-B_16.npz.lock)."""
+    import dataclasses
+
+    from peft.cli import finetune as finetune_cli
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/ViT-B_16.npz" if where == "unreachable" else f"{server[0]}/error"
+    monkeypatch.setitem(KNOWN_WEIGHTS, "ViT-B_16", dataclasses.replace(KNOWN_WEIGHTS["ViT-B_16"], url=url))
+    home, work = tmp_path / "home", tmp_path / "work"
+    (home / ".cache").mkdir(parents=True)
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("VIT_PEFT_CACHE", raising=False)
+    monkeypatch.chdir(work)
+    before = sorted(tmp_path.rglob("*"))
+    for extra in ([], ["--output-dir", "a/b/c"]):
+        assert finetune_cli.cli(["--mode", "rlrr", *extra]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"could not download {url}" in err, err
+        assert str(home / ".cache" / "vit-peft" / "ViT-B_16.npz") in err  # where to put the file by hand
+        assert sorted(tmp_path.rglob("*")) == before

@@ -149,3 +149,16 @@ def test_the_gpu_check_fits_its_budget_and_says_no_gpu_in_one_line(tmp_path):
     r = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--help"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and "8 minutes" in r.stdout
+
+
+def test_the_gpu_check_help_is_its_header_comment_and_nothing_else():
+    script = (ROOT / "tools" / "gpu_check.sh").read_text().splitlines()
+    header = []
+    for line in script[1:]:  # after the shebang, up to the first line that is not a comment
+        if not line.startswith("#"):
+            break
+        header.append(line[2:] if line.startswith("# ") else line[1:])
+    r = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout.splitlines() == header and "Usage: bash tools/gpu_check.sh" in header[-1]

@@ -87,15 +87,17 @@ def test_the_rlrr_official_vtab_run_records_the_official_lr_of_every_step(weight
     write_vtab_tree(root, "cifar", 100, sizes=(12, 6, 10))
     out = tmp_path / "run"
     code = finetune_cli.cli(["--recipe", "rlrr-official", "--data", "vtab-1k:cifar", "--data-root", str(root),
-                             "--weights", str(weights), "--image-size", "32", "--batch-size", "8", "--device", "cpu",
+                             "--weights", str(weights), "--image-size", "32", "--batch-size", "9", "--device", "cpu",
                              "--no-progress", "--output-dir", str(out), "--threads", "1"])
     assert code == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["epochs"] == 110 and m["steps"] == 110 * 3  # 18 train800val200 images, batches of 8
-    reference = official_rlrr_lrs(3e-3, 3)
+    # 18 train800val200 images, batches of 9: two steps per epoch (the fewest that still show the lr held within
+    # an epoch), 220 steps over the recipe's 110 epochs
+    assert m["epochs"] == 110 and m["steps"] == 110 * 2
+    reference = official_rlrr_lrs(3e-3, 2)
     _close(m["lr_per_step"], reference)
     assert reference[0] == reference[3] == 1e-7 and max(reference) == pytest.approx(2.9266e-3, rel=1e-4)
-    assert set(reference[-27:]) == {1e-8} and reference[-28] > 1e-8  # cooldown: epochs 101-109 (lag 1)
+    assert set(reference[-18:]) == {1e-8} and reference[-19] > 1e-8  # cooldown: epochs 101-109 (lag 1)
     rec = m["recipe_settings"]
     assert rec["overridden"] == ["batch_size", "image_size"] and rec["set"]["gelu"] == "erf"
     ck = ckpt_io.load_checkpoint(out / "best.pt")

@@ -67,14 +67,17 @@ def slow_server():
 def test_concurrent_processes_download_once_and_share_the_verified_file(slow_server, tmp_path):
     url, state = slow_server
     dest = tmp_path / "file.bin"
-    code = ("import sys; sys.path.insert(0, sys.argv[3]); from loaders.download import download_file; "
-            "print(download_file(sys.argv[1], sys.argv[2], sha256=sys.argv[4]))")
+    # The downloader module alone (its package's __init__ would import torch: ~4 s per process on a busy machine).
+    code = ("import sys, types; loaders = types.ModuleType('loaders'); loaders.__path__ = [sys.argv[3] + '/loaders']; "
+            "sys.modules['loaders'] = loaders; from loaders.download import download_file; "
+            "assert 'torch' not in sys.modules; print(download_file(sys.argv[1], sys.argv[2], sha256=sys.argv[4]))")
     procs = [subprocess.Popen([sys.executable, "-c", code, url, str(dest), str(ROOT), SHA256], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
     assert all(o[0].strip() == str(dest) for o in outs)
     assert state["gets"] == 1 and dest.read_bytes() == PAYLOAD and not _part(dest).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]  # no lock file left
 
 
 def test_416_without_the_servers_total_is_not_taken_as_complete(slow_server, tmp_path):
@@ -138,3 +141,34 @@ def test_a_gzip_bomb_and_a_truncated_stream_are_dataset_errors(tmp_path):
 def test_the_empty_name_is_not_a_dataset():
     with pytest.raises(DataNotFoundError, match="empty name"):
         load_dataset("")
+
+
+def test_a_lock_file_exists_only_while_held_and_holders_never_overlap(tmp_path):
+    """The holder deletes the lock file before unlocking; a process already waiting on the deleted file must not
+    hold it at the same time as one that locks the new file at that path."""
+    from loaders.atomic import file_lock
+
+    target = tmp_path / "cache" / "w.npz"
+    inside, overlaps, done = [], [], []
+
+    def hold(name, seconds):
+        with file_lock(target, "test"):
+            overlaps.extend(inside)  # anyone inside now overlaps with this holder
+            inside.append(name)
+            assert (tmp_path / "cache" / "w.npz.lock").is_file()
+            time.sleep(seconds)
+            inside.remove(name)
+        done.append(name)
+
+    first = threading.Thread(target=hold, args=("first", 0.4))
+    first.start()
+    time.sleep(0.1)
+    waiting = threading.Thread(target=hold, args=("waiting", 0.3))  # opens the file the first holder deletes
+    waiting.start()
+    first.join(timeout=30)
+    late = threading.Thread(target=hold, args=("late", 0.3))  # opens whatever file is at the path now
+    late.start()
+    waiting.join(timeout=30)
+    late.join(timeout=30)
+    assert sorted(done) == ["first", "late", "waiting"] and overlaps == []
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == []  # no lock file left

@@ -126,3 +126,29 @@ def test_every_tool_gives_one_line_and_exit_2_for_a_bad_flag(tool, argv, text, c
 def test_a_device_that_does_not_exist_is_a_usage_error(capsys):
     assert exit_code(["--weights", "none", "--mode", "full", "--model", "testing", "--device", "tpu"]) == 2
     assert "--device 'tpu': expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+@needs_fmnist
+def test_the_resume_refusal_shows_effective_values_and_only_real_flags(tmp_path, mini_npz):
+    import re
+
+    from peft.cli.args import build_parser, method_flags
+    from peft.finetune.options import FinetuneOptions
+
+    kw = dict(weights=str(mini_npz), mode="lora", epochs=1, max_train_samples=32, max_eval_samples=32,
+              lr=None)  # lr: lora's default
+    training.run(tiny(tmp_path, **kw))
+    with pytest.raises(CheckpointMismatch) as refused:
+        training.run(tiny(tmp_path, resume=True, **{**kw, "lr": 1e-2, "method_options": {"lora_rank": 4}}))
+    message = str(refused.value)
+    default_lr = FinetuneOptions(mode="lora").resolved_lr()
+    assert f"--lr ({default_lr!r} -> 0.01)" in message and "None" not in message
+    assert "--lora-rank (8 -> 4)" in message and "--method-options" not in message
+    parser = build_parser(FinetuneOptions)
+    method_flags(parser)
+    real = {s for action in parser._actions for s in action.option_strings}
+    named = set(re.findall(r"--[a-z][a-z0-9-]*", message.replace(str(tmp_path), "")))
+    assert named and named <= real, named - real  # --explicit was listed, a field no flag sets
+    # The default's own value given explicitly (and a method option at its default) change nothing: accepted.
+    same = training.run(tiny(tmp_path, resume=True, **{**kw, "lr": default_lr, "method_options": {"lora_rank": 8}}))
+    assert same["epochs"] == 1 and same["lr"] == default_lr

@@ -1,7 +1,8 @@
 """The visual tools (tools/attention_map.py, pos_embed.py, patch_filters.py) end to end on a random checkpoint.
 
-Each CLI runs as a subprocess on a Google-layout .npz written by npz_factory and must write a readable PNG
-(and the attention masks as .npy with the right shapes). Adapters are tested at the function level: the maps
+Each CLI runs on a Google-layout .npz written by npz_factory and must write a readable PNG (and the attention
+masks as .npy with the right shapes): the first as a real process through tools/, the others through the same
+cli() in this process (a process costs ~4 s of imports). Adapters are tested at the function level: the maps
 of a model with RLRR or LoRA applied come from the adapted attention, and forward is unchanged.
 """
 
@@ -53,6 +54,11 @@ def run_tool(name, *args, env=None):
     return result
 
 
+def run_in_process(name, *args) -> int:
+    """The exit code of the tool's cli(), which tools/NAME.py calls, run in this process."""
+    return importlib.import_module(f"peft.cli.{name}").cli([str(a) for a in args])
+
+
 def assert_png(path, min_size=100):
     import matplotlib.image
 
@@ -81,7 +87,7 @@ def test_attention_map_cli_on_image_files(checkpoint, image_files, tmp_path):
     np.testing.assert_allclose(per_layer[-1], rollout)
 
 
-def test_attention_map_cli_on_a_dataset_at_another_image_size(checkpoint, tmp_path):
+def test_attention_map_cli_on_a_dataset_at_another_image_size(checkpoint, tmp_path, caplog):
     from PIL import Image
 
     data = tmp_path / "data"
@@ -90,20 +96,19 @@ def test_attention_map_cli_on_a_dataset_at_another_image_size(checkpoint, tmp_pa
         for i in range(2):
             Image.new("RGB", (24, 24), colour).save(data / label / f"{i}.png")
     out = tmp_path / "ds.png"
-    r = run_tool("attention_map.py", "--checkpoint", checkpoint, "--dataset", data, "--split", "train",
-                 "--index", 0, 3, 1, "--image-size", 48, "--output", out)
-    assert r.returncode == 0, r.stderr
+    caplog.set_level("INFO")
+    assert run_in_process("attention_map", "--checkpoint", checkpoint, "--dataset", data, "--split", "train",
+                          "--index", 0, 3, 1, "--image-size", 48, "--output", out) == 0
     assert_png(out)
     assert np.load(tmp_path / "ds_rollout.npy").shape == (3, 6, 6)  # 48 px / patch 8
     assert np.load(tmp_path / "ds_cls_heads.npy").shape == (3, 2, 6, 6)
     assert not (tmp_path / "ds_per_layer.npy").exists()
-    assert "true blue" in r.stderr and "true red" in r.stderr
+    assert "true blue" in caplog.text and "true red" in caplog.text
 
 
 def test_pos_embed_cli(checkpoint, tmp_path):
     out = tmp_path / "pos.png"
-    r = run_tool("pos_embed.py", "--checkpoint", checkpoint, "--output", out, "--save-npy")
-    assert r.returncode == 0, r.stderr
+    assert run_in_process("pos_embed", "--checkpoint", checkpoint, "--output", out, "--save-npy") == 0
     assert_png(out)
     sim = np.load(tmp_path / "pos.npy")
     g = CONFIG.grid_size
@@ -115,8 +120,7 @@ def test_pos_embed_cli(checkpoint, tmp_path):
 
 def test_patch_filters_cli(checkpoint, tmp_path):
     out = tmp_path / "filters.png"
-    r = run_tool("patch_filters.py", "--checkpoint", checkpoint, "--raw", "--output", out, "--save-npy")
-    assert r.returncode == 0, r.stderr
+    assert run_in_process("patch_filters", "--checkpoint", checkpoint, "--raw", "--output", out, "--save-npy") == 0
     assert_png(out)
     # testing config: D = 16 filters of 3*8*8 = 192 values; centring leaves rank 15 < 28
     comps = np.load(tmp_path / "filters.npy")

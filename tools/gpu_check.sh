@@ -11,7 +11,7 @@
 set -uo pipefail
 full=0
 case "${1:-}" in
-  -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;  # the comment above
   --full) full=1; shift ;;
   -*) echo "gpu_check.sh: unknown option $1 (usage: bash tools/gpu_check.sh [--full] [OUTPUT_DIR])" >&2; exit 2 ;;
 esac

@@ -56,7 +56,8 @@ def load_dataset_samples(name: str, indices, split: str, root=None, size: int | 
     images, sizes = gather_batch(ds.images, idx)
     if sizes is not None or (size is not None and ds.on_disk):
         hw = sizes.tolist() if sizes is not None else [images.shape[1:3]] * len(idx)
-        images = torch.stack([torch.from_numpy(resize_array(img[:h, :w].numpy(), size)) for img, (h, w) in
+        # torch.tensor copies: PIL's resized arrays are read-only, and from_numpy warned about it on every call
+        images = torch.stack([torch.tensor(resize_array(img[:h, :w].numpy(), size)) for img, (h, w) in
                               zip(images, hw)])
     return images, ds.labels[idx], list(ds.classes)
 

@@ -161,11 +161,33 @@ RESUMABLE = ("epochs", "resume", "overwrite", "stop_after_epoch", "export_npz", 
              "eval_batch_size", "output_dir", "workers", "strict_data", "explicit", "kernel", "compile", "log_every")
 
 
-def changed_options(stored: dict, opts: "FinetuneOptions") -> list[str]:
-    """Options of ``opts`` that differ from the stored ones and may not change on resume."""
-    stored = dataclasses.asdict(FinetuneOptions.from_dict(stored)) if stored else stored
-    now = dataclasses.asdict(opts)
-    return [k for k in now if k not in RESUMABLE and k in stored and stored[k] != now[k]]
+def effective_options(opts: "FinetuneOptions") -> dict:
+    """The options as the run uses them: a default learning rate or weight decay (None) as its value, and the
+    method's options one per flag (``lora_rank``), its defaults filled in, instead of ``method_options``."""
+    values = dataclasses.asdict(opts)
+    values.update(lr=opts.resolved_lr(), weight_decay=opts.resolved_weight_decay())
+    values.pop("method_options")
+    try:
+        values.update(opts.method_config().to_options())
+    except OptionsError:  # options this version's method refuses: compared as they were given
+        values.update(opts.method_options)
+    return values
+
+
+def resumable_flags() -> list[str]:
+    """The flags that may differ on --resume (RESUMABLE less the two that choose resuming and those no flag sets)."""
+    return [_flag(k) for k in RESUMABLE if k not in ("resume", "overwrite", "explicit")]
+
+
+def changed_options(stored: dict, opts: "FinetuneOptions") -> list[tuple[str, typing.Any, typing.Any]]:
+    """(flag, stored value, value now) for each option that may not change on resume and differs in the value the
+    run uses (a default learning rate counts as its value; options a stored run did not record are not compared)."""
+    if not stored:
+        return []
+    was, now = effective_options(FinetuneOptions.from_dict(stored)), effective_options(opts)
+    recorded = set(stored) | (set(was) - {f.name for f in dataclasses.fields(FinetuneOptions)})
+    return [(_flag(k), was[k], now[k]) for k in now
+            if k not in RESUMABLE and k in recorded and was[k] != now[k]]
 
 
 def parse_device(name: str | None) -> torch.device:

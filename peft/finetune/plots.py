@@ -31,7 +31,9 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 def plot_confusion(cm_norm: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:
     k = len(classes)
-    size = max(4.0, 0.5 * k + 2)
+    # Half an inch per class while cells carry names and numbers (up to 20 classes: 12 in); beyond, the matrix is
+    # a picture and stays 12 in (1440 px): at 0.5 in per class, 120 classes drew a 7440 px square, 55 Mpx to encode.
+    size = min(max(4.0, 0.5 * k + 2), 12.0)
     fig = Figure(figsize=(size, size))
     ax = fig.subplots()
     im = ax.imshow(cm_norm, cmap="Blues", vmin=0, vmax=1)

@@ -19,6 +19,8 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no lock, one warning
     fcntl = None
 
+from loaders.atomic import is_file_at, make_dirs, remove_created_dirs
+
 from .options import OptionsError
 
 LOCK_NAME = ".run.lock"
@@ -35,10 +37,11 @@ class RunFolder:
 
     def __init__(self, out: Path, resume: bool, overwrite: bool):
         self.out = Path(out)
-        self.created = not self.out.exists()
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.out / LOCK_NAME, "a+")
-        if fcntl is not None:
+        self.created = make_dirs(self.out)  # the folder and parents this run made (removed if it writes nothing)
+        while True:
+            self._file = open(self.out / LOCK_NAME, "a+")
+            if fcntl is None:
+                break
             try:
                 fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -47,6 +50,9 @@ class RunFolder:
                 self._file.close()
                 raise RunFolderBusy(f"{self.out} is in use by another run ({holder}); wait for it to finish or "
                                     "choose another --output-dir") from None
+            if is_file_at(self._file, self.out / LOCK_NAME):
+                break
+            self._file.close()  # a run that ended meanwhile deleted this lock file: take the one at the path
         self._file.seek(0)
         self._file.truncate()
         self._file.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
@@ -65,7 +71,7 @@ class RunFolder:
 
     def release(self) -> None:
         """Free the folder. A run that wrote nothing there (it failed before its first file) leaves no trace: the
-        lock file goes, and the folder too if this run created it."""
+        lock file goes, and the folder and its parents too if this run created them (only while empty)."""
         if not self._file.closed:
             ran = self.out.is_dir() and any((self.out / n).exists() for n in RUN_FILES)
             if not ran:
@@ -73,8 +79,5 @@ class RunFolder:
             if fcntl is not None:
                 fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
-            if not ran and self.created:
-                try:
-                    self.out.rmdir()  # only if empty
-                except OSError:
-                    pass
+            if not ran:
+                remove_created_dirs(self.created)

@@ -34,7 +34,7 @@ from . import predict, report, rng
 from .build import build_model, resolve_weights
 from .data import prepare_data, write_split_files
 from .optim import LRSchedule, build_optimizer
-from .options import RESUMABLE, FinetuneOptions, changed_options, check_options
+from .options import FinetuneOptions, changed_options, check_options, resumable_flags
 from .recipes import apply_recipe, recipe_settings
 from .rundir import RunFolder
 
@@ -180,12 +180,12 @@ class Trainer:
         ck = ckpt_io.load_checkpoint(path)
         changed = changed_options(ck.get("options", {}), self.opts)
         if changed:
-            was = ck["options"]
-            listed = ", ".join(f"--{k.replace('_', '-')} ({was[k]!r} -> {getattr(self.opts, k)!r})" for k in changed)
+            shown = ", ".join(f"{flag} ({'default' if was is None else repr(was)} -> "
+                              f"{'default' if now is None else repr(now)})" for flag, was, now in changed)
             raise ckpt_io.CheckpointMismatch(
-                f"--resume: {listed} differ from the run in {self.out}, and they change the optimisation; only "
-                f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE if k not in ('resume', 'overwrite'))} "
-                "may change on resume (start a new run in another --output-dir instead)")
+                f"--resume: {shown} differ from the run in {self.out}, and they change the optimisation; only "
+                f"{', '.join(resumable_flags())} may change on resume (start a new run in another --output-dir "
+                "instead)")
         saved_config = registry.configure_method(ck["mode"], **ck["mode_options"]).to_options()
         for key, was, now in (("mode", ck["mode"], self.opts.mode),
                               ("mode_options", saved_config, self.method_config.to_options()),
