@@ -176,7 +176,7 @@ def effective_options(opts: "FinetuneOptions") -> dict:
 
 def resumable_flags() -> list[str]:
     """The flags that may differ on --resume (RESUMABLE less the two that choose resuming and those no flag sets)."""
-    return [_flag(k) for k in RESUMABLE if k not in ("resume", "overwrite", "explicit")]
+    return [fields.flag(k) for k in RESUMABLE if k not in ("resume", "overwrite", "explicit")]
 
 
 def changed_options(stored: dict, opts: "FinetuneOptions") -> list[tuple[str, typing.Any, typing.Any]]:
@@ -186,7 +186,7 @@ def changed_options(stored: dict, opts: "FinetuneOptions") -> list[tuple[str, ty
         return []
     was, now = effective_options(FinetuneOptions.from_dict(stored)), effective_options(opts)
     recorded = set(stored) | (set(was) - {f.name for f in dataclasses.fields(FinetuneOptions)})
-    return [(_flag(k), was[k], now[k]) for k in now
+    return [(fields.flag(k), was[k], now[k]) for k in now
             if k not in RESUMABLE and k in recorded and was[k] != now[k]]
 
 
