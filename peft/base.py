@@ -325,7 +325,8 @@ class Method:
     config)`` (dotted module names), replace each by its wrapper (``wrap(model, name, config)``; by default the
     wrapper in ``wrappers`` whose ``WRAPS`` is the layer's type, built as ``Wrapper(layer, config)``), freeze all
     but the adapters and the head. A method that adds nothing gives ``trains`` instead (which pretrained tensors
-    train). ``cost(config)``: its :class:`Cost` in the FLOP model. ``lr``: the default peak AdamW learning rate for
+    train). ``cost(config)``: its :class:`Cost` in the FLOP model; ``upgrade_state(state)``: a saved state of an earlier
+version under today's parameter names (saved runs keep loading). ``lr``: the default peak AdamW learning rate for
     ViT-B/16 at batch 128, with the reason in ``lr_note``. ``trains_backbone``: it updates pretrained tensors in
     place (mlp, full: it cannot share a backbone with other tasks); ``saves_everything``: its checkpoints store
     every parameter (full).
@@ -341,6 +342,7 @@ class Method:
     wrap: Callable[[nn.Module, str, MethodConfig], nn.Module] | None = None
     trains: Callable[[str], bool] | None = None
     cost: Callable[[MethodConfig], Cost] = lambda config: Cost()
+    upgrade_state: Callable[[dict], dict] = lambda state: state  # a state saved by an earlier version, today's names
     trains_backbone: bool = False
     saves_everything: bool = False
     paper: str = ""

@@ -8,11 +8,15 @@ zeros, so the adapted model equals the base model at step 0; dropout on the LoRA
 
 Like :class:`peft.rlrr.RLRRLinear`, the wrapper owns the frozen ``weight``/``bias`` under their old names.
 
-``variant="noah"`` is the LoRA of the VTAB-1k tables' "LoRA 0.29M" row (NOAH, ZhangYuanhan-AI/NOAH
-``model/module/qkv_super_prompt.py:28-30,57``): one low-rank pair on the fused qkv projection, W_qkv + (A B)ᵀ with
-A (in × r) kaiming-uniform (a = √5 on the (in, r) tensor: bound 1/√r) and B (r × 3·out) zero, no α/r scaling. With
-separate q, k, v layers that is one A shared by the three and B split into three (r × out) blocks, so k is adapted
-too; 4·D·r per block = 294,912 for ViT-B/16 at r = 8, the same count as q,v LoRA in loralib's form.
+``variant="noah"`` is the LoRA of the VTAB-1k tables' "LoRA 0.29M" row as NOAH's VTAB runs trained it
+(ZhangYuanhan-AI/NOAH@e9c55f3 ``model/supernet_vision_transformer_timm.py:224-228,277-281``): one low-rank pair on
+the fused qkv projection, x W_qkvᵀ + (drop(x) A) B with A (in × r), B (r × 3·out), no α/r scaling. With separate
+q, k, v layers that is one A shared by the three and B split into three (r × out) blocks, so k is adapted too;
+4·D·r per block = 294,912 for ViT-B/16 at r = 8, the same count as q,v LoRA in loralib's form. Initialisation: the
+run's ``init_weights`` (``:462,531``, timm's ``_init_vit_weights``) re-draws both A and B truncated-normal std 0.02
+after the module's own kaiming/zero init, so B is not zero and the model does not start as the pretrained one.
+Dropout (``--drop_rate_LoRA``, 0.1 in the runs) is applied once to the block's attention input, before the fused
+projection: one mask shared by q, k and v (:class:`SharedInputDropout`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,29 @@ class LoraConfig(MethodConfig):
         super().__post_init__()
 
 
+class SharedInputDropout(nn.Dropout):
+    """Dropout shared by ``users`` layers that read the same input: the first call on a tensor draws the mask, the
+    next ``users - 1`` calls on that same tensor object get the same dropped tensor (then it is forgotten). NOAH's
+    ``LoRA_drop(x)`` runs once before its fused qkv projection; with separate q, k, v this keeps the one mask (and
+    the one draw from the random stream, at q's call)."""
+
+    def __init__(self, p: float, users: int):
+        super().__init__(p)
+        self.users = users
+        self._last: tuple | None = None  # (input, output, calls left)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self._last is not None and self._last[0] is x:
+            _, out, left = self._last
+            self._last = (x, out, left - 1) if left > 1 else None
+            return out
+        out = super().forward(x)
+        self._last = (x, out, self.users - 1) if self.users > 1 else None
+        return out
+
+
 class LoRALinear(LinearDelta, nn.Module):
     """``nn.Linear`` + (α/r) B A; ``merge()``, ``merge_in_place()`` and ``unmerge()`` come from
     :class:`peft.base.LinearDelta`, built on ``delta_weight()``."""
@@ -62,8 +89,9 @@ class LoRALinear(LinearDelta, nn.Module):
     DROPOUTS = ("lora_dropout",)
 
     def __init__(self, base: nn.Linear, config: LoraConfig | None = None, **fields):
-        """``config`` or its fields (``rank=4``). NOAH's variant (``variant="noah"``): B is (r, out), the update
-        x A B is not scaled, and A, (in, r), is the block's, given by :meth:`share_A`."""
+        """``config`` or its fields (``rank=4``). NOAH's variant (``variant="noah"``): B is (r, out), drawn
+        truncated-normal std 0.02, the update x A B is not scaled, and A, (in, r), and the dropout are the block's,
+        given by :meth:`share` (:func:`wrap_lora`)."""
         config = configure(LoraConfig, config, fields)
         super().__init__(base)
         rank = config.rank
@@ -72,19 +100,25 @@ class LoRALinear(LinearDelta, nn.Module):
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if self.noah:
-            self.register_parameter("lora_A", None)  # until share_A
-            self.lora_B = nn.Parameter(torch.zeros(rank, self.out_features, **kw))
+            self.register_parameter("lora_A", None)  # until share()
+            if config.dropout > 0:  # one mask for q, k and v (the first of them keeps it, the others share it)
+                self.lora_dropout = SharedInputDropout(config.dropout, users=3)
+            self.lora_B = nn.Parameter(torch.empty(rank, self.out_features, **kw))
+            with torch.no_grad():
+                nn.init.trunc_normal_(self.lora_B, std=0.02)  # _init_vit_weights on LoRA_b (bounds ±2 absolute)
             return
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    def share_A(self, shared: nn.Parameter) -> "LoRALinear":
-        """NOAH's variant: use the block's (in, r) A, shared with its other projections."""
-        if tuple(shared.shape) != (self.in_features, self.rank):
-            raise ValueError(f"shared A must be ({self.in_features}, {self.rank}), got {tuple(shared.shape)}")
-        self.lora_A = shared
+    def share(self, shared_A: nn.Parameter, dropout: nn.Module | None = None) -> "LoRALinear":
+        """NOAH's variant: use the block's (in, r) A and, given, its dropout, shared with its other projections."""
+        if tuple(shared_A.shape) != (self.in_features, self.rank):
+            raise ValueError(f"shared A must be ({self.in_features}, {self.rank}), got {tuple(shared_A.shape)}")
+        self.lora_A = shared_A
+        if dropout is not None:
+            self.lora_dropout = dropout
         return self
 
     @staticmethod
@@ -150,19 +184,21 @@ def lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def wrap_lora(model: nn.Module, name: str, config: LoraConfig) -> LoRALinear:
-    """``LoRALinear(layer, config)``; NOAH's variant shares one A per block, drawn with the block's q: kaiming-uniform
-    on the (in, r) tensor (fan_in = r: bound 1/√r), and taken from the wrapped q by k and v."""
-    wrapper = LoRALinear(model.get_submodule(name), config)
-    if config.variant != "noah":
-        return wrapper
+    """``LoRALinear(layer, config)``. NOAH's variant, as its VTAB runs trained it: per block one A (in, r), drawn
+    truncated-normal std 0.02 before q's wrapper (``_init_vit_weights`` on LoRA_a; timm: bounds ±2 absolute), and one
+    dropout on the attention input, both shared by q, k and v (k and v take them from the wrapped q)."""
     block, _, part = name.rpartition(".")
+    layer = model.get_submodule(name)
+    if config.variant != "noah":
+        return LoRALinear(layer, config)
     if part != "q":
-        return wrapper.share_A(model.get_submodule(f"{block}.q").lora_A)
-    ref = wrapper.weight
+        q = model.get_submodule(f"{block}.q")
+        return LoRALinear(layer, config).share(q.lora_A, q.lora_dropout)
+    ref = layer.weight
     shared = nn.Parameter(torch.empty(ref.shape[1], config.rank, device=ref.device, dtype=ref.dtype))
     with torch.no_grad():
-        nn.init.kaiming_uniform_(shared, a=math.sqrt(5))
-    return wrapper.share_A(shared)
+        nn.init.trunc_normal_(shared, std=0.02)
+    return LoRALinear(layer, config).share(shared)
 
 
 def apply_lora(model: nn.Module, config: LoraConfig | None = None, **fields) -> list[str]:
@@ -187,5 +223,5 @@ METHOD = Method(
     lr_note="the usual LoRA rate for ViTs with AdamW (B starts at zero, so the start is the base model)",
     paper="Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022")
 
-__all__ = ["LoRALinear", "LoraConfig", "METHOD", "SHORT_NAMES", "VARIANTS", "apply_lora", "find_lora_targets",
-           "lora_targets", "short_targets", "wrap_lora"]
+__all__ = ["LoRALinear", "LoraConfig", "METHOD", "SHORT_NAMES", "SharedInputDropout", "VARIANTS", "apply_lora",
+           "find_lora_targets", "lora_targets", "short_targets", "wrap_lora"]

@@ -3,7 +3,8 @@
 Paper: Jia et al., "Visual Prompt Tuning", ECCV 2022. ``vpt_tokens`` prompts (default 10) are inserted right after
 CLS at the input of block 0; at every later block the previous block's outputs at those positions are replaced
 by that block's own prompts. Prompts are initialised U(-v, v) with v = sqrt(6 / (3·P² + D)) and pass through
-dropout (0.1, as in the paper's VTAB runs). 12 × 10 × 768 = 92,160 parameters for ViT-B/16.
+dropout (0.1, as in the paper's VTAB runs) after being expanded to the batch (one mask per sample).
+12 × 10 × 768 = 92,160 parameters for ViT-B/16.
 
 The classifier still reads the CLS token; the attention maps have 1 + p prefix tokens before the patch grid
 (``vit.visualize.attention_maps`` finds them from the shapes and keeps them out of the grid). Prompts add tokens
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import BlockWrapper, Cost, Method, MethodConfig
@@ -67,7 +69,12 @@ class VPTBlock(BlockWrapper, nn.Module):
         self.num_tokens, self.insert = config.tokens, False  # insert: set for the first block by wrap_vpt
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, 1 + p + patches, D)
-        prompts = self.prompt_dropout(self.prompts).expand(x.shape[0], -1, -1).to(x.dtype)
+        # Expanded to the batch first, then dropped: every sample draws its own mask, as the official code does
+        # (KMnP/vpt@4410440 src/models/vit_prompt/vit.py:82,114-115). In eval mode the dropout is the identity.
+        # Functional, with the module's rate and mode: module hooks (torch's FlopCounterMode) cannot take the
+        # expanded view of a parameter that no_grad creates.
+        drop = self.prompt_dropout
+        prompts = F.dropout(self.prompts.expand(x.shape[0], -1, -1), drop.p, drop.training).to(x.dtype)
         rest = x[:, 1:] if self.insert else x[:, 1 + self.num_tokens:]
         return self.run_block(torch.cat([x[:, :1], prompts, rest], dim=1))
 

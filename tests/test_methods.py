@@ -416,8 +416,9 @@ def test_every_init_follows_its_published_distribution():
     d = 192
     lora = fresh("lora").blocks[0].attn.q  # A: kaiming-uniform a=√5 on (r, in) → U(±1/√in); B = 0
     assert _uniform_bound_ok(lora.lora_A, 1 / math.sqrt(d)) and not lora.lora_B.any()
-    noah = fresh("lora", lora_variant="noah").blocks[0].attn.q  # A (in, r): U(±1/√r)
-    assert _uniform_bound_ok(noah.lora_A, 1 / math.sqrt(8)) and not noah.lora_B.any()
+    noah = fresh("lora", lora_variant="noah").blocks[0].attn.q  # as NOAH's runs: A, B truncated-normal std 0.02
+    for t in (noah.lora_A, noah.lora_B):
+        assert abs(t.std().item() - 0.02) < 0.002 and t.abs().max() <= 2  # timm: bounds ±2 absolute (KS test: test_official_training)
     rlrr = fresh("rlrr").blocks[0].mlp.fc1  # S_in U(±√(6/in)), S_out U(±√(6/r)), f = 0
     assert _uniform_bound_ok(rlrr.s_in, math.sqrt(6 / d)) and rlrr.s_out.abs().max() <= math.sqrt(6)
     assert not rlrr.f.any()
@@ -429,7 +430,7 @@ def test_every_init_follows_its_published_distribution():
     af = fresh("adaptformer").blocks[0]  # down kaiming-uniform a=√5: U(±1/√D); up and biases 0
     assert _uniform_bound_ok(af.adapter_down.weight, 1 / math.sqrt(d))
     assert not (af.adapter_up.weight.any() or af.adapter_up.bias.any() or af.adapter_down.bias.any())
-    ad = fresh("adapter").blocks[0].mlp.fc2  # NOAH: xavier-uniform weights, biases N(0, 1e-6)
+    ad = fresh("adapter").blocks[0]  # AdapterSuper's own init: xavier-uniform weights, biases N(0, 1e-6)
     assert _uniform_bound_ok(ad.adapter_down.weight, math.sqrt(6 / (d + 8)))
     assert 0 < ad.adapter_up.bias.abs().max() < 1e-5
     fact = fresh("fact-tt")  # U kaiming-uniform on (r, D): U(±1/√D); V = 0; cores U(±1/√fan_in)
@@ -480,7 +481,7 @@ PUBLISHED_DEFAULTS = {  # the defaults each method's paper / official code state
     "vpt": dict(tokens=10, dropout=0.1),
     "vpt-shallow": dict(tokens=10, dropout=0.1),
     "adaptformer": dict(dim=8, scale=0.1, dropout=0.1),
-    "adapter": dict(dim=8, placement="mlp"),
+    "adapter": dict(dim=8, placement="mlp", init="xavier", dropout=0.0),  # AdapterSuper's own (the run's: adapter-noah)
     "fact-tt": dict(rank=8, scale=1.0, dropout=0.1),
 }
 
@@ -529,7 +530,10 @@ def test_dropout_sits_inside_the_low_rank_branches():
 def test_adapter_both_placement_adds_houlsbys_second_adapter_after_the_attention():
     model = make_model()
     names = peft.apply_method(model, "adapter", adapter_placement="both")
-    assert names == [f"blocks.{i}.{p}" for i in range(2) for p in ("attn.proj", "mlp.fc2")]
+    assert names == [f"blocks.{i}" for i in range(2)]  # one block wrapper: its adapters follow both drop-paths
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head")}
+    assert trained == {f"blocks.{i}.adapter_{s}{p}.{t}" for i in range(2) for s in ("", "attn_")
+                       for p in ("down", "up") for t in ("weight", "bias")}
     big = b16()
     peft.apply_method(big, "adapter", adapter_placement="both")
     assert peft.trainable_parameters(big)[0] - 769 * 10 == 2 * B16_BACKBONE["adapter"]  # 313,536 (NOAH: 156,768 × 2)

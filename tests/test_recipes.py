@@ -108,6 +108,121 @@ def test_the_rlrr_official_vtab_run_records_the_official_lr_of_every_step(weight
     assert m["selected_on"].startswith("last epoch") and m["best_epoch"] == 110  # the honest number: never test
 
 
+@pytest.mark.slow
+def test_the_fact_official_vtab_run_records_facts_schedule_and_drops_the_last_batch(weights, tmp_path):
+    """fact_tt.py's loop: CosineLRScheduler(t_initial=100, warmup_t=10, lr_min=1e-5, warmup_lr_init=1e-6) stepped
+    with step(ep) after each of 100 epochs (timm 0.4.12's _get_lr is the formula of TimmCosine for one cycle),
+    DataLoader(drop_last=True), a test when ep % 10 == 9, the task's rank and scale from configs/tt."""
+    root = tmp_path / "vtab"
+    write_vtab_tree(root, "dtd", 47, sizes=(12, 6, 10))
+    out = tmp_path / "run"
+    code = finetune_cli.cli(["--recipe", "fact-official", "--mode", "fact-tt", "--data", "vtab-1k:dtd",
+                             "--data-root", str(root), "--weights", str(weights), "--image-size", "32",
+                             "--batch-size", "8", "--device", "cpu", "--no-progress", "--output-dir", str(out),
+                             "--threads", "1"])
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_train"] == 18 and m["epochs"] == 100 and m["steps"] == 100 * 2  # 18 // 8: the last 2 dropped
+    sched, expected = TimmCosine(1e-3, 100, 10, 1e-6, 1e-5), []
+    for epoch in range(100):
+        expected += [sched.lr] * 2
+        sched.step(epoch)
+    _close(m["lr_per_step"], expected)
+    assert expected[:4] == [1e-6] * 4 and max(expected) == pytest.approx(1e-3 * (1 + math.cos(math.pi / 10)) / 2
+                                                                          + 1e-5 * (1 - math.cos(math.pi / 10)) / 2)
+    rec = m["recipe_settings"]
+    assert rec["overridden"] == ["batch_size", "image_size"]
+    assert (rec["method_options"]["fact_rank"], rec["method_options"]["fact_scale"]) == (8, 0.01)  # configs/tt/dtd
+    assert rec["set"]["decay_groups"] == "all" and rec["set"]["drop_path_mode"] == "sample-floor"
+    ck = ckpt_io.load_checkpoint(out / "best.pt")
+    assert [r["epoch"] for r in ck["history"] if "test_accuracy_each_epoch" in r] == list(range(10, 101, 10))
+    cfg = vit.get_config("testing")  # U, V; per block q, k, v, proj (r × r), fc1 (c·r × r), fc2 (r × c·r); head
+    c = cfg.mlp_dim // cfg.hidden_size
+    assert m["trainable_parameters"] == 2 * 16 * 8 + cfg.num_layers * (4 * 64 + 2 * c * 64) + 16 * 47 + 47
+
+
+@pytest.mark.parametrize("recipe, mode", [("lora-noah", "lora"), ("adapter-noah", "adapter")])
+def test_noahs_recipes_run_with_their_dropouts_and_drop_the_last_batch(weights, tmp_path, recipe, mode):
+    root = tmp_path / "vtab"
+    write_vtab_tree(root, "eurosat", 10, sizes=(12, 6, 10))
+    out = tmp_path / "run"
+    code = finetune_cli.cli(["--recipe", recipe, "--mode", mode, "--data", "vtab-1k:eurosat", "--data-root", str(root),
+                             "--weights", str(weights), "--image-size", "32", "--batch-size", "8", "--epochs", "3",
+                             "--device", "cpu", "--no-progress", "--output-dir", str(out), "--threads", "1"])
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 3 * 2 and m["epochs"] == 3  # 18 images, batches of 8: the last 2 of each epoch dropped
+    options = m["recipe_settings"]["method_options"]
+    assert options[f"{mode}_dropout"] == 0.1 and m["recipe_settings"]["set"]["head_init"] == "trunc-normal"
+    assert [r["epoch"] for r in ckpt_io.load_checkpoint(out / "best.pt")["history"]
+            if "test_accuracy_each_epoch" in r] == [1, 3]  # epoch % 10 == 0 (0-based) and the last
+
+
+def test_the_recipes_start_the_head_as_their_official_code(weights):
+    """NOAH: reset_classifier's trunc_normal_(std=.02) and zero bias; FacT (timm 0.4.12): a new nn.Linear,
+    U(±1/√in) for weight and bias; the project: zero. Checked on a 4,000-way head by KS test (p > 1e-3)."""
+    stats = pytest.importorskip("scipy.stats")
+    from peft.finetune.build import build_model
+
+    heads = {}
+    for recipe, mode in (("lora-noah", "lora"), ("adapter-noah", "adapter"), ("fact-official", "fact-tt"),
+                         ("project", "lora")):
+        opts = apply_recipe(FinetuneOptions(mode=mode, data="vtab-1k:dtd", recipe=recipe, weights=str(weights),
+                                            image_size=32))
+        torch.manual_seed(0)
+        heads[recipe] = build_model(opts, 4000, (weights, "testing.npz"))[0].head
+    for recipe in ("lora-noah", "adapter-noah"):
+        w, b = heads[recipe].weight.detach().flatten().double().numpy(), heads[recipe].bias
+        assert stats.kstest(w, "norm", args=(0, 0.02)).pvalue > 1e-3 and not b.any() and abs(w).max() <= 2
+    bound = 1 / math.sqrt(16)  # testing config: D = 16
+    for t in (heads["fact-official"].weight, heads["fact-official"].bias):
+        v = t.detach().flatten().double().numpy()
+        assert stats.kstest(v, "uniform", args=(-bound, 2 * bound)).pvalue > 1e-3
+    assert not heads["project"].weight.any() and not heads["project"].bias.any()
+
+
+def test_drop_last_without_one_full_batch_is_a_usage_error(weights, tmp_path, capsys):
+    root = tmp_path / "vtab"
+    write_vtab_tree(root, "dtd", 47, sizes=(12, 6, 10))
+    code = finetune_cli.cli(["--mode", "head", "--data", "vtab-1k:dtd", "--data-root", str(root), "--weights",
+                             str(weights), "--image-size", "32", "--batch-size", "64", "--drop-last", "--epochs", "1",
+                             "--device", "cpu", "--no-progress", "--output-dir", str(tmp_path / "run"), "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--drop-last: the 18 training images make no full batch of --batch-size 64" in err
+    assert "Traceback" not in err and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_fact_recipe_takes_each_tasks_rank_and_scale_and_the_tables_print_the_mean_count():
+    from peft.finetune.recipes import FACT_TT_TASKS
+    from peft.finetune.suite import markdown, summarise
+
+    for task, (rank, scale) in FACT_TT_TASKS.items():
+        o = apply_recipe(FinetuneOptions(mode="fact-tt", data=f"vtab-1k:{task}", recipe="fact-official"))
+        assert o.method_options == {"fact_dropout": 0.1, "fact_rank": rank, "fact_scale": scale}
+        assert (o.lr, o.weight_decay, o.batch_size, o.drop_last, o.normalise) == (1e-3, 1e-4, 64, True, "imagenet")
+    mine = apply_recipe(FinetuneOptions(mode="fact-tt", data="vtab-1k:svhn", recipe="fact-official",
+                                        method_options={"fact_rank": 4}))
+    assert mine.method_options["fact_rank"] == 4 and mine.method_options["fact_scale"] == 100.0  # explicit wins
+    counts = {}
+    for rank in sorted({r for r, _ in FACT_TT_TASKS.values()}):  # ViT-B/16, head excluded, built on meta
+        with torch.device("meta"):
+            big = vit.VisionTransformer(vit.get_config("ViT-B/16"))
+        peft.apply_method(big, "fact-tt", fact_rank=rank)
+        counts[rank] = sum(p.numel() for n, p in big.named_parameters() if p.requires_grad and not n.startswith("head"))
+        assert counts[rank] == 2 * 768 * rank + 12 * (4 * rank**2 + 2 * 4 * rank**2)
+    per_task = {t: counts[r] for t, (r, _) in FACT_TT_TASKS.items()}
+    assert (counts[4], counts[8], counts[16]) == (8_448, 21_504, 61_440)
+    mean = sum(per_task.values()) / 19
+    assert round(mean) == 39_734 and f"{mean / 1e6:.3f}M" == "0.040M"  # FacT-TT's "0.040M" in the VTAB tables
+    rows = [{"task": t, "mode": "fact-tt", "test_accuracy": 0.5, "val_accuracy": None, "splits": {"test": "test"},
+             "trainable_parameters": n, "epochs": 1, "time_seconds": 1.0} for t, n in per_task.items()]
+    results = summarise(rows)
+    s = results["summary"]["fact-tt"]
+    assert s["trainable_parameters_per_task"] == per_task and s["trainable_parameters_mean"] == pytest.approx(mean)
+    from peft.finetune.suite import SuiteOptions
+    assert "39,734 (mean; per task: 61,440, 21,504," in markdown(SuiteOptions(), results)
+
+
 class Param:
     def __init__(self, lr):
         self.p = torch.nn.Parameter(torch.zeros(1))
@@ -315,13 +430,13 @@ def test_one_official_adamw_step_equals_the_official_codes_step(weights, tmp_pat
 # ------------------------------------------------------------------------------- the comparison methods
 
 def test_noah_lora_is_one_unscaled_pair_on_the_fused_qkv():
-    """NOAH's module (qkv_super_prompt.py): qkv = x (W_qkv + (A B)ᵀ)ᵀ + b with A (in, r), B (r, 3·D), re-derived
-    on the fused weight and compared with our separate q, k, v."""
+    """NOAH's LoRA (supernet_vision_transformer_timm.py): qkv = x (W_qkv + (A B)ᵀ)ᵀ + b with A (in, r), B (r, 3·D),
+    re-derived on the fused weight and compared with our separate q, k, v (training: test_official_training)."""
     big = vit.VisionTransformer(vit.get_config("ViT-B/16", num_classes=10))
     peft.apply_method(big, "lora", lora_variant="noah")
     assert sum(p.numel() for n, p in big.named_parameters() if p.requires_grad and not n.startswith("head")) == 294_912
     a = big.blocks[0].attn.q.lora_A
-    assert a.shape == (768, 8) and 0.9 / math.sqrt(8) < a.abs().max().item() <= 1 / math.sqrt(8)  # bound 1/√r
+    assert a.shape == (768, 8) and big.blocks[0].attn.v.lora_B.shape == (8, 768)
     model = vit.VisionTransformer(vit.get_config("testing")).double().eval()
     base = copy.deepcopy(model)
     peft.apply_method(model, "lora", lora_variant="noah", lora_rank=4)
@@ -373,7 +488,13 @@ def test_recipes_are_data_with_sources_and_refuse_what_they_do_not_cover():
     vpt = apply_recipe(FinetuneOptions(mode="vpt", data="vtab-1k:cifar", recipe="vpt-official", lr=0.05))
     assert (vpt.optimizer, vpt.momentum, vpt.batch_size, vpt.method_options["vpt_dropout"]) == ("sgd", 0.9, 128, 0.0)
     noah = apply_recipe(FinetuneOptions(mode="lora", data="vtab-1k:cifar", recipe="lora-noah"))
-    assert noah.method_options == {"lora_variant": "noah", "lora_rank": 8} and noah.normalise == "imagenet"
+    assert noah.method_options == {"lora_variant": "noah", "lora_rank": 8, "lora_dropout": 0.1}  # :207 default
+    assert noah.normalise == "imagenet" and noah.drop_last and noah.drop_path == 0.1  # :275-281, :59
+    adapter = apply_recipe(FinetuneOptions(mode="adapter", data="vtab-1k:dtd", recipe="adapter-noah"))
+    assert adapter.method_options == {"adapter_dim": 8, "adapter_placement": "mlp", "adapter_init": "trunc-normal",
+                                      "adapter_dropout": 0.1}
+    assert {k: getattr(adapter, k) for k in ("lr", "weight_decay", "batch_size", "epochs", "drop_last")} == \
+        {k: getattr(noah, k) for k in ("lr", "weight_decay", "batch_size", "epochs", "drop_last")}
     ssf_model = vit.VisionTransformer(vit.get_config("testing"))
     peft.apply_method(ssf_model, "ssf")
     decayed = {id(p) for p in param_groups(ssf_model, 0.1, "timm")[0]["params"]}

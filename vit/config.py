@@ -13,6 +13,7 @@ from dataclasses import dataclass
 # Flax's nn.gelu defaults to the tanh approximation, which Google's checkpoints were trained with; the PyTorch
 # ports the PEFT papers used (timm's and the official RLRR/SSF/VPT/NOAH code, nn.GELU()) compute the exact erf form.
 GELU_KINDS = ("tanh", "erf")
+DROP_PATH_MODES = ("sample", "sample-floor", "element")  # see vit.model.DropPath
 
 
 @dataclass(frozen=True)
@@ -28,15 +29,16 @@ class ViTConfig:
     dropout_rate: float = 0.0  # dropout after the embeddings, inside the MLP and on the attention output
     attention_dropout_rate: float = 0.0  # dropout on the attention probabilities
     drop_path_rate: float = 0.0  # largest residual-branch drop rate (last block), rising linearly from 0 at block 0
-    drop_path_mode: str = "sample"  # sample: stochastic depth (a sample's whole branch) | element: per element
+    drop_path_mode: str = "sample"  # sample: stochastic depth (a sample's whole branch) | sample-floor: the same, drawn as timm 0.4 did | element: per element
     in_channels: int = 3
     gelu: str = "tanh"  # tanh: the approximation Google's JAX model computes | erf: exact (PyTorch ports, timm)
 
     def __post_init__(self):
         if self.gelu not in GELU_KINDS:
             raise ValueError(f"gelu must be one of {', '.join(GELU_KINDS)}, got {self.gelu!r}")
-        if self.drop_path_mode not in ("sample", "element"):
-            raise ValueError(f"drop_path_mode must be 'sample' or 'element', got {self.drop_path_mode!r}")
+        if self.drop_path_mode not in DROP_PATH_MODES:
+            raise ValueError(f"drop_path_mode must be one of {', '.join(DROP_PATH_MODES)}, "
+                             f"got {self.drop_path_mode!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.image_size % self.patch_size:

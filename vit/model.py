@@ -96,8 +96,11 @@ class DropPath(nn.Module):
 
     mode "sample": stochastic depth (Huang et al., ECCV 2016; timm's DropPath): each sample's whole branch is kept
     or dropped. mode "element": every element independently, i.e. plain dropout on the branch, which is what the
-    official RLRR code applies under the name drop_path; it stays here because ``ViTConfig.drop_path_mode`` (and so
-    every saved run's model config) names it.
+    official RLRR code applies under the name drop_path. mode "sample-floor": stochastic depth drawn the way timm
+    0.4.12 draws it (``floor(keep + U)`` with U uniform, then ``x / keep``; timm 0.4.12 ``layers/drop.py:154-156``):
+    the same distribution as "sample" (timm >= 0.5: ``bernoulli_(keep)``, ``layers/drop.py:149-152`` of 0.5.4) from
+    another random stream, so a run seeded like an official timm-0.4 run (FacT's) draws the same masks. The modes
+    stay here because ``ViTConfig.drop_path_mode`` (and so every saved run's model config) names them.
     """
 
     def __init__(self, p: float = 0.0, mode: str = "sample"):
@@ -109,7 +112,11 @@ class DropPath(nn.Module):
             return x
         if self.mode == "element":
             return F.dropout(x, self.p, training=True)
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        if self.mode == "sample-floor":
+            keep = (1.0 - self.p + torch.rand(shape, dtype=x.dtype, device=x.device)).floor_()
+            return x.div(1.0 - self.p) * keep
+        keep = x.new_empty(shape).bernoulli_(1.0 - self.p)
         return x * keep / (1.0 - self.p)
 
     def extra_repr(self) -> str:
@@ -117,9 +124,12 @@ class DropPath(nn.Module):
 
 
 def drop_path_rates(config: ViTConfig) -> list[float]:
-    """Per-block drop-path rates, rising linearly from 0 (first block) to ``drop_path_rate`` (last block)."""
-    n = config.num_layers
-    return [config.drop_path_rate * i / max(n - 1, 1) for i in range(n)]
+    """Per-block drop-path rates, rising linearly from 0 (first block) to ``drop_path_rate`` (last block), computed
+    as every official PEFT code computes them: a float32 ``torch.linspace`` read back as Python floats (so 0.1
+    becomes 0.10000000149...; zstarN70/RLRR ``models/networks.py:217``, dongzelian/SSF
+    ``models/vision_transformer.py:454``, ZhangYuanhan-AI/NOAH ``model/supernet_vision_transformer_timm.py:422``).
+    On the CPU whatever the default device, so that a model built on the meta device gets numbers too."""
+    return torch.linspace(0, config.drop_path_rate, config.num_layers, dtype=torch.float32, device="cpu").tolist()
 
 
 class EncoderBlock(nn.Module):

@@ -13,7 +13,7 @@ from .model import DropPath, drop_path_rates
 
 
 def set_drop_path(model: nn.Module, rate: float, mode: str = "sample") -> None:
-    """Set the model's drop-path (rate of the last block, linear from 0; ``mode`` "sample" or "element")."""
+    """Set the model's drop-path (rate of the last block, linear from 0; ``mode``: see :class:`vit.model.DropPath`)."""
     model.config = model.config.replace(drop_path_rate=rate, drop_path_mode=mode)
     for block, p in zip(model.blocks, drop_path_rates(model.config)):
         for m in block.modules():

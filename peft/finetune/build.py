@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 import vit
 from loaders import fetch_weights, load_npz
 from loaders.download import file_digest
@@ -23,6 +25,20 @@ def resolve_weights(spec: str) -> tuple[Path, str]:
                        f"({', '.join(KNOWN_WEIGHTS)}), nor 'none'")
 
 
+@torch.no_grad()
+def init_head(model, kind: str) -> None:
+    """How the classifier starts: "zero" leaves the loader's head (a new head is zero, as Google's code starts one);
+    "trunc-normal" is timm's ``_init_vit_weights`` / ``reset_classifier`` in NOAH's model (weight truncated-normal
+    std 0.02, bias 0: ZhangYuanhan-AI/NOAH@e9c55f3 ``model/supernet_vision_transformer_timm.py:553-555``); "linear"
+    is ``nn.Linear``'s own init, which timm 0.4.12's ``reset_classifier`` leaves on FacT's head (kaiming-uniform
+    weight, uniform bias)."""
+    if kind == "trunc-normal":
+        torch.nn.init.trunc_normal_(model.head.weight, std=0.02)
+        torch.nn.init.zeros_(model.head.bias)
+    elif kind == "linear":
+        model.head.reset_parameters()
+
+
 def build_model(opts: FinetuneOptions, num_classes: int, weights: tuple[Path, str] | None = None):
     """The model before adapters and a record of its base weights (None when training from scratch).
 
@@ -39,6 +55,7 @@ def build_model(opts: FinetuneOptions, num_classes: int, weights: tuple[Path, st
         return model, None
     path, name = weights or resolve_weights(opts.weights)
     model = load_npz(path, num_classes=num_classes, image_size=opts.image_size, resize=opts.pos_embed_resize)
+    init_head(model, opts.head_init)
     if opts.dropout is not None:
         vit.set_dropout(model, opts.dropout)
     if opts.drop_path:

@@ -58,7 +58,13 @@ def vpt_decay(name: str, p: torch.Tensor, declared: dict[str, set[str]]) -> bool
     return name != "head.bias"
 
 
-DECAY_RULES = {"project": project_decay, "rlrr": rlrr_decay, "timm": timm_decay, "vpt": vpt_decay}
+def all_decay(name: str, p: torch.Tensor, declared: dict[str, set[str]]) -> bool:
+    """FacT's ``AdamW(trainable, lr, weight_decay)`` (JieShibo/PETL-ViT@026e4f1 ``FacT/fact_tt.py:184-195``): one
+    group, every trainable tensor decayed (the head's bias included)."""
+    return True
+
+
+DECAY_RULES = {"project": project_decay, "rlrr": rlrr_decay, "timm": timm_decay, "vpt": vpt_decay, "all": all_decay}
 
 
 def param_groups(model, weight_decay: float, groups: str = "project") -> list[dict]:

@@ -21,7 +21,7 @@ from loaders.datasets import parse_class_spec
 from loaders.datasets.fgvc import FGVC_SETS
 from loaders.datasets.vtab import task_info
 from loaders.npz import CheckpointError, NpzArchive, infer_config
-from vit.config import GELU_KINDS, get_config
+from vit.config import DROP_PATH_MODES, GELU_KINDS, get_config
 from vit.model import RESIZE_METHODS
 
 from ..registry import METHODS, METHOD_NAMES, get_method
@@ -30,13 +30,14 @@ from ..fields import option
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PROTOCOLS = ("final", "tune")
-DECAY_GROUPS = ("project", "rlrr", "timm", "vpt")
+DECAY_GROUPS = ("project", "rlrr", "timm", "vpt", "all")
 SCHEDULES = ("step-cosine", "epoch-cosine", "epoch-restarts", "epoch-warmup-cosine")
 OPTIMIZERS = ("adamw", "sgd")
 NORMALISERS = {"half": (0.5, 0.5), "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}  # (mean, std)
 NORMALISATIONS = tuple(NORMALISERS)
 # "project" plus one official run per method (tables in peft/finetune/recipes.py, which checks this list)
-RECIPES = ("project", "rlrr-official", "ssf-official", "lora-noah", "vpt-official")
+RECIPES = ("project", "rlrr-official", "ssf-official", "lora-noah", "adapter-noah", "fact-official", "vpt-official")
+HEAD_INITS = ("zero", "trunc-normal", "linear")
 SCRATCH_LR = 1e-3  # training from scratch (--weights none): nothing pretrained to preserve
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes 64-bit values and the run seeds seed + 1
 
@@ -48,7 +49,7 @@ class FinetuneOptions:
     model: str = option("ViT-B/16", "model preset for --weights none (training from scratch); else the .npz decides")
     data: str = option("cifar10", "cifar10 | cifar100 | fashion_mnist | tiny_imagenet | vtab-1k:TASK | fgvc:NAME | a folder")
     protocol: str = option("final", "benchmarks: final (train800val200 / FGVC trainval, test once at the end) | tune (train800 / train, select on val)", choices=PROTOCOLS)
-    recipe: str = option("project", "project, or a method's official run: rlrr-official, ssf-official, lora-noah, vpt-official (see README)", choices=RECIPES)
+    recipe: str = option("project", "project, or a method's official run: rlrr-official, ssf-official, lora-noah, adapter-noah, fact-official, vpt-official (see README)", choices=RECIPES)
     data_root: typing.Optional[str] = option(None, "where datasets are cached (default $VIT_PEFT_DATA or ~/.cache)")
     classes: typing.Optional[str] = option(None, "train/test on a class subset, e.g. 0-4 or 1,3,5 (relabelled 0..k-1)")
     image_size: typing.Optional[int] = option(None, "input resolution (default: the weights' own, 224 for Google's)", min=1)
@@ -74,17 +75,19 @@ class FinetuneOptions:
     momentum: float = option(0.9, "sgd momentum", min=0, below=1)
     batch_size: int = option(128, "global batch per optimizer step (split over processes and --grad-accum)", min=1)
     grad_accum: int = option(1, "micro-batches per optimizer step (same result, less memory)", min=1)
+    drop_last: bool = option(False, "skip each epoch's last partial batch (the NOAH and FacT loaders' drop_last=True)")
     lr: typing.Optional[float] = option(None, "peak learning rate (default: the mode's, peft.registry)", above=0)
     weight_decay: typing.Optional[float] = option(None, "AdamW decay (default 5e-5, the official rate; 0.05 from scratch)", min=0)
-    decay_groups: str = option("project", "what decays: project (matrices only) | rlrr (RLRR code) | timm (not 1-D, not bias: SSF, NOAH) | vpt (all but the head bias)", choices=DECAY_GROUPS)
+    decay_groups: str = option("project", "what decays: project (matrices only) | rlrr (RLRR code) | timm (not 1-D, not bias: SSF, NOAH) | vpt (all but the head bias) | all (every trainable tensor: FacT)", choices=DECAY_GROUPS)
     clip_grad: float = option(1.0, "clip the global gradient norm (0: off)", min=0)
     label_smoothing: float = option(0.0, "cross-entropy label smoothing", min=0, below=1)
     augment: bool = option(True, "augment training images (--crop, --flip)")
     crop: bool = option(True, "with --augment: random crop (photos: random resized crop; small images: after padding by size/8)")
     flip: bool = option(True, "with --augment: random horizontal flip")
     dropout: typing.Optional[float] = option(None, "override the model's dropout rate", min=0, below=1)
+    head_init: str = option("zero", "the new head's start: zero (Google's) | trunc-normal (std 0.02, zero bias: NOAH) | linear (nn.Linear's default: FacT)", choices=HEAD_INITS)
     drop_path: float = option(0.0, "residual-branch drop rate of the last block (linear from 0 at the first)", min=0, below=1)
-    drop_path_mode: str = option("sample", "sample: stochastic depth | element: per-element dropout (what the RLRR code does)", choices=("sample", "element"))
+    drop_path_mode: str = option("sample", "sample: stochastic depth | sample-floor: the same drawn as timm 0.4 (FacT's runs) | element: per-element dropout (what the RLRR code does)", choices=DROP_PATH_MODES)
     gelu: str = option("tanh", "MLP activation: tanh (what Google's JAX model computes) | erf (the PyTorch code of the PEFT papers)", choices=GELU_KINDS)
     normalise: str = option("half", "input normalisation: half (mean = std = 0.5, Google's) | imagenet (ImageNet mean/std: NOAH, VPT)", choices=NORMALISATIONS)
     frozen_eval: bool = option(False, "keep the frozen backbone in eval mode while training (no dropout/drop-path in it: VPT)")

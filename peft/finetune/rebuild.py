@@ -19,6 +19,12 @@ from .checkpoint import CheckpointMismatch, load_checkpoint, load_trainable_stat
 from .options import NORMALISERS
 
 
+def saved_state(ckpt: dict) -> dict:
+    """The checkpoint's trained tensors under today's parameter names (a method renamed since says how:
+    ``Method.upgrade_state``)."""
+    return registry.get_method(ckpt["mode"]).upgrade_state(ckpt["state_dict"])
+
+
 def build_base_model(model_config: dict, base_weights: dict | None, weights: str | os.PathLike | None = None,
                      verify: bool = True):
     """The model before adapters: the recorded .npz (or ``weights`` instead), or a fresh one from the config."""
@@ -57,7 +63,7 @@ def load_model_from_checkpoint(path: str | os.PathLike, weights: str | os.PathLi
     else:  # base .npz (sha256-checked) + the trained adapters and head
         model = build_base_model(ckpt["model_config"], ckpt["base_weights"], weights)
         registry.apply_method(model, ckpt["mode"], **ckpt["mode_options"])
-    load_trainable_state(model, ckpt["state_dict"], full, ckpt["path"])
+    load_trainable_state(model, saved_state(ckpt), full, ckpt["path"])
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "training_state")}
     return model.to(device).eval(), meta
 
@@ -118,6 +124,6 @@ def load_tasks(paths, weights=None, device: str | torch.device = "cpu"):
         name = Path(ckpt["path"]).parent.name or "task"
         name = name if name not in metas else f"{name}-{len(metas)}"
         tasks.add_adapter(model, name, ckpt["mode"], num_classes=len(ckpt["classes"]), **ckpt["mode_options"])
-        tasks.load_adapter_state_dict(model, ckpt["state_dict"], name=name)
+        tasks.load_adapter_state_dict(model, saved_state(ckpt), name=name)
         metas[name] = {k: v for k, v in ckpt.items() if k not in ("state_dict", "training_state")}
     return model.to(device).eval(), metas

@@ -7,8 +7,8 @@ a value that differs from the default wins), and the resolved values are what th
 rather than inventing one.
 
 Every number is cited as ``repository@commit path:line`` (the commits read: zstarN70/RLRR@287c772,
-dongzelian/SSF@e94e0e7, ZhangYuanhan-AI/NOAH@e9c55f3, KMnP/vpt@4410440; timm 0.9.8 is the version the RLRR
-environment pins, ``environment.yaml``).
+dongzelian/SSF@e94e0e7, ZhangYuanhan-AI/NOAH@e9c55f3, KMnP/vpt@4410440, JieShibo/PETL-ViT@026e4f1; timm 0.9.8 is
+the version the RLRR environment pins, ``environment.yaml``; NOAH pins timm 0.5.4, FacT timm 0.4.12).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class Recipe:
     benchmarks: dict  # "vtab-1k" / "fgvc" -> options for that benchmark (a benchmark not listed is refused)
     tasks: dict = field(default_factory=dict)  # "vtab-1k" / "fgvc" -> task -> options
     method_options: dict = field(default_factory=dict)  # --lora-variant, --vpt-dropout, ...
+    task_method_options: dict = field(default_factory=dict)  # "vtab-1k" -> task -> method options (FacT's rank)
     any_mode: bool = False  # other modes may use the recipe's protocol (keeping their own learning rate)
     lr_required: tuple = ()  # benchmarks with no official learning rate: --lr (or --sweep) must give one
     notes: tuple = ()  # where this project differs from the official run, and values no official source gives
@@ -109,28 +110,80 @@ SSF = Recipe(
            "weights (--model-ema); neither is reproduced here: FGVC images take the official RLRR pipeline "
            "(256² resize, 224 crops) and the weights themselves are evaluated.",))
 
-# NOAH's LoRA, the "LoRA 0.29M" row of the VTAB-1k tables: configs/LoRA/VTAB/slurm_train_lora_vtab.sh and
-# supernet_train_prompt.py defaults (ZhangYuanhan-AI/NOAH@e9c55f3).
+# NOAH's LoRA and Adapter, the "LoRA 0.29M" and "Adapter 0.16M" rows of the VTAB-1k tables:
+# configs/{LoRA,Adapter}/VTAB/slurm_train_*_vtab.sh and supernet_train_prompt.py defaults
+# (ZhangYuanhan-AI/NOAH@e9c55f3).
+_NOAH_COMMON = dict(
+    epochs=100,  # --epochs=100; the loop runs range(args.epochs): no cooldown epochs (supernet_train_prompt.py:400)
+    schedule="epoch-cosine", cooldown_epochs=0, warmup_epochs=10,  # :107 --warmup-epochs 10
+    warmup_lr=1e-6, min_lr=1e-5,  # defaults, not set by the script (supernet_train_prompt.py:98,100)
+    schedule_lag=1,  # lr_scheduler.step(epoch) after epoch `epoch` (:414)
+    lr=1e-3, weight_decay=1e-4,  # LR=0.001, WEIGHT_DECAY=0.0001 (slurm_train_lora_vtab.sh)
+    optimizer="adamw", decay_groups="timm",  # --opt adamw (:74), timm create_optimizer: 1-D/bias not decayed
+    batch_size=64,  # --batch-size=64, one GPU (slurm_train_lora_vtab.sh)
+    precision="fp32",  # --amp not passed: store_true, default off (:188)
+    clip_grad=0.0, label_smoothing=0.0,  # --clip-grad None (:80); --smoothing=0 (script)
+    drop_path=0.1, drop_path_mode="sample",  # --drop-path default 0.1 (:59); timm 0.5.4's DropPath (requirements.txt),
+    # per-sample bernoulli_ masks, one module called after attention and after the MLP (model/
+    # supernet_vision_transformer_timm.py:308,364-365)
+    gelu="erf", normalise="imagenet",  # lib/datasets.py:241 Normalize(IMAGENET_DEFAULT_MEAN, _STD)
+    image_size=224, seed=0, flip=False, crop=False,  # --seed 0 (:170); --no_aug --direct_resize
+    drop_last=True,  # DataLoader(dataset_train, ..., drop_last=True) (supernet_train_prompt.py:275-281)
+    head_init="trunc-normal",  # reset_classifier: trunc_normal_(head.weight, std=.02), bias 0 (model/
+    # supernet_vision_transformer_timm.py:551-555, called at supernet_train_prompt.py:328-329)
+    official_test_from=1, official_test_every=10)  # evaluate at epoch % 10 == 0 and the last (:427-430)
+_NOAH_NOTES = ("Images: NOAH resizes to 224² bicubic (transforms.Resize((224, 224), interpolation=3)) as the VTAB "
+               "pipeline here does.",)
 LORA_NOAH = Recipe(
     "lora-noah", "lora", "NOAH's LoRA runs (ZhangYuanhan-AI/NOAH configs/LoRA/VTAB, supernet_train_prompt.py)",
-    dict(epochs=100,  # --epochs=100; the loop runs range(args.epochs): no cooldown epochs (supernet_train_prompt.py:400)
-         schedule="epoch-cosine", cooldown_epochs=0, warmup_epochs=10,  # :107 --warmup-epochs 10
-         warmup_lr=1e-6, min_lr=1e-5,  # defaults, not set by the script (supernet_train_prompt.py:98,100)
-         schedule_lag=1,  # lr_scheduler.step(epoch) after epoch `epoch` (:414)
-         lr=1e-3, weight_decay=1e-4,  # LR=0.001, WEIGHT_DECAY=0.0001 (slurm_train_lora_vtab.sh)
-         optimizer="adamw", decay_groups="timm",  # --opt adamw (:74), timm create_optimizer: 1-D/bias not decayed
-         batch_size=64,  # --batch-size=64, one GPU (slurm_train_lora_vtab.sh)
-         precision="fp32",  # --amp not passed: store_true, default off (:188)
-         clip_grad=0.0, label_smoothing=0.0,  # --clip-grad None (:80); --smoothing=0 (script)
-         drop_path=0.1, drop_path_mode="sample",  # --drop-path default 0.1 (:59), timm stochastic depth
-         gelu="erf", normalise="imagenet",  # lib/datasets.py:241 Normalize(IMAGENET_DEFAULT_MEAN, _STD)
-         image_size=224, seed=0, flip=False, crop=False,  # --seed 0 (:170); --no_aug --direct_resize
-         official_test_from=1, official_test_every=10),  # evaluate at epoch % 10 == 0 and the last (:427-430)
-    {"vtab-1k": {}},
-    method_options=dict(lora_variant="noah", lora_rank=8),  # experiments/LoRA/ViT-B_prompt_lora_8.yaml: LORA_DIM 8
+    _NOAH_COMMON, {"vtab-1k": {}},
+    # experiments/LoRA/ViT-B_prompt_lora_8.yaml: LORA_DIM 8; --drop_rate_LoRA default 0.1, never set by the
+    # script (supernet_train_prompt.py:207). The variant re-draws A and B truncated-normal as the run did.
+    method_options=dict(lora_variant="noah", lora_rank=8, lora_dropout=0.1),
     notes=("NOAH publishes no FGVC LoRA run; FGVC LoRA rows use --recipe rlrr-official with --mode lora.",
-           "Images: NOAH resizes to 224² bicubic (transforms.Resize((224, 224), interpolation=3)) as the VTAB "
-           "pipeline here does."))
+           *_NOAH_NOTES))
+ADAPTER_NOAH = Recipe(
+    "adapter-noah", "adapter",
+    "NOAH's Adapter runs (ZhangYuanhan-AI/NOAH configs/Adapter/VTAB, supernet_train_prompt.py)",
+    _NOAH_COMMON, {"vtab-1k": {}},  # slurm_train_adapter_vtab.sh: the LoRA script's flags with --is_adapter
+    # experiments/Adapter/ViT-B_prompt_adapter_8.yaml: ADAPTER_DIM 8; --drop_rate_adapter default 0.1
+    # (supernet_train_prompt.py:209); init_weights re-draws every nn.Linear truncated-normal std 0.02, zero bias
+    # (model/supernet_vision_transformer_timm.py:531, _init_vit_weights), over AdapterSuper's xavier init
+    method_options=dict(adapter_dim=8, adapter_placement="mlp", adapter_init="trunc-normal", adapter_dropout=0.1),
+    notes=("NOAH publishes no FGVC Adapter run; FGVC Adapter rows use --recipe rlrr-official with --mode adapter.",
+           *_NOAH_NOTES))
+
+# FacT-TT: FacT/fact_tt.py, FacT/vtab.py, FacT/configs/tt/<task>.yaml (JieShibo/PETL-ViT@026e4f1), timm 0.4.12
+# (FacT/README.md). Per task (rank, scale): configs/tt/<task>.yaml "rank", "scale" (fact_tt.py:178-181).
+FACT_TT_TASKS = {
+    "caltech101": (16, 10.0), "cifar": (8, 1.0), "clevr_count": (16, 1.0), "clevr_dist": (4, 10.0),
+    "diabetic_retinopathy": (8, 1.0), "dmlab": (16, 10.0), "dsprites_loc": (16, 100.0), "dsprites_ori": (16, 1.0),
+    "dtd": (8, 0.01), "eurosat": (8, 100.0), "kitti": (16, 10.0), "oxford_flowers102": (16, 1.0),
+    "oxford_iiit_pet": (8, 1.0), "patch_camelyon": (8, 10.0), "resisc45": (8, 0.1), "smallnorb_azi": (16, 100.0),
+    "smallnorb_ele": (8, 10.0), "sun397": (8, 1.0), "svhn": (16, 100.0),
+}
+FACT = Recipe(
+    "fact-official", "fact-tt", "FacT-TT's own runs (JieShibo/PETL-ViT FacT/fact_tt.py, configs/tt)",
+    dict(epochs=100,  # train(..., epoch=100) (fact_tt.py:198)
+         schedule="epoch-cosine", cooldown_epochs=0, warmup_epochs=10,  # CosineLRScheduler(t_initial=100,
+         warmup_lr=1e-6, min_lr=1e-5,  # warmup_t=10, lr_min=1e-5, warmup_lr_init=1e-6, decay_rate=0.1) (:196-197)
+         schedule_lag=1,  # scheduler.step(ep) after epoch ep (:33-34): epoch e runs at lr(e - 1)
+         lr=1e-3, weight_decay=1e-4,  # --lr 1e-3, --wd 1e-4 (:165-166)
+         optimizer="adamw", decay_groups="all",  # AdamW(trainable, ...) on every FacT tensor and the head (:184-195)
+         batch_size=64, drop_last=True,  # get_data(batch_size=64): DataLoader(..., shuffle=True, drop_last=True)
+         precision="fp32", clip_grad=0.0, label_smoothing=0.0,  # no autocast, no clipping, F.cross_entropy (:28-32)
+         drop_path=0.1,  # create_model(..., drop_path_rate=0.1) (:175)
+         drop_path_mode="sample-floor",  # timm 0.4.12 DropPath: floor(keep + torch.rand) per sample
+         gelu="erf", normalise="imagenet",  # timm nn.GELU; vtab.py Normalize(IMAGENET_DEFAULT_MEAN, _STD)
+         image_size=224, seed=42, flip=False, crop=False,  # Resize((224, 224), interpolation=3) only; --seed 42
+         head_init="linear",  # vit.reset_classifier(...) (:185): timm 0.4.12 builds a new nn.Linear, default init
+         official_test_from=10, official_test_every=10),  # test when ep % 10 == 9 (:35-39): epochs 10, 20, ..., 100
+    {"vtab-1k": {}},
+    method_options=dict(fact_dropout=0.1),  # _.dp = nn.Dropout(0.1) (fact_tt.py:114,124)
+    task_method_options={"vtab-1k": {t: dict(fact_rank=r, fact_scale=sc) for t, (r, sc) in FACT_TT_TASKS.items()}},
+    notes=("FacT publishes no FGVC FacT-TT run in JieShibo/PETL-ViT; FGVC rows use --recipe rlrr-official.",
+           "Trainable parameters vary with the task's rank: 8,448 (rank 4), 21,504 (rank 8), 61,440 (rank 16) for "
+           "ViT-B/16 without the head; the mean over the 19 tasks is 39,734 (FacT's 0.040M)."))
 
 # VPT: src/configs/config.py, configs/base-prompt.yaml, configs/prompt/<set>.yaml, src/solver/*, src/engine/trainer.py,
 # tune_vtab.py / tune_fgvc.py (KMnP/vpt@4410440).
@@ -161,7 +214,7 @@ VPT = Recipe(
            "FGVC images: VPT resizes the shorter side to 256 before its 224 crops; this project stores the "
            "official RLRR 256² resize for every FGVC recipe."))
 
-RECIPE_TABLE: dict[str, Recipe] = {r.name: r for r in (RLRR, SSF, LORA_NOAH, VPT)}
+RECIPE_TABLE: dict[str, Recipe] = {r.name: r for r in (RLRR, SSF, LORA_NOAH, ADAPTER_NOAH, FACT, VPT)}
 assert set(RECIPES) == {"project", *RECIPE_TABLE}, "options.RECIPES and the recipe tables disagree"
 # The official recipe of each method (what tools/vtab.py --recipe official picks); other modes run rlrr-official.
 METHOD_RECIPES = {r.method: r.name for r in RECIPE_TABLE.values()}
@@ -212,8 +265,9 @@ def apply_recipe(opts: FinetuneOptions) -> FinetuneOptions:
         for key in ("warmup_epochs", "cooldown_epochs"):
             if key in changes:
                 changes[key] = round(settings[key] * ratio)
-    method_options = {**{k: v for k, v in recipe.method_options.items() if opts.mode == recipe.method},
-                      **opts.method_options}
+    own = recipe.method_options if opts.mode == recipe.method else {}
+    per_task = recipe.task_method_options.get(kind, {}).get(opts.data.partition(":")[2], {})
+    method_options = {**own, **(per_task if opts.mode == recipe.method else {}), **opts.method_options}
     return dataclasses.replace(opts, **changes, method_options=method_options)
 
 
@@ -221,4 +275,5 @@ def describe(name: str) -> dict:
     """The recipe as the run records it: its summary, the values it sets, and its notes."""
     r = RECIPE_TABLE[name]
     return {"name": r.name, "method": r.method, "summary": r.summary, "common": r.common,
-            "benchmarks": r.benchmarks, "method_options": r.method_options, "notes": list(r.notes)}
+            "benchmarks": r.benchmarks, "method_options": r.method_options,
+            "task_method_options": r.task_method_options, "notes": list(r.notes)}

@@ -11,7 +11,8 @@ interrupted half-way resumes from its checkpoint. After every run the results ar
 ``results.png``.
 
 ``--recipe official`` gives each method its own official run (``peft.finetune.recipes.METHOD_RECIPES``: RLRR,
-SSF, LoRA as NOAH ran it, VPT; the other methods run rlrr-official's protocol at their own learning rate). Runs of
+SSF, LoRA and the Adapter as NOAH ran them, FacT-TT, VPT; the other methods, and the benchmarks a recipe does not
+cover, run rlrr-official's protocol at the method's own learning rate). Runs of
 an official recipe also test after every epoch as the official loop does, and their results carry
 ``test_accuracy_official`` (the maximum over those epochs: test-selected, labelled so) beside ``test_accuracy``.
 ``--sweep NAME=V1,V2`` chooses hyper-parameters on validation first (``peft.finetune.sweep``).
@@ -229,9 +230,14 @@ def summarise(rows: list[dict]) -> dict:
         for t, a in accs.items():
             groups.setdefault(task_info(t).group if t in VTAB_TASKS or t in REHEARSAL_TASKS else "FGVC", []).append(a)
         group_means = {g: float(np.mean(v)) for g, v in groups.items()}
+        # Counts vary per task (the head's classes; FacT's per-task rank): each task's, and their mean (what the
+        # tables print as a method's parameter count).
+        counts = {t: per[mode]["trainable_parameters"] for t, per in tasks.items() if mode in per}
         summary[mode] = {"mean_of_tasks": float(np.mean(list(accs.values()))),
                          "mean_of_groups": float(np.mean(list(group_means.values()))),
-                         "groups": group_means, "tasks_run": len(accs)}
+                         "groups": group_means, "tasks_run": len(accs),
+                         "trainable_parameters_per_task": counts,
+                         "trainable_parameters_mean": float(np.mean(list(counts.values())))}
     return {"tasks": tasks, "summary": summary}
 
 
@@ -279,9 +285,11 @@ def markdown(o: SuiteOptions, results: dict) -> str:
     for mode, s in summary.items():
         cells = [f"{100 * tasks[t][mode]['accuracy']:.1f}" if mode in tasks[t] else "–" for t in names]
         cells += [f"{100 * s['groups'][g]:.1f}" if g in s["groups"] else "–" for g in groups]
-        params = next(tasks[t][mode]["trainable_parameters"] for t in names if mode in tasks[t])
+        counts = s["trainable_parameters_per_task"]
+        params = f"{next(iter(counts.values())):,}" if len(set(counts.values())) == 1 else \
+            f"{s['trainable_parameters_mean']:,.0f} (mean; per task: {', '.join(f'{n:,}' for n in counts.values())})"
         lines.append("| " + " | ".join([mode] + cells + [f"{100 * s['mean_of_tasks']:.1f}",
-                                                        f"{100 * s['mean_of_groups']:.1f}", f"{params:,}"]) + " |")
+                                                        f"{100 * s['mean_of_groups']:.1f}", params]) + " |")
     if o.suite == "vtab" and not o.rehearsal:
         lines += ["", "Published (RLRR paper, Table 2; ViT-B/16 ImageNet-21k, all 19 tasks):", "",
                   "| mode | Natural | Specialized | Structured | mean of 19 tasks | mean of group means |",

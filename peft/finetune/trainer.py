@@ -34,7 +34,7 @@ from . import predict, report, rng
 from .build import build_model, resolve_weights
 from .data import prepare_data, write_split_files
 from .optim import LRSchedule, build_optimizer
-from .options import FinetuneOptions, changed_options, check_options, resumable_flags
+from .options import FinetuneOptions, OptionsError, changed_options, check_options, resumable_flags
 from .recipes import apply_recipe, recipe_settings
 from .rundir import RunFolder
 
@@ -110,7 +110,11 @@ class Trainer:
         self.train_tf, self.eval_tf = predict.run_transforms(opts, self.data, self.model.config.image_size)
         self.lr = opts.resolved_lr()
         self.optimizer = build_optimizer(self.model, opts, self.lr)
-        self.steps_per_epoch = math.ceil(len(self.data.train) / opts.batch_size)
+        n_train = len(self.data.train)
+        self.steps_per_epoch = n_train // opts.batch_size if opts.drop_last else math.ceil(n_train / opts.batch_size)
+        if self.steps_per_epoch == 0:
+            raise OptionsError(f"--drop-last: the {n_train} training images make no full batch of --batch-size "
+                               f"{opts.batch_size}; lower --batch-size or leave out --drop-last")
         self.total_steps = opts.epochs * self.steps_per_epoch
         self.schedule = LRSchedule(opts, self.lr, self.steps_per_epoch)
         self.lr_per_step: list[float] = []  # the first group's lr as each optimizer step used it
@@ -216,8 +220,10 @@ class Trainer:
         self.ddp.train()
         if opts.frozen_eval:  # VPT: the frozen backbone keeps eval mode (no dropout or drop-path in it)
             state.train_adapters_only(self.model)
-        n = len(d.train)
-        order = torch.randperm(n, generator=self.generators["data_order"])
+        order = torch.randperm(len(d.train), generator=self.generators["data_order"])
+        if opts.drop_last:  # the official loaders' drop_last=True: the shuffled tail that fills no batch is skipped
+            order = order[:self.steps_per_epoch * opts.batch_size]
+        n = len(order)
         batches = BatchStream(d.train, order.split(opts.batch_size), ctx.device, ctx.rank, ctx.world_size)
         totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, count
         # Non-finite losses are flagged on the device (the step index and loss of the first one) and read with the
