@@ -76,7 +76,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
     remove_stale_temps(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode) as f:
+        # text: UTF-8, and a name that is not valid UTF-8 (read as surrogate escapes) written back as its bytes
+        text = {} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape"}
+        with os.fdopen(fd, mode, **text) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

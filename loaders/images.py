@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps  # Pillow comes with matplotlib
+from PIL import Image, ImageOps
 
 from .errors import DatasetError
 

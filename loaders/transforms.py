@@ -18,9 +18,8 @@ Two families, chosen by the data:
   window at a uniform whole-pixel offset (torchvision's RandomCrop) plus flip, and ``resize="center"`` with
   crop_pct = S / 256 for the centre crop; whole-pixel boxes of side S copy pixels exactly.
 
-Inputs are normalised with mean = std = 0.5 by default, the convention of Google's ViT checkpoints.
-
-`iterate_batches` (defined in loaders.datasets) is re-exported here for convenience.
+Inputs are normalised with mean = std = 0.5 by default, the convention of Google's ViT checkpoints. Which of
+these a run uses is chosen in one place, :mod:`loaders.transforms_factory`.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .datasets import count_batches, iterate_batches, shard_indices  # noqa: F401  (re-exported)
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area")
 PADDING_MODES = ("reflect", "zeros")
@@ -65,6 +63,93 @@ def _bilinear(canvas: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch
     top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
     bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
     return (top * (1 - wy) + bottom * wy).div_(255).permute(0, 3, 1, 2)
+
+
+def _draw(n: int, shape: tuple, generator, rows, device, dtype=torch.float64) -> torch.Tensor:
+    """Uniform [0, 1) numbers for all ``n`` rows of a global batch, from the generator on its own device; this
+    process's rows (``rows`` = (start, stop, n)) moved to ``device``."""
+    start, stop, _ = rows
+    dev = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand(n, *shape, generator=generator, device=dev, dtype=dtype)[start:stop].to(device)
+
+
+class BoxSampler:
+    """A crop: one source box (y0, x0, h, w) in pixels of each image and a horizontal flip per image. Every
+    crop below is one of these; the resampling that follows is the same for all (:meth:`BatchTransform._resample`)."""
+
+    flip = False
+
+    def __call__(self, h: torch.Tensor, w: torch.Tensor, generator: torch.Generator | None,
+                 rows: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _flips(self, h: torch.Tensor, generator, rows) -> torch.Tensor:
+        if not self.flip:
+            return torch.zeros(len(h), dtype=torch.bool, device=h.device)
+        return _draw(rows[2], (), generator, rows, h.device, torch.float32) < 0.5
+
+
+class WholeImage(BoxSampler):
+    """The whole image, stretched to S × S ("squash")."""
+
+    def __call__(self, h, w, generator=None, rows=None):
+        return torch.stack([torch.zeros_like(h), torch.zeros_like(w), h, w], 1), self._flips(h, None, rows)
+
+
+class CenterCrop(BoxSampler):
+    """timm's evaluation crop: the centred square of side min(h, w) · S / floor(S / crop_pct), at whole-pixel
+    offsets as timm's CenterCrop rounds them (a stored 256 px side gives the exact centre 224 pixels)."""
+
+    def __init__(self, image_size: int, crop_pct: float = CROP_PCT):
+        self.image_size, self.crop_pct = image_size, crop_pct
+
+    def __call__(self, h, w, generator=None, rows=None):
+        side = torch.minimum(h, w) * self.image_size / math.floor(self.image_size / self.crop_pct + 1e-9)  # 1e-9: 384/(384/439)
+        return torch.stack([torch.round((h - side) / 2), torch.round((w - side) / 2), side, side], 1), \
+            self._flips(h, None, rows)
+
+
+class RandomResizedCrop(BoxSampler):
+    """timm's RandomResizedCrop with continuous boxes: area scale and log-uniform aspect ratio, ten tries, then the
+    whole image clipped to the ratio range, centred; then the flips."""
+
+    def __init__(self, scale: tuple[float, float] = RRC_SCALE, ratio: tuple[float, float] = RRC_RATIO,
+                 flip: bool = True):
+        self.scale, self.ratio, self.flip = scale, ratio, flip
+
+    def __call__(self, h, w, generator, rows):
+        u = _draw(rows[2], (_RRC_TRIES, 4), generator, rows, h.device)
+        flips = self._flips(h, generator, rows)
+        area = (h * w)[:, None] * (self.scale[0] + u[..., 0] * (self.scale[1] - self.scale[0]))
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        r = torch.exp(lo + u[..., 1] * (hi - lo))
+        cw, ch = torch.sqrt(area * r), torch.sqrt(area / r)
+        fits = (cw <= w[:, None]) & (ch <= h[:, None])
+        pick = fits.double().argmax(1)  # the first box that fits
+        take = lambda t: t.gather(1, pick[:, None])[:, 0]  # noqa: E731
+        cw, ch, uy, ux = take(cw), take(ch), take(u[..., 2]), take(u[..., 3])
+        # no box fits: the whole image, clipped to the ratio range, centred (timm's fallback)
+        aspect = w / h
+        fw = torch.where(aspect < self.ratio[0], w, torch.where(aspect > self.ratio[1], h * self.ratio[1], w))
+        fh = torch.where(aspect < self.ratio[0], w / self.ratio[0], h)
+        ok = fits.any(1)
+        cw, ch = torch.where(ok, cw, fw), torch.where(ok, ch, fh)
+        uy, ux = torch.where(ok, uy, 0.5), torch.where(ok, ux, 0.5)
+        return torch.stack([uy * (h - ch), ux * (w - cw), ch, cw], 1), flips
+
+
+class RandomWindow(BoxSampler):
+    """torchvision's RandomCrop: an S × S window at a uniform whole-pixel offset in 0..h-S, then the flips."""
+
+    def __init__(self, image_size: int, flip: bool = True):
+        self.image_size, self.flip = image_size, flip
+
+    def __call__(self, h, w, generator, rows):
+        u = _draw(rows[2], (2,), generator, rows, h.device)
+        flips = self._flips(h, generator, rows)
+        side_h, side_w = h.clamp(max=self.image_size), w.clamp(max=self.image_size)
+        oy, ox = torch.floor(u[:, 0] * (h - side_h + 1)), torch.floor(u[:, 1] * (w - side_w + 1))
+        return torch.stack([oy, ox, side_h, side_w], 1), flips
 
 
 class BatchTransform:
@@ -118,6 +203,15 @@ class BatchTransform:
         self.crop, self.resize = crop, resize
         self.scale, self.ratio, self.crop_pct = tuple(map(float, scale)), tuple(map(float, ratio)), float(crop_pct)
         self._constants: dict = {}
+        # the one choice of crop: a box per image (resampled), or for "pad" the whole image then pad-crop-flip
+        if self.train and crop == "resized":
+            self.sampler: BoxSampler = RandomResizedCrop(self.scale, self.ratio, self.flip)
+        elif self.train and crop == "random":
+            self.sampler = RandomWindow(self.image_size, self.flip)
+        elif resize == "center":
+            self.sampler = CenterCrop(self.image_size, self.crop_pct)
+        else:
+            self.sampler = WholeImage()
 
     def __repr__(self) -> str:
         return (f"BatchTransform(image_size={self.image_size}, train={self.train}, mean={self.mean}, "
@@ -135,7 +229,7 @@ class BatchTransform:
                              f"{images.dtype} {tuple(images.shape)}")
         S = self.image_size
         rows = rows or (0, images.shape[0], images.shape[0])
-        resample = sizes is not None or self.resize == "center" or (self.train and self.crop in ("resized", "random"))
+        resample = sizes is not None or not isinstance(self.sampler, WholeImage)
         if resample:
             x = self._resample(images, sizes, generator, rows)  # (B, C, S, S) in [0, 1]
         else:
@@ -159,50 +253,10 @@ class BatchTransform:
     # -- one box per image, one resampling per batch -----------------------------------------------------------
     def boxes(self, sizes: torch.Tensor, generator: torch.Generator | None = None,
               rows: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Source boxes (B, 4) float64 (y0, x0, h, w) in pixels of each image, and flips (B,) bool.
-
-        Training with crop="resized": timm's RandomResizedCrop with continuous boxes; otherwise the evaluation
-        box ("center": the centred square of side min(h, w) · S / floor(S / crop_pct); "squash": the whole image).
-        """
+        """Source boxes (B, 4) float64 (y0, x0, h, w) in pixels of each image, and flips (B,) bool: this
+        transform's :class:`BoxSampler` (``self.sampler``)."""
         h, w = sizes[:, 0].double(), sizes[:, 1].double()  # on the device of sizes: no host synchronisation
-        B = len(h)
-        start, stop, n = rows or (0, B, B)
-        flips = torch.zeros(B, dtype=torch.bool, device=h.device)
-        if self.train and self.crop == "resized":
-            dev = generator.device if generator is not None else torch.device("cpu")
-            u = torch.rand(n, _RRC_TRIES, 4, generator=generator, device=dev, dtype=torch.float64)[start:stop]
-            u = u.to(h.device)
-            if self.flip:
-                flips = (torch.rand(n, generator=generator, device=dev) < 0.5)[start:stop].to(h.device)
-            area = (h * w)[:, None] * (self.scale[0] + u[..., 0] * (self.scale[1] - self.scale[0]))
-            lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
-            r = torch.exp(lo + u[..., 1] * (hi - lo))
-            cw, ch = torch.sqrt(area * r), torch.sqrt(area / r)
-            fits = (cw <= w[:, None]) & (ch <= h[:, None])
-            pick = fits.double().argmax(1)  # the first box that fits
-            take = lambda t: t.gather(1, pick[:, None])[:, 0]  # noqa: E731
-            cw, ch, uy, ux = take(cw), take(ch), take(u[..., 2]), take(u[..., 3])
-            # no box fits: the whole image, clipped to the ratio range, centred (timm's fallback)
-            aspect = w / h
-            fw = torch.where(aspect < self.ratio[0], w, torch.where(aspect > self.ratio[1], h * self.ratio[1], w))
-            fh = torch.where(aspect < self.ratio[0], w / self.ratio[0], h)
-            ok = fits.any(1)
-            cw, ch = torch.where(ok, cw, fw), torch.where(ok, ch, fh)
-            uy, ux = torch.where(ok, uy, 0.5), torch.where(ok, ux, 0.5)
-            return torch.stack([uy * (h - ch), ux * (w - cw), ch, cw], 1), flips
-        if self.train and self.crop == "random":  # offsets uniform in 0..h-S (RandomCrop), then the flips
-            dev = generator.device if generator is not None else torch.device("cpu")
-            u = torch.rand(n, 2, generator=generator, device=dev, dtype=torch.float64)[start:stop].to(h.device)
-            if self.flip:
-                flips = (torch.rand(n, generator=generator, device=dev) < 0.5)[start:stop].to(h.device)
-            side_h, side_w = h.clamp(max=self.image_size), w.clamp(max=self.image_size)
-            oy, ox = torch.floor(u[:, 0] * (h - side_h + 1)), torch.floor(u[:, 1] * (w - side_w + 1))
-            return torch.stack([oy, ox, side_h, side_w], 1), flips
-        if self.resize == "center":
-            side = torch.minimum(h, w) * self.image_size / math.floor(self.image_size / self.crop_pct + 1e-9)  # 1e-9: 384/(384/439)
-            # whole-pixel offsets, as timm's CenterCrop rounds them: a stored 256 px side gives the exact pixels
-            return torch.stack([torch.round((h - side) / 2), torch.round((w - side) / 2), side, side], 1), flips
-        return torch.stack([torch.zeros_like(h), torch.zeros_like(w), h, w], 1), flips
+        return self.sampler(h, w, generator, rows or (0, len(h), len(h)))
 
     def _resample(self, x: torch.Tensor, sizes, generator, rows) -> torch.Tensor:
         B, Hc, Wc, _ = x.shape  # the uint8 canvas

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 import loaders.datasets as D
-from loaders.datasets import (DataNotFoundError, DatasetError, ImageDataset, count_batches, iterate_batches,
-                              load_dataset, select_classes, split_indices, split_train_val)
+from loaders.datasets import (DataNotFoundError, DatasetError, ImageDataset, load_dataset, select_classes,
+                              split_indices, split_train_val)
 
 # ------------------------------------------------------------------------------------------------------------
 # Fake CIFAR archives, byte-compatible with the originals (Python 2 cPickle, protocol 2)
@@ -449,7 +449,7 @@ def test_tiny_imagenet_rejects_bad_zip(tmp_path, fake_tiny):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# select_classes, split_train_val, iterate_batches
+# select_classes, split_train_val, batch streams
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -498,35 +498,25 @@ def test_split_train_val_properties():
         split_indices(ds.labels, 1.0)
 
 
-def test_iterate_batches_exact_sharding_and_even_training():
+def test_batch_stream_shards_every_global_batch_exactly():
+    from loaders.datasets.stream import BatchStream
+
     ds = small_dataset()  # 25 images
     n = len(ds)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(7))
     for world in (1, 2, 3, 4):
         seen = []
         for rank in range(world):
-            batches = list(iterate_batches(ds, 4, rank=rank, world_size=world))
-            assert len(batches) == count_batches(n, 4, rank=rank, world_size=world)
-            for im, lab in batches:
-                ids = im[:, 0, 0, 0].long()
-                assert torch.equal(lab, ds.labels[ids])
+            for batch in BatchStream(ds, order.split(6), "cpu", rank, world):
+                ids = batch.images[:, 0, 0, 0].long()
+                assert torch.equal(batch.labels, ds.labels[ids])
+                start, stop, total = batch.rows
+                assert stop - start == len(ids) and total in (6, n % 6)
                 seen += ids.tolist()
         assert sorted(seen) == list(range(n))  # each index exactly once over all ranks
-    g = lambda: torch.Generator().manual_seed(7)
-    shards = [torch.cat([im[:, 0, 0, 0] for im, _ in iterate_batches(
-        ds, 3, shuffle=True, generator=g(), drop_last=True, rank=r, world_size=4, even=True)]) for r in range(4)]
-    assert len({len(s) for s in shards}) == 1 and len(shards[0]) == 6  # 24 // 4 = 6 each, 2 full batches
-    assert len(set(torch.cat(shards).tolist())) == 24  # disjoint
-    assert count_batches(n, 3, True, 0, 4, True) == 2
-    a = [im for im, _ in iterate_batches(ds, 5, shuffle=True, generator=g())]
-    b = [im for im, _ in iterate_batches(ds, 5, shuffle=True, generator=g())]
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not torch.equal(torch.cat(a)[:, 0, 0, 0], torch.arange(n, dtype=torch.uint8))
-    sub = list(iterate_batches(ds, 10, indices=[3, 1, 4]))
-    assert sub[0][0][:, 0, 0, 0].tolist() == [3, 1, 4]
-    with pytest.raises(ValueError, match="generator"):
-        next(iterate_batches(ds, 4, shuffle=True, rank=0, world_size=2))
+        assert seen == order.tolist() or world > 1
     with pytest.raises(ValueError, match="rank"):
-        next(iterate_batches(ds, 4, rank=2, world_size=2))
+        next(iter(BatchStream(ds, order.split(6), "cpu", 2, 2)))
 
 
 def test_image_dataset_validation():

@@ -12,6 +12,7 @@ import vit
 from peft.bench.photos import photo, write_photo_folder
 from peft.finetune import FinetuneOptions
 from peft.finetune import trainer as training
+from peft.finetune.data import read_split_files
 from peft.finetune.predict import evaluate_checkpoint
 
 from npz_factory import write_google_npz
@@ -38,8 +39,8 @@ def test_a_folder_of_mixed_photos_trains_reports_and_evaluates(setup, tmp_path):
     run = tmp_path / "run"
     assert (run / "skipped.txt").read_text().startswith("class_0/truncated.jpg\tOSError")
     assert m["skipped_files"] == 1
-    splits = {s: (run / "splits" / f"{s}.txt").read_text().splitlines() for s in ("train", "val", "test")}
-    names = [line.split("\t")[0] for lines in splits.values() for line in lines]
+    splits = read_split_files(run / "splits")
+    names = [name for lines in splits.values() for name in lines]
     assert len(names) == len(set(names)) == 3 * 10 + 8  # every decodable image in exactly one split
     assert m["num_test"] == len(splits["test"]) == 3 * round(10 * 0.1) + 1  # class_0 holds 18 images
     counts = m["data"]
@@ -65,7 +66,7 @@ def test_train_and_test_folders_keep_their_test_split(tmp_path, setup):
                     tmp_path / "tt" / split / f"c{c}" / f"{i}.png")
     m = training.run(_opts(setup, tmp_path / "run", data=str(tmp_path / "tt"), epochs=1))
     assert m["num_test"] == 4 and m["splits"]["test"] == "test/"
-    assert all(p.startswith("test/") for p in (tmp_path / "run" / "splits" / "test.txt").read_text().split()[::2])
+    assert all(p.startswith("test/") for p in read_split_files(tmp_path / "run" / "splits")["test"])
 
 
 def _cli(*args, timeout=180):

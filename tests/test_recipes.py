@@ -539,7 +539,7 @@ def test_fgvc_final_trains_on_trainval_with_the_official_crops(weights, tmp_path
         expected = np.asarray(im.convert("RGB").resize((256, 256), Image.Resampling.BILINEAR))
     stored = ds.images.to_tensor()[i].numpy()
     assert np.array_equal(stored, expected)  # torchvision Resize((256, 256)) on a PIL image: PIL's bilinear
-    from peft.finetune.predict import run_transforms
+    from peft.finetune.data import run_transforms
 
     class D:
         stored, photos = 256, False

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from loaders.transforms import BatchTransform, iterate_batches
+from loaders.transforms import BatchTransform
 
 
 def rand_images(b, h, w, c, seed=0):
@@ -130,16 +130,18 @@ def test_same_seed_same_output():
     assert t(x).shape == (16, 3, 16, 16)  # global RNG when no generator is given
 
 
-def test_iterate_batches_feeds_the_transform():
+def test_batch_stream_feeds_the_transform():
     from loaders.datasets import ImageDataset
+    from loaders.datasets.stream import BatchStream
 
     ds = ImageDataset(rand_images(10, 8, 8, 1), torch.arange(10) % 2, ["even", "odd"], "toy")
     t = BatchTransform(8, train=True)
     seen = 0
-    for images, labels in iterate_batches(ds, 4, shuffle=True, generator=torch.Generator().manual_seed(0)):
-        out = t(images, torch.Generator().manual_seed(seen))
-        assert out.shape == (len(labels), 3, 8, 8)
-        seen += len(labels)
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    for batch in BatchStream(ds, order.split(4), "cpu"):
+        out = t(batch.images, torch.Generator().manual_seed(seen), batch.sizes, batch.rows)
+        assert out.shape == (len(batch.labels), 3, 8, 8)
+        seen += len(batch.labels)
     assert seen == 10
 
 
@@ -152,3 +154,26 @@ def test_cuda_matches_cpu():
         gpu = t(x.cuda(), torch.Generator().manual_seed(3))
         assert gpu.device.type == "cuda"
         torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=0)
+
+
+def test_the_factory_gives_each_kind_its_crops_and_no_augmentation_the_evaluation_pixels():
+    from loaders.transforms import CenterCrop, RandomResizedCrop, RandomWindow, WholeImage
+    from loaders.transforms_factory import create_transforms
+
+    for kind, stored, train_box, eval_box in (("fixed", None, WholeImage, WholeImage),
+                                               ("photos", None, RandomResizedCrop, CenterCrop),
+                                               ("stored", 40, RandomWindow, CenterCrop)):
+        train, ev = create_transforms(32, kind, stored)
+        assert isinstance(train.sampler, train_box) and isinstance(ev.sampler, eval_box) and train.train, kind
+        x = rand_images(4, 40, 40, 3)
+        sizes = torch.tensor([[40, 40], [40, 31], [33, 40], [40, 40]])
+        for off in (dict(augment=False), dict(crop=False, flip=False)):
+            plain, ev = create_transforms(32, kind, stored, **off)
+            if kind == "stored" and "crop" in off:
+                continue  # the official FGVC pipeline crops whatever --crop says
+            assert torch.equal(plain(x, torch.Generator().manual_seed(0), sizes), ev(x, sizes=sizes)), (kind, off)
+    assert create_transforms(32, "fixed")[0].crop_padding == 4  # pad by S / 8
+    with pytest.raises(ValueError, match="stored side"):
+        create_transforms(32, "stored")
+    with pytest.raises(ValueError, match="kind"):
+        create_transforms(32, "squash")

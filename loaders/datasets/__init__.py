@@ -9,7 +9,8 @@ on the training device (:class:`loaders.transforms.BatchTransform`).
 One module per source (``cifar``, ``fashion_mnist``, ``tiny_imagenet``, ``folder``, ``vtab``, ``fgvc``); ``base``
 holds the container, ``lists`` the untrusting readers of list files,
 ``archives`` the checksum/download/member checks every archive goes through, ``selection`` class subsets and
-splits, ``batches`` batching and the project's one sharding scheme. :func:`load_dataset` picks the source by name.
+splits, ``batches`` the project's one sharding scheme, ``stream`` batches delivered to the device.
+:func:`load_dataset` picks the source by name.
 The default data root is $VIT_PEFT_DATA, else ~/.cache/vit-peft/data.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .base import DATA_ENV, SPLITS, DataNotFoundError, DatasetError, ImageDataset, check_split, default_data_root
-from .batches import count_batches, iterate_batches, shard_bounds, shard_indices
+from .batches import shard_bounds
 from .cifar import CIFAR_ARCHIVES, RestrictedUnpickler, load_cifar, restricted_unpickle
 from .fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, load_fashion_mnist, parse_idx, read_idx
 from .cache import CACHE_ENV, CacheReport, decode_cached
@@ -43,6 +44,11 @@ def load_synthetic(split: str = "train") -> ImageDataset:
     images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (n,), generator=g)
     return ImageDataset(images, labels, [str(c) for c in range(10)], f"synthetic-{split}")
+
+
+def is_named_dataset(name: str) -> bool:
+    """One of :data:`DATASETS` (by any of its spellings)."""
+    return str(name).lower().replace("-", "").replace("_", "") in _ALIASES
 
 
 def load_dataset(name: str, root: str | Path | None = None, split: str = "train",
@@ -73,8 +79,8 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
 
 __all__ = ["CACHE_ENV", "CacheReport", "LIST_SUFFIXES", "PixelStore", "Source", "decode_cached", "gather_batch",
            "open_source", "CIFAR_ARCHIVES", "DATASETS", "DATA_ENV", "DataNotFoundError", "DatasetError", "FASHION_MNIST_CLASSES",
-           "FASHION_MNIST_FILES", "ImageDataset", "RestrictedUnpickler", "SPLITS", "count_batches",
-           "default_data_root", "iterate_batches", "load_cifar", "load_dataset", "load_fashion_mnist",
+           "FASHION_MNIST_FILES", "ImageDataset", "is_named_dataset", "RestrictedUnpickler", "SPLITS",
+           "default_data_root", "load_cifar", "load_dataset", "load_fashion_mnist",
            "load_image_folder", "load_synthetic", "load_tiny_imagenet", "parse_class_spec", "parse_idx", "random_subset", "read_idx",
-           "restricted_unpickle", "select_classes", "shard_bounds", "shard_indices", "split_indices",
+           "restricted_unpickle", "select_classes", "shard_bounds", "split_indices",
            "split_train_val"]

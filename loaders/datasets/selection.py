@@ -10,39 +10,67 @@ import torch
 
 from .base import ImageDataset
 
-def parse_class_spec(spec: str | int | Sequence[int | str], classes: Sequence[str]) -> list[int]:
-    """Class indices from "0-4" (inclusive range), "1,3,5", "0-2,7", an int, or a list of indices/class names."""
-    k = len(classes)
+def describe_classes(classes: Sequence[str], limit: int = 20) -> str:
+    """"the 3 classes 0 bird, 1 cat, 2 dog" (the first ``limit`` of many, then how many more)."""
+    shown = ", ".join(f"{i} {c}" for i, c in enumerate(list(classes)[:limit]))
+    more = f", ... ({len(classes) - limit} more)" if len(classes) > limit else ""
+    return f"the {len(classes)} classes {shown}{more}"
+
+
+def parse_class_spec(spec: str | int | Sequence[int | str], classes: Sequence[str] | None) -> list[int]:
+    """Class indices from "0-4" (inclusive range), "1,3,5", "0-2,7", class names ("cat,dog", mixed with indices:
+    "cat,3"), an int, or a list of indices/class names. A token of digits (or a range of them) is an index; any
+    other token is a class name. ``classes`` None checks the syntax only (names and indices are not looked up).
+    Errors (ValueError) name the classes that exist."""
+    known = None if classes is None else list(classes)
+    index = {c: i for i, c in enumerate(known or [])}
+    out: list[int] = []
+    unknown: list[str] = []
+
+    def add_name(name: str) -> None:
+        if known is None:
+            out.append(-1)  # syntax only
+        elif name in index:
+            out.append(index[name])
+        else:
+            unknown.append(name)
+
     if isinstance(spec, str):
         tokens = [t.strip() for t in spec.split(",")]
         if not spec.strip() or any(not t for t in tokens):
-            raise ValueError(f"bad class spec {spec!r}: expected e.g. '0-4', '1,3,5' or '0-2,7'")
-        out = []
+            raise ValueError(f"bad class spec {spec!r}: expected e.g. '0-4', '1,3,5', '0-2,7' or 'cat,dog'")
         for t in tokens:
             lo, dash, hi = t.partition("-")
-            try:
-                a, b = (int(lo), int(hi)) if dash else (int(t), int(t))
-            except ValueError:
-                raise ValueError(f"bad class spec {spec!r}: {t!r} is neither an index nor a range a-b") from None
-            if a > b:
-                raise ValueError(f"bad class spec {spec!r}: empty range {t!r}")
-            out.extend(range(a, b + 1))
-    elif isinstance(spec, int):
-        out = [spec]
+            if t.isdigit():
+                out.append(int(t))
+            elif dash and lo.strip().isdigit() and hi.strip().isdigit():
+                a, b = int(lo), int(hi)
+                if a > b:
+                    raise ValueError(f"bad class spec {spec!r}: empty range {t!r}")
+                out.extend(range(a, b + 1))
+            else:
+                add_name(t)
+    elif isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+        out = [int(spec)]
     else:
-        out = []
         for s in spec:
-            if isinstance(s, str) and s in classes:
-                out.append(list(classes).index(s))
+            if isinstance(s, str):
+                add_name(s)
             elif isinstance(s, (int, np.integer)) and not isinstance(s, bool):
                 out.append(int(s))
             else:
-                raise ValueError(f"bad class spec entry {s!r}: not an index nor one of the class names")
+                raise ValueError(f"bad class spec entry {s!r}: not an index nor a class name")
+    if unknown:
+        raise ValueError(f"class spec {spec!r}: no class named {', '.join(map(repr, unknown))}; there are "
+                         f"{describe_classes(known)}")
     if not out:
         raise ValueError(f"class spec {spec!r} selects no class")
+    if known is None:
+        return out
+    k = len(known)
     bad = [c for c in out if not 0 <= c < k]
     if bad:
-        raise ValueError(f"class spec {spec!r}: index(es) {bad} out of range for {k} classes (0-{k - 1})")
+        raise ValueError(f"class spec {spec!r}: index(es) {bad} out of range: there are {describe_classes(known)}")
     dup = sorted(c for c, n in collections.Counter(out).items() if n > 1)
     if dup:
         raise ValueError(f"class spec {spec!r}: class(es) {dup} selected twice")

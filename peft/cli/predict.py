@@ -10,10 +10,11 @@ from typing import ClassVar, Optional
 from ..tasks import set_adapter
 from ..finetune.rebuild import load_model_from_checkpoint, load_tasks
 from ..finetune.distributed import resolve_device
-from ..finetune.data import is_photo_source
+from ..finetune.data import printable_name
 from ..finetune.options import FinetuneOptions
-from ..finetune.predict import eval_transform, predict_files, predict_folder
+from ..finetune.predict import predict_folder, predict_images, run_eval_transform
 from ..finetune import OptionsError
+from loaders.images import StorePolicy
 from .args import parse_options, run_main
 from .. import fields
 from ..fields import option
@@ -50,21 +51,29 @@ def main(argv=None) -> int:
         tasks = {None: meta}
     else:
         model, tasks = load_tasks(a.checkpoint, weights=a.weights, device=device)
+    failed = 0
     for task, meta in tasks.items():
         if task is not None:
             set_adapter(model, task)
             print(f"== {task} ({meta['mode']}, {len(meta['classes'])} classes)")
         opts = FinetuneOptions.from_dict(meta.get("options", {}))
-        photos = is_photo_source(opts.data)
-        tf = eval_transform(model.config.image_size, photos, opts.crop_pct, opts.normalise)
-        found = list(zip(a.images, predict_files(model, a.images, meta["classes"], a.top_k, device, tf)))
+        size = model.config.image_size
+        tf, policy = run_eval_transform(opts, size), StorePolicy.for_photos(size, opts.crop_pct)
+        found = predict_images(model, a.images, meta["classes"], tf, policy, a.top_k, device) if a.images else []
         if a.data is not None:
-            found += predict_folder(model, a.data, meta["classes"], a.top_k, device, opts.crop_pct)
-        for path, top in found:
-            print(path)
+            found += predict_folder(model, a.data, meta["classes"], a.top_k, device, opts.crop_pct, transform=tf)
+        for path, top, why in found:
+            if why is not None:  # named on its own line; the others are still answered
+                print(f"predict: {printable_name(str(path))}: not predicted, cannot read the image ({why})",
+                      file=sys.stderr)
+                failed += 1
+                continue
+            print(printable_name(str(path)))
             for rank, (name, prob) in enumerate(top, 1):
                 print(f"  {rank}. {name:<24} {prob:.4f}")
-    return 0
+    if failed:
+        print(f"predict: {failed} image(s) could not be read (named above)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cli(argv=None) -> int:

@@ -11,6 +11,7 @@ In DDP the main process loads (decodes, downloads) first; the others wait, then 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +25,16 @@ from loaders.datasets.fgvc import load_fgvc, store_side
 from loaders.datasets.lists import read_text
 from loaders.datasets.vtab import load_vtab
 from loaders.images import StorePolicy
+from loaders.transforms_factory import create_transforms
 
 from . import distributed as pdist
 from . import report
-from .options import FinetuneOptions
+from .options import NORMALISERS, FinetuneOptions, OptionsError
 
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
+SPLITS_FORMAT = 1  # splits/<split>.json
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Data:
     files: dict | None = None  # per split, the relative path and label of each image (folders and lists)
     photos: bool = False  # images of any size (random-resized-crop / centre-crop transforms)
     stored: int | None = None  # images stored at stored² and cropped to the input size (FGVC's official 256 -> 224)
+    outside: list = field(default_factory=list)  # (relative path, reason) of images beside the class folders
 
 
 # Benchmark protocols: which list trains, which selects (None: the last epoch is kept), which tests (None: none).
@@ -57,6 +61,20 @@ PROTOCOL_SPLITS = {
     ("fgvc", "final"): ("trainval", None, "test"),  # the official final run (RLRR train_fgvc.py:152)
     ("fgvc", "tune"): ("train", "val", None),
 }
+
+
+def image_kind(photos: bool, stored: int | None) -> str:
+    """What the images of a run are, for :mod:`loaders.transforms_factory`: "stored" (a fixed stored² larger than
+    the input, FGVC's 256²), "photos" (any size) or "fixed" (small images of one size)."""
+    return "stored" if stored else "photos" if photos else "fixed"
+
+
+def run_transforms(opts: FinetuneOptions, data: "Data", image_size: int):
+    """A run's (training, evaluation) transforms: its options and its data's kind, through
+    :func:`loaders.transforms_factory.create_transforms` (the one path from options to the batch)."""
+    mean, std = NORMALISERS[opts.normalise]
+    return create_transforms(image_size, image_kind(data.photos, data.stored), data.stored, opts.augment, opts.crop,
+                             opts.flip, opts.crop_scale_range(), opts.crop_pct, mean, std)
 
 
 def is_photo_source(data: str) -> bool:
@@ -101,14 +119,22 @@ def _benchmark_data(opts: FinetuneOptions, ctx: pdist.DistContext) -> Data:
     val, test = load(val_split), load(test_split)
     counts = {s: d.load_counts for s, d in (("train", train), ("val", val), ("test", test)) if d is not None}
     empty = train.subset(torch.zeros(0, dtype=torch.int64))
-    train = random_subset(train, opts.max_train_samples, opts.seed)
-    val = random_subset(val, opts.max_eval_samples, opts.seed + 1) if val is not None else empty
-    test = random_subset(test, opts.max_eval_samples, opts.seed + 2) if test is not None else empty
+    train, val, test = capped(opts, train, val if val is not None else empty, test if test is not None else empty)
     splits = {"train": train_split, "val": val_split, "test": test_split}
     log.info("data %s (%s protocol): trains on %s (%d), selects on %s, tests on %s", opts.data, opts.protocol,
              train_split, len(train.labels), val_split or "the last epoch", test_split or "nothing (tuning)")
     return Data(train, val, test, list(train.classes), train.name, splits, counts,
                 stored=store_side(size) if kind == "fgvc" else None)
+
+
+def capped(opts: FinetuneOptions, train: ImageDataset, val: ImageDataset, test: ImageDataset):
+    """The last step of every source's splits: the seeded caps (--max-train-samples, --max-eval-samples), and the
+    one warning when nothing is held out for validation."""
+    if not opts.val_fraction and not opts.data.startswith(("vtab-1k:", "fgvc:")):
+        log.warning("--val-fraction 0: no validation split, the last epoch is kept (test set never selects)")
+    return (random_subset(train, opts.max_train_samples, opts.seed),
+            random_subset(val, opts.max_eval_samples, opts.seed + 1),
+            random_subset(test, opts.max_eval_samples, opts.seed + 2))
 
 
 def stratified_holdout(labels: np.ndarray, fractions: dict[str, float], seed: int, classes: list[str]) -> dict:
@@ -136,20 +162,33 @@ def stratified_holdout(labels: np.ndarray, fractions: dict[str, float], seed: in
 
 
 def read_split_files(folder: Path) -> dict[str, list[str]] | None:
-    """The ``splits/<split>.txt`` lists a run wrote (relative path per line), or None if there are none."""
+    """The split lists a run wrote, or None if there are none: ``splits/<split>.json`` (every name exactly), else
+    the ``splits/<split>.txt`` of older runs (relative path and class per line)."""
+    if (folder / "train.json").is_file():
+        return {s: [p for p, _ in json.loads(read_text(folder / f"{s}.json"))["files"]]
+                for s in SPLIT_NAMES if (folder / f"{s}.json").is_file()}
     if not (folder / "train.txt").is_file():
         return None
     return {s: [line.rsplit("\t", 1)[0] for line in read_text(folder / f"{s}.txt").splitlines() if line]
             for s in SPLIT_NAMES if (folder / f"{s}.txt").is_file()}
 
 
+def check_classes(opts: FinetuneOptions, classes) -> list[int]:
+    """The indices --classes selects among ``classes``; a usage error naming the classes that exist."""
+    try:
+        return parse_class_spec(opts.classes, classes)
+    except ValueError as e:
+        raise OptionsError(f"--classes {opts.classes}: {str(e).split(': ', 1)[-1]} (in --data {opts.data})") from None
+
+
 def _photo_data(opts: FinetuneOptions, ctx: pdist.DistContext, image_size: int, recorded: dict | None) -> Data:
     policy = StorePolicy.for_photos(image_size, opts.crop_pct, opts.store_size)
     show = opts.progress and ctx.is_main
-    src = _main_first(ctx, lambda: open_source(opts.data, policy, opts.workers, show))
+    check = (lambda classes: check_classes(opts, classes)) if opts.classes else None
+    src = _main_first(ctx, lambda: open_source(opts.data, policy, opts.workers, show, check, opts.drop_empty_classes))
     ds, paths, group, decoded = src.dataset, src.paths, src.group, src.decoded
     if opts.classes:  # keep those classes (relabelled 0..k-1 in the spec's order) before splitting
-        keep = np.flatnonzero(np.isin(ds.labels.numpy(), parse_class_spec(opts.classes, ds.classes)))
+        keep = np.flatnonzero(np.isin(ds.labels.numpy(), check_classes(opts, ds.classes)))
         ds = select_classes(ds, opts.classes)
         paths, group, decoded = [paths[i] for i in keep], group[keep], decoded[keep]
     labels = ds.labels.numpy()
@@ -173,18 +212,16 @@ def _photo_data(opts: FinetuneOptions, ctx: pdist.DistContext, image_size: int, 
               for s, v in parts.items()}
     for g, c in src.counts.items():  # a flat folder's skipped files never reached a split: counted under train
         counts[g]["skipped"] = c["skipped"]
-    train = random_subset(splits["train"], opts.max_train_samples, opts.seed)
-    val = random_subset(splits["val"], opts.max_eval_samples, opts.seed + 1)
-    test = random_subset(splits["test"], opts.max_eval_samples, opts.seed + 2)
-    if not opts.val_fraction:
-        log.warning("--val-fraction 0: no validation split, the last epoch is kept (test set never selects)")
+    counts["train"]["outside_classes"] = len(src.outside)  # images beside the class folders, in no class
+    train, val, test = capped(opts, splits["train"], splits["val"], splits["test"])
     log.info("data %s: %d train, %d val, %d test images (test: %s), %d classes, %d file(s) skipped", opts.data,
              len(train), len(val), len(test), "its test/ folder" if src.has_test else f"{opts.test_fraction:g} held out",
              len(ds.classes), len(src.skipped))
     names = {"train": f"train minus {opts.val_fraction:g} held out" if opts.val_fraction else "train",
              "val": f"{opts.val_fraction:g} of train" if len(val) else None,
              "test": "test/" if src.has_test else f"{opts.test_fraction:g} of the images held out"}
-    return Data(train, val, test, list(ds.classes), ds.name, names, counts, src.skipped, files, photos=True)
+    return Data(train, val, test, list(ds.classes), ds.name, names, counts, src.skipped, files, photos=True,
+                outside=src.outside)
 
 
 def prepare_data(opts: FinetuneOptions, ctx: pdist.DistContext, image_size: int = 224,
@@ -197,9 +234,16 @@ def prepare_data(opts: FinetuneOptions, ctx: pdist.DistContext, image_size: int 
     if is_photo_source(opts.data):
         recorded = read_split_files(split_lists) if split_lists is not None else None
         return _photo_data(opts, ctx, image_size, recorded)
+    return _named_data(opts, ctx)
+
+
+def _named_data(opts: FinetuneOptions, ctx: pdist.DistContext) -> Data:
+    """CIFAR, Fashion-MNIST, Tiny-ImageNet, synthetic: in memory, moved to the device whole."""
 
     def load(split):
         ds = load_dataset(opts.data, root=opts.data_root, split=split)
+        if opts.classes:
+            check_classes(opts, ds.classes)
         return select_classes(ds, opts.classes) if opts.classes else ds
 
     train = _main_first(ctx, lambda: load("train"))
@@ -207,11 +251,8 @@ def prepare_data(opts: FinetuneOptions, ctx: pdist.DistContext, image_size: int 
     if opts.val_fraction > 0:
         train, val = split_train_val(train, opts.val_fraction, opts.seed)
     else:
-        log.warning("--val-fraction 0: no validation split, the last epoch is kept (test set never selects)")
         val = train.subset(torch.zeros(0, dtype=torch.int64))
-    train = random_subset(train, opts.max_train_samples, opts.seed)
-    val = random_subset(val, opts.max_eval_samples, opts.seed + 1)
-    test = random_subset(test, opts.max_eval_samples, opts.seed + 2)
+    train, val, test = capped(opts, train, val, test)
     log.info("data %s%s: %d train, %d val, %d test images, %d classes, %s pixels", opts.data,
              f" classes {opts.classes}" if opts.classes else "", len(train.labels), len(val.labels),
              len(test.labels), len(train.classes), "x".join(map(str, train.images.shape[1:])))
@@ -225,9 +266,30 @@ def prepare_data(opts: FinetuneOptions, ctx: pdist.DistContext, image_size: int 
 
 
 def write_split_files(data: Data, folder: Path) -> None:
-    """``<run>/splits/{train,val,test}.txt``: each image's relative path and class name, tab-separated."""
+    """``<run>/splits/{train,val,test}.json``: ``{"files": [[relative path, class name], ...]}``. JSON strings
+    round-trip any name the file system allows: a newline is escaped, and a name that is not valid UTF-8 (its
+    bytes read as surrogate escapes) is written as ``\\udcXX`` escapes and read back to the same name."""
     if not data.files:
         return
     folder.mkdir(parents=True, exist_ok=True)
     for split, rows in data.files.items():
-        report.write_text("".join(f"{p}\t{c}\n" for p, c in rows), folder / f"{split}.txt")
+        report.write_json({"format": SPLITS_FORMAT, "split": split, "files": [[p, c] for p, c in rows]},
+                          folder / f"{split}.json")
+
+
+def printable_name(name: str) -> str:
+    """A file name for a line of text: newlines, tabs and bytes that are not UTF-8 shown as backslash escapes."""
+    if name.isprintable():
+        try:
+            name.encode("utf-8")
+            return name
+        except UnicodeEncodeError:
+            pass
+    out = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in out)
+
+
+def write_skipped(data: Data, path: Path) -> None:
+    """``skipped.txt``: one line per file left out (undecodable, or beside the class folders), with the reason."""
+    rows = data.skipped + data.outside
+    report.write_text("".join(f"{printable_name(p)}\t{why}\n" for p, why in rows), path)

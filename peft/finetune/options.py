@@ -51,13 +51,14 @@ class FinetuneOptions:
     protocol: str = option("final", "benchmarks: final (train800val200 / FGVC trainval, test once at the end) | tune (train800 / train, select on val)", choices=PROTOCOLS)
     recipe: str = option("project", "project, or a method's official run: rlrr-official, ssf-official, lora-noah, adapter-noah, fact-official, vpt-official (see README)", choices=RECIPES)
     data_root: typing.Optional[str] = option(None, "where datasets are cached (default $VIT_PEFT_DATA or ~/.cache)")
-    classes: typing.Optional[str] = option(None, "train/test on a class subset, e.g. 0-4 or 1,3,5 (relabelled 0..k-1)")
+    classes: typing.Optional[str] = option(None, "train/test on a class subset: indices or names, e.g. 0-4, 1,3,5 or cat,dog (relabelled 0..k-1 in that order)")
     image_size: typing.Optional[int] = option(None, "input resolution (default: the weights' own, 224 for Google's)", min=1)
     pos_embed_resize: str = option("google", "position-grid resize at another resolution: google (scipy zoom) | bilinear | bicubic", choices=RESIZE_METHODS)
     val_fraction: float = option(0.1, "share of the training set held out for model selection (never the test set)", min=0, below=1)
     test_fraction: float = option(0.1, "a flat image folder or CSV list: share of each class held out as the test split", min=0, below=1)
     workers: typing.Optional[int] = option(None, "processes decoding images into the cache (default: the available cores)", min=1)
     strict_data: bool = option(False, "stop before training if any image cannot be decoded (default: skip it, see skipped.txt)")
+    drop_empty_classes: bool = option(False, "leave out class folders without a readable image (default: such a folder is an error)")
     crop_scale: str = option("0.08,1", "photos: area range of the random resized crop, \"min,max\" (timm's default)")
     crop_pct: float = option(0.875, "photos: evaluation resizes the shorter side to image_size / crop_pct, then centre-crops", above=0, max=1)
     store_size: typing.Optional[int] = option(None, "photos: shorter side kept in the decode cache (default image_size / crop_pct)", min=1)
@@ -264,7 +265,7 @@ def check_options(opts: FinetuneOptions) -> None:
                            "or torch here")
     if opts.classes:
         try:
-            parse_class_spec(opts.classes, range(1 << 30))  # indices only: the dataset checks its own range
+            parse_class_spec(opts.classes, None)  # the syntax: the data names its own classes
         except ValueError as e:
             raise OptionsError(f"--classes {opts.classes!r}: {str(e).split(': ', 1)[-1]}") from None
     if opts.export_npz and not opts.from_scratch and Path(opts.export_npz).expanduser().resolve() == \

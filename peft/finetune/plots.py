@@ -29,16 +29,23 @@ def plot_curves(history: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+LABELLED_CLASSES = 30  # up to this many classes a confusion figure names its rows and prints each cell
+MAX_INCHES = 12.0  # its side at most (1,440 px at 120 dpi), whatever the number of classes
+
+
 def plot_confusion(cm_norm: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:
+    """The row-normalised confusion matrix as an image. Up to LABELLED_CLASSES classes every cell is printed;
+    past that it is a heat map without labels, of bounded size (the largest confusions are in
+    <split>_top_confusions.csv)."""
     k = len(classes)
-    # Half an inch per class while cells carry names and numbers (up to 20 classes: 12 in); beyond, the matrix is
-    # a picture and stays 12 in (1440 px): at 0.5 in per class, 120 classes drew a 7440 px square, 55 Mpx to encode.
-    size = min(max(4.0, 0.5 * k + 2), 12.0)
+    # Half an inch per class while cells are few; beyond, the matrix is a picture and stays MAX_INCHES (1440 px):
+    # at 0.5 in per class, 120 classes drew a 7440 px square, 55 Mpx to encode.
+    size = min(MAX_INCHES, max(4.0, 0.5 * k + 2))
     fig = Figure(figsize=(size, size))
     ax = fig.subplots()
-    im = ax.imshow(cm_norm, cmap="Blues", vmin=0, vmax=1)
+    im = ax.imshow(cm_norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    if k <= 20:
+    if k <= LABELLED_CLASSES:
         ax.set_xticks(range(k), classes, rotation=90)
         ax.set_yticks(range(k), classes)
         for i in range(k):
@@ -46,7 +53,7 @@ def plot_confusion(cm_norm: np.ndarray, classes: list[str], path: Path, title: s
                 v = cm_norm[i, j]
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if v > 0.5 else "black")
-    ax.set_xlabel("predicted")
+    ax.set_xlabel("predicted" if k <= LABELLED_CLASSES else f"predicted (class index; {k} classes)")
     ax.set_ylabel("true (rows sum to 1)")
     ax.set_title(title or "normalised confusion matrix")
     fig.tight_layout()

@@ -32,7 +32,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as pdist
 from . import predict, report, rng
 from .build import build_model, resolve_weights
-from .data import prepare_data, write_split_files
+from .data import is_photo_source, prepare_data, run_transforms, write_skipped, write_split_files
 from .optim import LRSchedule, build_optimizer
 from .options import FinetuneOptions, OptionsError, changed_options, check_options, resumable_flags
 from .recipes import apply_recipe, recipe_settings
@@ -66,6 +66,8 @@ class Trainer:
     def __init__(self, opts: FinetuneOptions, ctx: pdist.DistContext | None = None):
         opts = apply_recipe(opts)
         check_options(opts)
+        if is_photo_source(opts.data):  # recorded absolute: evaluate/predict find it from any directory
+            opts.data = str(Path(opts.data).expanduser().resolve())
         self.opts = opts
         self.ctx = ctx or pdist.init_distributed(opts.device)
         self.out = Path(opts.output_dir)
@@ -107,7 +109,7 @@ class Trainer:
         self.trainable, self.total = state.trainable_parameters(self.model)
         log.info("trainable parameters: %s of %s (%.3f%%)", f"{self.trainable:,}", f"{self.total:,}",
                  100 * self.trainable / self.total)
-        self.train_tf, self.eval_tf = predict.run_transforms(opts, self.data, self.model.config.image_size)
+        self.train_tf, self.eval_tf = run_transforms(opts, self.data, self.model.config.image_size)
         self.lr = opts.resolved_lr()
         self.optimizer = build_optimizer(self.model, opts, self.lr)
         n_train = len(self.data.train)
@@ -342,8 +344,8 @@ class Trainer:
         if ctx.is_main:
             report.write_json(dataclasses.asdict(opts), self.out / "options.json")
             write_split_files(self.data, self.out / "splits")
-            if self.data.photos:  # one line per file that could not be decoded, with the reason
-                report.write_text("".join(f"{p}\t{why}\n" for p, why in self.data.skipped), self.out / "skipped.txt")
+            if self.data.photos:  # one line per file left out, with the reason
+                write_skipped(self.data, self.out / "skipped.txt")
             if self.data.skipped:
                 log.warning("%d image(s) could not be decoded and are left out; see %s", len(self.data.skipped),
                             self.out / "skipped.txt")
@@ -408,10 +410,11 @@ class Trainer:
             metrics["test_accuracy_official_epoch"] = next(r["epoch"] for r in self.history
                                                            if r.get("test_accuracy_each_epoch") == max(official))
         if ctx.is_main:
-            summary = report.write_evaluation_report(self.out, probs.numpy(), labels.cpu().numpy(),
-                                                     self.data.classes, self.history, prefix=split)
-            metrics.update({f"{split}_macro_f1": summary["macro_f1"], f"{split}_mean_auc": summary["mean_auc"]})
-            report.write_json(metrics, self.out / "metrics.json")
+            ev = report.write_evaluation_numbers(self.out, probs.numpy(), labels.cpu().numpy(), self.data.classes,
+                                                 self.history, prefix=split)
+            metrics.update({f"{split}_macro_f1": ev.summary["macro_f1"], f"{split}_mean_auc": ev.summary["mean_auc"]})
+            report.write_json(metrics, self.out / "metrics.json")  # every number on disk before any figure
+            report.write_figures(self.out, ev, self.data.classes, self.history, split)
             if opts.export_npz:
                 export_npz(self.model, opts.export_npz)
             log.info("%s accuracy %.4f (best val %.4f at epoch %d); reports in %s", split, test["accuracy"],
