@@ -97,3 +97,17 @@ def test_report_files_are_written_and_consistent(tmp_path):
     cm = np.loadtxt(tmp_path / "test_confusion.csv", delimiter=",", skiprows=1)
     assert cm.sum() == 200
     np.testing.assert_allclose(metrics.normalize_rows(cm).sum(1), 1.0)
+
+
+def test_predictions_csv_names_every_image_even_awkward_names(tmp_path):
+    """One row per image in order; a comma or a newline in a name survives csv quoting, a name that is not UTF-8
+    (surrogates, as os.fsdecode gives) is written with backslash escapes instead of failing the evaluation."""
+    import csv
+
+    names = ["a,b.png", "new\nline.png", "caf\udce9.png"]
+    probs = np.array([[0.7, 0.3], [0.2, 0.8], [0.45, 0.55]])
+    report_files.write_predictions_csv(tmp_path / "p.csv", names, probs, np.array([0, 0, 1]), ["cat", "dog"])
+    with open(tmp_path / "p.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows == [["file", "class", "predicted", "probability"], ["a,b.png", "cat", "cat", "0.700000"],
+                    ["new\nline.png", "cat", "dog", "0.800000"], ["caf\\udce9.png", "dog", "dog", "0.550000"]]

@@ -216,3 +216,17 @@ def test_from_scratch_init_is_googles():
     torch.manual_seed(0)
     again = vit.VisionTransformer(config)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+
+
+@pytest.mark.parametrize("mode", ["sample", "element"])
+def test_drop_path_keeps_the_expected_value_of_the_branch(mode):
+    """Training-time drop-path scales what it keeps by 1/(1 - p), so the branch's mean is unchanged; eval is the
+    identity. Both kinds: each sample's branch whole (stochastic depth) or each element (the official RLRR code)."""
+    p = 0.25
+    x = torch.ones(4000, 3, 2)
+    torch.manual_seed(0)
+    y = vit.DropPath(p, mode).train()(x)
+    kept = y.unique()
+    assert len(kept) == 2 and kept[0] == 0 and kept[1].item() == pytest.approx(1 / (1 - p), rel=1e-6)
+    assert abs(y.mean().item() - 1) < 0.03  # 4000 samples (whole-sample mode): over 3 standard errors
+    assert torch.equal(vit.DropPath(p, mode).eval()(x), x)

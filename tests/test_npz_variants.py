@@ -114,6 +114,52 @@ def test_linen_names_and_prefix_load_the_same_model(tmp_path):
     assert set(read_npz(tmp_path / "out_linen.npz")) == set(linen)
 
 
+# The four sub-modules of encoder block i under each naming, written out here from REFERENCE §8 (Google's
+# vit_jax/checkpoint.py reads both) and NOT taken from loaders.npz_table.NAMINGS: a table whose load and save are
+# wrong the same way (norm1 <-> norm2 swapped) round-trips perfectly, so only an independent list can see it.
+BLOCK_PARTS = {
+    "pre-linen": {"norm1": "LayerNorm_0", "attn": "MultiHeadDotProductAttention_1", "norm2": "LayerNorm_2",
+                  "mlp": "MlpBlock_3"},
+    "linen": {"norm1": "LayerNorm_0", "attn": "MultiHeadDotProductAttention_0", "norm2": "LayerNorm_1",
+              "mlp": "MlpBlock_0"},
+}
+
+
+def _google_keys(naming: str) -> dict:
+    """npz_factory's keys (pre-linen, its own hand-written list) renamed by BLOCK_PARTS."""
+    pre, new = BLOCK_PARTS["pre-linen"], BLOCK_PARTS[naming]
+    out = {}
+    for k, v in google_params(CONFIG, seed=4).items():
+        parts = k.split("/")
+        if len(parts) > 2 and parts[1].startswith("encoderblock_"):
+            parts[2] = new[next(p for p, name in pre.items() if name == parts[2])]
+        out["/".join(parts)] = v
+    return out
+
+
+@pytest.mark.parametrize("naming", ["pre-linen", "linen"])
+def test_every_block_key_reaches_its_own_module_on_load_and_on_save(tmp_path, naming):
+    params = _google_keys(naming)
+    _write(tmp_path / "in.npz", params)
+    model = load_npz(tmp_path / "in.npz")
+    parts = BLOCK_PARTS[naming]
+    for i, block in enumerate(model.blocks):
+        key = f"Transformer/encoderblock_{i}/{{}}".format
+        for module in ("norm1", "norm2"):  # LayerNorm scale/bias: no layout change
+            norm = getattr(block, module)
+            assert np.array_equal(norm.weight.detach().numpy(), params[key(f"{parts[module]}/scale")]), (i, module)
+            assert np.array_equal(norm.bias.detach().numpy(), params[key(f"{parts[module]}/bias")]), (i, module)
+        q = params[key(f"{parts['attn']}/query/kernel")]  # (D, H, Dh) -> (H*Dh, D)
+        assert np.array_equal(block.attn.q.weight.detach().numpy(), q.reshape(q.shape[0], -1).T), i
+        fc1 = params[key(f"{parts['mlp']}/Dense_0/kernel")]  # (D, M) -> (M, D)
+        assert np.array_equal(block.mlp.fc1.weight.detach().numpy(), fc1.T), i
+    save_npz(model, tmp_path / "out.npz", naming=naming)
+    written = read_npz(tmp_path / "out.npz")
+    assert sorted(written) == sorted(params)
+    for k, v in params.items():
+        assert np.array_equal(written[k], v), k
+
+
 def test_opt_target_reads_only_the_model_arrays(tmp_path, monkeypatch):
     params = google_params(CONFIG, seed=2)
     moments = {f"opt/state/param_states/{k}/grad_ema": v for k, v in params.items()}

@@ -185,6 +185,37 @@ def test_kernel_self_test_accepts_the_specification_and_rejects_a_wrong_kernel()
         kernels.self_test(_FakeExtension(grad_error=1e-4), device="cpu")
 
 
+class _PoisonedExtension(_FakeExtension):
+    """The exact math with one element of one output replaced by ``value`` (nan or inf): a kernel reading
+    uninitialised memory or dividing by zero in one block."""
+
+    def __init__(self, output: str, value: float):
+        super().__init__()
+        self.output, self.value = output, value
+
+    def _poison(self, t, output):
+        if output == self.output:
+            t.view(-1)[t.numel() // 2] = self.value
+        return t
+
+    def rlrr_weight_out(self, w, s_out, s_in, out, stream):
+        super().rlrr_weight_out(w, s_out, s_in, out, stream)
+        self._poison(out, "rlrr_weight")
+
+    def rlrr_grad_scales(self, g, w, s_out, s_in, stream):
+        so, si = super().rlrr_grad_scales(g, w, s_out, s_in, stream)
+        return self._poison(so, "grad s_out"), self._poison(si, "grad s_in")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("output", ["rlrr_weight", "grad s_out", "grad s_in"])
+def test_a_kernel_returning_nan_or_inf_fails_its_self_test(output, value):
+    """A NaN compares False with everything: a check written ``err > tol`` lets it through. One non-finite element
+    in any of the three outputs must fail the self-test, naming that output."""
+    with pytest.raises(kernels.SelfTestError, match=f"self-test failed: {output}"):
+        kernels.self_test(_PoisonedExtension(output, value), device="cpu")
+
+
 def test_kernel_self_test_is_not_fooled_by_the_callers_autocast():
     """Regression: the first RLRR forward of GPU training reaches the self-test inside bf16 autocast. The reference
     must still be the exact math, or a correct kernel fails (it did: error 5e-3 against a tolerance of 1e-5)."""
@@ -246,6 +277,22 @@ def test_failed_self_test_is_remembered_but_a_transient_error_is_not(monkeypatch
     with pytest.raises(kernels.KernelUnavailableError, match="failed its self-test"):
         kernels.load_extension()  # remembered: not built again
     assert calls["build"] == 2
+
+
+def test_a_kernel_returning_nan_is_never_used(monkeypatch):
+    """load_extension with a build whose weight kernel writes one NaN: refused, remembered, the PyTorch path runs."""
+    import torch.utils.cpp_extension as cpp
+
+    real_self_test = kernels.self_test
+    monkeypatch.setattr(cpp, "load", lambda **kw: _PoisonedExtension("rlrr_weight", float("nan")))
+    monkeypatch.setattr(kernels.preflight, "build_problem", lambda: None)  # as on a GPU machine with the tools
+    monkeypatch.setattr(kernels, "self_test", lambda ext, device="cuda": real_self_test(ext, device="cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "_extension", None)
+    monkeypatch.setattr(kernels, "_failure", None)
+    with pytest.raises(kernels.KernelUnavailableError, match="failed its self-test.*rlrr_weight"):
+        kernels.load_extension()
+    assert not kernels.kernel_available()
 
 
 @pytest.mark.parametrize("memory", ["keep", "reuse"])

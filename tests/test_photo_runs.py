@@ -96,3 +96,45 @@ def test_bad_data_flags_and_strict_data_are_one_line_errors(setup, tmp_path, cap
             photo(64, 48, i, i).save(few / c / f"{i}.png")
     r = _cli(*common, "--data", str(few), "--output-dir", str(tmp_path / "f"))
     assert r.returncode == 1 and "class 'lonely' has 1 image" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_evaluate_reads_the_runs_own_val_and_test_files_after_the_folder_grew(setup, tmp_path):
+    """tools/evaluate.py --split val|test evaluates exactly the files the run held out, by name, even after new
+    photos arrived in the folder (a fresh split of the grown folder would pick others). Classes of 8, 12 and 16
+    photos and unequal fractions give val and test different sizes and label sequences, so evaluating one split
+    under the other's names cannot pass either."""
+    import csv
+    import json
+    from collections import Counter
+
+    import torch
+
+    from peft.cli import evaluate as evaluate_cli
+    from peft.finetune.data import prepare_data
+    from peft.finetune.distributed import DistContext
+
+    photos = tmp_path / "photos"
+    for c in range(3):
+        (photos / f"class_{c}").mkdir(parents=True)
+        for i in range(8 + 4 * c):
+            photo(64, 48, c, seed=10 * c + i).save(photos / f"class_{c}" / f"img_{i:02d}.png")
+    run = tmp_path / "run"
+    trainer = training.Trainer(_opts(setup, run, data=str(photos), epochs=1, val_fraction=0.25, test_fraction=0.4))
+    trainer.run()
+    held = {s: sorted(name for name, _ in trainer.data.files[s]) for s in ("val", "test")}
+    support = {s: [Counter(n.split("/")[0] for n in held[s])[f"class_{c}"] for c in range(3)] for s in held}
+    assert support == {"val": [2, 3, 4], "test": [3, 5, 6]}  # round(n * fraction) per class
+    for c in range(3):
+        for i in range(4):
+            photo(64, 48, c, seed=900 + 10 * c + i).save(photos / f"class_{c}" / f"new_{i}.png")
+    fresh = prepare_data(trainer.opts, DistContext(device=torch.device("cpu")), 32).files
+    assert all(sorted(name for name, _ in fresh[s]) != held[s] for s in held)  # the growth would change both
+    for split in ("val", "test"):
+        out = tmp_path / f"eval-{split}"
+        assert evaluate_cli.cli([str(run), "--split", split, "--output-dir", str(out), "--device", "cpu"]) == 0
+        per_class = json.loads((out / f"{split}_report.json").read_text())["classes"]
+        assert [c["support"] for c in per_class] == support[split], split  # the evaluated labels, per class
+        with open(out / f"{split}_predictions.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert sorted(r["file"] for r in rows) == held[split], split
+        assert all(r["class"] == r["file"].split("/")[0] for r in rows), split  # each label is its own file's

@@ -580,3 +580,25 @@ def test_an_interrupted_recipe_run_resumes_onto_the_same_steps(weights, tmp_path
     assert whole["test_accuracy_official"] == cut["test_accuracy_official"]
     a, b = (ckpt_io.load_checkpoint(tmp_path / d / "best.pt")["state_dict"] for d in ("whole", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise the same run
+
+
+@pytest.mark.parametrize("flags, epochs, expected", [
+    # NOAH tests after 0-based epoch e when e % 10 == 0 or e == epochs - 1 (supernet_train_prompt.py:427-430):
+    # 13 epochs are off the every-10 grid, so the last (1-based 13) is tested on its own.
+    (["--recipe", "lora-noah", "--mode", "lora"], 13, [e + 1 for e in range(13) if e % 10 == 0 or e == 12]),
+    # the flags alone: from epoch 3, every 4th, and the last (1-based 3, 7, 8)
+    (["--mode", "lora", "--official-test-from", "3", "--official-test-every", "4"], 8, [3, 7, 8]),
+])
+def test_the_official_per_epoch_test_includes_the_last_epoch_off_the_grid(weights, tmp_path, flags, epochs, expected):
+    root = tmp_path / "vtab"
+    write_vtab_tree(root, "cifar", 100, sizes=(8, 4, 6))
+    out = tmp_path / "run"
+    code = finetune_cli.cli([*flags, "--epochs", str(epochs), "--data", "vtab-1k:cifar", "--data-root", str(root),
+                             "--weights", str(weights), "--image-size", "32", "--batch-size", "8", "--device", "cpu",
+                             "--no-progress", "--output-dir", str(out), "--threads", "1"])
+    assert code == 0
+    history = ckpt_io.load_checkpoint(out / "checkpoint.pt")["history"]
+    assert [r["epoch"] for r in history if "test_accuracy_each_epoch" in r] == expected
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test_accuracy_official"] == max(r["test_accuracy_each_epoch"] for r in history
+                                              if "test_accuracy_each_epoch" in r)

@@ -109,6 +109,10 @@ def evaluate_checkpoint(path, output_dir=None, split: str = "test", weights=None
     ev = report.write_evaluation_numbers(out, probs.numpy(), labels.cpu().numpy(), d.classes, meta.get("history"),
                                          prefix=split)
     summary = ev.summary
+    files = (d.files or {}).get(split)  # folders and lists: the evaluated images by name (a capped subset has none)
+    if files is not None and len(files) == len(ds):
+        report.write_predictions_csv(out / f"{split}_predictions.csv", [name for name, _ in files], probs.numpy(),
+                                     labels.cpu().numpy(), d.classes)
     result = {"checkpoint": meta["path"], "split": split, "mode": meta["mode"], "epoch": meta["epoch"],
               f"{split}_accuracy": summary["accuracy"], **{f"{split}_{k}": v for k, v in summary.items()},
               "trainable_parameters": meta.get("trainable_parameters"),

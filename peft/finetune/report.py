@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -138,3 +139,17 @@ def write_figures(out: Path, ev: Evaluation, classes: list[str], history: list[d
         except (MemoryError, RuntimeError, ValueError) as e:
             log.warning("%s: figure not drawn (%s: %s); the numbers are in the .csv/.json files beside it",
                         out / name, type(e).__name__, e)
+
+
+def write_predictions_csv(path: Path, files: list[str], probs, labels, classes: list[str]) -> None:
+    """One row per evaluated image, in evaluation order: its file, true class, predicted class, that probability.
+    A name that is not valid UTF-8 (a non-UTF-8 file name read as surrogates) is written with backslash escapes."""
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    preds = probs.argmax(axis=1)
+    text = io.StringIO(newline="")
+    w = csv.writer(text, lineterminator="\n")
+    w.writerow(["file", "class", "predicted", "probability"])
+    w.writerows([name, classes[t], classes[p], f"{probs[i, p]:.6f}"]
+                for i, (name, t, p) in enumerate(zip(files, labels, preds)))
+    with atomic_write(path) as f:
+        f.write(text.getvalue().encode("utf-8", "backslashreplace"))
