@@ -168,6 +168,22 @@ def test_the_resume_refusal_shows_effective_values_and_only_real_flags(tmp_path,
     assert same["epochs"] == 1 and same["lr"] == default_lr
 
 
+
+def test_a_run_that_recorded_its_folder_relative_resumes_from_the_same_directory(tmp_path, monkeypatch):
+    """Runs now record their photo folder absolute; an older run recorded it as given ('photos'). Resumed from the
+    directory it was started in, the two name one folder: no change is reported. Another folder still is one."""
+    import dataclasses
+
+    from peft.finetune.options import FinetuneOptions, changed_options
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    stored = dataclasses.asdict(FinetuneOptions(mode="lora", data="photos"))
+    assert changed_options(stored, FinetuneOptions(mode="lora", data=str(tmp_path / "photos"))) == []
+    changed = changed_options(stored, FinetuneOptions(mode="lora", data=str(tmp_path / "other")))
+    assert [flag for flag, _, _ in changed] == ["--data"]
+
 # ── what a checkpoint carries ───────────────────────────────────────────────────────────────────────────────
 
 DATA = ["--data", "synthetic", "--classes", "0-1", "--max-train-samples", "32", "--max-eval-samples", "16",

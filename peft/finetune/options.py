@@ -170,6 +170,9 @@ def effective_options(opts: "FinetuneOptions") -> dict:
     method's options one per flag (``lora_rank``), its defaults filled in, instead of ``method_options``."""
     values = dataclasses.asdict(opts)
     values.update(lr=opts.resolved_lr(), weight_decay=opts.resolved_weight_decay())
+    folder = Path(opts.data).expanduser()
+    if not folder.is_absolute() and folder.is_dir():  # runs record their folder absolute; older ones as given
+        values["data"] = str(folder.resolve())
     values.pop("method_options")
     try:
         values.update(opts.method_config().to_options())

@@ -6,7 +6,9 @@ picks the point with the highest validation accuracy (mean over the seeds), and 
 (train800val200 / trainval → test, once) with the chosen values. Ties go to the point listed first in the grid
 (the grid is enumerated in the order the values were given, the first ``--sweep`` varying slowest). Every point is
 an ordinary run folder (``<task>/<mode>/sweep/<point>/seed-<s>``): a finished one is skipped on restart, an
-interrupted one resumes from its checkpoint.
+interrupted one resumes from its checkpoint. Every point is also a cell of the suite that workers share
+(``peft.finetune.workers``); a task's final run starts once its grid is complete, on whichever worker gets there
+first, and all of them choose the same point from the grid's ``metrics.json`` files.
 """
 
 from __future__ import annotations
