@@ -120,9 +120,9 @@ def test_truncated_checkpoint_names_the_file(tmp_path):
     ("quickstart", ["--modes", "rlrr,nope"], "nope is not one of"),
     ("quickstart", ["--finetune-epochs", "0"], "--finetune-epochs must be at least 1"),
     ("attention_map", ["--discard-ratio", "1.5", "a.png"], "--discard-ratio must be in [0, 1)"),
-    ("patch_filters", ["--components", "0"], "--components and --columns must be at least 1"),
+    ("patch_filters", ["--components", "0"], "--components must be at least 1"),
     ("pos_embed", ["--dpi", "0"], "--dpi must be in 10..1200"),
-    ("benchmark", ["--repeats", "0"], "--repeats must be positive"),
+    ("benchmark", ["--repeats", "0"], "--repeats must be at least 1"),
     ("predict", ["a.png", "--checkpoint", "x", "--top-k", "0"], "--top-k must be at least 1"),
 ])
 def test_every_tool_gives_one_line_and_exit_2_for_a_bad_flag(tool, argv, text, capsys):

@@ -24,7 +24,7 @@ from loaders.transforms_factory import create_eval_transform
 
 from . import distributed as pdist
 from . import report
-from ..adapters import set_adapter
+from ..tasks import set_adapter
 from .checkpoint import CheckpointMismatch
 from .rebuild import load_model_from_checkpoint, load_tasks
 from .data import image_kind, is_photo_source, prepare_data

@@ -39,7 +39,7 @@ from loaders.datasets import load_dataset, select_classes
 from loaders.datasets.fgvc import FGVC_SETS
 from loaders.datasets.vtab import REHEARSAL_TASKS, VTAB_TASKS, write_vtab_task
 
-from ..modes import MODES
+from ..registry import METHOD_NAMES
 from . import report, workers
 from . import sweep as sweeps
 from .options import RECIPES, FinetuneOptions, OptionsError, check_options
@@ -47,6 +47,7 @@ from .recipes import METHOD_RECIPES, RECIPE_TABLE, apply_recipe
 from .results import (PUBLISHED_FGVC, PUBLISHED_VTAB, markdown, summarise,  # noqa: F401 (the suite's API)
                       write_results)
 from .trainer import run
+from ..fields import option
 
 log = logging.getLogger(__name__)
 
@@ -57,31 +58,30 @@ WORKER_FIELDS = ("shard", "devices", "devices_per_cell", "lease", "report")
 
 @dataclass
 class SuiteOptions:
-    CHOICES = {"suite": SUITES, "protocol": ("final", "tune"), "recipe": ("official",) + RECIPES}
-    data_root: str = ""  # folder with one sub-folder per VTAB-1k task, or VPT's FGVC folders
-    suite: str = "vtab"  # vtab | fgvc
-    tasks: str = "all"  # all, or comma-separated task names (vtab-1k tasks / fgvc: cub,nabirds,flowers,dogs,cars)
-    modes: str = "rlrr"  # comma-separated methods, or all
-    weights: str = "ViT-B_16"  # base weights (a .npz path or a known name)
-    output_dir: str = "runs/vtab"  # one folder per task/mode/seed, and the results files
-    protocol: str = "final"  # vtab-1k: final (train800val200 -> test once) | tune (train800 -> val200)
-    recipe: str = "rlrr-official"  # official (each method's own official run) | a recipe name (all methods) | project
-    epochs: int = 0  # 0: the recipe's (100)
-    seeds: str = "42"  # comma-separated seeds; results are their mean
-    image_size: int = 0  # 0: the recipe's (224)
-    batch_size: int = 0  # 0: the recipe's (32)
-    max_train_samples: int = 0  # 0: every image of the training list
-    precision: str = ""  # "": the recipe's (official runs: fp16) | auto | bf16 | fp16 | fp32 (e.g. fp32 on a CPU)
-    rehearsal: bool = False  # the offline rehearsal: Fashion-MNIST cut VTAB-style into --data-root (tasks: fmnist_*)
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch CPU threads (0: torch's default)
-    progress: bool = True  # tqdm progress bars
-    sweep: list = dataclasses.field(default_factory=list)  # NAME=V1,V2,...: choose on validation, then test once (repeatable)
-    shard: str = ""  # K/N: only the cells i with i % N == K, no claims; slurm: K, N from the job array (default: claims)
-    devices: str = ""  # one cell per device at once, a process each: cuda:0,cuda:1,... (default: one at a time, here)
-    devices_per_cell: int = 1  # with --devices: each cell spans this many of them through torchrun
-    lease: float = 300.0  # seconds a claim's heartbeat may stay silent before another worker takes the cell over
-    report: bool = False  # only write results.* from the cells finished so far (also: tools/vtab.py report DIR)
+    data_root: str = option("", "folder with one sub-folder per VTAB-1k task, or VPT's FGVC folders")
+    suite: str = option("vtab", "vtab | fgvc", choices=SUITES)
+    tasks: str = option("all", "all, or comma-separated task names (vtab-1k tasks / fgvc: cub,nabirds,flowers,dogs,cars)")
+    modes: str = option("rlrr", "comma-separated methods, or all")
+    weights: str = option("ViT-B_16", "base weights (a .npz path or a known name)")
+    output_dir: str = option("runs/vtab", "one folder per task/mode/seed, and the results files")
+    protocol: str = option("final", "vtab-1k: final (train800val200 -> test once) | tune (train800 -> val200)", choices=("final", "tune"))
+    recipe: str = option("rlrr-official", "official (each method's own official run) | a recipe name (all methods) | project", choices=("official",) + RECIPES)
+    epochs: int = option(0, "0: the recipe's (100)")
+    seeds: str = option("42", "comma-separated seeds; results are their mean")
+    image_size: int = option(0, "0: the recipe's (224)")
+    batch_size: int = option(0, "0: the recipe's (32)")
+    max_train_samples: int = option(0, "0: every image of the training list")
+    precision: str = option("", "\"\": the recipe's (official runs: fp16) | auto | bf16 | fp16 | fp32 (e.g. fp32 on a CPU)")
+    rehearsal: bool = option(False, "the offline rehearsal: Fashion-MNIST cut VTAB-style into --data-root (tasks: fmnist_*)")
+    device: str = option("auto", "auto | cpu | cuda")
+    threads: int = option(0, "torch CPU threads (0: torch's default)")
+    progress: bool = option(True, "tqdm progress bars")
+    sweep: list = option(help="NAME=V1,V2,...: choose on validation, then test once (repeatable)", default_factory=list)
+    shard: str = option("", "K/N: only the cells i with i % N == K, no claims; slurm: K, N from the job array (default: claims)")
+    devices: str = option("", "one cell per device at once, a process each: cuda:0,cuda:1,... (default: one at a time, here)")
+    devices_per_cell: int = option(1, "with --devices: each cell spans this many of them through torchrun")
+    lease: float = option(300.0, "seconds a claim's heartbeat may stay silent before another worker takes the cell over")
+    report: bool = option(False, "only write results.* from the cells finished so far (also: tools/vtab.py report DIR)")
 
 
 def task_names(o: SuiteOptions) -> list[str]:
@@ -94,10 +94,10 @@ def task_names(o: SuiteOptions) -> list[str]:
 
 
 def mode_names(o: SuiteOptions) -> list[str]:
-    names = list(MODES) if o.modes == "all" else [m.strip() for m in o.modes.split(",") if m.strip()]
-    unknown = [m for m in names if m not in MODES]
+    names = list(METHOD_NAMES) if o.modes == "all" else [m.strip() for m in o.modes.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHOD_NAMES]
     if unknown or not names:
-        raise OptionsError(f"--modes: {', '.join(unknown) or 'none given'} is not one of {', '.join(MODES)} (or all)")
+        raise OptionsError(f"--modes: {', '.join(unknown) or 'none given'} is not one of {', '.join(METHOD_NAMES)} (or all)")
     return names
 
 
@@ -148,8 +148,8 @@ class Cell:
     task: str
     mode: str
     seed: int
-    point: dict | None = None  # a grid point (a tuning run); None for a final run
-    needs: tuple = ()  # keys of the grid cells a final run waits for (it runs the point chosen from them)
+    point: dict | None = option(None, "a grid point (a tuning run); None for a final run")
+    needs: tuple = option((), "keys of the grid cells a final run waits for (it runs the point chosen from them)")
 
 
 @dataclass

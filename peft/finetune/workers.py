@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..modes import get_method
+from ..registry import get_method
 from .claims import Claims, Heartbeat
 from .options import FinetuneOptions, OptionsError
 from .results import write_results
