@@ -1,6 +1,7 @@
 """The guides hold together and speak of this repository alone: every relative link (and its #anchor) between them
 resolves, every ``python tools/X.py --flag`` they show names a real tool and a flag it accepts, the README's tour of
-``vit/model.py`` names its pieces in the file's order, and no file of the repository names a path outside it.
+``vit/model.py`` names its pieces in the file's order, every tool and method has its option table (rendered from
+the option fields; tests/test_options_docs.py compares them), and no file of the repository names a path outside it.
 """
 
 from __future__ import annotations
@@ -241,11 +242,11 @@ def test_the_methods_tables_say_what_the_registry_holds(guide):
     from conftest import b16
 
     rows = methods_table(ROOT / guide)
-    assert [r["mode"].strip("`") for r in rows] == list(getattr(peft, "METHOD_NAMES", None) or peft.MODES)
+    assert [r["mode"].strip("`") for r in rows] == list(peft.METHOD_NAMES)
     for r in rows:
         mode = r["mode"].strip("`")
         model = b16()
-        peft.apply_mode(model, mode)
+        peft.apply_method(model, mode)
         count = int(re.match(r"[\d,]+", r["ViT-B/16 params"]).group(0).replace(",", ""))
         assert count == peft.trainable_parameters(model)[0] - 769 * 10, mode
         method = peft.METHODS[mode]
@@ -290,3 +291,25 @@ def test_the_tests_guide_names_every_test_file():
     guide = (ROOT / "tests" / "README.md").read_text()
     unnamed = [p.name for p in sorted((ROOT / "tests").glob("test_*.py")) if f"`{p.name}`" not in guide]
     assert not unnamed, f"tests/README.md has no row for {', '.join(unnamed)}"
+
+
+# ── the option tables ───────────────────────────────────────────────────────────────────────────────────────
+
+OPTIONS_MARK = re.compile(r"<!-- options: ([\w.]+) -->\n(.*?)<!-- /options -->", re.S)
+
+
+def test_the_guides_hold_the_option_table_of_every_tool_and_method():
+    """The fine-tuning and suite options, the benchmark's and every method's config each have their table where a
+    reader looks for them. The tables are `peft.fields.options_table` of the fields (help, default, range):
+    tests/test_options_docs.py fails when one differs from the metadata, this test when one is missing (a new
+    method needs its table in peft/README.md)."""
+    import dataclasses
+    import peft
+
+    wanted = {"peft/finetune/README.md": ["peft.finetune.options.FinetuneOptions", "peft.finetune.suite.SuiteOptions"],
+              "peft/bench/README.md": ["peft.bench.suite.BenchmarkOptions"],
+              "peft/README.md": [f"{m.config.__module__}.{m.config.__name__}" for m in peft.METHODS.values()
+                                 if m.config is not None and dataclasses.fields(m.config)]}
+    for guide, classes in wanted.items():
+        found = {dotted for dotted, _ in OPTIONS_MARK.findall((ROOT / guide).read_text())}
+        assert sorted(set(classes) - found) == [], f"{guide} lacks these option tables"

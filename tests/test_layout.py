@@ -118,7 +118,7 @@ def method_list_definitions(root: Path, names: set[str]) -> list[str]:
 def registered_methods() -> set[str]:
     import peft
 
-    return set(getattr(peft, "METHOD_NAMES", None) or peft.MODES)
+    return set(peft.METHOD_NAMES)
 
 
 # ── the repository itself ───────────────────────────────────────────────────────────────────────────────────
