@@ -242,9 +242,9 @@ def test_the_methods_tables_say_what_the_registry_holds(guide):
     from conftest import b16
 
     rows = methods_table(ROOT / guide)
-    assert [r["mode"].strip("`") for r in rows] == list(peft.METHOD_NAMES)
+    assert [r["method"].strip("`") for r in rows] == list(peft.METHOD_NAMES)
     for r in rows:
-        mode = r["mode"].strip("`")
+        mode = r["method"].strip("`")
         model = b16()
         peft.apply_method(model, mode)
         count = int(re.match(r"[\d,]+", r["ViT-B/16 params"]).group(0).replace(",", ""))
