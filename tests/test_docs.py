@@ -299,8 +299,8 @@ OPTIONS_MARK = re.compile(r"<!-- options: ([\w.]+) -->\n(.*?)<!-- /options -->",
 
 
 def test_the_guides_hold_the_option_table_of_every_tool_and_method():
-    """The fine-tuning and suite options, the benchmark's and every method's config each have their table where a
-    reader looks for them. The tables are `peft.fields.options_table` of the fields (help, default, range):
+    """The fine-tuning, suite, quick-start and benchmark options and every method's config each have their table where
+    a reader looks for them. The tables are `peft.fields.options_table` of the fields (help, default, range):
     tests/test_options_docs.py fails when one differs from the metadata, this test when one is missing (a new
     method needs its table in peft/README.md)."""
     import dataclasses
@@ -308,6 +308,7 @@ def test_the_guides_hold_the_option_table_of_every_tool_and_method():
 
     wanted = {"peft/finetune/README.md": ["peft.finetune.options.FinetuneOptions", "peft.finetune.suite.SuiteOptions"],
               "peft/bench/README.md": ["peft.bench.suite.BenchmarkOptions"],
+              "tools/README.md": ["peft.finetune.quickstart.QuickstartOptions"],
               "peft/README.md": [f"{m.config.__module__}.{m.config.__name__}" for m in peft.METHODS.values()
                                  if m.config is not None and dataclasses.fields(m.config)]}
     for guide, classes in wanted.items():
