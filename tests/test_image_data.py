@@ -318,3 +318,19 @@ def test_streamed_batches_are_the_stored_images(photos, tmp_path, monkeypatch):
     it.close()  # stopping early ends the reading thread
     time.sleep(0.2)
     assert not any(t.name == "vit-peft-batches" and t.is_alive() for t in __import__("threading").enumerate())
+
+
+def test_a_panorama_is_stored_as_its_centre_at_the_aspect_limit(tmp_path):
+    """Sides longer than max_aspect x the shorter one are centre-cropped to that before the shorter side is reduced:
+    the stored pixels are exactly the centre columns (or rows), offsets floor((long - limit) / 2)."""
+    from loaders.images import StorePolicy, decode_for_store
+
+    rng = np.random.default_rng(0)
+    policy = StorePolicy("shorter", size=10, max_aspect=4.0)  # limit 4 x 10 = 40 pixels
+    for h, w, rows, cols in ((10, 53, slice(0, 10), slice(6, 46)), (47, 10, slice(3, 43), slice(0, 10)),
+                             (10, 40, slice(0, 10), slice(0, 40))):  # wide, tall, at the limit (kept whole)
+        a = rng.integers(0, 256, (h, w, 3), np.uint8)
+        Image.fromarray(a).save(tmp_path / "p.png")
+        np.testing.assert_array_equal(decode_for_store(tmp_path / "p.png", policy), a[rows, cols], err_msg=f"{h}x{w}")
+    Image.fromarray(rng.integers(0, 256, (20, 120, 3), np.uint8)).save(tmp_path / "big.png")
+    assert decode_for_store(tmp_path / "big.png", policy).shape == (10, 40, 3)  # cropped to 80 x 20, then reduced
