@@ -249,6 +249,9 @@ def test_centre_crop_of_a_stored_photo_is_its_exact_centre_pixels():
     # timm: shorter side to floor(224 / 0.875) = 256 (already), centre crop 224 with rounded offsets
     np.testing.assert_allclose(out[0].permute(1, 2, 0).numpy(), a[16:240, 58:282] / 255, atol=1e-6)
     np.testing.assert_allclose(out[1].permute(1, 2, 0).numpy(), b[38:262, 16:240] / 255, atol=1e-6)
+    c = rng.integers(0, 256, (259, 256, 3), np.uint8)  # (259 - 224) / 2 = 17.5: rounded (half to even), not floored
+    out = BatchTransform(224, train=False, resize="center", mean=0, std=1)(torch.from_numpy(c)[None])
+    np.testing.assert_allclose(out[0].permute(1, 2, 0).numpy(), c[18:242, 16:240] / 255, atol=1e-6)
 
 
 def test_random_resized_crop_boxes_follow_timms_rules_and_the_canvas_padding_never_leaks():
