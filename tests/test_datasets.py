@@ -498,6 +498,19 @@ def test_split_train_val_properties():
         split_indices(ds.labels, 1.0)
 
 
+def test_random_subset_keeps_the_original_order_and_depends_on_the_seed_only():
+    """--max-train-samples / --max-eval-samples: a seeded choice of n items, in their original order (sorted
+    indices: the first item of the subset is the earliest chosen), the whole set when n covers it."""
+    ds = small_dataset((20, 31, 3, 9, 1))
+    sub = D.random_subset(ds, 17, seed=5)
+    ids = sub.images[:, 0, 0, 0].tolist()
+    assert len(ids) == len(set(ids)) == 17 and ids == sorted(ids)
+    assert torch.equal(sub.labels, ds.labels[torch.tensor(ids)])
+    assert D.random_subset(ds, 17, seed=5).images[:, 0, 0, 0].tolist() == ids
+    assert D.random_subset(ds, 17, seed=6).images[:, 0, 0, 0].tolist() != ids
+    assert D.random_subset(ds, len(ds), seed=5) is ds and D.random_subset(ds, None, seed=5) is ds
+
+
 def test_batch_stream_shards_every_global_batch_exactly():
     from loaders.datasets.stream import BatchStream
 
