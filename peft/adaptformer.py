@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import BlockAdapter, Method, MethodConfig, check_fresh, configure, freeze_for_adapters, replace_module
+from .base import Wrapper, Cost, Method, MethodConfig
+from .fields import option
 
 
 @dataclass(frozen=True)
@@ -30,18 +31,18 @@ class AdaptFormerConfig(MethodConfig):
     width of the VTAB tables' row (d = 8)."""
 
     PREFIX: ClassVar[str] = "adaptformer"
-    POSITIVE: ClassVar[tuple] = ("dim",)
-    dim: int = 8  # AdaptFormer bottleneck width
-    scale: float = 0.1  # AdaptFormer output scale s (fixed)
-    dropout: float = 0.1  # dropout inside the AdaptFormer branch
+    dim: int = option(8, "AdaptFormer bottleneck width", min=1)
+    scale: float = option(0.1, "AdaptFormer output scale s (fixed)")
+    dropout: float = option(0.1, "dropout inside the AdaptFormer branch", min=0, max=1)
 
 
-class AdaptFormerBlock(BlockAdapter, nn.Module):
-    """An encoder block plus AdaptFormer's branch beside its MLP sub-layer, through :class:`peft.base.BlockAdapter`:
-    the block's own forward runs with ``norm2`` observed, and s · branch(input of norm2) is added to its output
-    (outside the MLP's drop-path, as the official code)."""
+class AdaptFormerBlock(Wrapper, nn.Module):
+    """An encoder block (its ``norm1``, ``attn``, ``norm2``, ``mlp`` and drop-paths taken over, same names) with
+    AdaptFormer's branch beside its MLP sub-layer: s · branch(x) is added outside the MLP's drop-path, as the official
+    code does. The forward is the block's, written out (``vit.model.EncoderBlock.forward``) plus the branch."""
 
     ADAPTER_PARAMS = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
+    DROPOUTS = ("adapter_dropout",)
     CANNOT_MERGE = ("its adapter has a ReLU between the two projections, so it is not a linear map a weight could "
                     "absorb; keep the adapter")
 
@@ -59,35 +60,21 @@ class AdaptFormerBlock(BlockAdapter, nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D)
-        seen = []  # the input of norm2: the residual stream after attention
-
-        def observe_norm2(h: torch.Tensor) -> torch.Tensor:
-            seen.append(h)
-            return self.norm2(h)
-
-        y = self.run_block(x, norm2=observe_norm2)
-        branch = self.adapter_up(self.adapter_dropout(F.relu(self.adapter_down(seen[0]))))
-        return y + self.scale * branch
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        branch = self.adapter_up(self.adapter_dropout(F.relu(self.adapter_down(x))))
+        return x + self.drop_path2(self.mlp(self.norm2(x))) + self.scale * branch
 
     def extra_repr(self) -> str:
         return f"dim={self.adapter_down.out_features}, scale={self.scale}"
 
 
-def apply_adaptformer(model: nn.Module, config: AdaptFormerConfig | None = None, **fields) -> list[str]:
-    """AdaptFormer beside every block's MLP; freezes all but the adapters and the head."""
-    config = configure(AdaptFormerConfig, config, fields)
-    check_fresh(model)
-    names = [f"blocks.{i}" for i in range(len(model.blocks))]
-    for name in names:
-        replace_module(model, name, AdaptFormerBlock(model.get_submodule(name), config))
-    freeze_for_adapters(model)
-    return names
-
-
 METHOD = Method(
-    "adaptformer", apply_adaptformer, "a parallel bottleneck adapter beside every MLP (d = 8), + head", lr=1e-3,
+    "adaptformer", "a parallel bottleneck adapter beside every MLP (d = 8), + head", lr=1e-3,
     config=AdaptFormerConfig, wrappers=(AdaptFormerBlock,),
+    targets=lambda model, config: [f"blocks.{i}" for i in range(len(model.blocks))],
+    wrap=lambda model, name, config: AdaptFormerBlock(model.get_submodule(name), config),
+    cost=lambda config: Cost(branches={"mlp": config.dim}),
     lr_note="a LoRA-like low-rank branch that starts at zero: LoRA's rate",
     paper="Chen et al., AdaptFormer: Adapting Vision Transformers for Scalable Visual Recognition, NeurIPS 2022")
 
-__all__ = ["AdaptFormerBlock", "AdaptFormerConfig", "METHOD", "apply_adaptformer"]
+__all__ = ["AdaptFormerBlock", "AdaptFormerConfig", "METHOD"]

@@ -1,36 +1,39 @@
-"""What every PEFT method shares: the adapter contract, method configs, the registry entry, model surgery.
+"""What every PEFT method shares: the wrapper contract, method configs, the registry entry, the apply skeleton.
 
-**The adapter contract** (kept by every wrapper, so that merging, saving and the engine need no per-method code):
+**The wrapper contract** (kept by every wrapper, so that merging, saving and the engine need no per-method code):
 
-* *Built one way.* An adapter module is an :class:`Adapter`; its ``__init__`` calls ``super().__init__(layer)``,
+* *Built one way*, ``Wrapper(layer, config)``. An adapter module is a :class:`Wrapper`; its ``__init__`` calls
+  ``super().__init__(layer)``,
   which takes the wrapped layer over (:func:`adopt_layer`): the layer's hyper-parameters (``in_features``,
   ``eps``, ``stride``, ...), its Parameter objects (``weight``, ``bias``: the same tensors under the same names,
   frozen) and its sub-modules (an encoder block's ``norm1``, ``attn``, ...). Nothing is allocated twice, and a
-  wrapper that subclasses the layer's type (``SSFLayerNorm(Adapter, nn.LayerNorm)``) runs that type's forward.
+  wrapper that subclasses the layer's type (``SSFLayerNorm(Wrapper, nn.LayerNorm)``) runs that type's forward.
 * *Its own parameters* are named by ``ADAPTER_PARAMS``; :func:`adapter_parameter_names` is the one place that
-  lists them for a model, :func:`has_adapters` the one place that says whether a model is adapted.
+  lists them for a model, :func:`has_adapters` the one place that says whether a model is adapted. What else the
+  engine must know it declares too (``NO_DECAY``, ``DECAY``, ``BIASES``, ``DROPOUTS``, read through
+  :func:`declared`); its method entry declares its FLOPs (:class:`Cost`).
 * *Merging.* ``merge()`` returns a new plain module (``nn.Linear``, ``nn.LayerNorm``, ``nn.Conv2d``, ...)
   computing the same function, which :func:`peft.merge_adapters` puts in the wrapper's place. A method whose
   extra computation no plain layer can hold says why once, in ``CANNOT_MERGE``; its ``merge()`` raises
   :class:`NotMergeableError` with that reason and its registry entry reports ``mergeable = False``.
-* *Weight-space methods* (the function is (W + ΔW) x + b' for a frozen Linear: LoRA, DoRA, RLRR, FacT-TT) derive
-  from :class:`LinearDelta` and define ``delta_weight()`` (and ``delta_bias()`` if they move the bias); ``merge()``,
-  ``merge_in_place()`` and ``unmerge()`` are built on them, with the same meaning for every method.
-* *Branches and tokens* around an encoder block go through :class:`BlockAdapter`: the wrapper runs the block's own
-  forward, with named sub-modules substituted for the call, so it follows the model when the block changes (the
-  model imports nothing from ``peft``).
+* *Weight-space methods* fold into the wrapped layer's own tensors (:class:`FoldsIn`: ``merged_tensors()`` gives
+  ``merge_in_place()`` and ``unmerge()``). For a frozen Linear, (W + ΔW) x + b' (LoRA, DoRA, RLRR, FacT-TT), they
+  derive from :class:`LinearDelta` and define ``delta_weight()`` (and ``delta_bias()`` if they move the bias);
+  SSF folds its scale and shift into the layer it follows. BitFit needs no unmerge: its trained bias is a copy,
+  the pretrained one is never written.
+* *Tokens* added to an encoder block go through :class:`BlockWrapper`: the wrapper runs the block's own forward,
+  so it follows the model when the block changes (the model imports nothing from ``peft``); a branch beside a
+  sub-layer (AdaptFormer) writes the block's two residual lines out with the branch added.
 
-**A method** is one file: its wrappers, a :class:`MethodConfig` (fields with their published defaults and a one-line
-comment each: the command-line flags, the registry's documentation, the FLOP model and the checkpoints read it),
-an ``apply(model, config)`` function and a :class:`Method` entry; ``peft/modes.py`` lists the entries.
+**A method** is one file: its wrappers, a :class:`MethodConfig` (fields with their published defaults, help and
+bounds as metadata: the command-line flags, the registry's documentation, the FLOP model and the checkpoints read
+it), where its wrappers go and a :class:`Method` entry; ``peft/registry.py`` lists the entries.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
-import re
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -38,6 +41,8 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import fields
 
 
 class NotMergeableError(TypeError):
@@ -68,15 +73,22 @@ def adopt_layer(wrapper: nn.Module, layer: nn.Module) -> None:
         wrapper.add_module(name, child)
 
 
-class Adapter:
-    """Base of every adapter module (first in the bases: ``class X(Adapter, nn.Module)``).
+class Wrapper:
+    """Base of every adapter module (first in the bases: ``class X(Wrapper, nn.Module)``), built as
+    ``Wrapper(layer, config)`` with the method's :class:`MethodConfig`.
 
     ``ADAPTER_PARAMS``: the names of its own trainable parameters. ``CANNOT_MERGE``: why it cannot be merged into
-    plain layers (None: it can, and the subclass implements :meth:`merge`)."""
+    plain layers (None: it can, and the subclass implements :meth:`merge`). ``NO_DECAY``, ``DECAY``, ``BIASES``,
+    ``DROPOUTS``: facts the optimizer and the training loop read (:func:`declared`)."""
 
     ADAPTER_PARAMS: ClassVar[tuple[str, ...]] = ()
     CANNOT_MERGE: ClassVar[str | None] = None
     WRAPS: ClassVar[type | None] = None  # the layer type it takes over (None: any module, e.g. an encoder block)
+    # What the engine asks instead of knowing the method (names relative to the wrapper):
+    NO_DECAY: ClassVar[tuple[str, ...]] = ()  # own parameters never weight-decayed: vectors in spirit at any rank
+    DECAY: ClassVar[tuple[str, ...]] = ()  # own parameters always decayed: weight matrices even at rank 1
+    BIASES: ClassVar[tuple[str, ...]] = ()  # own parameters that are biases under another name (official codes' rules)
+    DROPOUTS: ClassVar[tuple[str, ...]] = ()  # own dropout sub-modules: they train while the frozen backbone is in eval
 
     def __init__(self, layer: nn.Module | None = None):
         nn.Module.__init__(self)  # never the wrapped type's constructor: nothing is allocated twice
@@ -101,18 +113,53 @@ class Adapter:
         return None
 
 
-class LinearDelta(Adapter):
+class FoldsIn(Wrapper):
+    """An adapter whose update folds into the wrapped layer's own frozen tensors (a weight-space update: LoRA,
+    DoRA, RLRR, FacT-TT, SSF). The subclass defines ``merged_tensors()``, the new values of the wrapped layer's
+    tensors by name (``weight``, ``bias``); built on it, the same for every such method: ``merge_in_place()`` writes
+    them into the shared frozen tensors (forward then runs the plain layer) and ``unmerge()`` restores the
+    pretrained values bit for bit, kept aside while merged, as Hugging Face peft does."""
+
+    merged = False  # True while the update is folded into the wrapped layer's tensors
+
+    def merged_tensors(self) -> dict[str, torch.Tensor]:  # every subclass defines it (the contract above)
+        raise NotImplementedError(f"{type(self).__name__} must define merged_tensors()")
+
+    @torch.no_grad()
+    def merge_in_place(self) -> None:
+        """Write the merged tensors into the frozen ones; forward then skips the adapter."""
+        if self.merged:
+            return
+        new = self.merged_tensors()
+        absent = next((name for name in new if getattr(self, name) is None), None)
+        if absent is not None:
+            raise NotMergeableError(f"{type(self).__name__} moves the {absent} of a layer that has none: use merge()")
+        self._pretrained = {name: getattr(self, name).clone() for name in new}
+        for name, value in new.items():
+            getattr(self, name).copy_(value)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Put the pretrained tensors back, bit for bit."""
+        if not self.merged:
+            return
+        for name, value in self._pretrained.items():
+            getattr(self, name).copy_(value)
+        del self._pretrained
+        self.merged = False
+
+
+class LinearDelta(FoldsIn):
     """An adapter of a frozen ``nn.Linear`` whose function is (W + ΔW) x + b + Δb.
 
     Subclasses define ``delta_weight()`` (ΔW, out × in), if they move the bias ``delta_bias()`` (Δb, out), and their
     unmerged computation ``adapted(x)``. Built on those, the same for every method: ``merged_weight()`` /
     ``merged_bias()`` (formed in at least float32, rounded once to W's dtype; a method may form W + ΔW another way,
-    as RLRR's W ⊙ (1 + S)), ``merge()`` (a new plain ``nn.Linear``), and ``merge_in_place()`` / ``unmerge()``
-    (fold the update into the shared frozen tensors and restore them bit for bit, keeping the wrapper, as Hugging
-    Face peft does; the pretrained values are kept aside while merged)."""
+    as RLRR's W ⊙ (1 + S)), ``merge()`` (a new plain ``nn.Linear``), and from :class:`FoldsIn`
+    ``merge_in_place()`` / ``unmerge()``."""
 
     WRAPS = nn.Linear
-    merged = False  # True while the update is folded into self.weight / self.bias
 
     def delta_weight(self) -> torch.Tensor:  # every subclass defines it (the contract above)
         raise NotImplementedError(f"{type(self).__name__} must define delta_weight(), ΔW (out × in)")
@@ -143,6 +190,12 @@ class LinearDelta(Adapter):
         bias = db.to(acc) if self.bias is None else self.bias.to(acc) + db.to(acc)
         return bias.to(self.weight.dtype)
 
+    def merged_tensors(self) -> dict[str, torch.Tensor]:
+        new = {"weight": self.merged_weight()}
+        if self.delta_bias() is not None:
+            new["bias"] = self.merged_bias()
+        return new
+
     @torch.no_grad()
     def merge(self) -> nn.Linear:
         """A new plain, frozen ``nn.Linear`` computing the adapted map (this module is left unchanged)."""
@@ -154,77 +207,21 @@ class LinearDelta(Adapter):
             out.bias.copy_(bias)
         return out.requires_grad_(False)
 
-    @torch.no_grad()
-    def merge_in_place(self) -> None:
-        """Write the merged weight (and bias) into the frozen tensors; forward then skips the adapter."""
-        if self.merged:
-            return
-        weight, bias = self.merged_weight(), self.merged_bias()
-        if bias is not None and self.bias is None:
-            raise NotMergeableError(f"{type(self).__name__} moves the bias of a Linear that has none: use merge()")
-        self._pretrained = (self.weight.clone(), None if self.bias is None else self.bias.clone())
-        self.weight.copy_(weight)
-        if bias is not None:
-            self.bias.copy_(bias)
-        self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Put the pretrained weight (and bias) back, bit for bit."""
-        if not self.merged:
-            return
-        weight, bias = self._pretrained
-        self.weight.copy_(weight)
-        if bias is not None:
-            self.bias.copy_(bias)
-        del self._pretrained
-        self.merged = False
+class BlockWrapper(Wrapper):
+    """The one mechanism for methods that add tokens to an encoder block (VPT): the wrapper takes the block over
+    (its sub-modules keep their names) and :meth:`run_block` runs *the block's own forward* on it, so tokens are
+    added by changing ``x`` before the call and nothing of the block's computation is written a second time."""
 
-
-class _Substituted:
-    """A view of a module in which some attributes are replaced for one call of a forward."""
-
-    def __init__(self, module: nn.Module, substitutes: dict):
-        self._module, self._substitutes = module, substitutes
-
-    def __getattr__(self, name: str):  # only reached for names not set in __init__
-        return self._substitutes[name] if name in self._substitutes else getattr(self._module, name)
-
-
-class BlockAdapter(Adapter):
-    """The one mechanism for methods that add tokens or a branch to an encoder block (VPT, AdaptFormer).
-
-    The wrapper takes the block over (its sub-modules keep their names) and :meth:`run_block` runs *the block's own
-    forward* on it, optionally with named sub-modules replaced for that call, e.g. ``run_block(x, norm2=tap)`` to
-    observe the input of the MLP sub-layer. Tokens are added by changing ``x`` before the call, a parallel branch by
-    adding to the result; nothing of the block's computation is written a second time."""
-
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, config: "MethodConfig | None" = None):
         super().__init__(block)
         self._block_forward = type(block).forward
 
-    def run_block(self, x: torch.Tensor, **substitutes) -> torch.Tensor:
-        return self._block_forward(_Substituted(self, substitutes) if substitutes else self, x)
+    def run_block(self, x: torch.Tensor) -> torch.Tensor:
+        return self._block_forward(self, x)
 
 
 # -------------------------------------------------------------------------------------------------- method configs
-
-_FIELD_LINE = re.compile(r"^\s+(\w+):[^#]*#\s*(.*)$")
-
-
-@functools.cache
-def field_comments(cls) -> dict[str, str]:
-    """The trailing ``# comment`` of each field line in a dataclass's source: one place for every help text (read
-    once per class: it parses the source files)."""
-    comments = {}
-    for klass in reversed(cls.__mro__):
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        comments.update({m.group(1): m.group(2) for m in map(_FIELD_LINE.match, source.splitlines()) if m})
-    return comments
-
 
 @dataclass(frozen=True)
 class Option:
@@ -245,34 +242,27 @@ class Option:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Base of every method's config (as Hugging Face peft's ``LoraConfig``): a frozen dataclass whose fields carry
-    the published default and a trailing one-line comment (the ``--flag``'s help). ``PREFIX`` names the flags
-    (``PREFIX="lora"``: field ``rank`` is ``--lora-rank`` and keyword ``lora_rank``); ``CHOICES`` lists allowed
-    values per field. ``check()`` raises ValueError naming the flag for a value the method cannot use."""
+    """Base of every method's config (as Hugging Face peft's ``LoraConfig``): a frozen dataclass whose fields are
+    :func:`peft.fields.option` s carrying the published default, the one-line help of the ``--flag`` and the
+    accepted values. ``PREFIX`` names the flags (``PREFIX="lora"``: field ``rank`` is ``--lora-rank`` and keyword
+    ``lora_rank``). ``check()`` (:func:`peft.fields.check`, as every options class) raises ValueError naming the
+    flag for a value the method cannot use."""
 
     PREFIX: ClassVar[str] = ""
-    CHOICES: ClassVar[dict[str, tuple]] = {}
-    POSITIVE: ClassVar[tuple[str, ...]] = ()  # fields that must be at least 1 (ranks, widths, token counts)
 
     def __post_init__(self):
         self.check()
 
     def check(self) -> None:
-        flag = {o.field: o.flag for o in self.options().values()}
-        for name in self.POSITIVE:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{flag[name]} must be at least 1, got {getattr(self, name)}")
-        for name, allowed in self.CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{flag[name]} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        fields.check(self, ValueError, lambda name: fields.flag(f"{self.PREFIX}_{name}"))
 
     @classmethod
     @functools.cache
     def options(cls) -> dict[str, Option]:
         """The flat options, keyed ``PREFIX_field``, in field order (built once per class; do not modify)."""
-        hints, helps = typing.get_type_hints(cls), field_comments(cls)
+        hints = typing.get_type_hints(cls)
         return {f"{cls.PREFIX}_{f.name}": Option(f"{cls.PREFIX}_{f.name}", f.name, hints[f.name], f.default,
-                                                 helps.get(f.name, ""), cls.CHOICES.get(f.name))
+                                                 fields.help_of(f), fields.choices_of(f))
                 for f in dataclasses.fields(cls)}
 
     @classmethod
@@ -301,24 +291,58 @@ def configure(cls: type[MethodConfig], config: MethodConfig | None, fields: dict
     return dataclasses.replace(config, **fields) if fields else config
 
 
+class Work(typing.NamedTuple):
+    """Multiply-adds an adapted layer adds to the FLOP model (``peft.bench.flops``): per image in the forward and
+    backward passes, and once per pass whatever the batch (a weight rebuilt from its factors), forward / backward."""
+
+    forward: float = 0
+    backward: float = 0
+    forward_once: float = 0
+    backward_once: float = 0
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What a method changes in the analytic FLOP model of a ViT (``peft.bench.flops``), for one config.
+
+    ``linears`` maps a block Linear's short name (q, k, v, proj, fc1, fc2; ``qkv``: one fused layer) to its
+    adapter's work, a function ``(tokens, fan_in, fan_out, input_needs_grad) -> Work``; ``branches`` maps a
+    sub-layer ("attn", "mlp") to the width of a trained down/up bottleneck added after it."""
+
+    extra_tokens: int = 0  # tokens every block processes besides CLS and patches (prompts)
+    trains_input: bool = False  # something trains at block 0's input (prompts): gradients reach the stream there
+    trains_everywhere: bool = False  # a trained vector after every layer: every activation needs a gradient
+    trains_weights: tuple[str, ...] = ()  # layers whose own weight trains (short names; "*": every layer)
+    linears: dict = dataclasses.field(default_factory=dict)
+    branches: dict = dataclasses.field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Method:
-    """A registry entry: how to apply the method, its config and published defaults.
+    """A registry entry: the method's config, where its wrappers go, and its published defaults.
 
-    ``apply(model, config)`` adapts and freezes the model in place and returns the names of the replaced
-    modules. ``config`` is the method's :class:`MethodConfig` class; ``wrappers`` its adapter classes (they say
-    whether it merges); ``lr`` the default peak AdamW learning rate for ViT-B/16 at batch 128, with the reason in
-    ``lr_note``. ``trains_backbone``: it updates pretrained tensors in place (mlp, full: it cannot share a backbone
-    with other tasks); ``saves_everything``: its checkpoints store every parameter (full).
+    :meth:`apply` is the one skeleton every method shares: refuse an adapted model, find the ``targets(model,
+    config)`` (dotted module names), replace each by its wrapper (``wrap(model, name, config)``; by default the
+    wrapper in ``wrappers`` whose ``WRAPS`` is the layer's type, built as ``Wrapper(layer, config)``), freeze all
+    but the adapters and the head. A method that adds nothing gives ``trains`` instead (which pretrained tensors
+    train). ``cost(config)``: its :class:`Cost` in the FLOP model; ``upgrade_state(state)``: a saved state of an earlier
+version under today's parameter names (saved runs keep loading). ``lr``: the default peak AdamW learning rate for
+    ViT-B/16 at batch 128, with the reason in ``lr_note``. ``trains_backbone``: it updates pretrained tensors in
+    place (mlp, full: it cannot share a backbone with other tasks); ``saves_everything``: its checkpoints store
+    every parameter (full).
     """
 
     name: str
-    apply: Callable[[nn.Module, MethodConfig], list[str]]
     summary: str  # what trains, in a few words
     lr: float
     lr_note: str = ""
     config: type[MethodConfig] = NoOptions
     wrappers: tuple[type, ...] = ()
+    targets: Callable[[nn.Module, MethodConfig], list[str]] | None = None
+    wrap: Callable[[nn.Module, str, MethodConfig], nn.Module] | None = None
+    trains: Callable[[str], bool] | None = None
+    cost: Callable[[MethodConfig], Cost] = lambda config: Cost()
+    upgrade_state: Callable[[dict], dict] = lambda state: state  # a state saved by an earlier version, today's names
     trains_backbone: bool = False
     saves_everything: bool = False
     paper: str = ""
@@ -330,6 +354,30 @@ class Method:
     @property
     def options(self) -> dict[str, Option]:
         return self.config.options()
+
+    def apply(self, model: nn.Module, config: MethodConfig | None = None) -> list[str]:
+        """Adapt and freeze ``model`` in place; returns the names of the replaced modules (empty for a method that
+        adds nothing)."""
+        config = configure(self.config, config, {})
+        if self.trains is not None:
+            freeze_all_but(model, self.trains)
+            return []
+        check_fresh(model)
+        names = self.targets(model, config)
+        for name in names:
+            replace_module(model, name, (self.wrap or self.wrap_by_type)(model, name, config))
+        freeze_for_adapters(model)
+        return names
+
+    def wrap_by_type(self, model: nn.Module, name: str, config: MethodConfig) -> nn.Module:
+        """``Wrapper(layer, config)`` with the wrapper made for the layer's type."""
+        layer = model.get_submodule(name)
+        for wrapper in self.wrappers:
+            if wrapper.WRAPS is type(layer):
+                return wrapper(layer, config)
+        plain = " / ".join(f"nn.{w.WRAPS.__name__}" for w in self.wrappers if w.WRAPS is not None)
+        raise TypeError(f"cannot apply {self.name} to {name}: it is a {type(layer).__name__}, not a plain {plain} "
+                        "(adapters already applied?)")
 
 
 # -------------------------------------------------------------------------------------------------- model surgery
@@ -358,22 +406,29 @@ def adapter_parameter_names(model: nn.Module) -> list[str]:
     …): the one definition of "an adapter's own parameters"."""
     names = []
     for mod_name, module in model.named_modules():
-        if isinstance(module, Adapter):
+        if isinstance(module, Wrapper):
             names += [f"{mod_name}.{p}" if mod_name else p for p in module.ADAPTER_PARAMS]
     return names
 
 
 def has_adapters(model: nn.Module) -> bool:
     """Whether any adapter module is inside ``model`` (the one definition of "already adapted")."""
-    return any(isinstance(m, Adapter) for m in model.modules())
+    return any(isinstance(m, Wrapper) for m in model.modules())
 
 
 def check_fresh(model: nn.Module) -> None:
     """Refuse to stack a second method on a model that already carries adapters."""
     if has_adapters(model):
-        present = sorted({type(m).__name__ for m in model.modules() if isinstance(m, Adapter)})
+        present = sorted({type(m).__name__ for m in model.modules() if isinstance(m, Wrapper)})
         raise ValueError(f"the model already has adapters ({', '.join(present)}); apply one method to a fresh "
                          "model, or merge_adapters() first")
+
+
+def declared(model: nn.Module, fact: str) -> set[str]:
+    """Full names of the parameters (or modules) the model's wrappers list under ``fact`` ("NO_DECAY", "DECAY",
+    "BIASES", "DROPOUTS"): how the optimizer and the training loop learn what only the method knows."""
+    return {f"{mod_name}.{p}" if mod_name else p for mod_name, module in model.named_modules()
+            if isinstance(module, Wrapper) for p in getattr(module, fact)}
 
 
 def freeze_for_adapters(model: nn.Module) -> None:

@@ -5,7 +5,7 @@ Masked Language-models", ACL 2022. In a ViT the biases are those of the patch em
 and every LayerNorm: 102,912 for ViT-B/16.
 
 Each layer gets a wrapper of its own type that shares the frozen weight and owns a *copy* of the bias, so the
-pretrained bias stays intact (several tasks can share one backbone, see ``peft.adapters``) and ``merge()``
+pretrained bias stays intact (several tasks can share one backbone, see ``peft.tasks``) and ``merge()``
 returns the plain layer with the trained bias.
 """
 
@@ -14,15 +14,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, Method, NoOptions, check_fresh, freeze_for_adapters, replace_module
+from .base import Wrapper, Cost, Method, MethodConfig
 
 
-class _OwnBias(Adapter):
+class _OwnBias(Wrapper):
     """Shares the wrapped layer's frozen ``weight``; ``bias`` is a trainable copy."""
 
     ADAPTER_PARAMS = ("bias",)
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, config: MethodConfig | None = None):
         super().__init__(layer)
         self.bias = nn.Parameter(layer.bias.detach().clone())  # trains; the pretrained bias stays as it was
 
@@ -59,24 +59,17 @@ class BitFitConv2d(_OwnBias, nn.Conv2d):
                                      padding_mode=self.padding_mode, device=w.device, dtype=w.dtype))
 
 
-WRAPPERS = {nn.Linear: BitFitLinear, nn.LayerNorm: BitFitLayerNorm, nn.Conv2d: BitFitConv2d}
-
-
-def apply_bitfit(model: nn.Module, config: NoOptions | None = None) -> list[str]:
-    """Every bias of the backbone trains (the head too); returns the wrapped module names."""
-    check_fresh(model)
-    names = [n for n, m in model.named_modules()
-             if type(m) in WRAPPERS and getattr(m, "bias", None) is not None and not n.startswith("head")]
-    for name in names:
-        layer = model.get_submodule(name)
-        replace_module(model, name, WRAPPERS[type(layer)](layer))
-    freeze_for_adapters(model)
-    return names
+def bitfit_targets(model: nn.Module, config: MethodConfig) -> list[str]:
+    """Every layer of the backbone with a bias (not the head, which trains whole)."""
+    return [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.LayerNorm, nn.Conv2d)
+            and getattr(m, "bias", None) is not None and not n.startswith("head")]
 
 
 METHOD = Method(
-    "bitfit", apply_bitfit, "every bias of the backbone (patch embedding, q/k/v/proj, fc1/fc2, LayerNorms), + head",
-    lr=1e-3, wrappers=(BitFitLinear, BitFitLayerNorm, BitFitConv2d), lr_note="the rate of the other vector-only methods here (LoRA, head): biases are few and start "
-                     "at their pretrained values; not taken from a published ViT config",
+    "bitfit", "every bias of the backbone (patch embedding, q/k/v/proj, fc1/fc2, LayerNorms), + head",
+    lr=1e-3, wrappers=(BitFitLinear, BitFitLayerNorm, BitFitConv2d), targets=bitfit_targets,
+    cost=lambda config: Cost(trains_everywhere=True),
+    lr_note="the rate of the other vector-only methods here (LoRA, head): biases are few and start "
+            "at their pretrained values; not taken from a published ViT config",
     paper="Ben Zaken et al., BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked "
           "Language-models, ACL 2022")

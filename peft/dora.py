@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LinearDelta, Method, MethodConfig, check_fresh, configure, freeze_for_adapters, replace_module
-from .lora import find_lora_targets
+from .base import Cost, LinearDelta, Method, MethodConfig, configure
+from .lora import LoRALinear, find_lora_targets, short_targets
+from .fields import option
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,9 @@ class DoraConfig(MethodConfig):
     alpha; the DoRA paper's commonsense runs use r = 8..32 on q, k, v, up, down)."""
 
     PREFIX: ClassVar[str] = "dora"
-    POSITIVE: ClassVar[tuple] = ("rank",)
-    rank: int = 8  # DoRA rank r of the direction's LoRA update
-    alpha: float = 8.0  # DoRA scale alpha (the update is scaled by alpha / r)
-    targets: str = "q,v"  # comma-separated Linear names that get DoRA (q,k,v,proj,fc1,fc2)
+    rank: int = option(8, "DoRA rank r of the direction's LoRA update", min=1)
+    alpha: float = option(8.0, "DoRA scale alpha (the update is scaled by alpha / r)")
+    targets: str = option("q,v", "comma-separated Linear names that get DoRA (q,k,v,proj,fc1,fc2)")
 
     def __post_init__(self):
         if not isinstance(self.targets, str):  # a list or tuple of names: one canonical form, "q,v"
@@ -46,6 +46,7 @@ class DoRALinear(LinearDelta, nn.Module):
     """A frozen ``nn.Linear`` with DoRA's magnitude ``m`` (out,) and LoRA pair ``lora_A`` (r, in), ``lora_B`` (out, r)."""
 
     ADAPTER_PARAMS = ("lora_A", "lora_B", "magnitude")
+    DECAY = ("lora_A", "lora_B")  # weight matrices, even at rank 1 (the magnitude is a vector)
 
     def __init__(self, base: nn.Linear, config: DoraConfig | None = None, **fields):
         config = configure(DoraConfig, config, fields)
@@ -80,22 +81,18 @@ class DoRALinear(LinearDelta, nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha}"
 
 
-def apply_dora(model: nn.Module, config: DoraConfig | None = None, **fields) -> list[str]:
-    """DoRA on the targeted Linears (LoRA's target syntax); freezes all but adapters and head."""
-    config = configure(DoraConfig, config, fields)
-    check_fresh(model)
-    names = find_lora_targets(model, config.targets)
-    for name in names:
-        replace_module(model, name, DoRALinear(model.get_submodule(name), config))
-    freeze_for_adapters(model)
-    return names
+def dora_cost(config: DoraConfig) -> Cost:
+    """LoRA's products on the targets, plus B A (out·r·in) for ‖W + s B A‖ once per forward pass."""
+    def work(tokens: int, fan_in: int, fan_out: int, input_grad: bool):
+        return LoRALinear.macs(config.rank, tokens, fan_in, fan_out, input_grad, once=fan_out * config.rank * fan_in)
+    return Cost(linears=dict.fromkeys(short_targets(config), work))
 
 
 METHOD = Method(
-    "dora", apply_dora,
-    "DoRA: a magnitude per output unit and a LoRA-updated direction on the targets (q, v; r = 8), + head",
-    lr=1e-3, config=DoraConfig, wrappers=(DoRALinear,),
+    "dora", "DoRA: a magnitude per output unit and a LoRA-updated direction on the targets (q, v; r = 8), + head",
+    lr=1e-3, config=DoraConfig, wrappers=(DoRALinear,), cost=dora_cost,
+    targets=lambda model, config: find_lora_targets(model, config.targets),
     lr_note="LoRA's rate: the same low-rank pair, plus a magnitude vector that starts at ‖W‖",
     paper="Liu et al., DoRA: Weight-Decomposed Low-Rank Adaptation, ICML 2024")
 
-__all__ = ["DoRALinear", "DoraConfig", "METHOD", "apply_dora"]
+__all__ = ["DoRALinear", "DoraConfig", "METHOD", "dora_cost"]

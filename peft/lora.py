@@ -22,6 +22,7 @@ projection: one mask shared by q, k and v (:class:`SharedInputDropout`).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LinearDelta, Method, MethodConfig, check_fresh, configure, freeze_for_adapters, replace_module
+from .base import Cost, LinearDelta, Method, MethodConfig, Work, configure
+from .fields import option
 
 SHORT_NAMES = ("q", "k", "v", "proj", "fc1", "fc2")
 VARIANTS = ("loralib", "noah")
@@ -43,13 +45,11 @@ class LoraConfig(MethodConfig):
     the placement the LoRA paper recommends (Hu et al. 2022, §7.1)."""
 
     PREFIX: ClassVar[str] = "lora"
-    CHOICES: ClassVar[dict] = {"variant": VARIANTS}
-    POSITIVE: ClassVar[tuple] = ("rank",)
-    rank: int = 8  # LoRA rank r
-    alpha: float = 8.0  # LoRA scale alpha (update scaled by alpha / r)
-    targets: str = "q,v"  # comma-separated Linear names that get LoRA (q,k,v,proj,fc1,fc2), globs or regexes
-    dropout: float = 0.0  # dropout on the LoRA branch input
-    variant: str = "loralib"  # loralib (= HF peft: B A scaled by alpha/r on the targets) | noah (the VTAB tables' LoRA row: one unscaled pair on the fused q,k,v)
+    rank: int = option(8, "LoRA rank r", min=1)
+    alpha: float = option(8.0, "LoRA scale alpha (update scaled by alpha / r)")
+    targets: str = option("q,v", "comma-separated Linear names that get LoRA (q,k,v,proj,fc1,fc2), globs or regexes")
+    dropout: float = option(0.0, "dropout on the LoRA branch input", min=0, max=1)
+    variant: str = option("loralib", "loralib (= HF peft: B A scaled by alpha/r on the targets) | noah (the VTAB tables' LoRA row: one unscaled pair on the fused q,k,v)", choices=VARIANTS)
 
     def __post_init__(self):
         if not isinstance(self.targets, str):  # a list or tuple of names: one canonical form, "q,v"
@@ -85,25 +85,24 @@ class LoRALinear(LinearDelta, nn.Module):
     :class:`peft.base.LinearDelta`, built on ``delta_weight()``."""
 
     ADAPTER_PARAMS = ("lora_A", "lora_B")
+    DECAY = ("lora_A", "lora_B")  # weight matrices, even at rank 1
+    DROPOUTS = ("lora_dropout",)
 
-    def __init__(self, base: nn.Linear, config: LoraConfig | None = None, shared_A: nn.Parameter | None = None,
-                 shared_dropout: nn.Module | None = None, **fields):
-        """``config`` or its fields (``rank=4``). ``shared_A``: NOAH's variant, an (in, r) A shared with the
-        block's other projections; B is then (r, out), drawn truncated-normal std 0.02, and the update x A B is not
-        scaled; ``shared_dropout`` the dropout module those projections share."""
+    def __init__(self, base: nn.Linear, config: LoraConfig | None = None, **fields):
+        """``config`` or its fields (``rank=4``). NOAH's variant (``variant="noah"``): B is (r, out), drawn
+        truncated-normal std 0.02, the update x A B is not scaled, and A, (in, r), and the dropout are the block's,
+        given by :meth:`share` (:func:`wrap_lora`)."""
         config = configure(LoraConfig, config, fields)
         super().__init__(base)
         rank = config.rank
-        self.noah = shared_A is not None
+        self.noah = config.variant == "noah"
         self.rank, self.alpha, self.scaling = rank, config.alpha, 1.0 if self.noah else config.alpha / rank
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if self.noah:
-            if tuple(shared_A.shape) != (self.in_features, rank):
-                raise ValueError(f"shared_A must be ({self.in_features}, {rank}), got {tuple(shared_A.shape)}")
-            if shared_dropout is not None:
-                self.lora_dropout = shared_dropout
-            self.lora_A = shared_A
+            self.register_parameter("lora_A", None)  # until share()
+            if config.dropout > 0:  # one mask for q, k and v (the first of them keeps it, the others share it)
+                self.lora_dropout = SharedInputDropout(config.dropout, users=3)
             self.lora_B = nn.Parameter(torch.empty(rank, self.out_features, **kw))
             with torch.no_grad():
                 nn.init.trunc_normal_(self.lora_B, std=0.02)  # _init_vit_weights on LoRA_b (bounds ±2 absolute)
@@ -112,6 +111,22 @@ class LoRALinear(LinearDelta, nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def share(self, shared_A: nn.Parameter, dropout: nn.Module | None = None) -> "LoRALinear":
+        """NOAH's variant: use the block's (in, r) A and, given, its dropout, shared with its other projections."""
+        if tuple(shared_A.shape) != (self.in_features, self.rank):
+            raise ValueError(f"shared A must be ({self.in_features}, {self.rank}), got {tuple(shared_A.shape)}")
+        self.lora_A = shared_A
+        if dropout is not None:
+            self.lora_dropout = dropout
+        return self
+
+    @staticmethod
+    def macs(rank: int, tokens: int, fan_in: int, fan_out: int, input_grad: bool, once: float = 0) -> Work:
+        """The branch's two rank-r products (tokens·r·(in + out)); backward dB = dYᵀ(A x), d(Ax) = dY B and
+        dA = d(Ax)ᵀ x (tokens·r·(2·out + in)), and the branch's share of dX when the input needs one."""
+        return Work(forward=tokens * rank * (fan_in + fan_out), forward_once=once,
+                    backward=tokens * rank * (2 * fan_out + fan_in) + (tokens * rank * fan_in if input_grad else 0))
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -161,52 +176,52 @@ def find_lora_targets(model: nn.Module, targets) -> list[str]:
     return [n for n in linears if n in found]  # model order
 
 
-def inject_noah(model: nn.Module, config: LoraConfig) -> list[str]:
-    """NOAH's LoRA as its VTAB runs trained it: per block one A (in, r) shared by q, k and v, each with its (r, out)
-    block of B, all truncated-normal std 0.02, and one dropout mask on the attention input shared by the three.
-    Returns the wrapped module names."""
-    names = []
-    for i, block in enumerate(model.blocks):
-        ref = block.attn.q.weight
-        shared = nn.Parameter(torch.empty(ref.shape[1], config.rank, device=ref.device, dtype=ref.dtype))
-        with torch.no_grad():
-            nn.init.trunc_normal_(shared, std=0.02)  # _init_vit_weights on LoRA_a (timm: bounds ±2 absolute)
-        dropout = SharedInputDropout(config.dropout, users=3) if config.dropout > 0 else None
-        for part in ("q", "k", "v"):
-            name = f"blocks.{i}.attn.{part}"
-            replace_module(model, name, LoRALinear(model.get_submodule(name), config, shared_A=shared,
-                                                   shared_dropout=dropout))
-            names.append(name)
-    return names
-
-
-def inject_lora(model: nn.Module, config: LoraConfig | None = None, **fields) -> list[str]:
-    """Wrap the targeted Linears in :class:`LoRALinear` (no freezing). Returns their names. The "noah" variant
-    adapts the fused q,k,v of every block (``targets`` and ``alpha`` do not apply)."""
-    config = configure(LoraConfig, config, fields)
+def lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The targeted Linears; NOAH's variant: q, k and v of every block (``targets`` does not apply)."""
     if config.variant == "noah":
-        return inject_noah(model, config)
-    names = find_lora_targets(model, config.targets)
-    for name in names:
-        replace_module(model, name, LoRALinear(model.get_submodule(name), config))
-    return names
+        return [f"blocks.{i}.attn.{part}" for i in range(len(model.blocks)) for part in ("q", "k", "v")]
+    return find_lora_targets(model, config.targets)
+
+
+def wrap_lora(model: nn.Module, name: str, config: LoraConfig) -> LoRALinear:
+    """``LoRALinear(layer, config)``. NOAH's variant, as its VTAB runs trained it: per block one A (in, r), drawn
+    truncated-normal std 0.02 before q's wrapper (``_init_vit_weights`` on LoRA_a; timm: bounds ±2 absolute), and one
+    dropout on the attention input, both shared by q, k and v (k and v take them from the wrapped q)."""
+    block, _, part = name.rpartition(".")
+    layer = model.get_submodule(name)
+    if config.variant != "noah":
+        return LoRALinear(layer, config)
+    if part != "q":
+        q = model.get_submodule(f"{block}.q")
+        return LoRALinear(layer, config).share(q.lora_A, q.lora_dropout)
+    ref = layer.weight
+    shared = nn.Parameter(torch.empty(ref.shape[1], config.rank, device=ref.device, dtype=ref.dtype))
+    with torch.no_grad():
+        nn.init.trunc_normal_(shared, std=0.02)
+    return LoRALinear(layer, config).share(shared)
 
 
 def apply_lora(model: nn.Module, config: LoraConfig | None = None, **fields) -> list[str]:
     """LoRA on the targeted Linears (short names q,k,v,proj,fc1,fc2, or glob/regex on full names), or NOAH's
     fused-qkv variant; freezes all but adapters and head. ``apply_lora(model, LoraConfig(rank=16))`` or
     ``apply_lora(model, rank=16)``. Returns the wrapped module names."""
-    check_fresh(model)
-    changed = inject_lora(model, config, **fields)
-    freeze_for_adapters(model)
-    return changed
+    return METHOD.apply(model, configure(LoraConfig, config, fields))
+
+
+def short_targets(config) -> tuple[str, ...]:
+    """The short names a LoRA-style config targets, for the FLOP model (``qkv``: one fused layer, as timm's)."""
+    if getattr(config, "variant", "") == "noah":
+        return ("q", "k", "v")
+    return tuple(t.strip() for t in config.targets.split(","))
 
 
 METHOD = Method(
-    "lora", apply_lora, "LoRA A/B on the targets (default q, v; r = 8), + head", lr=1e-3, config=LoraConfig,
-    wrappers=(LoRALinear,),
+    "lora", "LoRA A/B on the targets (default q, v; r = 8), + head", lr=1e-3, config=LoraConfig,
+    wrappers=(LoRALinear,), targets=lora_targets, wrap=wrap_lora,
+    cost=lambda config: Cost(linears=dict.fromkeys(short_targets(config),
+                                                   functools.partial(LoRALinear.macs, config.rank))),
     lr_note="the usual LoRA rate for ViTs with AdamW (B starts at zero, so the start is the base model)",
     paper="Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022")
 
 __all__ = ["LoRALinear", "LoraConfig", "METHOD", "SHORT_NAMES", "SharedInputDropout", "VARIANTS", "apply_lora",
-           "find_lora_targets", "inject_lora", "inject_noah"]
+           "find_lora_targets", "lora_targets", "short_targets", "wrap_lora"]

@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from . import kernels
-from .base import LinearDelta, Method, MethodConfig, check_fresh, configure, freeze_for_adapters, replace_module
+from .base import Cost, LinearDelta, Method, MethodConfig, Work, configure
 from .functional import official_rlrr_linear, rlrr_weight
 from .rlrr_function import WEIGHT_MEMORY, WeightCache, rlrr_linear
 from .ssf import INITS, SSFConv2d, SSFLayerNorm
+from .fields import option
 
 IMPLS = ("function", "official")
 RLRR_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2")  # inside each block
@@ -36,12 +37,10 @@ class RLRRConfig(MethodConfig):
     """RLRR's options: rank 1 and the kaiming init of the official ViT code (zstarN70/RLRR ``models/networks.py``)."""
 
     PREFIX: ClassVar[str] = "rlrr"
-    CHOICES: ClassVar[dict] = {"init": INITS, "impl": IMPLS, "weight_memory": WEIGHT_MEMORY}
-    POSITIVE: ClassVar[tuple] = ("rank",)
-    rank: int = 1  # RLRR rescaling rank (the official ViT code uses 1)
-    init: str = "official"  # RLRR init: official (kaiming, not the base model at step 0) | identity (S_out = 0: starts as the base model)
-    impl: str = "function"  # function (W' rebuilt in backward, optional CUDA kernel) | official (the official formula, autograd keeps W'; for benchmarks)
-    weight_memory: str = "rebuild"  # rebuild W' in backward | keep the forward's W' until backward (+ one W' per layer in flight, ~170 MB bf16 for ViT-B/16) | reuse W' while S is unchanged (one persistent W' per layer: one build per optimizer step across --grad-accum)
+    rank: int = option(1, "RLRR rescaling rank (the official ViT code uses 1)", min=1)
+    init: str = option("official", "RLRR init: official (kaiming, not the base model at step 0) | identity (S_out = 0: starts as the base model)", choices=INITS)
+    impl: str = option("function", "function (W' rebuilt in backward, optional CUDA kernel) | official (the official formula, autograd keeps W'; for benchmarks)", choices=IMPLS)
+    weight_memory: str = option("rebuild", "rebuild W' in backward | keep the forward's W' until backward (+ one W' per layer in flight, ~170 MB bf16 for ViT-B/16) | reuse W' while S is unchanged (one persistent W' per layer: one build per optimizer step across --grad-accum)", choices=WEIGHT_MEMORY)
 
 
 class RLRRLinear(LinearDelta, nn.Module):
@@ -72,6 +71,8 @@ class RLRRLinear(LinearDelta, nn.Module):
         self.reset_adapter(config.init)
 
     ADAPTER_PARAMS = ("s_out", "s_in", "f")
+    NO_DECAY = ("s_out", "s_in", "f")  # rescaling vectors in spirit, matrices only at rank > 1
+    BIASES = ("f",)  # the official code's ``shift_bias``
 
     @torch.no_grad()
     def reset_adapter(self, init: str = "official") -> None:
@@ -119,26 +120,6 @@ def rlrr_module_names(model: nn.Module) -> list[str]:
     return names + ["norm"]
 
 
-def inject_rlrr(model: nn.Module, config: RLRRConfig | None = None, **fields) -> list[str]:
-    """Replace the official placement's modules by RLRR/SSF wrappers (no freezing). Returns their names."""
-    config = configure(RLRRConfig, config, fields)
-    changed = []
-    for name in rlrr_module_names(model):
-        module = model.get_submodule(name)
-        if type(module) is nn.Linear:
-            wrapper = RLRRLinear(module, config)
-        elif type(module) is nn.LayerNorm:
-            wrapper = SSFLayerNorm(module, init=config.init)
-        elif type(module) is nn.Conv2d:
-            wrapper = SSFConv2d(module, init=config.init)
-        else:
-            raise TypeError(f"cannot apply RLRR to {name}: it is a {type(module).__name__}, not a plain "
-                            "nn.Linear / nn.LayerNorm / nn.Conv2d (adapters already applied?)")
-        replace_module(model, name, wrapper)
-        changed.append(name)
-    return changed
-
-
 def apply_rlrr(model: nn.Module, config: RLRRConfig | None = None, **fields) -> list[str]:
     """RLRR exactly as the official ViT code places it; freezes all but adapters and head.
 
@@ -146,17 +127,30 @@ def apply_rlrr(model: nn.Module, config: RLRRConfig | None = None, **fields) -> 
     embedding. Returns the replaced module names. ``impl="official"`` keeps the materialised-W' formulation
     (for benchmarks); the default runs :class:`peft.rlrr_function.RLRRLinearFunction`.
     """
-    check_fresh(model)
-    changed = inject_rlrr(model, config, **fields)
-    freeze_for_adapters(model)
-    return changed
+    return METHOD.apply(model, configure(RLRRConfig, config, fields))
+
+
+def rlrr_cost(config: RLRRConfig) -> Cost:
+    """RLRR in the FLOP model: per adapted layer W' = W ⊙ (1 + S_out S_in) once per pass (out·r·in, also on the
+    official path, where broadcasting does the same multiplications), the full dYᵀX its scale gradients are built
+    from (tokens·in·out), the two rank-r reductions (G ⊙ W) S_inᵀ and S_outᵀ (G ⊙ W) (2·out·r·in), and, when the
+    Function rebuilds W' for dX instead of keeping it, one more out·r·in; SSF after the norms trains everywhere."""
+    r, rebuilds = config.rank, config.impl == "function" and config.weight_memory == "rebuild"
+
+    def work(tokens: int, fan_in: int, fan_out: int, input_grad: bool) -> Work:
+        w = fan_out * r * fan_in
+        return Work(backward=tokens * fan_in * fan_out, forward_once=w,
+                    backward_once=2 * w + (w if rebuilds and input_grad else 0))
+
+    return Cost(trains_everywhere=True, linears=dict.fromkeys(("q", "k", "v", "proj", "fc1", "fc2"), work))
 
 
 METHOD = Method(
-    "rlrr", apply_rlrr, "RLRR on q,k,v,proj,fc1,fc2 + SSF on the norms and the patch embedding, + head", lr=3e-3,
-    config=RLRRConfig, wrappers=(RLRRLinear, SSFLayerNorm, SSFConv2d),
+    "rlrr", "RLRR on q,k,v,proj,fc1,fc2 + SSF on the norms and the patch embedding, + head", lr=3e-3,
+    config=RLRRConfig, wrappers=(RLRRLinear, SSFLayerNorm, SSFConv2d), targets=lambda model, config:
+    rlrr_module_names(model), cost=rlrr_cost,
     lr_note="the official RLRR VTAB-1k learning rate for CIFAR-100 (at batch 32; scale vectors need larger "
             "steps than weights, and a larger batch only makes each step less noisy)",
     paper="Dong et al., Low-Rank Rescaled Vision Transformer Fine-Tuning: A Residual Design Approach, CVPR 2024")
 
-__all__ = ["METHOD", "RLRRConfig", "RLRRLinear", "apply_rlrr", "inject_rlrr", "rlrr_module_names", "INITS", "IMPLS"]
+__all__ = ["METHOD", "RLRRConfig", "RLRRLinear", "apply_rlrr", "rlrr_cost", "rlrr_module_names", "INITS", "IMPLS"]

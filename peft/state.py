@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, AdapterStateError, replace_module
+from .base import Wrapper, AdapterStateError, declared, replace_module
 
 
 @torch.no_grad()
@@ -18,7 +18,7 @@ def merge_adapters(model: nn.Module) -> list[str]:
     into the conv (W'[o] = s[o] W[o], b' = s ⊙ b + t). Afterwards the model holds only standard modules
     with the original names, so ``loaders.save_npz`` exports it. Merged layers are frozen.
     """
-    outermost = [(name, m) for name, m in model.named_modules() if isinstance(m, Adapter)]
+    outermost = [(name, m) for name, m in model.named_modules() if isinstance(m, Wrapper)]
     outermost = [(n, m) for n, m in outermost if not any(n.startswith(o + ".") for o, _ in outermost)]
     for _, module in outermost:  # refuse before changing anything
         if not module.mergeable():
@@ -35,7 +35,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters only (adapters and head after apply_mode), detached CPU copies by name."""
+    """The trainable parameters only (adapters and head after apply_method), detached CPU copies by name."""
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -71,7 +71,7 @@ def check_state_fits(params: dict[str, torch.Tensor], saved: dict[str, torch.Ten
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy ``state`` into the model's trainable parameters. Strict: keys and shapes must match exactly.
 
-    The model must have been prepared the same way (same apply_mode and options) as when it was saved;
+    The model must have been prepared the same way (same apply_method and options) as when it was saved;
     otherwise a ValueError lists the missing keys, unexpected keys and shape mismatches.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -83,17 +83,17 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
 def runtime_path(model: nn.Module, device) -> str | None:
     """Which compute path the model's adapters take on ``device`` and why (e.g. RLRR's fused kernel or its PyTorch
     path), from the adapters' own ``runtime_path``; None when no adapter has a choice."""
-    paths = [m.runtime_path(device) for m in model.modules() if isinstance(m, Adapter)]
+    paths = [m.runtime_path(device) for m in model.modules() if isinstance(m, Wrapper)]
     return "; ".join(dict.fromkeys(p for p in paths if p)) or None
 
 
 def train_adapters_only(model: nn.Module) -> None:
-    """Eval mode for the model, train mode for the adapters' own dropouts (VPT's prompt dropout, LoRA's): the
-    frozen backbone runs without dropout or drop-path, as VPT's ``PromptedTransformer.train()`` keeps it."""
+    """Eval mode for the model, train mode for the dropouts the adapters declare as their own (``DROPOUTS``: VPT's
+    prompt dropout, LoRA's, AdaptFormer's, FacT's): the frozen backbone runs without dropout or drop-path, as
+    VPT's ``PromptedTransformer.train()`` keeps it."""
     model.eval()
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Dropout) and name.rsplit(".", 1)[-1] in ("prompt_dropout", "lora_dropout"):
-            m.train()
+    for name in declared(model, "DROPOUTS"):
+        model.get_submodule(name).train()
 
 
 __all__ = ["adapter_state_dict", "load_adapter_state_dict", "merge_adapters", "runtime_path", "train_adapters_only",

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import BlockAdapter, Method, MethodConfig, check_fresh, configure, freeze_for_adapters, replace_module
+from .base import BlockWrapper, Cost, Method, MethodConfig
+from .fields import option
 
 
 @dataclass(frozen=True)
@@ -36,38 +37,36 @@ class VPTConfig(MethodConfig):
     ``config.py:74``; the ``vpt-official`` recipe sets 0)."""
 
     PREFIX: ClassVar[str] = "vpt"
-    POSITIVE: ClassVar[tuple] = ("tokens",)
     DEEP: ClassVar[bool] = True  # prompts at every block (False: before the first only)
-    tokens: int = 10  # VPT prompt tokens per block
-    dropout: float = 0.1  # dropout on the prompt tokens
+    tokens: int = option(10, "prompt tokens (vpt: per block; vpt-shallow: once, before block 0)", min=1)
+    dropout: float = option(0.1, "dropout on the prompt tokens", min=0, max=1)
 
 
 @dataclass(frozen=True)
 class VPTShallowConfig(VPTConfig):
-    """VPT-shallow's options: VPT-deep's, with prompts inserted once."""
+    """VPT-shallow's options: VPT-deep's fields, with prompts inserted once."""
 
     PREFIX: ClassVar[str] = "vpt_shallow"
     DEEP: ClassVar[bool] = False
-    tokens: int = 10  # VPT-shallow prompt tokens (inserted once, before block 0)
-    dropout: float = 0.1  # dropout on the VPT-shallow prompt tokens
 
 
-class VPTBlock(BlockAdapter, nn.Module):
-    """An encoder block with its own prompts, through :class:`peft.base.BlockAdapter`: inserted after CLS
-    (``insert``, block 0) or replacing the previous block's prompt outputs, then the block's own forward."""
+class VPTBlock(BlockWrapper, nn.Module):
+    """An encoder block with its own prompts, through :class:`peft.base.BlockWrapper`: inserted after CLS
+    (``insert``, block 0) or replacing the previous block's prompt outputs, then the block's own forward. The
+    prompts start at zero; :func:`wrap_vpt` draws them with the bound of the model's patch size."""
 
     ADAPTER_PARAMS = ("prompts",)
+    DROPOUTS = ("prompt_dropout",)
     CANNOT_MERGE = ("its prompt tokens lengthen the token sequence, which no plain layer can hold; keep the "
                     "adapter (peft.adapter_state_dict) instead")
 
-    def __init__(self, block: nn.Module, num_tokens: int, insert: bool, init_bound: float, dropout: float):
+    def __init__(self, block: nn.Module, config: VPTConfig):
         super().__init__(block)  # norm1, attn, norm2, mlp: the same modules, the same names
         dim = block.norm1.normalized_shape[0]
         ref = block.norm1.weight
-        self.prompts = nn.Parameter(torch.empty(num_tokens, dim, device=ref.device, dtype=ref.dtype))
-        nn.init.uniform_(self.prompts, -init_bound, init_bound)
-        self.prompt_dropout = nn.Dropout(dropout)
-        self.num_tokens, self.insert = num_tokens, insert
+        self.prompts = nn.Parameter(torch.zeros(config.tokens, dim, device=ref.device, dtype=ref.dtype))
+        self.prompt_dropout = nn.Dropout(config.dropout)
+        self.num_tokens, self.insert = config.tokens, False  # insert: set for the first block by wrap_vpt
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, 1 + p + patches, D)
         # Expanded to the batch first, then dropped: every sample draws its own mask, as the official code does
@@ -83,33 +82,40 @@ class VPTBlock(BlockAdapter, nn.Module):
         return f"num_tokens={self.num_tokens}, insert={self.insert}"
 
 
-def apply_vpt(model: nn.Module, config: VPTConfig | None = None, **fields) -> list[str]:
-    """VPT-deep on every block of a :class:`vit.VisionTransformer` (a :class:`VPTShallowConfig`: VPT-shallow,
-    prompts before block 0 only); freezes all but the prompts and the head."""
-    config = configure(VPTConfig, config, fields)
-    check_fresh(model)
+def vpt_targets(model: nn.Module, config: VPTConfig) -> list[str]:
+    """Every block (VPT-deep), or the first only (VPT-shallow)."""
+    return [f"blocks.{i}" for i in range(len(model.blocks) if config.DEEP else 1)]
+
+
+def wrap_vpt(model: nn.Module, name: str, config: VPTConfig) -> VPTBlock:
+    """``VPTBlock(block, config)``, its prompts drawn U(-v, v) with v = sqrt(6 / (C·P² + D)) (VPT's xavier-style
+    bound over the patch embedding's fan-in); the first block inserts them after CLS."""
+    block = VPTBlock(model.get_submodule(name), config)
     c = model.config
     bound = math.sqrt(6.0 / (c.in_channels * c.patch_size**2 + c.hidden_size))
-    names = [f"blocks.{i}" for i in range(len(model.blocks) if config.DEEP else 1)]
-    for i, name in enumerate(names):
-        replace_module(model, name, VPTBlock(model.get_submodule(name), config.tokens, insert=i == 0,
-                                             init_bound=bound, dropout=config.dropout))
-    freeze_for_adapters(model)
-    return names
+    with torch.no_grad():
+        nn.init.uniform_(block.prompts, -bound, bound)
+    block.insert = name == "blocks.0"
+    return block
+
+
+def vpt_cost(config: VPTConfig) -> Cost:
+    """Prompt tokens from block 0 on (deep replaces them, the count is the same), trained at the input."""
+    return Cost(extra_tokens=config.tokens, trains_input=True)
 
 
 METHOD = Method(
-    "vpt", apply_vpt, "VPT-deep: prompt tokens at the input of every block, + head", lr=3e-3,
-    config=VPTConfig, wrappers=(VPTBlock,),
+    "vpt", "VPT-deep: prompt tokens at the input of every block, + head", lr=3e-3,
+    config=VPTConfig, wrappers=(VPTBlock,), targets=vpt_targets, wrap=wrap_vpt, cost=vpt_cost,
     lr_note="prompts are new inputs learned from scratch, like RLRR's vectors; VPT's own runs (SGD) tune it "
             "per task",
     paper="Jia et al., Visual Prompt Tuning, ECCV 2022")
 
 
 SHALLOW = Method(
-    "vpt-shallow", apply_vpt, "VPT-shallow: prompt tokens before the first block only, + head", lr=3e-3,
-    config=VPTShallowConfig, wrappers=(VPTBlock,),
+    "vpt-shallow", "VPT-shallow: prompt tokens before the first block only, + head", lr=3e-3,
+    config=VPTShallowConfig, wrappers=(VPTBlock,), targets=vpt_targets, wrap=wrap_vpt, cost=vpt_cost,
     lr_note="VPT-deep's rate (the same kind of parameters, fewer of them)",
     paper="Jia et al., Visual Prompt Tuning, ECCV 2022")
 
-__all__ = ["METHOD", "SHALLOW", "VPTBlock", "VPTConfig", "VPTShallowConfig", "apply_vpt"]
+__all__ = ["METHOD", "SHALLOW", "VPTBlock", "VPTConfig", "VPTShallowConfig", "vpt_targets", "wrap_vpt"]

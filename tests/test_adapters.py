@@ -22,7 +22,7 @@ def train_alone(mode: str, num_classes: int, seed: int, **options):
         torch.nn.init.zeros_(model.head.weight), torch.nn.init.zeros_(model.head.bias)
     model.config = model.config.replace(num_classes=num_classes)
     torch.manual_seed(seed)
-    peft.apply_mode(model, mode, **options)
+    peft.apply_method(model, mode, **options)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -46,7 +46,7 @@ def test_switched_adapters_reproduce_their_separately_trained_models_exactly():
     base_logits = shared(x)
     backbone = {n: (p, p.data_ptr()) for n, p in shared.named_parameters()}
     for name, mode, k, opts in TASKS:
-        peft.add_adapter(shared, name, mode=mode, num_classes=k, **opts)
+        peft.add_adapter(shared, name, method=mode, num_classes=k, **opts)
         peft.load_adapter_state_dict(shared, peft.adapter_state_dict(alone[name]), name=name)
     assert peft.adapter_names(shared) == [t[0] for t in TASKS] and peft.active_adapter(shared) is None
     for name, mode, k, _ in TASKS + TASKS[::-1]:  # in any order, several times
@@ -67,7 +67,7 @@ def test_switched_adapters_reproduce_their_separately_trained_models_exactly():
 
 def test_named_state_dict_round_trip_and_errors():
     model = make_model()
-    peft.add_adapter(model, "a", mode="rlrr", num_classes=4)
+    peft.add_adapter(model, "a", method="rlrr", num_classes=4)
     state = peft.adapter_state_dict(model, "a")
     assert state["head.weight"].shape == (4, 16) and not state["head.weight"].any() and not state["head.bias"].any()
     peft.set_adapter(model, "a")  # a new task's head starts at zero: every class equally likely until trained
@@ -75,9 +75,9 @@ def test_named_state_dict_round_trip_and_errors():
         assert torch.equal(model(images()), torch.zeros(3, 4))
     assert "head.weight" in state and "blocks.0.attn.q.s_out" in state and "blocks.0.attn.q.weight" not in state
     with pytest.raises(ValueError, match="exists already"):
-        peft.add_adapter(model, "a", mode="lora")
+        peft.add_adapter(model, "a", method="lora")
     with pytest.raises(ValueError, match="cannot share one frozen backbone"):
-        peft.add_adapter(model, "b", mode="full")
+        peft.add_adapter(model, "b", method="full")
     with pytest.raises(KeyError, match="no adapter named 'zzz'.*adapters: a"):
         peft.set_adapter(model, "zzz")
     bad = dict(state)
@@ -85,14 +85,14 @@ def test_named_state_dict_round_trip_and_errors():
     with pytest.raises(ValueError, match="missing keys \\(1\\): head.bias"):
         peft.load_adapter_state_dict(model, bad, name="a")
     applied = make_model()
-    peft.apply_mode(applied, "lora")
-    with pytest.raises(ValueError, match="already has adapters from apply_mode"):
-        peft.add_adapter(applied, "x", mode="rlrr")
+    peft.apply_method(applied, "lora")
+    with pytest.raises(ValueError, match="already has adapters from apply_method"):
+        peft.add_adapter(applied, "x", method="rlrr")
 
 
 def test_a_named_adapter_state_is_a_copy():
     model = make_model()
-    peft.add_adapter(model, "a", mode="lora", num_classes=4)
+    peft.add_adapter(model, "a", method="lora", num_classes=4)
     state = peft.adapter_state_dict(model, "a")
     snapshot = {k: v.clone() for k, v in state.items()}
     peft.set_adapter(model, "a")

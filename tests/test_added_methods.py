@@ -33,7 +33,7 @@ def _perturb(model, scale=0.3):
 def test_vpt_shallow_is_prompts_before_plain_blocks():
     base = _model()
     model = copy.deepcopy(base)
-    peft.apply_mode(model, "vpt-shallow", vpt_shallow_tokens=4, vpt_shallow_dropout=0.0)
+    peft.apply_method(model, "vpt-shallow", vpt_shallow_tokens=4, vpt_shallow_dropout=0.0)
     _perturb(model)
     prompts = model.blocks[0].prompts
     x = _images()
@@ -49,7 +49,7 @@ def test_vpt_shallow_is_prompts_before_plain_blocks():
 def test_adapter_is_noahs_block_equation():
     base = _model()
     model = copy.deepcopy(base)
-    peft.apply_mode(model, "adapter")
+    peft.apply_method(model, "adapter")
     _perturb(model)
     x = base.embed(_images())
     b, ref = model.blocks[0], base.blocks[0]
@@ -63,7 +63,7 @@ def test_adapter_is_noahs_block_equation():
     with pytest.raises(peft.NotMergeableError, match="QuickGELU"):
         peft.merge_adapters(model)
     fresh = copy.deepcopy(base)
-    peft.apply_mode(fresh, "adapter")
+    peft.apply_method(fresh, "adapter")
     w = fresh.blocks[0].adapter_up.weight
     bound = (6 / (w.shape[0] + w.shape[1])) ** 0.5  # xavier-uniform, as NOAH initialises it
     assert 0.5 * bound < w.abs().max().item() <= bound
@@ -72,7 +72,7 @@ def test_adapter_is_noahs_block_equation():
 def test_dora_equals_peft_formula_its_gradients_and_its_merge():
     base = _model()
     model = copy.deepcopy(base)
-    peft.apply_mode(model, "dora", dora_rank=2, dora_alpha=4.0)
+    peft.apply_method(model, "dora", dora_rank=2, dora_alpha=4.0)
     assert (model(_images()) - base(_images())).abs().max().item() == 0.0  # B = 0, m = ‖W‖: the base model
     _perturb(model)
     layer = model.blocks[0].attn.q
@@ -99,7 +99,7 @@ def test_dora_equals_peft_formula_its_gradients_and_its_merge():
 def test_fact_tt_equals_the_official_forward_and_merges():
     base = _model()
     model = copy.deepcopy(base)
-    peft.apply_mode(model, "fact-tt", fact_rank=3, fact_scale=0.7, fact_dropout=0.0)
+    peft.apply_method(model, "fact-tt", fact_rank=3, fact_scale=0.7, fact_dropout=0.0)
     _perturb(model)  # V starts at zero: move every factor and core away from its init
     U, V = model.fact.u.detach(), model.fact.v.detach()  # nn.Linear weights: FacTu (3, 16), FacTv (16, 3)
     s, blk, ref = 0.7, model.blocks[0], base.blocks[0]

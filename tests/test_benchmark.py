@@ -17,6 +17,8 @@ import vit
 
 import peft
 from peft.bench import flops, harness, suite
+from peft.bench.harness import row_method
+from peft.rlrr import RLRRLinear
 from peft.cli import benchmark
 CPU_MODES = ["head", "mlp", "lora", "rlrr", "rlrr-official", "full", "merged"]
 
@@ -126,7 +128,7 @@ def test_forward_flops_of_vit_b16_match_the_published_count():
     assert sum(macs.values()) == pytest.approx(17.56e9, rel=1e-3)  # 17.56 GMACs = 35.1 GFLOPs (timm, fvcore)
 
 
-@pytest.mark.parametrize("mode", peft.MODES)
+@pytest.mark.parametrize("mode", peft.METHOD_NAMES)
 @pytest.mark.parametrize("pre_logits", [None, 12])
 def test_analytic_flops_equal_torch_flop_counter(mode, pre_logits):
     """The analytic per-mode count equals what FlopCounterMode counts on a forward and a training step.
@@ -141,7 +143,7 @@ def test_analytic_flops_equal_torch_flop_counter(mode, pre_logits):
     batch = 3
     torch.manual_seed(0)
     model = vit.VisionTransformer(config)
-    peft.apply_mode(model, mode)
+    peft.apply_method(model, mode)
     vit.set_fused_attention(model, False)
     images = torch.randn(batch, config.in_channels, config.image_size, config.image_size)
     labels = torch.randint(0, config.num_classes, (batch,))
@@ -156,12 +158,12 @@ def test_official_rlrr_differs_only_by_its_elementwise_rank1_products():
     config = vit.get_config("testing")
     batch = 2
     model = vit.VisionTransformer(config)
-    peft.apply_mode(model, "rlrr", rlrr_impl="official")
+    peft.apply_method(model, "rlrr", rlrr_impl="official")
     vit.set_fused_attention(model, False)
     images = torch.randn(batch, 3, config.image_size, config.image_size)
     labels = torch.randint(0, config.num_classes, (batch,))
-    analytic = flops.train_macs(config, "rlrr-official", batch)
-    rank1 = sum(o * i for o, i in flops._rlrr_shapes(config))  # one multiply per weight element
+    analytic = flops.train_macs(config, "rlrr", batch, row_method("rlrr-official")[1])
+    rank1 = sum(m.weight.numel() for m in model.modules() if isinstance(m, RLRRLinear))  # one multiply per weight
     assert _counted_flops(model, images, labels, train=False) == 2 * (analytic["forward"] * batch - rank1)
     assert _counted_flops(model, images, labels, train=True) == 2 * (analytic["train"] * batch - 3 * rank1)
 

@@ -168,7 +168,7 @@ def test_no_weight_decay_on_vectors_norms_and_biases():
 
     for mode, opts in (("rlrr", {"rlrr_rank": 2}), ("lora", {"lora_rank": 1})):
         model = vit.VisionTransformer(vit.get_config("testing"))
-        peft.apply_mode(model, mode, **opts)
+        peft.apply_method(model, mode, **opts)
         groups = optim.param_groups(model, 0.1)
         decayed = {id(p) for p in groups[0]["params"]}
         for name, p in model.named_parameters():

@@ -1,6 +1,6 @@
 """Every registered method through one table: what trains, the step-0 identity, merging, adapter state, counts.
 
-The table is the registry itself (``peft.MODES``), so a new method is tested as soon as it is registered; the
+The table is the registry itself (``peft.METHOD_NAMES``), so a new method is tested as soon as it is registered; the
 expectations below say, per method, which parameters train, whether it starts as the pretrained model and whether
 it merges. Merging is checked against the adapted model (relative error ≤ 1e-5) and must leave only plain layers.
 """
@@ -16,7 +16,7 @@ from torch import nn
 
 import peft
 import vit
-from peft.base import Adapter, LinearDelta, NotMergeableError
+from peft.base import Wrapper, LinearDelta, NotMergeableError
 from conftest import b16, images, make_model, randomize_adapters, rel_err
 
 TRAINABLE = {  # which parameter names train besides the head
@@ -63,16 +63,16 @@ PUBLISHED = {"rlrr": 288_768, "lora": 294_912, "ssf": 205_824, "vpt": 92_160, "a
 
 
 def test_the_table_covers_the_registry():
-    assert set(TRAINABLE) == set(IDENTITY_OPTIONS) == set(B16_BACKBONE) == set(peft.MODES)
+    assert set(TRAINABLE) == set(IDENTITY_OPTIONS) == set(B16_BACKBONE) == set(peft.METHOD_NAMES)
 
 
 pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
-@pytest.mark.parametrize("mode", peft.MODES)
+@pytest.mark.parametrize("mode", peft.METHOD_NAMES)
 def test_only_the_methods_parameters_and_the_head_get_gradients(mode):
     model = make_model()
-    peft.apply_mode(model, mode)
+    peft.apply_method(model, mode)
     model.train()
     model(images()).logsumexp(-1).sum().backward()
     for n, p in model.named_parameters():
@@ -82,23 +82,23 @@ def test_only_the_methods_parameters_and_the_head_get_gradients(mode):
     assert sum(p.grad.abs().sum() > 0 for p in model.parameters() if p.grad is not None) > 1
 
 
-@pytest.mark.parametrize("mode", peft.MODES)
+@pytest.mark.parametrize("mode", peft.METHOD_NAMES)
 def test_step_zero_identity_where_the_method_has_one(mode):
     options = IDENTITY_OPTIONS[mode]
     base = make_model()
     x = images()
     model = make_model()
-    peft.apply_mode(model, mode, **(options or {}))
+    peft.apply_method(model, mode, **(options or {}))
     model.eval()
     with torch.no_grad():
         same = torch.equal(model(x), base(x))
     assert same == (options is not None)
 
 
-@pytest.mark.parametrize("mode", peft.MODES)
+@pytest.mark.parametrize("mode", peft.METHOD_NAMES)
 def test_merge_equals_adapted_or_refuses_clearly(mode):
     model = make_model()
-    peft.apply_mode(model, mode)
+    peft.apply_method(model, mode)
     randomize_adapters(model)
     model.eval()
     x = images()
@@ -107,12 +107,12 @@ def test_merge_equals_adapted_or_refuses_clearly(mode):
     if not peft.METHODS[mode].mergeable:
         with pytest.raises(NotMergeableError, match="cannot be merged"):
             peft.merge_adapters(model)
-        assert any(isinstance(m, Adapter) for m in model.modules())  # refused before anything changed
+        assert any(isinstance(m, Wrapper) for m in model.modules())  # refused before anything changed
         with torch.no_grad():
             assert torch.equal(model(x), adapted)
         return
     peft.merge_adapters(model)
-    assert not any(isinstance(m, Adapter) for m in model.modules())
+    assert not any(isinstance(m, Wrapper) for m in model.modules())
     assert all(type(m) in (nn.Linear, nn.LayerNorm, nn.Conv2d) for n, m in model.named_modules()
                if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d)))
     assert set(model.state_dict()) == set(make_model().state_dict())  # the plain ViT's names again
@@ -120,11 +120,11 @@ def test_merge_equals_adapted_or_refuses_clearly(mode):
         assert rel_err(model(x), adapted) <= 1e-5
 
 
-@pytest.mark.parametrize("mode", peft.MODES)
+@pytest.mark.parametrize("mode", peft.METHOD_NAMES)
 def test_adapter_state_round_trip(mode):
     x = images()
     trained = make_model()
-    peft.apply_mode(trained, mode)
+    peft.apply_method(trained, mode)
     randomize_adapters(trained)
     with torch.no_grad():
         trained.head.weight.normal_()
@@ -140,17 +140,17 @@ def test_adapter_state_round_trip(mode):
     peft.load_adapter_state_dict(trained, snapshot)  # back to the saved values
     fresh = make_model()
     torch.manual_seed(123)  # a different adapter init
-    peft.apply_mode(fresh, mode)
+    peft.apply_method(fresh, mode)
     peft.load_adapter_state_dict(fresh, state)
     trained.eval(), fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh(x), trained(x))
 
 
-@pytest.mark.parametrize("mode", peft.MODES)
+@pytest.mark.parametrize("mode", peft.METHOD_NAMES)
 def test_vit_b16_backbone_counts(mode):
     model = b16()
-    peft.apply_mode(model, mode)
+    peft.apply_method(model, mode)
     trainable, total = peft.trainable_parameters(model)
     assert total == sum(p.numel() for p in model.parameters()) > trainable or mode == "full"
     assert trainable - 769 * 10 == B16_BACKBONE[mode] == PUBLISHED.get(mode, B16_BACKBONE[mode])
@@ -160,7 +160,7 @@ def test_vpt_prompts_are_inserted_then_replaced_and_maps_keep_them_out_of_the_gr
     from vit import visualize
 
     model = make_model()
-    peft.apply_mode(model, "vpt", vpt_tokens=3, vpt_dropout=0.0)
+    peft.apply_method(model, "vpt", vpt_tokens=3, vpt_dropout=0.0)
     randomize_adapters(model)
     model.eval()
     x = images()
@@ -180,12 +180,12 @@ def test_vpt_prompts_are_inserted_then_replaced_and_maps_keep_them_out_of_the_gr
 
 
 @pytest.mark.parametrize("method", ["rollout", "grad-rollout"])
-@pytest.mark.parametrize("mode", peft.MODES)
+@pytest.mark.parametrize("mode", peft.METHOD_NAMES)
 def test_attention_maps_work_for_every_method(mode, method):
     from vit import visualize
 
     model = make_model()
-    peft.apply_mode(model, mode)
+    peft.apply_method(model, mode)
     randomize_adapters(model)
     maps = visualize.attention_maps(model, images(), per_layer=True, method=method)
     assert maps.rollout.shape == (3, 4, 4) and torch.isfinite(maps.rollout).all()
@@ -207,7 +207,7 @@ def _other_value(opt):
     return "q,k"  # LoRA / DoRA targets
 
 
-@pytest.mark.parametrize("mode", peft.MODES)
+@pytest.mark.parametrize("mode", peft.METHOD_NAMES)
 def test_the_config_is_the_one_source_of_a_methods_options(mode):
     from peft.cli.args import parse_options
     from peft.finetune import FinetuneOptions
@@ -225,19 +225,24 @@ def test_the_config_is_the_one_source_of_a_methods_options(mode):
     argv = ["--mode", mode] + [a for k, v in changed.items() for a in (method.options[k].flag, str(v))]
     opts = parse_options(argv, FinetuneOptions, with_methods=True)
     expected = dataclasses.replace(config, **{method.options[k].field: v for k, v in changed.items()})
-    assert opts.method_config() == expected == peft.configure_mode(mode, **changed)
+    assert opts.method_config() == expected == peft.configure_method(mode, **changed)
 
 
-@pytest.mark.parametrize("mode", [m for m in peft.MODES if peft.METHODS[m].config.POSITIVE or
-                                  peft.METHODS[m].config.CHOICES])
+def _bounded(cls):
+    return [f for f in dataclasses.fields(cls) if {"min", "choices"} & set(f.metadata)]
+
+
+@pytest.mark.parametrize("mode", [m for m in peft.METHOD_NAMES if _bounded(peft.METHODS[m].config)])
 def test_a_config_refuses_values_its_method_cannot_use_naming_the_flag(mode):
     cls = peft.METHODS[mode].config
-    for name in cls.POSITIVE:
-        with pytest.raises(ValueError, match=f"--{cls.PREFIX.replace('_', '-')}-{name.replace('_', '-')} must be"):
-            cls(**{name: 0})
-    for name in cls.CHOICES:
-        with pytest.raises(ValueError, match=f"--{cls.PREFIX.replace('_', '-')}-{name.replace('_', '-')} 'nope'"):
-            cls(**{name: "nope"})
+    for f in _bounded(cls):
+        flag = f"--{cls.PREFIX.replace('_', '-')}-{f.name.replace('_', '-')}"
+        if "min" in f.metadata:
+            with pytest.raises(ValueError, match=f"{flag} must be"):
+                cls(**{f.name: f.metadata["min"] - 1})
+        if "choices" in f.metadata:
+            with pytest.raises(ValueError, match=f"{flag} 'nope'"):
+                cls(**{f.name: "nope"})
 
 
 def test_apply_method_takes_a_config_as_hf_peft_does():
@@ -245,7 +250,7 @@ def test_apply_method_takes_a_config_as_hf_peft_does():
     torch.manual_seed(0)
     names = peft.apply_method(a, peft.LoraConfig(rank=3, targets=("q", "fc1")))
     torch.manual_seed(0)
-    assert names == peft.apply_mode(b, "lora", lora_rank=3, lora_targets="q,fc1")
+    assert names == peft.apply_method(b, "lora", lora_rank=3, lora_targets="q,fc1")
     assert a.blocks[0].attn.q.lora_A.shape == (3, 16)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     with pytest.raises(TypeError, match="not the config of a registered method"):
@@ -255,16 +260,16 @@ def test_apply_method_takes_a_config_as_hf_peft_does():
 # ── the adapter contract ─────────────────────────────────────────────────────────────────────────────────────
 
 def _outermost_adapters(model):
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, Adapter)]
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, Wrapper)]
     return [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
 
 
-@pytest.mark.parametrize("mode", peft.MODES)
+@pytest.mark.parametrize("mode", peft.METHOD_NAMES)
 def test_wrappers_take_the_layer_over_and_say_once_whether_they_merge(mode):
     method = peft.METHODS[mode]
     model = make_model()
     before = dict(model.named_parameters())
-    peft.apply_mode(model, mode)
+    peft.apply_method(model, mode)
     own = set(peft.adapter_parameter_names(model))
     for name, p in model.named_parameters():  # the same tensor objects under the same names, frozen
         if name in before and name not in own and not method.trains_backbone and not name.startswith("head."):
@@ -280,7 +285,7 @@ def test_wrappers_take_the_layer_over_and_say_once_whether_they_merge(mode):
             assert module.CANNOT_MERGE in str(info.value)
 
 
-WEIGHT_SPACE = [m for m in peft.MODES if any(issubclass(w, LinearDelta) for w in peft.METHODS[m].wrappers)]
+WEIGHT_SPACE = [m for m in peft.METHOD_NAMES if any(issubclass(w, LinearDelta) for w in peft.METHODS[m].wrappers)]
 
 
 def test_the_weight_space_methods_are_the_linear_ones():
@@ -292,7 +297,7 @@ def test_delta_weight_merge_in_place_and_unmerge_mean_the_same_for_every_method(
     """In float64: every wrapper computes F.linear(x, W + ΔW, b + Δb); merging in place gives the same model and
     unmerging restores the pretrained tensors bit for bit."""
     model = make_model().double()
-    peft.apply_mode(model, mode, **options)
+    peft.apply_method(model, mode, **options)
     randomize_adapters(model)
     model.eval()
     x = images().double()
@@ -330,7 +335,7 @@ def test_adaptformer_is_its_equation_at_non_zero_adapter_values():
     """x_mid = x + attn(norm1 x);  out = x_mid + mlp(norm2 x_mid) + s · up(ReLU(down(x_mid))), in float64, with
     every adapter weight non-zero and a scale that is not the default (so both the branch input and s matter)."""
     model = make_model().double()
-    peft.apply_mode(model, "adaptformer", adaptformer_scale=0.37, adaptformer_dim=3)
+    peft.apply_method(model, "adaptformer", adaptformer_scale=0.37, adaptformer_dim=3)
     randomize_adapters(model, scale=0.5)
     model.eval()
     t = torch.randn(2, 17, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -354,7 +359,7 @@ def test_adaptformer_branch_is_outside_the_mlps_drop_path():
     """Official AdaptFormer adds its branch after the MLP's drop-path: with the MLP path dropped, the block's output
     is x_mid + s · branch(x_mid)."""
     model = make_model().double()
-    peft.apply_mode(model, "adaptformer")
+    peft.apply_method(model, "adaptformer")
     randomize_adapters(model, scale=0.5)
     model.eval()
     block = model.blocks[0]
@@ -414,7 +419,7 @@ def test_lora_dropout_is_on_the_branch_input_only_and_the_init_is_kaiming():
 
 def test_vpt_prompts_follow_the_papers_uniform_init():
     model = vit.VisionTransformer(vit.get_config("testing"))
-    peft.apply_mode(model, "vpt", vpt_tokens=200)
+    peft.apply_method(model, "vpt", vpt_tokens=200)
     c = model.config
     bound = math.sqrt(6.0 / (c.in_channels * c.patch_size ** 2 + c.hidden_size))  # Xavier-uniform on (3·P², D)
     prompts = torch.cat([b.prompts.detach().flatten() for b in model.blocks])
@@ -433,7 +438,7 @@ def test_every_init_follows_its_published_distribution():
     def fresh(mode, **options):
         torch.manual_seed(0)
         model = vit.VisionTransformer(vit.get_config("ViT-Ti/16"))
-        peft.apply_mode(model, mode, **options)
+        peft.apply_method(model, mode, **options)
         return model
 
     d = 192
@@ -463,7 +468,7 @@ def test_every_init_follows_its_published_distribution():
     torch.testing.assert_close(dora.magnitude, dora.weight.norm(dim=1), rtol=0, atol=0)
     plain = vit.VisionTransformer(vit.get_config("ViT-Ti/16"))
     pretrained_bias = plain.blocks[0].mlp.fc1.bias
-    peft.apply_mode(plain, "bitfit")  # the bias to train starts as a copy of the pretrained one
+    peft.apply_method(plain, "bitfit")  # the bias to train starts as a copy of the pretrained one
     trained_bias = plain.blocks[0].mlp.fc1.bias
     assert torch.equal(trained_bias, pretrained_bias) and trained_bias is not pretrained_bias
     assert trained_bias.requires_grad and not pretrained_bias.requires_grad
@@ -471,12 +476,12 @@ def test_every_init_follows_its_published_distribution():
 
 @pytest.mark.parametrize("mode", ["vpt", "vpt-shallow", "adaptformer"])
 def test_block_adapters_trace_as_one_graph(mode):
-    """The BlockAdapter mechanism (the block's own forward on a view with substituted sub-modules) is plain
+    """The BlockWrapper mechanism (the block's own forward on a view with substituted sub-modules) is plain
     Python that torch.compile's tracer follows: one graph, no break."""
     import torch._dynamo as dynamo
 
     model = make_model()
-    peft.apply_mode(model, mode)
+    peft.apply_method(model, mode)
     model.eval()
     dynamo.reset()
     explained = dynamo.explain(model)(images())
@@ -488,7 +493,7 @@ def test_vpt_dropout_touches_the_prompts_only():
     """Prompt dropout at p = 1 zeroes the prompts and nothing else: block 0 then runs on [CLS, zeros, patches]."""
     plain = make_model()
     model = make_model()
-    peft.apply_mode(model, "vpt", vpt_tokens=2, vpt_dropout=1.0)
+    peft.apply_method(model, "vpt", vpt_tokens=2, vpt_dropout=1.0)
     model.train()
     t = torch.randn(2, 17, 16, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -509,7 +514,7 @@ PUBLISHED_DEFAULTS = {  # the defaults each method's paper / official code state
 }
 
 
-@pytest.mark.parametrize("mode", peft.MODES)
+@pytest.mark.parametrize("mode", peft.METHOD_NAMES)
 def test_each_method_defaults_to_its_published_values(mode):
     assert dataclasses.asdict(peft.METHODS[mode].config()) == PUBLISHED_DEFAULTS.get(mode, {})
 
@@ -525,7 +530,7 @@ def test_dropout_sits_inside_the_low_rank_branches():
     between ReLU and up), and a FacT layer's increment stays in the span of V (dropout acts on the cores' output):
     both low-rank, which dropout after the last projection would break."""
     model = make_model().double()
-    peft.apply_mode(model, "adaptformer", adaptformer_dim=3, adaptformer_dropout=0.5)
+    peft.apply_method(model, "adaptformer", adaptformer_dim=3, adaptformer_dropout=0.5)
     randomize_adapters(model, scale=0.5)
     model.train()
     block = model.blocks[0]
@@ -537,7 +542,7 @@ def test_dropout_sits_inside_the_low_rank_branches():
     assert branch.norm() > 0 and _residual_off_span(branch.reshape(-1, 16), block.adapter_up.weight) < 1e-10
 
     model = make_model().double()
-    peft.apply_mode(model, "fact-tt", fact_rank=2, fact_dropout=0.5)
+    peft.apply_method(model, "fact-tt", fact_rank=2, fact_dropout=0.5)
     randomize_adapters(model, scale=0.5)
     model.train()
     v = model.fact.v
@@ -552,13 +557,13 @@ def test_dropout_sits_inside_the_low_rank_branches():
 
 def test_adapter_both_placement_adds_houlsbys_second_adapter_after_the_attention():
     model = make_model()
-    names = peft.apply_mode(model, "adapter", adapter_placement="both")
+    names = peft.apply_method(model, "adapter", adapter_placement="both")
     assert names == [f"blocks.{i}" for i in range(2)]  # one block wrapper: its adapters follow both drop-paths
     trained = {n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head")}
     assert trained == {f"blocks.{i}.adapter_{s}{p}.{t}" for i in range(2) for s in ("", "attn_")
                        for p in ("down", "up") for t in ("weight", "bias")}
     big = b16()
-    peft.apply_mode(big, "adapter", adapter_placement="both")
+    peft.apply_method(big, "adapter", adapter_placement="both")
     assert peft.trainable_parameters(big)[0] - 769 * 10 == 2 * B16_BACKBONE["adapter"]  # 313,536 (NOAH: 156,768 × 2)
 
 

@@ -193,6 +193,31 @@ def test_full_size_b16_i21k_loads(tmp_path):
     assert model.head.weight[21842, 767] == params["head/kernel"][767, 21842]
 
 
+def test_from_scratch_init_is_googles():
+    """models_vit.py's initialisers: xavier-uniform attention and MLP kernels (bound sqrt(6 / (in + out))), MLP
+    biases N(0, 1e-6), attention and pre-logits biases zero (Flax's default), lecun-normal patch and pre-logits
+    kernels (a normal cut at two standard deviations, variance 1 / fan_in), positions N(0, 0.02), zero CLS and
+    head; the same seed gives the same model."""
+    torch.manual_seed(0)
+    config = vit.get_config("ViT-Ti/16").replace(representation_size=64)
+    model = vit.VisionTransformer(config)
+    d = config.hidden_size
+    blk = model.blocks[0]
+    for lin in (blk.attn.q, blk.attn.proj, blk.mlp.fc1):
+        bound = math.sqrt(6 / sum(lin.weight.shape))
+        assert lin.weight.abs().max() <= bound and lin.weight.abs().max() > 0.99 * bound
+    assert not blk.attn.q.bias.any() and not blk.attn.proj.bias.any() and not model.pre_logits.bias.any()
+    assert 0.5e-6 < blk.mlp.fc1.bias.std() < 1.5e-6
+    for layer, fan_in in ((model.patch_embed, 3 * 16 * 16), (model.pre_logits, d)):
+        assert abs(layer.weight.std().item() * math.sqrt(fan_in) - 1) < 0.05  # variance 1 / fan_in
+        assert layer.weight.abs().max() <= 2 / 0.8796 / math.sqrt(fan_in)  # cut at two of the normal's stds
+    assert abs(model.pos_embed.std().item() - 0.02) < 0.002
+    assert not model.cls_token.any() and not model.head.weight.any() and not model.head.bias.any()
+    torch.manual_seed(0)
+    again = vit.VisionTransformer(config)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+
+
 @pytest.mark.parametrize("mode", ["sample", "element"])
 def test_drop_path_keeps_the_expected_value_of_the_branch(mode):
     """Training-time drop-path scales what it keeps by 1/(1 - p), so the branch's mean is unchanged; eval is the

@@ -142,7 +142,7 @@ def _ks(values, cdf, *args) -> float:
 def _ti(mode, **options):
     torch.manual_seed(0)
     model = vit.VisionTransformer(vit.get_config("ViT-Ti/16"))
-    peft.apply_mode(model, mode, **options)
+    peft.apply_method(model, mode, **options)
     return model
 
 
@@ -169,7 +169,7 @@ def _vpt_reference(P, x, tokens, p, layers, heads, deep=True):
 def test_vpt_drops_each_samples_prompts_with_its_own_mask(mode):
     model = _model()
     key = mode.replace("-", "_")
-    peft.apply_mode(model, mode, **{f"{key}_tokens": 4, f"{key}_dropout": 0.1})
+    peft.apply_method(model, mode, **{f"{key}_tokens": 4, f"{key}_dropout": 0.1})
     _perturb(model)
     P = _leaves(model)
     c = model.config
@@ -190,10 +190,10 @@ def test_vpts_eval_output_is_bit_identical_to_the_one_mask_code():
 
     for mode in ("vpt", "vpt-shallow"):
         model = _model()
-        peft.apply_mode(model, mode)
+        peft.apply_method(model, mode)
         _perturb(model)
         old = _model()
-        peft.apply_mode(old, mode)
+        peft.apply_method(old, mode)
         old.load_state_dict(model.state_dict())
         for b in old.blocks:
             if isinstance(b, VPTBlock):
@@ -243,7 +243,7 @@ def test_drop_path_rates_are_the_official_float32_linspace():
 
 def test_noah_lora_trains_as_noahs_vtab_runs():
     model = _model(RATE, "sample")
-    peft.apply_mode(model, "lora", lora_variant="noah", lora_rank=3, lora_dropout=0.1)
+    peft.apply_method(model, "lora", lora_variant="noah", lora_rank=3, lora_dropout=0.1)
     _perturb(model)
     rates = _official_rates(RATE, model.config.num_layers)
     assert [b.drop_path1.p for b in model.blocks] == rates
@@ -255,7 +255,7 @@ def test_noah_lora_trains_as_noahs_vtab_runs():
 
 def test_noah_lora_dropout_is_one_mask_for_q_k_and_v():
     model = _model()
-    peft.apply_mode(model, "lora", lora_variant="noah", lora_rank=3, lora_dropout=0.5)
+    peft.apply_method(model, "lora", lora_variant="noah", lora_rank=3, lora_dropout=0.5)
     attn = model.blocks[0].attn
     assert attn.q.lora_dropout is attn.k.lora_dropout is attn.v.lora_dropout
     model.train()
@@ -296,7 +296,7 @@ def _noah_adapter_reference(P, x, rates, p, heads):
 
 def test_noah_adapter_trains_as_noahs_vtab_runs():
     model = _model(RATE, "sample")
-    peft.apply_mode(model, "adapter", adapter_dim=3, adapter_init="trunc-normal", adapter_dropout=0.1)
+    peft.apply_method(model, "adapter", adapter_dim=3, adapter_init="trunc-normal", adapter_dropout=0.1)
     _perturb(model)
     rates = _official_rates(RATE, model.config.num_layers)
     P = _leaves(model)
@@ -350,7 +350,7 @@ def _fact_reference(P, x, rates, s, p, heads):
 
 def test_fact_tt_trains_as_its_official_run():
     model = _model(RATE, "sample-floor")
-    peft.apply_mode(model, "fact-tt", fact_rank=3, fact_scale=0.7, fact_dropout=0.1)
+    peft.apply_method(model, "fact-tt", fact_rank=3, fact_scale=0.7, fact_dropout=0.1)
     _perturb(model)
     rates = _official_rates(RATE, model.config.num_layers)
     P = _leaves(model)

@@ -156,3 +156,10 @@ def test_evaluate_reads_the_runs_own_val_and_test_files_after_the_folder_grew(se
             rows = list(csv.DictReader(f))
         assert sorted(r["file"] for r in rows) == held[split], split
         assert all(r["class"] == r["file"].split("/")[0] for r in rows), split  # each label is its own file's
+    # the folder moved and grew: evaluate --data NEW_PLACE still evaluates the run's own files, not a fresh split
+    moved = tmp_path / "moved"
+    photos.rename(moved)
+    out = tmp_path / "eval-moved"
+    assert evaluate_cli.cli([str(run), "--data", str(moved), "--output-dir", str(out), "--device", "cpu"]) == 0
+    with open(out / "test_predictions.csv", newline="") as f:
+        assert sorted(r["file"] for r in csv.DictReader(f)) == held["test"]

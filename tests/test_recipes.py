@@ -207,7 +207,7 @@ def test_fact_recipe_takes_each_tasks_rank_and_scale_and_the_tables_print_the_me
     for rank in sorted({r for r, _ in FACT_TT_TASKS.values()}):  # ViT-B/16, head excluded, built on meta
         with torch.device("meta"):
             big = vit.VisionTransformer(vit.get_config("ViT-B/16"))
-        peft.apply_mode(big, "fact-tt", fact_rank=rank)
+        peft.apply_method(big, "fact-tt", fact_rank=rank)
         counts[rank] = sum(p.numel() for n, p in big.named_parameters() if p.requires_grad and not n.startswith("head"))
         assert counts[rank] == 2 * 768 * rank + 12 * (4 * rank**2 + 2 * 4 * rank**2)
     per_task = {t: counts[r] for t, (r, _) in FACT_TT_TASKS.items()}
@@ -358,7 +358,7 @@ def official_forward(P: dict, x: torch.Tensor, heads: int, layers: int) -> torch
 def _rlrr_model(weights, dtype=torch.float64, gelu="erf"):
     model = load_npz(weights, num_classes=5)
     torch.manual_seed(3)
-    peft.apply_mode(model, "rlrr")
+    peft.apply_method(model, "rlrr")
     with torch.no_grad():
         for n, p in model.named_parameters():  # every trainable tensor away from its init (head, f included)
             if p.requires_grad:
@@ -433,13 +433,13 @@ def test_noah_lora_is_one_unscaled_pair_on_the_fused_qkv():
     """NOAH's LoRA (supernet_vision_transformer_timm.py): qkv = x (W_qkv + (A B)ᵀ)ᵀ + b with A (in, r), B (r, 3·D),
     re-derived on the fused weight and compared with our separate q, k, v (training: test_official_training)."""
     big = vit.VisionTransformer(vit.get_config("ViT-B/16", num_classes=10))
-    peft.apply_mode(big, "lora", lora_variant="noah")
+    peft.apply_method(big, "lora", lora_variant="noah")
     assert sum(p.numel() for n, p in big.named_parameters() if p.requires_grad and not n.startswith("head")) == 294_912
     a = big.blocks[0].attn.q.lora_A
     assert a.shape == (768, 8) and big.blocks[0].attn.v.lora_B.shape == (8, 768)
     model = vit.VisionTransformer(vit.get_config("testing")).double().eval()
     base = copy.deepcopy(model)
-    peft.apply_mode(model, "lora", lora_variant="noah", lora_rank=4)
+    peft.apply_method(model, "lora", lora_variant="noah", lora_rank=4)
     attn, ref = model.blocks[0].attn, base.blocks[0].attn
     with torch.no_grad():
         for part in ("q", "k", "v"):
@@ -496,11 +496,11 @@ def test_recipes_are_data_with_sources_and_refuse_what_they_do_not_cover():
     assert {k: getattr(adapter, k) for k in ("lr", "weight_decay", "batch_size", "epochs", "drop_last")} == \
         {k: getattr(noah, k) for k in ("lr", "weight_decay", "batch_size", "epochs", "drop_last")}
     ssf_model = vit.VisionTransformer(vit.get_config("testing"))
-    peft.apply_mode(ssf_model, "ssf")
+    peft.apply_method(ssf_model, "ssf")
     decayed = {id(p) for p in param_groups(ssf_model, 0.1, "timm")[0]["params"]}
     assert {n for n, p in ssf_model.named_parameters() if id(p) in decayed} == {"head.weight"}  # SSF's own groups
     vpt_model = vit.VisionTransformer(vit.get_config("testing"))
-    peft.apply_mode(vpt_model, "vpt")
+    peft.apply_method(vpt_model, "vpt")
     no_decay = {id(p) for p in param_groups(vpt_model, 0.1, "vpt")[1]["params"]}
     assert {n for n, p in vpt_model.named_parameters() if id(p) in no_decay} == {"head.bias"}
 
@@ -516,7 +516,7 @@ def test_command_line_flags_win_over_the_recipe_even_at_their_default():
 
 def test_frozen_eval_keeps_the_backbone_deterministic_but_the_prompt_dropout_on():
     model = vit.VisionTransformer(vit.get_config("testing", dropout_rate=0.5))
-    peft.apply_mode(model, "vpt", vpt_dropout=0.5)
+    peft.apply_method(model, "vpt", vpt_dropout=0.5)
     model.train()
     peft.state.train_adapters_only(model)
     dropouts = {n: m.training for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}

@@ -140,9 +140,9 @@ def test_a_run_folder_gives_its_best_checkpoint_else_its_latest(tmp_path):
     ("quickstart", ["--modes", "rlrr,nope"], "nope is not one of"),
     ("quickstart", ["--finetune-epochs", "0"], "--finetune-epochs must be at least 1"),
     ("attention_map", ["--discard-ratio", "1.5", "a.png"], "--discard-ratio must be in [0, 1)"),
-    ("patch_filters", ["--components", "0"], "--components and --columns must be at least 1"),
+    ("patch_filters", ["--components", "0"], "--components must be at least 1"),
     ("pos_embed", ["--dpi", "0"], "--dpi must be in 10..1200"),
-    ("benchmark", ["--repeats", "0"], "--repeats must be positive"),
+    ("benchmark", ["--repeats", "0"], "--repeats must be at least 1"),
     ("predict", ["a.png", "--checkpoint", "x", "--top-k", "0"], "--top-k must be at least 1"),
 ])
 def test_every_tool_gives_one_line_and_exit_2_for_a_bad_flag(tool, argv, text, capsys):
@@ -187,6 +187,22 @@ def test_the_resume_refusal_shows_effective_values_and_only_real_flags(tmp_path,
     same = training.run(tiny(tmp_path, resume=True, **{**kw, "lr": default_lr, "method_options": {"lora_rank": 8}}))
     assert same["epochs"] == 1 and same["lr"] == default_lr
 
+
+
+def test_a_run_that_recorded_its_folder_relative_resumes_from_the_same_directory(tmp_path, monkeypatch):
+    """Runs now record their photo folder absolute; an older run recorded it as given ('photos'). Resumed from the
+    directory it was started in, the two name one folder: no change is reported. Another folder still is one."""
+    import dataclasses
+
+    from peft.finetune.options import FinetuneOptions, changed_options
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    stored = dataclasses.asdict(FinetuneOptions(mode="lora", data="photos"))
+    assert changed_options(stored, FinetuneOptions(mode="lora", data=str(tmp_path / "photos"))) == []
+    changed = changed_options(stored, FinetuneOptions(mode="lora", data=str(tmp_path / "other")))
+    assert [flag for flag, _, _ in changed] == ["--data"]
 
 # ── what a checkpoint carries ───────────────────────────────────────────────────────────────────────────────
 

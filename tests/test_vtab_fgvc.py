@@ -97,7 +97,7 @@ def test_official_weight_decay_grouping_and_drop_path_modes():
     from peft.finetune.optim import param_groups
 
     model = vit.VisionTransformer(vit.get_config("testing"))
-    peft.apply_mode(model, "rlrr")
+    peft.apply_method(model, "rlrr")
     decayed = {id(p) for p in param_groups(model, 0.1, "rlrr")[0]["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in decayed}
     assert "head.weight" in names and "patch_embed.ssf.scale" in names and "blocks.0.attn.q.s_in" in names

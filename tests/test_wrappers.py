@@ -147,17 +147,17 @@ def test_rlrr_impls_agree():
 
 # ── options ──────────────────────────────────────────────────────────────────────────────────────────
 
-def test_apply_mode_options_and_errors():
+def test_apply_method_options_and_errors():
     model = make_model()
-    changed = peft.apply_mode(model, "lora", lora_rank=2, lora_alpha=4, lora_targets=["fc2"], rlrr_rank=3)
+    changed = peft.apply_method(model, "lora", lora_rank=2, lora_alpha=4, lora_targets=["fc2"], rlrr_rank=3)
     assert changed == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc2"]
     assert model.blocks[0].mlp.fc2.lora_A.shape == (2, 32) and model.blocks[0].mlp.fc2.scaling == 2
     with pytest.raises(ValueError, match="already has adapters"):
         peft.apply_rlrr(model)
     with pytest.raises(TypeError, match="lora_rnak"):
-        peft.apply_mode(make_model(), "lora", lora_rnak=4)
-    with pytest.raises(ValueError, match="mode 'prefix-tuning'"):
-        peft.apply_mode(make_model(), "prefix-tuning")
+        peft.apply_method(make_model(), "lora", lora_rnak=4)
+    with pytest.raises(ValueError, match="method 'prefix-tuning'"):
+        peft.apply_method(make_model(), "prefix-tuning")
     with pytest.raises(ValueError, match="init"):
         peft.apply_rlrr(make_model(), init="zeros")
 

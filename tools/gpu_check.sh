@@ -73,7 +73,7 @@ from peft import kernels
 
 torch.manual_seed(0)
 model = vit.VisionTransformer(vit.get_config("ViT-B/16", num_classes=100)).cuda()
-peft.apply_mode(model, "rlrr")
+peft.apply_method(model, "rlrr")
 kernels.set_backend("cuda")  # the kernel or an error, never a silent fallback
 calls = {"weight": 0, "grad": 0}
 real_w, real_g = kernels.rlrr_weight, kernels.rlrr_grad_scales

@@ -99,7 +99,8 @@ class DropPath(nn.Module):
     official RLRR code applies under the name drop_path. mode "sample-floor": stochastic depth drawn the way timm
     0.4.12 draws it (``floor(keep + U)`` with U uniform, then ``x / keep``; timm 0.4.12 ``layers/drop.py:154-156``):
     the same distribution as "sample" (timm >= 0.5: ``bernoulli_(keep)``, ``layers/drop.py:149-152`` of 0.5.4) from
-    another random stream, so a run seeded like an official timm-0.4 run (FacT's) draws the same masks.
+    another random stream, so a run seeded like an official timm-0.4 run (FacT's) draws the same masks. The modes
+    stay here because ``ViTConfig.drop_path_mode`` (and so every saved run's model config) names them.
     """
 
     def __init__(self, p: float = 0.0, mode: str = "sample"):
@@ -149,6 +150,13 @@ class EncoderBlock(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
+def lecun_normal_(weight: torch.Tensor) -> None:
+    """jax's ``lecun_normal``: a normal cut at ±2 standard deviations, widened by 1/0.8796 (the std of N(0, 1) cut
+    at ±2) so that the variance is 1 / fan_in (``jax.nn.initializers.variance_scaling``, "truncated_normal")."""
+    std = math.sqrt(1 / weight[0].numel()) / 0.87962566103423978
+    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
 class VisionTransformer(nn.Module):
     """ViT classifier. ``forward`` takes (B, 3, H, W) floats normalised with mean = std = 0.5."""
 
@@ -167,25 +175,23 @@ class VisionTransformer(nn.Module):
         rep = config.representation_size
         self.pre_logits = nn.Linear(d, rep) if rep else None
         self.head = nn.Linear(rep or d, config.num_classes)
-        if not self.cls_token.is_meta:  # a model built on the meta device is about to be loaded: skip init
+        if not self.cls_token.is_meta:  # the loader's meta-device model gets every tensor from the file: no init
             self.reset_parameters()
 
     def reset_parameters(self):
-        """Initialisation for training from scratch (checkpoints overwrite all of it). As Google's code: xavier-
-        uniform Dense kernels, MLP biases N(0, 1e-6), lecun-normal patch kernel, zero head. Unlike it, the attention
-        and pre-logits biases are N(0, 1e-6) too (Flax: zeros) and pre-logits is xavier (Flax: lecun-normal); kept
-        so that from-scratch runs (the quick start's recorded numbers) stay reproducible. The MLP biases are drawn
-        twice, the second draw kept, for the same reason."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.normal_(m.bias, std=1e-6)
-        for block in self.blocks:  # Flax's MlpBlock bias init (a second draw: see the docstring)
-            for fc in (block.mlp.fc1, block.mlp.fc2):
+        """Initialisation for training from scratch, as Google's ``models_vit.py`` (checkpoints overwrite all of it):
+        xavier-uniform kernels of the attention and MLP Dense layers, MLP biases N(0, 1e-6), other biases zero,
+        lecun-normal patch and pre-logits kernels, positions N(0, 0.02), zero CLS and head."""
+        for block in self.blocks:
+            for lin in (block.attn.q, block.attn.k, block.attn.v, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.zeros_(lin.bias)
+            for fc in (block.mlp.fc1, block.mlp.fc2):  # Flax's MlpBlock bias_init
                 nn.init.normal_(fc.bias, std=1e-6)
-        fan_in = self.patch_embed.in_channels * self.config.patch_size**2  # lecun_normal, like Flax's Conv
-        nn.init.trunc_normal_(self.patch_embed.weight, std=math.sqrt(1 / fan_in))
-        nn.init.zeros_(self.patch_embed.bias)
+        for layer in (self.patch_embed, self.pre_logits):  # Flax's default kernel init for Conv and Dense
+            if layer is not None:
+                lecun_normal_(layer.weight)
+                nn.init.zeros_(layer.bias)
         nn.init.normal_(self.pos_embed, std=0.02)
         nn.init.zeros_(self.cls_token)
         nn.init.zeros_(self.head.weight)
@@ -221,31 +227,6 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def set_drop_path(model: nn.Module, rate: float, mode: str = "sample") -> None:
-    """Set the model's drop-path (rate of the last block, linear from 0; ``mode``: see :class:`DropPath`)."""
-    model.config = model.config.replace(drop_path_rate=rate, drop_path_mode=mode)
-    for block, p in zip(model.blocks, drop_path_rates(model.config)):
-        for m in block.modules():
-            if isinstance(m, DropPath):
-                m.p, m.mode = p, mode
-
-
-def set_dropout(model: nn.Module, rate: float) -> None:
-    """Set every dropout rate but the attention probabilities' (the config records it); drop-path: set_drop_path."""
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Dropout) and not name.endswith("attn_drop"):
-            m.p = rate
-    model.config = model.config.replace(dropout_rate=rate)
-
-
-def set_gelu(model: nn.Module, kind: str) -> None:
-    """Switch every MLP's GELU between "tanh" (Google's) and "erf" (the PyTorch ports'); the config records it."""
-    model.config = model.config.replace(gelu=kind)  # validates the name
-    for m in model.modules():
-        if isinstance(m, nn.GELU):
-            m.approximate = "tanh" if kind == "tanh" else "none"
 
 
 def set_fused_attention(model: nn.Module, fused: bool) -> None:

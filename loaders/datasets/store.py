@@ -8,26 +8,43 @@ memory pressure), never in a process's anonymous memory: a run's own memory does
 :meth:`PixelStore.gather` turns a batch of indices into one padded uint8 canvas (B, Hmax, Wmax, C) and the true
 (h, w) of each image; the device transform (``loaders.transforms``) crops and resizes each image from its own
 region of the canvas. Stores whose images all have one size (VTAB-1k's 224 × 224) skip the padding.
+
+A store opened from disk carries each image's CRC32 and never hands out bytes it has not checked: the first
+access to an image (:meth:`PixelStore.image`, which ``gather`` uses) compares its bytes with their checksum, once
+per process. An image that fails goes to the store's ``repair`` (the decode cache decodes its file again) or,
+without one, raises :class:`~loaders.datasets.cache_index.CacheDamaged`.
 """
 
 from __future__ import annotations
 
+import threading
+import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+
+from .cache_index import CacheDamaged
 
 
 class PixelStore:
     """Images of varying size in one memory-mapped uint8 file; ``subset`` views share the file."""
 
     def __init__(self, pixels: np.ndarray, offsets: np.ndarray, shapes: np.ndarray, index: np.ndarray | None = None,
-                 path: Path | None = None):
+                 path: Path | None = None, crc: np.ndarray | None = None,
+                 repair: Callable[[int], np.ndarray] | None = None):
         self.pixels = pixels  # (total_bytes,) uint8, usually a read-only np.memmap
         self.offsets = offsets  # (M,) int64: start of each stored image
         self.shapes = shapes  # (M, 3) int64: (h, w, c) of each stored image
         self.index = np.arange(len(offsets), dtype=np.int64) if index is None else index  # item -> stored image
         self.path = path
+        # (M,) CRC32 of each stored image, checked on its first access (None: bytes that never left this process);
+        # repair(j): image j decoded again, for one that fails (None: CacheDamaged). Subsets share all of it.
+        self.crc, self.repair = crc, repair
+        self.verified = None if crc is None else np.zeros(len(offsets), bool)
+        self.replaced: dict[int, np.ndarray] = {}  # stored image -> its repaired pixels
+        self._lock = threading.Lock()
         self._describe()
 
     def _describe(self) -> None:
@@ -61,11 +78,34 @@ class PixelStore:
         return sub
 
     def image(self, i: int) -> np.ndarray:
-        """Item ``i`` as uint8 (h, w, c) (a view into the map)."""
-        j = self.index[i]
+        """Item ``i`` as uint8 (h, w, c) (a view into the map), its checksum verified (module docstring)."""
+        j = int(self.index[i])
+        if self.verified is not None and not self.verified[j]:
+            self._verify(j)
+        if self.replaced and j in self.replaced:
+            return self.replaced[j]
+        return self._stored(j)
+
+    def _stored(self, j: int) -> np.ndarray:
         h, w, c = (int(v) for v in self.shapes[j])
         start = int(self.offsets[j])
         return self.pixels[start:start + h * w * c].reshape(h, w, c)
+
+    def _verify(self, j: int) -> None:
+        if zlib.crc32(self._stored(j)) == int(self.crc[j]):
+            self.verified[j] = True
+            return
+        with self._lock:  # one repair per image, whichever thread comes first
+            if self.verified[j]:
+                return
+            if self.repair is None:
+                raise CacheDamaged(f"{self.path}: stored image {j} does not match its checksum")
+            arr = self.repair(j)
+            if arr.shape != tuple(int(v) for v in self.shapes[j]) or arr.dtype != np.uint8:
+                raise CacheDamaged(f"{self.path}: image {j} repaired to {arr.dtype} {arr.shape}, stored as "
+                                   f"{tuple(int(v) for v in self.shapes[j])}")
+            self.replaced[j] = arr
+            self.verified[j] = True
 
     def gather(self, idx, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 canvas (B, Hmax, Wmax, C) of the items ``idx`` (zeros outside each image) and their (B, 2)

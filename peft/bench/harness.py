@@ -22,13 +22,15 @@ import torch.nn.functional as F
 import vit
 from vit.config import ViTConfig
 
-from .. import kernels, modes, state
+from .. import kernels, registry, state
+from ..base import MethodConfig
 from ..lora import LoraConfig
+from ..rlrr import RLRRConfig
 from .flops import train_macs
 
 log = logging.getLogger(__name__)
 
-ROWS = modes.MODES + ("rlrr-kernel", "rlrr-kernel-keep", "rlrr-kernel-reuse", "rlrr-official", "merged", "timm",
+ROWS = registry.METHOD_NAMES + ("rlrr-kernel", "rlrr-kernel-keep", "rlrr-kernel-reuse", "rlrr-official", "merged", "timm",
                       "timm-lora")  # every method, and more
 INFERENCE_ONLY = ("merged",)
 RESULT_PREFIX = "BENCH_RESULT "  # a worker prints its result as one JSON line after this marker
@@ -111,6 +113,20 @@ def _timm_model(mode: str, config: ViTConfig):
     return model, note
 
 
+def row_method(row: str) -> tuple[str, MethodConfig | None]:
+    """The registered method, and its config, that a benchmark row computes (the FLOP model's input): the RLRR rows
+    are RLRR configs, ``merged`` the plain ViT (a head-only count), ``timm`` full fine-tuning, ``timm-lora`` LoRA on
+    one fused qkv layer."""
+    if row == "timm-lora":
+        return "lora", LoraConfig(targets="qkv")
+    if row == "rlrr-official":
+        return "rlrr", RLRRConfig(impl="official")
+    if row.startswith("rlrr-kernel"):
+        return "rlrr", RLRRConfig(weight_memory=row.rsplit("-", 1)[1] if row.endswith(("-keep", "-reuse")) else
+                                  "rebuild")
+    return {"merged": "head", "timm": "full"}.get(row, row), None
+
+
 def build_model(mode: str, config: ViTConfig, device: torch.device):
     """(model for ``mode`` on ``device``, note), or (a string saying why the mode cannot run here, note)."""
     if mode in ("timm", "timm-lora"):
@@ -123,12 +139,12 @@ def build_model(mode: str, config: ViTConfig, device: torch.device):
             return "rlrr-kernel: the CUDA extension could not be built here; skipped", ""
     model = vit.VisionTransformer(config).to(device)
     note = ""
-    if mode in modes.MODES and mode != "rlrr":
-        modes.apply_mode(model, mode)
+    if mode in registry.METHOD_NAMES and mode != "rlrr":
+        registry.apply_method(model, mode)
     elif mode in ("rlrr", "merged") or mode.startswith("rlrr-kernel"):
         kernels.set_backend("cuda" if mode.startswith("rlrr-kernel") else "torch")
         memory = mode.rsplit("-", 1)[1] if mode.endswith(("-keep", "-reuse")) else "rebuild"
-        modes.apply_mode(model, "rlrr", rlrr_impl="function", rlrr_weight_memory=memory)
+        registry.apply_method(model, "rlrr", rlrr_impl="function", rlrr_weight_memory=memory)
         note = (f"RLRRLinearFunction, fused CUDA kernel, W' {memory}" if mode.startswith("rlrr-kernel") else
                 "RLRRLinearFunction, PyTorch path (W' rebuilt in backward, not kept)")
         if mode == "merged":
@@ -136,7 +152,7 @@ def build_model(mode: str, config: ViTConfig, device: torch.device):
             note = "RLRR merged into plain layers (peft.merge_adapters): the plain ViT"
     elif mode == "rlrr-official":
         kernels.set_backend("torch")
-        modes.apply_mode(model, "rlrr", rlrr_impl="official")
+        registry.apply_method(model, "rlrr", rlrr_impl="official")
         note = "official formula W*s_in*s_out + W; autograd keeps W' per layer"
     else:
         raise ValueError(f"unknown benchmark mode {mode!r}; choose from {', '.join(ROWS)}")
@@ -278,7 +294,7 @@ def prepare(spec: dict) -> Bench | dict:
     result["note"] = note
     result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result["total_params"] = sum(p.numel() for p in model.parameters())
-    macs = train_macs(config, base_mode, batch)
+    macs = train_macs(config, row_method(base_mode)[0], batch, row_method(base_mode)[1])
     result["forward_gflop_per_image"] = 2 * macs["forward"] / 1e9
     result["train_gflop_per_image"] = 2 * macs["train"] / 1e9 if base_mode not in INFERENCE_ONLY else None
     opt = None

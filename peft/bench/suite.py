@@ -21,6 +21,7 @@ import vit
 from ..finetune.distributed import resolve_device
 from .harness import RESULT_PREFIX, ROWS, _proc_status_mib, run_interleaved, run_one, worker_command
 from .plots import plot
+from ..fields import option
 
 log = logging.getLogger(__name__)
 
@@ -29,27 +30,26 @@ log = logging.getLogger(__name__)
 class BenchmarkOptions:
     """The benchmark's options; each field's trailing comment is its ``--help`` (peft.cli.args.build_parser)."""
 
-    CHOICES: typing.ClassVar[dict] = {"modes": ROWS, "compile_modes": ROWS, "cpu_clock": ("wall", "process")}
-    model: str = "ViT-B/16"  # model preset (vit.get_config name)
-    batch_sizes: list[int] = field(default_factory=list)  # batch sizes (default: 64 256 on CUDA, 8 on CPU)
-    device: str = "auto"  # cuda, cpu, or auto (cuda when available)
-    modes: list[str] = field(default_factory=lambda: list(ROWS))  # which rows to measure
-    repeats: int = 5  # timed repetitions per phase (the median is reported)
-    warmup: int = 2  # untimed steps before timing each phase
-    steps: int = 0  # steps per timed repetition (0: 1 on CPU, 10 on CUDA)
-    bf16: bool | None = None  # bfloat16 autocast (default: on for CUDA, off for CPU)
-    compile: bool = False  # also measure torch.compile'd twins of --compile-modes
-    compile_modes: list[str] = field(default_factory=lambda: ["rlrr-official", "rlrr"])  # modes to compile
-    threads: int = 0  # torch CPU threads (0: torch's default)
-    cpu_clock: str = "wall"  # CPU timing: wall (perf_counter) or process (CPU time; use with --threads 1)
-    isolate: bool = True  # one fresh process per measurement (needed for honest CPU peak memory)
-    interleave: bool = False  # time all rows of a batch size round-robin in one process (no memory numbers)
-    peak_tflops: float = 0.0  # the device's peak TFLOP/s for the chosen precision, for the "% peak" column
-    output_dir: str = "runs/benchmark"  # where benchmark.json and benchmark.png go
-    data: bool = False  # measure the data layer instead (decode, cached delivery, RssAnon at 1x and 10x a folder)
-    data_photos: int = 100  # 500x375 photos of the data benchmark's 1x folder (10x: ten copies)
-    data_dir: str | None = None  # where the data benchmark writes its photos (default: a temporary folder)
-    loop: bool = False  # measure the training loop instead: finetune steps of --model with --log-every 1 vs 50, synthetic data, 32 px
+    model: str = option("ViT-B/16", "model preset (vit.get_config name)")
+    batch_sizes: list[int] = option(help="batch sizes (default: 64 256 on CUDA, 8 on CPU)", min=1, default_factory=list)
+    device: str = option("auto", "cuda, cpu, or auto (cuda when available)")
+    modes: list[str] = option(help="which rows to measure", default_factory=lambda: list(ROWS), choices=ROWS)
+    repeats: int = option(5, "timed repetitions per phase (the median is reported)", min=1)
+    warmup: int = option(2, "untimed steps before timing each phase", min=0)
+    steps: int = option(0, "steps per timed repetition (0: 1 on CPU, 10 on CUDA)", min=0)
+    bf16: bool | None = option(None, "bfloat16 autocast (default: on for CUDA, off for CPU)")
+    compile: bool = option(False, "also measure torch.compile'd twins of --compile-modes")
+    compile_modes: list[str] = option(help="modes to compile", default_factory=lambda: ["rlrr-official", "rlrr"], choices=ROWS)
+    threads: int = option(0, "torch CPU threads (0: torch's default)", min=0)
+    cpu_clock: str = option("wall", "CPU timing: wall (perf_counter) or process (CPU time; use with --threads 1)", choices=("wall", "process"))
+    isolate: bool = option(True, "one fresh process per measurement (needed for honest CPU peak memory)")
+    interleave: bool = option(False, "time all rows of a batch size round-robin in one process (no memory numbers)")
+    peak_tflops: float = option(0.0, "the device's peak TFLOP/s for the chosen precision, for the \"% peak\" column", min=0)
+    output_dir: str = option("runs/benchmark", "where benchmark.json and benchmark.png go")
+    data: bool = option(False, "measure the data layer instead (decode, cached delivery, RssAnon at 1x and 10x a folder)")
+    data_photos: int = option(100, "500x375 photos of the data benchmark's 1x folder (10x: ten copies)")
+    data_dir: str | None = option(None, "where the data benchmark writes its photos (default: a temporary folder)")
+    loop: bool = option(False, "measure the training loop instead: finetune steps of --model with --log-every 1 vs 50, synthetic data, 32 px")
 
 
 

@@ -1,7 +1,7 @@
-"""Command lines from option dataclasses: one ``--flag`` per field, its help from the field's comment.
+"""Command lines from option dataclasses: one ``--flag`` per field, its help and choices from the field's metadata.
 
-Every tool's options are a dataclass whose fields carry a trailing ``# comment``; :func:`build_parser` turns
-them into argparse flags (choices from the class's ``CHOICES``), and :func:`method_flags` adds one flag per
+Every tool's options are a dataclass of :func:`peft.fields.option` fields; :func:`build_parser` turns them into
+argparse flags, and :func:`method_flags` adds one flag per
 option of every registered PEFT method (``--lora-rank``, ``--rlrr-init``, …), so a new method's options reach
 the command line without touching it. :func:`run_main` gives every tool the same exit behaviour.
 """
@@ -20,11 +20,12 @@ from loaders.datasets import DatasetError
 from loaders.download import DownloadError
 from loaders.npz import CheckpointError
 
-from ..base import AdapterStateError, NotMergeableError, field_comments
+from .. import fields
+from ..base import AdapterStateError, NotMergeableError
 from ..finetune import CheckpointMismatch, OptionsError, TrainingDiverged
 from ..finetune.rundir import RunFolderBusy
 from ..kernels import KernelUnavailableError
-from ..modes import METHODS
+from ..registry import METHODS
 
 log = logging.getLogger("vit-peft")
 
@@ -50,7 +51,7 @@ def build_parser(cls, description: str | None = None, epilog: str | None = None,
     """
     parser = Parser(prog=prog, description=description, epilog=epilog)
     hints = typing.get_type_hints(cls)
-    helps = {k: v.replace("%", "%%") for k, v in field_comments(cls).items()}  # argparse formats help with %
+    helps = {f.name: fields.help_of(f).replace("%", "%%") for f in dataclasses.fields(cls)}  # argparse formats %
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         if kind is dict or f.name == "explicit":  # method_options (see method_flags); explicit: parse_options
@@ -66,7 +67,7 @@ def build_parser(cls, description: str | None = None, epilog: str | None = None,
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = helps.get(f.name, "") + ("" if default in (None, []) or f.name in positional
                                               else " (default: %(default)s)")
-        choices = getattr(cls, "CHOICES", {}).get(f.name)
+        choices = fields.choices_of(f)
         flag = "--" + f.name.replace("_", "-")
         if f.name in positional and typing.get_origin(kind) is list:  # image files: any number
             parser.add_argument(f.name, type=typing.get_args(kind)[0], nargs="*", help=help_text)

@@ -28,6 +28,7 @@ from ..finetune import OptionsError
 from ..finetune.distributed import resolve_device
 from .args import run_main
 from .visual import VisualOptions, load_model, parse_tool_options, save
+from ..fields import option
 
 log = logging.getLogger("attention_map")
 
@@ -68,32 +69,26 @@ def _short(name: str, width: int = 18) -> str:
 
 @dataclass
 class AttentionMapOptions(VisualOptions):
-    CHOICES: ClassVar[dict] = {"split": ("train", "test"), "pos_embed_resize": RESIZE_METHODS,
-                               "head_fusion": visualize.HEAD_FUSIONS, "method": visualize.METHODS}
-    images: list[str] = field(default_factory=list)  # image files (any format PIL reads)
-    dataset: Optional[str] = None  # take images from a dataset: cifar10, cifar100, fashion_mnist, tiny_imagenet or a folder (see loaders.datasets)
-    index: list[int] = field(default_factory=lambda: [0])  # dataset sample indices
-    split: str = "test"  # dataset split
-    data_root: Optional[str] = None  # dataset folder (default: $VIT_PEFT_DATA or ~/.cache/vit-peft/data)
-    image_size: Optional[int] = None  # run a .npz model at this resolution (position embedding resized; a multiple of the patch size)
-    pos_embed_resize: str = "google"  # how --image-size resizes the position grid (google: scipy zoom order 1)
-    labels: Optional[str] = None  # text file with one class name per line (overrides other names)
-    head_fusion: str = "mean"  # how rollout combines the heads of a layer
-    discard_ratio: float = 0.0  # fraction of the lowest patch-to-patch attentions dropped per layer before rollout, in [0, 1); CLS row and column are always kept
-    per_layer: bool = False  # also show the rollout through each layer
-    method: str = "rollout"  # rollout (class-agnostic) or grad-rollout (attention weighted by its positive gradients for --target, then rolled out)
-    target: Optional[int] = None  # class index for --method grad-rollout (default: the predicted class)
-    output: str = "runs/attention_map.png"  # PNG to write; the .npy masks go beside it
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    images: list[str] = option(help="image files (any format PIL reads)", default_factory=list)
+    dataset: Optional[str] = option(None, "take images from a dataset: cifar10, cifar100, fashion_mnist, tiny_imagenet or a folder (see loaders.datasets)")
+    index: list[int] = option(help="dataset sample indices", default_factory=lambda: [0])
+    split: str = option("test", "dataset split", choices=("train", "test"))
+    data_root: Optional[str] = option(None, "dataset folder (default: $VIT_PEFT_DATA or ~/.cache/vit-peft/data)")
+    image_size: Optional[int] = option(None, "run a .npz model at this resolution (position embedding resized; a multiple of the patch size)", min=1)
+    pos_embed_resize: str = option("google", "how --image-size resizes the position grid (google: scipy zoom order 1)", choices=RESIZE_METHODS)
+    labels: Optional[str] = option(None, "text file with one class name per line (overrides other names)")
+    head_fusion: str = option("mean", "how rollout combines the heads of a layer", choices=visualize.HEAD_FUSIONS)
+    discard_ratio: float = option(0.0, "fraction of the lowest patch-to-patch attentions dropped per layer before rollout, in [0, 1); CLS row and column are always kept", min=0, below=1)
+    per_layer: bool = option(False, "also show the rollout through each layer")
+    method: str = option("rollout", "rollout (class-agnostic) or grad-rollout (attention weighted by its positive gradients for --target, then rolled out)", choices=visualize.METHODS)
+    target: Optional[int] = option(None, "class index for --method grad-rollout (default: the predicted class)")
+    output: str = option("runs/attention_map.png", "PNG to write; the .npy masks go beside it")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
 
     def check(self) -> None:
         super().check()
         if not self.images and not self.dataset:
             raise OptionsError("give image files and/or --dataset NAME --index I ...")
-        if not 0.0 <= self.discard_ratio < 1.0:
-            raise OptionsError(f"--discard-ratio must be in [0, 1), got {self.discard_ratio}")
-        if self.image_size is not None and self.image_size < 1:
-            raise OptionsError(f"--image-size must be positive, got {self.image_size}")
 
 
 def parse_args(argv=None) -> AttentionMapOptions:

@@ -7,7 +7,7 @@ For one model size and one or more batch sizes this measures, per mode:
 * peak memory of each phase,
 * achieved FLOP/s against an analytic FLOP count of the work the mode must do (:func:`train_macs`).
 
-Modes: ``head``, ``mlp``, ``lora``, ``full`` (peft.apply_mode); ``rlrr`` (the memory-lean autograd Function on
+Modes: ``head``, ``mlp``, ``lora``, ``full`` (peft.apply_method); ``rlrr`` (the memory-lean autograd Function on
 its PyTorch path); ``rlrr-kernel`` (the same Function with the fused CUDA kernel; CUDA only, skipped with a note
 elsewhere); ``rlrr-official`` (the official code's three-pass formula, autograd keeping W'); ``merged`` (RLRR
 merged back into a plain ViT with peft.merge_adapters: inference only, should cost what the plain ViT costs);
@@ -53,6 +53,7 @@ import sys
 from ..bench.data import run_data_benchmark
 from ..bench.loop import run_loop_benchmark
 from ..bench.suite import BenchmarkOptions, run
+from .. import fields
 from ..finetune import OptionsError
 from . import args
 from .args import run_main
@@ -66,15 +67,8 @@ def parse_options(argv=None) -> BenchmarkOptions:
 
 
 def check(opts: BenchmarkOptions) -> None:
-    for flag, value in (("--repeats", opts.repeats), ("--threads", opts.threads + 1), ("--steps", opts.steps + 1),
-                        ("--warmup", opts.warmup + 1)):
-        if value < 1:
-            raise OptionsError(f"{flag} must be positive (0 allowed where it means the default), got {value}")
-    bad = [b for b in opts.batch_sizes if b < 1]
-    if bad:
-        raise OptionsError(f"--batch-sizes must be positive, got {bad}")
-    if opts.peak_tflops < 0:
-        raise OptionsError(f"--peak-tflops must not be negative, got {opts.peak_tflops}")
+    """Every field against its metadata (:func:`peft.fields.check`, as every options class)."""
+    fields.check(opts, OptionsError)
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,8 @@ from ..finetune import OptionsError
 from ..finetune.distributed import setup_logging
 from ..finetune.predict import evaluate_checkpoint, evaluate_tasks
 from .args import parse_options, run_main
+from .. import fields
+from ..fields import option
 
 EXAMPLES = """examples:
   python tools/evaluate.py runs/cifar10-rlrr                 # best.pt of a run, files into that folder
@@ -22,25 +24,21 @@ EXAMPLES = """examples:
 
 @dataclass
 class EvaluateOptions:
-    CHOICES: typing.ClassVar[dict] = {"split": ("test", "val")}
-    checkpoint: str = ""  # a checkpoint file or a run folder (its best.pt); several, comma-separated: one backbone
-    split: str = "test"  # test | val (the held-out validation split of the run)
-    weights: typing.Optional[str] = None  # base .npz if it moved since training (sha256 must match)
-    data: typing.Optional[str] = None  # dataset (default: the one the run used)
-    data_root: typing.Optional[str] = None  # dataset cache folder
-    output_dir: typing.Optional[str] = None  # where the files go (default: the checkpoint's folder)
-    batch_size: int = 256  # images per forward pass
-    max_samples: int = -1  # cap the split (-1: as in the run; 0: the whole split)
-    device: str = "auto"  # auto | cpu | cuda
+    checkpoint: str = option("", "a checkpoint file or a run folder (its best.pt); several, comma-separated: one backbone")
+    split: str = option("test", "test | val (the held-out validation split of the run)", choices=("test", "val"))
+    weights: typing.Optional[str] = option(None, "base .npz if it moved since training (sha256 must match)")
+    data: typing.Optional[str] = option(None, "dataset (default: the one the run used)")
+    data_root: typing.Optional[str] = option(None, "dataset cache folder")
+    output_dir: typing.Optional[str] = option(None, "where the files go (default: the checkpoint's folder)")
+    batch_size: int = option(256, "images per forward pass", min=1)
+    max_samples: int = option(-1, "cap the split (-1: as in the run; 0: the whole split)", min=-1, range_text="-1 (as in the run), 0 (the whole split) or positive")
+    device: str = option("auto", "auto | cpu | cuda")
 
 
 def main(argv=None) -> int:
     o = parse_options(argv, EvaluateOptions, description=__doc__, epilog=EXAMPLES, positional=("checkpoint",),
                       prog="evaluate")
-    if o.batch_size < 1:
-        raise OptionsError(f"--batch-size must be at least 1, got {o.batch_size}")
-    if o.max_samples < -1:
-        raise OptionsError(f"--max-samples must be -1 (as in the run), 0 (the whole split) or positive, got {o.max_samples}")
+    fields.check(o, OptionsError)
     setup_logging()
     cap = None if o.max_samples == 0 else o.max_samples
     paths = [c for c in o.checkpoint.split(",") if c]

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from vit import plots, visualize
 
-from ..finetune import OptionsError
 from .args import run_main
 from .visual import VisualOptions, load_model, parse_tool_options, save
+from ..fields import option
 
 log = logging.getLogger("patch_filters")
 
@@ -28,17 +28,12 @@ EXAMPLES = """examples:
 
 @dataclass
 class PatchFiltersOptions(VisualOptions):
-    components: int = 28  # principal components to show
-    raw: bool = False  # also show the first raw filters
-    sum_channels: bool = False  # sum each filter over its input channels first (grey tiles): for a model trained on greyscale images repeated to RGB only this sum acts on the input
-    columns: int = 7  # tiles per row
-    output: str = "runs/patch_filters.png"  # PNG to write
-    save_npy: bool = False  # also save the (k, C, P, P) components as <stem>.npy
-
-    def check(self) -> None:
-        super().check()
-        if self.components < 1 or self.columns < 1:
-            raise OptionsError("--components and --columns must be at least 1")
+    components: int = option(28, "principal components to show", min=1)
+    raw: bool = option(False, "also show the first raw filters")
+    sum_channels: bool = option(False, "sum each filter over its input channels first (grey tiles): for a model trained on greyscale images repeated to RGB only this sum acts on the input")
+    columns: int = option(7, "tiles per row", min=1)
+    output: str = option("runs/patch_filters.png", "PNG to write")
+    save_npy: bool = option(False, "also save the (k, C, P, P) components as <stem>.npy")
 
 
 def parse_args(argv=None) -> PatchFiltersOptions:

@@ -16,6 +16,7 @@ from vit import plots, visualize
 
 from .args import run_main
 from .visual import VisualOptions, load_model, parse_tool_options, save
+from ..fields import option
 
 log = logging.getLogger("pos_embed")
 
@@ -27,9 +28,9 @@ EXAMPLES = """examples:
 
 @dataclass
 class PosEmbedOptions(VisualOptions):
-    cmap: str = "viridis"  # matplotlib colour map
-    output: str = "runs/pos_embed.png"  # PNG to write
-    save_npy: bool = False  # also save the (g, g, g, g) similarities as <stem>.npy
+    cmap: str = option("viridis", "matplotlib colour map")
+    output: str = option("runs/pos_embed.png", "PNG to write")
+    save_npy: bool = option(False, "also save the (g, g, g, g) similarities as <stem>.npy")
 
 
 def parse_args(argv=None) -> PosEmbedOptions:

@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
-from ..adapters import set_adapter
+from ..tasks import set_adapter
 from ..finetune.rebuild import load_model_from_checkpoint, load_tasks
 from ..finetune.distributed import resolve_device
 from ..finetune.data import printable_name
@@ -16,6 +16,8 @@ from ..finetune.predict import predict_folder, predict_images, run_eval_transfor
 from ..finetune import OptionsError
 from loaders.images import StorePolicy
 from .args import parse_options, run_main
+from .. import fields
+from ..fields import option
 
 EXAMPLES = """examples:
   python tools/predict.py cat.png dog.jpg --checkpoint runs/cifar10-rlrr
@@ -28,19 +30,18 @@ EXAMPLES = """examples:
 @dataclass
 class PredictOptions:
     REQUIRED: ClassVar[tuple] = ("checkpoint",)
-    images: list[str] = field(default_factory=list)  # image files (any format PIL reads; resized like evaluation)
-    data: Optional[str] = None  # a folder: every image under it, decoded once into the cache
-    checkpoint: list = field(default_factory=list)  # a checkpoint file or a run folder (its best.pt); repeat the flag for several adapter checkpoints of one base: they share one backbone in memory and each reports its own top classes (images may come before or after)
-    weights: Optional[str] = None  # base .npz if it moved since training (sha256 must match)
-    top_k: int = 5  # classes to print per image
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    images: list[str] = option(help="image files (any format PIL reads; resized like evaluation)", default_factory=list)
+    data: Optional[str] = option(None, "a folder: every image under it, decoded once into the cache")
+    checkpoint: list = option(help="a checkpoint file or a run folder (its best.pt); repeat the flag for several adapter checkpoints of one base: they share one backbone in memory and each reports its own top classes (images may come before or after)", default_factory=list)
+    weights: Optional[str] = option(None, "base .npz if it moved since training (sha256 must match)")
+    top_k: int = option(5, "classes to print per image", min=1)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
 
 
 def main(argv=None) -> int:
     a = parse_options(argv, PredictOptions, prog="predict", description=__doc__, epilog=EXAMPLES,
                       positional=("images",))
-    if a.top_k < 1:
-        raise OptionsError(f"--top-k must be at least 1, got {a.top_k}")
+    fields.check(a, OptionsError)
     if not a.images and a.data is None:
         raise OptionsError("give image files, or --data FOLDER")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -15,6 +15,8 @@ from vit import plots
 from ..finetune.rebuild import load_for_inference
 from ..finetune import OptionsError
 from .args import parse_options
+from .. import fields
+from ..fields import option
 
 
 def default_checkpoint() -> Path:
@@ -36,14 +38,14 @@ def load_model(checkpoint=None, image_size=None, weights=None, resize="google"):
 
 @dataclass
 class VisualOptions:
-    checkpoint: Optional[str] = None  # Google .npz, fine-tuning checkpoint .pt or run folder (default: ~/.cache/vit-peft/ViT-B_16.npz)
-    weights: Optional[str] = None  # base .npz for a fine-tuning checkpoint whose base weights moved
-    dpi: int = 100  # resolution of the PNG
-    output: str = "runs/figure.png"  # PNG to write (arrays go beside it)
+    checkpoint: Optional[str] = option(None, "Google .npz, fine-tuning checkpoint .pt or run folder (default: ~/.cache/vit-peft/ViT-B_16.npz)")
+    weights: Optional[str] = option(None, "base .npz for a fine-tuning checkpoint whose base weights moved")
+    dpi: int = option(100, "resolution of the PNG", min=10, max=1200, range_text="in 10..1200")
+    output: str = option("runs/figure.png", "PNG to write (arrays go beside it)")
 
     def check(self) -> None:
-        if not 10 <= self.dpi <= 1200:
-            raise OptionsError(f"--dpi must be in 10..1200, got {self.dpi}")
+        """Every field against its metadata (the one check of every options class); tools add their own rules."""
+        fields.check(self, OptionsError)
 
 
 def parse_tool_options(cls, argv, prog: str, description: str, examples: str, positional=()):

@@ -6,6 +6,7 @@ device), ``build`` (the starting model), ``optim`` (optimizer, decay groups, the
 (small, safe checkpoints and rebuilding a model from one), ``distributed`` (torchrun, devices, precision),
 ``predict`` (probabilities, re-evaluation of a saved run, files), ``metrics`` / ``report`` / ``plots`` (the
 evaluation files), ``suite`` / ``sweep`` (benchmark suites, hyper-parameters chosen on validation),
+``workers`` / ``claims`` / ``results`` (a suite shared by any number of workers, and its results files),
 ``quickstart`` (the offline demonstration).
 
     from peft.finetune import FinetuneOptions, run     # `vit_peft.finetune` when installed

@@ -196,8 +196,8 @@ def _photo_data(opts: FinetuneOptions, ctx: pdist.DistContext, image_size: int, 
         where = {p: i for i, p in enumerate(paths)}
         missing = [p for s in recorded.values() for p in s if p not in where]
         if missing:
-            raise DatasetError(f"{len(missing)} image(s) of the run's split lists are gone or no longer decode, "
-                               f"e.g. {missing[0]!r}")
+            raise DatasetError(f"{len(missing)} image(s) of the run's split lists are not in {opts.data} or no longer "
+                               f"decode, e.g. {missing[0]!r} (to score another folder: tools/predict.py --data)")
         parts = {s: np.array([where[p] for p in recorded.get(s, [])], np.int64) for s in SPLIT_NAMES}
     elif src.has_test:
         trainable = np.flatnonzero(group == "train")

@@ -22,59 +22,60 @@ import math
 
 import torch
 
+from ..base import declared
 
-def no_decay(name: str, p: torch.Tensor) -> bool:
-    """Biases, norm parameters, RLRR/SSF scale and shift vectors, CLS and position embeddings: no weight decay.
 
-    RLRR's s_out, s_in, f and SSF's scale, shift are excluded by name (at rank > 1 the RLRR factors are
-    matrices, still rescaling vectors in spirit); otherwise a tensor with at most one dimension larger than 1
-    is a vector. LoRA factors stay decayed even at rank 1 because they are weight matrices.
-    """
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf in ("s_out", "s_in", "f") or ".ssf." in name or name in ("cls_token", "pos_embed"):
-        return True
-    if "lora" in name.lower():
+def project_decay(name: str, p: torch.Tensor, declared: dict[str, set[str]]) -> bool:
+    """The project's rule: weight matrices decay; biases, norm parameters, CLS and position embeddings and vectors
+    (a tensor with at most one dimension larger than 1) do not. A wrapper's own parameters follow what it declares
+    (``NO_DECAY``: vectors in spirit at any rank, as RLRR's factors and SSF's scale and shift; ``DECAY``: weight
+    matrices even at rank 1, as LoRA's A and B)."""
+    if name in declared["NO_DECAY"] or name in ("cls_token", "pos_embed"):
         return False
-    return sum(d > 1 for d in p.shape) <= 1 or leaf == "bias" or ".norm" in name or name.startswith("norm")
+    if name in declared["DECAY"]:
+        return True
+    leaf = name.rsplit(".", 1)[-1]
+    return not (sum(d > 1 for d in p.shape) <= 1 or leaf == "bias" or ".norm" in name or name.startswith("norm"))
 
 
-def rlrr_decay(name: str, p: torch.Tensor) -> bool:
+def rlrr_decay(name: str, p: torch.Tensor, declared: dict[str, set[str]]) -> bool:
     """The official RLRR code's ``get_parameters`` (zstarN70/RLRR ``models/networks.py:299-313``): names holding
-    'bias' or 'norm' are not decayed. On RLRR's official names that decays s_in and s_out (``scale_col``,
-    ``scale_line``), the patch-embedding SSF (``ssf_scale_patch``) and the head's weight, and not f
-    (``shift_bias``), the norms' SSF or the head bias; here f is named by its leaf."""
-    return name.rsplit(".", 1)[-1] != "f" and "bias" not in name and "norm" not in name
+    'bias' or 'norm' are not decayed. On RLRR's official names that decays its two scale factors (``scale_col``,
+    ``scale_line``), the patch embedding's scale and shift (``ssf_scale_patch``) and the head's weight, and not the
+    shift of the adapted Linears (``shift_bias``), the norms' scale and shift or the head bias; here the biases
+    under other names are the wrappers' ``BIASES``."""
+    return name not in declared["BIASES"] and "bias" not in name and "norm" not in name
 
 
-def timm_decay(name: str, p: torch.Tensor) -> bool:
+def timm_decay(name: str, p: torch.Tensor, declared: dict[str, set[str]]) -> bool:
     """timm's ``param_groups_weight_decay`` (SSF ``optim_factory.py:39-57``, NOAH via timm's create_optimizer):
     tensors with at most one dimension and biases are not decayed."""
     return p.ndim > 1 and not name.endswith(".bias")
 
 
-def vpt_decay(name: str, p: torch.Tensor) -> bool:
+def vpt_decay(name: str, p: torch.Tensor, declared: dict[str, set[str]]) -> bool:
     """VPT's ``make_optimizer`` (KMnP/vpt ``src/solver/optimizer.py:58-62``): every parameter but the head bias."""
     return name != "head.bias"
 
 
-def all_decay(name: str, p: torch.Tensor) -> bool:
+def all_decay(name: str, p: torch.Tensor, declared: dict[str, set[str]]) -> bool:
     """FacT's ``AdamW(trainable, lr, weight_decay)`` (JieShibo/PETL-ViT@026e4f1 ``FacT/fact_tt.py:184-195``): one
     group, every trainable tensor decayed (the head's bias included)."""
     return True
 
 
-DECAY_RULES = {"project": lambda n, p: not no_decay(n, p), "rlrr": rlrr_decay, "timm": timm_decay, "vpt": vpt_decay,
-               "all": all_decay}
+DECAY_RULES = {"project": project_decay, "rlrr": rlrr_decay, "timm": timm_decay, "vpt": vpt_decay, "all": all_decay}
 
 
 def param_groups(model, weight_decay: float, groups: str = "project") -> list[dict]:
     """Optimizer groups of the trainable tensors: ``groups`` names the rule (:data:`DECAY_RULES`; "project"
-    decays weight matrices only, see :func:`no_decay`)."""
+    decays weight matrices only, see :func:`project_decay`)."""
     rule = DECAY_RULES[groups]
+    facts = {fact: declared(model, fact) for fact in ("NO_DECAY", "DECAY", "BIASES")}
     decay, other = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if rule(name, p) else other).append(p)
+            (decay if rule(name, p, facts) else other).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
 
 

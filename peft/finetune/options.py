@@ -10,7 +10,6 @@ official run for VTAB-1k and FGVC instead (``peft.finetune.recipes``). Each fiel
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import typing
 from dataclasses import dataclass
@@ -25,7 +24,9 @@ from loaders.npz import CheckpointError, NpzArchive, infer_config
 from vit.config import DROP_PATH_MODES, GELU_KINDS, get_config
 from vit.model import RESIZE_METHODS
 
-from ..modes import METHODS, MODES, get_method
+from ..registry import METHODS, METHOD_NAMES, get_method
+from .. import fields
+from ..fields import option
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PROTOCOLS = ("final", "tune")
@@ -38,81 +39,77 @@ NORMALISATIONS = tuple(NORMALISERS)
 RECIPES = ("project", "rlrr-official", "ssf-official", "lora-noah", "adapter-noah", "fact-official", "vpt-official")
 HEAD_INITS = ("zero", "trunc-normal", "linear")
 SCRATCH_LR = 1e-3  # training from scratch (--weights none): nothing pretrained to preserve
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes 64-bit values and the run seeds seed + 1
 
 
 @dataclass
 class FinetuneOptions:
-    CHOICES: typing.ClassVar[dict] = {"mode": MODES, "precision": PRECISIONS, "pos_embed_resize": RESIZE_METHODS,
-                                      "protocol": PROTOCOLS, "decay_groups": DECAY_GROUPS, "recipe": RECIPES,
-                                      "drop_path_mode": DROP_PATH_MODES, "gelu": GELU_KINDS,
-                                      "schedule": SCHEDULES, "optimizer": OPTIMIZERS, "normalise": NORMALISATIONS,
-                                      "kernel": ("auto", "cuda", "torch"), "head_init": HEAD_INITS}
-    mode: str = "rlrr"  # what trains: one of the registered methods (peft/modes.py)
-    weights: str = "ViT-B_16"  # base weights: a .npz path, a known name (downloaded once, cached), or none
-    model: str = "ViT-B/16"  # model preset for --weights none (training from scratch); else the .npz decides
-    data: str = "cifar10"  # cifar10 | cifar100 | fashion_mnist | tiny_imagenet | vtab-1k:TASK | fgvc:NAME | a folder
-    protocol: str = "final"  # benchmarks: final (train800val200 / FGVC trainval, test once at the end) | tune (train800 / train, select on val)
-    recipe: str = "project"  # project, or a method's official run: rlrr-official, ssf-official, lora-noah, adapter-noah, fact-official, vpt-official (see README)
-    data_root: typing.Optional[str] = None  # where datasets are cached (default $VIT_PEFT_DATA or ~/.cache)
-    classes: typing.Optional[str] = None  # train/test on a class subset: indices or names, e.g. 0-4, 1,3,5 or cat,dog (relabelled 0..k-1 in that order)
-    image_size: typing.Optional[int] = None  # input resolution (default: the weights' own, 224 for Google's)
-    pos_embed_resize: str = "google"  # position-grid resize at another resolution: google (scipy zoom) | bilinear | bicubic
-    val_fraction: float = 0.1  # share of the training set held out for model selection (never the test set)
-    test_fraction: float = 0.1  # a flat image folder or CSV list: share of each class held out as the test split
-    workers: typing.Optional[int] = None  # processes decoding images into the cache (default: the available cores)
-    strict_data: bool = False  # stop before training if any image cannot be decoded (default: skip it, see skipped.txt)
-    drop_empty_classes: bool = False  # leave out class folders without a readable image (default: such a folder is an error)
-    crop_scale: str = "0.08,1"  # photos: area range of the random resized crop, "min,max" (timm's default)
-    crop_pct: float = 0.875  # photos: evaluation resizes the shorter side to image_size / crop_pct, then centre-crops
-    store_size: typing.Optional[int] = None  # photos: shorter side kept in the decode cache (default image_size / crop_pct)
-    max_train_samples: typing.Optional[int] = None  # use a random subset of the training split (quick runs)
-    max_eval_samples: typing.Optional[int] = None  # cap validation and test sets (quick runs)
-    epochs: int = 5  # passes over the training split
-    schedule: str = "step-cosine"  # step-cosine (per optimizer step) | epoch-cosine (timm's, per epoch) | epoch-restarts | epoch-warmup-cosine (VPT's)
-    warmup_epochs: float = 1.0  # linear warmup length, then cosine decay to --min-lr
-    warmup_lr: float = 0.0  # learning rate the warmup starts from (the official recipe: 1e-7)
-    min_lr: float = 0.0  # learning rate the cosine ends at (the official recipe: 1e-8)
-    cooldown_epochs: int = 0  # epoch schedules: the last epochs held at --min-lr after the cosine (timm's cooldown)
-    schedule_lag: int = 0  # epoch schedules: epoch e trains at the schedule's value for e - lag (official RLRR loop: 1)
-    restart_epochs: int = 5  # epoch-restarts: period of the cosine warm restarts (T_0), from --lr to --min-lr
-    optimizer: str = "adamw"  # adamw | sgd (with --momentum)
-    momentum: float = 0.9  # sgd momentum
-    batch_size: int = 128  # global batch per optimizer step (split over processes and --grad-accum)
-    grad_accum: int = 1  # micro-batches per optimizer step (same result, less memory)
-    drop_last: bool = False  # skip each epoch's last partial batch (the NOAH and FacT loaders' drop_last=True)
-    lr: typing.Optional[float] = None  # peak learning rate (default: the mode's, peft.modes)
-    weight_decay: typing.Optional[float] = None  # AdamW decay (default 5e-5, the official rate; 0.05 from scratch)
-    decay_groups: str = "project"  # what decays: project (matrices only) | rlrr (RLRR code) | timm (not 1-D, not bias: SSF, NOAH) | vpt (all but the head bias) | all (every trainable tensor: FacT)
-    clip_grad: float = 1.0  # clip the global gradient norm (0: off)
-    label_smoothing: float = 0.0  # cross-entropy label smoothing
-    augment: bool = True  # augment training images (--crop, --flip)
-    crop: bool = True  # with --augment: random crop (photos: random resized crop; small images: after padding by size/8)
-    flip: bool = True  # with --augment: random horizontal flip
-    dropout: typing.Optional[float] = None  # override the model's dropout rate
-    head_init: str = "zero"  # the new head's start: zero (Google's) | trunc-normal (std 0.02, zero bias: NOAH) | linear (nn.Linear's default: FacT)
-    drop_path: float = 0.0  # residual-branch drop rate of the last block (linear from 0 at the first)
-    drop_path_mode: str = "sample"  # sample: stochastic depth | sample-floor: the same drawn as timm 0.4 (FacT's runs) | element: per-element dropout (what the RLRR code does)
-    gelu: str = "tanh"  # MLP activation: tanh (what Google's JAX model computes) | erf (the PyTorch code of the PEFT papers)
-    normalise: str = "half"  # input normalisation: half (mean = std = 0.5, Google's) | imagenet (ImageNet mean/std: NOAH, VPT)
-    frozen_eval: bool = False  # keep the frozen backbone in eval mode while training (no dropout/drop-path in it: VPT)
-    official_test_from: int = 0  # also test after epochs from this one (1-based, every --official-test-every) and report the maximum as the official code does (0: never)
-    official_test_every: int = 1  # with --official-test-from: test every this many epochs (and after the last)
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp16 (with GradScaler) | fp32
-    kernel: typing.Optional[str] = None  # RLRR path: auto (fused CUDA kernel when it builds) | cuda (the kernel or an error) | torch (default: $VIT_PEFT_KERNEL, else auto)
-    compile: bool = False  # torch.compile the training forward and backward (the RLRR kernel stays one opaque op)
-    seed: int = 42  # seeds every random stream (the official recipe uses 42)
-    device: str = "auto"  # auto | cpu | cuda | cuda:1 (under torchrun each process takes GPU LOCAL_RANK)
-    threads: typing.Optional[int] = None  # CPU threads for torch (default: torch's choice)
-    eval_batch_size: int = 256  # images per forward pass when evaluating (per process)
-    output_dir: str = "runs/finetune"  # checkpoints, metrics.json, history.csv, plots
-    resume: bool = False  # continue from <output-dir>/checkpoint.pt (same options; --epochs may grow)
-    overwrite: bool = False  # start afresh in an --output-dir that holds another run (its files are replaced)
-    stop_after_epoch: typing.Optional[int] = None  # end the run after this epoch as if interrupted (resumable)
-    export_npz: typing.Optional[str] = None  # at the end, write the merged best model as a Google-layout .npz
-    progress: bool = True  # tqdm progress bars
-    log_every: int = 50  # steps between the host reads of the loop (progress numbers, the non-finite-loss check)
+    mode: str = option("rlrr", "what trains: one of the registered methods (peft/registry.py)", choices=METHOD_NAMES)
+    weights: str = option("ViT-B_16", "base weights: a .npz path, a known name (downloaded once, cached), or none")
+    model: str = option("ViT-B/16", "model preset for --weights none (training from scratch); else the .npz decides")
+    data: str = option("cifar10", "cifar10 | cifar100 | fashion_mnist | tiny_imagenet | vtab-1k:TASK | fgvc:NAME | a folder")
+    protocol: str = option("final", "benchmarks: final (train800val200 / FGVC trainval, test once at the end) | tune (train800 / train, select on val)", choices=PROTOCOLS)
+    recipe: str = option("project", "project, or a method's official run: rlrr-official, ssf-official, lora-noah, adapter-noah, fact-official, vpt-official (see README)", choices=RECIPES)
+    data_root: typing.Optional[str] = option(None, "where datasets are cached (default $VIT_PEFT_DATA or ~/.cache)")
+    classes: typing.Optional[str] = option(None, "train/test on a class subset: indices or names, e.g. 0-4, 1,3,5 or cat,dog (relabelled 0..k-1 in that order)")
+    image_size: typing.Optional[int] = option(None, "input resolution (default: the weights' own, 224 for Google's)", min=1)
+    pos_embed_resize: str = option("google", "position-grid resize at another resolution: google (scipy zoom) | bilinear | bicubic", choices=RESIZE_METHODS)
+    val_fraction: float = option(0.1, "share of the training set held out for model selection (never the test set)", min=0, below=1)
+    test_fraction: float = option(0.1, "a flat image folder or CSV list: share of each class held out as the test split", min=0, below=1)
+    workers: typing.Optional[int] = option(None, "processes decoding images into the cache (default: the available cores)", min=1)
+    strict_data: bool = option(False, "stop before training if any image cannot be decoded (default: skip it, see skipped.txt)")
+    drop_empty_classes: bool = option(False, "leave out class folders without a readable image (default: such a folder is an error)")
+    crop_scale: str = option("0.08,1", "photos: area range of the random resized crop, \"min,max\" (timm's default)")
+    crop_pct: float = option(0.875, "photos: evaluation resizes the shorter side to image_size / crop_pct, then centre-crops", above=0, max=1)
+    store_size: typing.Optional[int] = option(None, "photos: shorter side kept in the decode cache (default image_size / crop_pct)", min=1)
+    max_train_samples: typing.Optional[int] = option(None, "use a random subset of the training split (quick runs)", min=1)
+    max_eval_samples: typing.Optional[int] = option(None, "cap validation and test sets (quick runs)", min=1)
+    epochs: int = option(5, "passes over the training split", min=1)
+    schedule: str = option("step-cosine", "step-cosine (per optimizer step) | epoch-cosine (timm's, per epoch) | epoch-restarts | epoch-warmup-cosine (VPT's)", choices=SCHEDULES)
+    warmup_epochs: float = option(1.0, "linear warmup length, then cosine decay to --min-lr", min=0)
+    warmup_lr: float = option(0.0, "learning rate the warmup starts from (the official recipe: 1e-7)", min=0)
+    min_lr: float = option(0.0, "learning rate the cosine ends at (the official recipe: 1e-8)", min=0)
+    cooldown_epochs: int = option(0, "epoch schedules: the last epochs held at --min-lr after the cosine (timm's cooldown)", min=0)
+    schedule_lag: int = option(0, "epoch schedules: epoch e trains at the schedule's value for e - lag (official RLRR loop: 1)", min=0)
+    restart_epochs: int = option(5, "epoch-restarts: period of the cosine warm restarts (T_0), from --lr to --min-lr", min=1)
+    optimizer: str = option("adamw", "adamw | sgd (with --momentum)", choices=OPTIMIZERS)
+    momentum: float = option(0.9, "sgd momentum", min=0, below=1)
+    batch_size: int = option(128, "global batch per optimizer step (split over processes and --grad-accum)", min=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step (same result, less memory)", min=1)
+    drop_last: bool = option(False, "skip each epoch's last partial batch (the NOAH and FacT loaders' drop_last=True)")
+    lr: typing.Optional[float] = option(None, "peak learning rate (default: the mode's, peft.registry)", above=0)
+    weight_decay: typing.Optional[float] = option(None, "AdamW decay (default 5e-5, the official rate; 0.05 from scratch)", min=0)
+    decay_groups: str = option("project", "what decays: project (matrices only) | rlrr (RLRR code) | timm (not 1-D, not bias: SSF, NOAH) | vpt (all but the head bias) | all (every trainable tensor: FacT)", choices=DECAY_GROUPS)
+    clip_grad: float = option(1.0, "clip the global gradient norm (0: off)", min=0)
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing", min=0, below=1)
+    augment: bool = option(True, "augment training images (--crop, --flip)")
+    crop: bool = option(True, "with --augment: random crop (photos: random resized crop; small images: after padding by size/8)")
+    flip: bool = option(True, "with --augment: random horizontal flip")
+    dropout: typing.Optional[float] = option(None, "override the model's dropout rate", min=0, below=1)
+    head_init: str = option("zero", "the new head's start: zero (Google's) | trunc-normal (std 0.02, zero bias: NOAH) | linear (nn.Linear's default: FacT)", choices=HEAD_INITS)
+    drop_path: float = option(0.0, "residual-branch drop rate of the last block (linear from 0 at the first)", min=0, below=1)
+    drop_path_mode: str = option("sample", "sample: stochastic depth | sample-floor: the same drawn as timm 0.4 (FacT's runs) | element: per-element dropout (what the RLRR code does)", choices=DROP_PATH_MODES)
+    gelu: str = option("tanh", "MLP activation: tanh (what Google's JAX model computes) | erf (the PyTorch code of the PEFT papers)", choices=GELU_KINDS)
+    normalise: str = option("half", "input normalisation: half (mean = std = 0.5, Google's) | imagenet (ImageNet mean/std: NOAH, VPT)", choices=NORMALISATIONS)
+    frozen_eval: bool = option(False, "keep the frozen backbone in eval mode while training (no dropout/drop-path in it: VPT)")
+    official_test_from: int = option(0, "also test after epochs from this one (1-based, every --official-test-every) and report the maximum as the official code does (0: never)", min=0)
+    official_test_every: int = option(1, "with --official-test-from: test every this many epochs (and after the last)", min=1)
+    precision: str = option("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp16 (with GradScaler) | fp32", choices=PRECISIONS)
+    kernel: typing.Optional[str] = option(None, "RLRR path: auto (fused CUDA kernel when it builds) | cuda (the kernel or an error) | torch (default: $VIT_PEFT_KERNEL, else auto)", choices=("auto", "cuda", "torch"))
+    compile: bool = option(False, "torch.compile the training forward and backward (the RLRR kernel stays one opaque op)")
+    seed: int = option(42, "seeds every random stream (the official recipe uses 42)", min=0, below=SEED_LIMIT, range_text="in [0, 2**63)")
+    device: str = option("auto", "auto | cpu | cuda | cuda:1 (under torchrun each process takes GPU LOCAL_RANK)")
+    threads: typing.Optional[int] = option(None, "CPU threads for torch (default: torch's choice)", min=1)
+    eval_batch_size: int = option(256, "images per forward pass when evaluating (per process)", min=1)
+    output_dir: str = option("runs/finetune", "checkpoints, metrics.json, history.csv, plots")
+    resume: bool = option(False, "continue from <output-dir>/checkpoint.pt (same options; --epochs may grow)")
+    overwrite: bool = option(False, "start afresh in an --output-dir that holds another run (its files are replaced)")
+    stop_after_epoch: typing.Optional[int] = option(None, "end the run after this epoch as if interrupted (resumable)", min=0)
+    export_npz: typing.Optional[str] = option(None, "at the end, write the merged best model as a Google-layout .npz")
+    progress: bool = option(True, "tqdm progress bars")
+    log_every: int = option(50, "steps between the host reads of the loop (progress numbers, the non-finite-loss check)", min=1)
     # The chosen method's own options (--lora-rank, --rlrr-init, ...: the flags come from the registry,
-    # peft.modes); only options of --mode are allowed, unset ones take the method's published default.
+    # peft.registry); only options of --mode are allowed, unset ones take the method's published default.
     method_options: dict = dataclasses.field(default_factory=dict)
     # Fields given on the command line (filled by the CLI): they win over --recipe. Empty: those differing from
     # the defaults win (the Python API).
@@ -173,6 +170,9 @@ def effective_options(opts: "FinetuneOptions") -> dict:
     method's options one per flag (``lora_rank``), its defaults filled in, instead of ``method_options``."""
     values = dataclasses.asdict(opts)
     values.update(lr=opts.resolved_lr(), weight_decay=opts.resolved_weight_decay())
+    folder = Path(opts.data).expanduser()
+    if not folder.is_absolute() and folder.is_dir():  # runs record their folder absolute; older ones as given
+        values["data"] = str(folder.resolve())
     values.pop("method_options")
     try:
         values.update(opts.method_config().to_options())
@@ -183,7 +183,7 @@ def effective_options(opts: "FinetuneOptions") -> dict:
 
 def resumable_flags() -> list[str]:
     """The flags that may differ on --resume (RESUMABLE less the two that choose resuming and those no flag sets)."""
-    return [_flag(k) for k in RESUMABLE if k not in ("resume", "overwrite", "explicit")]
+    return [fields.flag(k) for k in RESUMABLE if k not in ("resume", "overwrite", "explicit")]
 
 
 def changed_options(stored: dict, opts: "FinetuneOptions") -> list[tuple[str, typing.Any, typing.Any]]:
@@ -193,7 +193,7 @@ def changed_options(stored: dict, opts: "FinetuneOptions") -> list[tuple[str, ty
         return []
     was, now = effective_options(FinetuneOptions.from_dict(stored)), effective_options(opts)
     recorded = set(stored) | (set(was) - {f.name for f in dataclasses.fields(FinetuneOptions)})
-    return [(_flag(k), was[k], now[k]) for k in now
+    return [(fields.flag(k), was[k], now[k]) for k in now
             if k not in RESUMABLE and k in recorded and was[k] != now[k]]
 
 
@@ -211,26 +211,6 @@ def parse_device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OptionsError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
     return device
-
-
-SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes 64-bit values and the run seeds seed + 1
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _check_numbers(opts: FinetuneOptions) -> None:
-    """Every float option finite (inf and nan cannot train, nor end a schedule); the seed in the generators' range."""
-    for f in dataclasses.fields(opts):
-        value = getattr(opts, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise OptionsError(f"{_flag(f.name)} must be a finite number, got {value}")
-    for key, value in opts.method_options.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise OptionsError(f"{_flag(key)} must be a finite number, got {value}")
-    if not 0 <= opts.seed < SEED_LIMIT:
-        raise OptionsError(f"--seed must be in [0, 2**63), got {opts.seed}")
 
 
 def _check_architecture(opts: FinetuneOptions) -> None:
@@ -260,46 +240,18 @@ def _check_architecture(opts: FinetuneOptions) -> None:
 
 
 def check_options(opts: FinetuneOptions) -> None:
-    _check_numbers(opts)
-    if opts.mode not in MODES:
-        raise OptionsError(f"--mode {opts.mode!r}: choose one of {', '.join(MODES)}")
+    """Every field against its metadata (:func:`peft.fields.check`: bounds, choices, finite numbers), then the
+    rules that relate several options or look outside them; the first problem raises an OptionsError naming it."""
+    fields.check(opts, OptionsError)
     if opts.from_scratch and not get_method(opts.mode).saves_everything:
         every = " or ".join(f"--mode {m.name}" for m in METHODS.values() if m.saves_everything)
         raise OptionsError(
             f"--weights none trains from scratch, which needs a mode that trains every parameter ({every}; got "
             f"--mode {opts.mode}): {opts.mode} fine-tunes a small part of a pretrained model, and a random backbone "
             f"has nothing to adapt. Pass --weights PATH|NAME, or {every}.")
-    for flag, value, low in (("--epochs", opts.epochs, 1), ("--batch-size", opts.batch_size, 1),
-                             ("--grad-accum", opts.grad_accum, 1), ("--eval-batch-size", opts.eval_batch_size, 1),
-                             ("--max-train-samples", opts.max_train_samples, 1),
-                             ("--max-eval-samples", opts.max_eval_samples, 1), ("--image-size", opts.image_size, 1),
-                             ("--threads", opts.threads, 1), ("--stop-after-epoch", opts.stop_after_epoch, 0),
-                             ("--log-every", opts.log_every, 1)):
-        if value is not None and value < low:
-            raise OptionsError(f"{flag} must be at least {low}, got {value}")
-    for flag, value, lo, hi in (("--warmup-epochs", opts.warmup_epochs, 0, None), ("--lr", opts.lr, 0, None),
-                                ("--weight-decay", opts.weight_decay, 0, None), ("--clip-grad", opts.clip_grad, 0, None),
-                                ("--label-smoothing", opts.label_smoothing, 0, 1), ("--dropout", opts.dropout, 0, 1)):
-        if value is None:
-            continue
-        if value < lo or (hi is not None and value >= hi) or (flag == "--lr" and value == 0) or value != value:
-            bounds = f"in [{lo}, {hi})" if hi is not None else ("positive" if flag == "--lr" else "at least 0")
-            raise OptionsError(f"{flag} must be {bounds}, got {value}")
-    if not 0 <= opts.drop_path < 1:
-        raise OptionsError(f"--drop-path must be in [0, 1), got {opts.drop_path}")
-    if opts.warmup_lr < 0 or opts.min_lr < 0:
-        raise OptionsError("--warmup-lr and --min-lr must be at least 0")
-    for flag, value, low in (("--cooldown-epochs", opts.cooldown_epochs, 0), ("--schedule-lag", opts.schedule_lag, 0),
-                             ("--restart-epochs", opts.restart_epochs, 1),
-                             ("--official-test-from", opts.official_test_from, 0),
-                             ("--official-test-every", opts.official_test_every, 1)):
-        if value < low:
-            raise OptionsError(f"{flag} must be at least {low}, got {value}")
     if opts.schedule != "step-cosine" and opts.cooldown_epochs >= opts.epochs:
         raise OptionsError(f"--cooldown-epochs {opts.cooldown_epochs} leaves no epoch of --epochs {opts.epochs} "
                            "for the schedule")
-    if not 0 <= opts.momentum < 1:
-        raise OptionsError(f"--momentum must be in [0, 1), got {opts.momentum}")
     if opts.data.startswith(("vtab-1k:", "fgvc:")):
         try:
             benchmark_task(opts.data)
@@ -330,19 +282,10 @@ def check_options(opts: FinetuneOptions) -> None:
                            "(the run folder's checkpoints hold it)")
     if opts.batch_size % opts.grad_accum:
         raise OptionsError(f"--batch-size {opts.batch_size} is not divisible by --grad-accum {opts.grad_accum}")
-    if not 0 <= opts.val_fraction < 1:
-        raise OptionsError(f"--val-fraction must be in [0, 1), got {opts.val_fraction}")
-    if not 0 <= opts.test_fraction < 1 or opts.val_fraction + opts.test_fraction >= 1:
+    if opts.val_fraction + opts.test_fraction >= 1:
         raise OptionsError(f"--test-fraction must be in [0, 1) and leave images to train with --val-fraction "
                            f"{opts.val_fraction:g}, got {opts.test_fraction}")
     opts.crop_scale_range()
-    if not 0 < opts.crop_pct <= 1:
-        raise OptionsError(f"--crop-pct must be in (0, 1], got {opts.crop_pct}")
-    for flag, value in (("--workers", opts.workers), ("--store-size", opts.store_size)):
-        if value is not None and value < 1:
-            raise OptionsError(f"{flag} must be at least 1, got {value}")
-    if opts.precision not in PRECISIONS:
-        raise OptionsError(f"--precision {opts.precision!r}: choose one of {', '.join(PRECISIONS)}")
     _check_architecture(opts)
     method = get_method(opts.mode)
     foreign = sorted(set(opts.method_options) - set(method.options))

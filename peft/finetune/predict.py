@@ -24,7 +24,7 @@ from loaders.transforms_factory import create_eval_transform
 
 from . import distributed as pdist
 from . import report
-from ..adapters import set_adapter
+from ..tasks import set_adapter
 from .checkpoint import CheckpointMismatch
 from .rebuild import load_model_from_checkpoint, load_tasks
 from .data import image_kind, is_photo_source, prepare_data
@@ -91,7 +91,9 @@ def evaluate_checkpoint(path, output_dir=None, split: str = "test", weights=None
     if data is None:
         check_recorded_data(opts.data)
     lists = Path(meta["path"]).parent / "splits"
-    d = prepare_data(opts, ctx, model.config.image_size, split_lists=lists if data is None else None)
+    # the run's own lists even with --data (a moved folder): re-splitting a folder that has grown would put
+    # training images into the test split
+    d = prepare_data(opts, ctx, model.config.image_size, split_lists=lists)
     if d.classes != meta["classes"]:
         raise CheckpointMismatch(f"dataset {opts.data!r} gives classes {d.classes}, the checkpoint was trained "
                                  f"on {meta['classes']}")

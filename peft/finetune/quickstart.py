@@ -28,7 +28,9 @@ from pathlib import Path
 from loaders.atomic import atomic_write
 from loaders.download import file_digest
 
-from ..modes import MODES, get_method
+from .. import fields
+from ..fields import option
+from ..registry import METHOD_NAMES, get_method
 from . import checkpoint as ckpt_io
 from .options import FinetuneOptions, OptionsError, changed_options
 from .trainer import run
@@ -38,30 +40,30 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class QuickstartOptions:
-    output_dir: str = "runs/quickstart"  # everything goes here: pretrained.npz, one folder per mode, results.md
-    modes: str = ",".join(MODES)  # comma-separated fine-tuning modes to compare
-    pretrain_classes: str = "0-4"  # Fashion-MNIST classes for pretraining from scratch
-    finetune_classes: str = "5-9"  # the other classes, for fine-tuning
-    pretrain_samples: int = 27000  # training images for pretraining (all 27,000 left after the validation split)
-    pretrain_epochs: int = 5  # pretraining epochs
-    pretrain_lr: float = 2e-3  # AdamW peak learning rate from scratch
-    finetune_samples: int = 1500  # training images per fine-tuning run (a low-data transfer task)
-    finetune_epochs: int = 5  # fine-tuning epochs per mode
-    eval_samples: int = 1000  # cap on validation and test images per run (validation runs every epoch)
-    batch_size: int = 64  # global batch size
-    augment: bool = False  # random crop + flip (off: in runs this short they slow learning more than they help)
-    retrain: bool = False  # pretrain again even if pretrained.npz exists (then every mode is fine-tuned again)
-    overwrite: bool = False  # start over: pretrain and fine-tune every mode afresh, replacing this folder's results
-    data: str = "fashion_mnist"  # dataset name (Fashion-MNIST is the one that works offline)
-    data_root: str = ""  # dataset cache folder (default: the Debian package, else $VIT_PEFT_DATA)
-    seed: int = 0  # random seed for every run
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch CPU threads (0: torch's default)
-    progress: bool = True  # tqdm progress bars
+    output_dir: str = option("runs/quickstart", "everything goes here: pretrained.npz, one folder per mode, results.md")
+    modes: str = option(",".join(METHOD_NAMES), "comma-separated fine-tuning modes to compare")
+    pretrain_classes: str = option("0-4", "Fashion-MNIST classes for pretraining from scratch")
+    finetune_classes: str = option("5-9", "the other classes, for fine-tuning")
+    pretrain_samples: int = option(27000, "training images for pretraining (all 27,000 left after the validation split)", min=1)
+    pretrain_epochs: int = option(5, "pretraining epochs", min=1)
+    pretrain_lr: float = option(2e-3, "AdamW peak learning rate from scratch", above=0)
+    finetune_samples: int = option(1500, "training images per fine-tuning run (a low-data transfer task)", min=1)
+    finetune_epochs: int = option(5, "fine-tuning epochs per mode", min=1)
+    eval_samples: int = option(1000, "cap on validation and test images per run (validation runs every epoch)", min=1)
+    batch_size: int = option(64, "global batch size", min=1)
+    augment: bool = option(False, "random crop + flip (off: in runs this short they slow learning more than they help)")
+    retrain: bool = option(False, "pretrain again even if pretrained.npz exists (then every mode is fine-tuned again)")
+    overwrite: bool = option(False, "start over: pretrain and fine-tune every mode afresh, replacing this folder's results")
+    data: str = option("fashion_mnist", "dataset name (Fashion-MNIST is the one that works offline)")
+    data_root: str = option("", "dataset cache folder (default: the Debian package, else $VIT_PEFT_DATA)")
+    seed: int = option(0, "random seed for every run")
+    device: str = option("auto", "auto | cpu | cuda")
+    threads: int = option(0, "torch CPU threads (0: torch's default)", min=0)
+    progress: bool = option(True, "tqdm progress bars")
 
 
 # Fine-tuning learning rates for this small model (D=96): higher than ViT-B/16's defaults because the runs are
-# only ~70 steps; same ordering and reasons as the registry's rates (peft.modes). A method without an entry
+# only ~70 steps; same ordering and reasons as the registry's rates (peft.registry). A method without an entry
 # here gets 3x its registry rate.
 QUICKSTART_LR = {"head": 1e-2, "mlp": 1e-3, "lora": 3e-3, "rlrr": 1e-2, "full": 1e-3}
 
@@ -149,7 +151,7 @@ def table_rows(q: QuickstartOptions, npz: Path, out: Path) -> list[dict]:
     """One row per mode (in registry order) whose folder holds a run finished with these settings on ``npz``."""
     sha = file_digest(npz, "sha256")
     rows = []
-    for mode in MODES:
+    for mode in METHOD_NAMES:
         m = finished_metrics(finetune_options(q, npz, mode, out), sha)
         if m is not None:
             rows.append({k: m[k] for k in ROW_KEYS})
@@ -169,15 +171,10 @@ def markdown_table(rows: list[dict]) -> str:
 def run_quickstart(q: QuickstartOptions) -> dict:
     """The whole quick start: pretrain (or reuse pretrained.npz), fine-tune every mode, write results.md/.json."""
     modes = [m.strip() for m in q.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes if m not in METHOD_NAMES]
     if unknown or not modes:  # fail before minutes of pretraining
-        raise OptionsError(f"--modes {q.modes!r}: {', '.join(unknown) or 'no mode'} is not one of {', '.join(MODES)}")
-    for flag in ("pretrain_samples", "pretrain_epochs", "finetune_samples", "finetune_epochs", "eval_samples",
-                 "batch_size"):
-        if getattr(q, flag) < 1:
-            raise OptionsError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(q, flag)}")
-    if q.pretrain_lr <= 0 or q.threads < 0:
-        raise OptionsError("--pretrain-lr must be positive and --threads at least 0")
+        raise OptionsError(f"--modes {q.modes!r}: {', '.join(unknown) or 'no mode'} is not one of {', '.join(METHOD_NAMES)}")
+    fields.check(q, OptionsError)
     out = Path(q.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

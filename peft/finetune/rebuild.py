@@ -14,9 +14,15 @@ import vit
 from loaders import load_npz
 from loaders.download import file_digest
 
-from .. import adapters, modes
+from .. import registry, tasks
 from .checkpoint import CheckpointMismatch, load_checkpoint, load_trainable_state
 from .options import NORMALISERS
+
+
+def saved_state(ckpt: dict) -> dict:
+    """The checkpoint's trained tensors under today's parameter names (a method renamed since says how:
+    ``Method.upgrade_state``)."""
+    return registry.get_method(ckpt["mode"]).upgrade_state(ckpt["state_dict"])
 
 
 def build_base_model(model_config: dict, base_weights: dict | None, weights: str | os.PathLike | None = None,
@@ -56,8 +62,8 @@ def load_model_from_checkpoint(path: str | os.PathLike, weights: str | os.PathLi
         model = vit.VisionTransformer(vit.ViTConfig(**ckpt["model_config"]))
     else:  # base .npz (sha256-checked) + the trained adapters and head
         model = build_base_model(ckpt["model_config"], ckpt["base_weights"], weights)
-        modes.apply_mode(model, ckpt["mode"], **ckpt["mode_options"])
-    load_trainable_state(model, ckpt["state_dict"], full, ckpt["path"])
+        registry.apply_method(model, ckpt["mode"], **ckpt["mode_options"])
+    load_trainable_state(model, saved_state(ckpt), full, ckpt["path"])
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "training_state")}
     return model.to(device).eval(), meta
 
@@ -117,7 +123,7 @@ def load_tasks(paths, weights=None, device: str | torch.device = "cpu"):
                                      f"than {first[2]}; one backbone can only carry adapters of the same base")
         name = Path(ckpt["path"]).parent.name or "task"
         name = name if name not in metas else f"{name}-{len(metas)}"
-        adapters.add_adapter(model, name, ckpt["mode"], num_classes=len(ckpt["classes"]), **ckpt["mode_options"])
-        adapters.load_adapter_state_dict(model, ckpt["state_dict"], name=name)
+        tasks.add_adapter(model, name, ckpt["mode"], num_classes=len(ckpt["classes"]), **ckpt["mode_options"])
+        tasks.load_adapter_state_dict(model, saved_state(ckpt), name=name)
         metas[name] = {k: v for k, v in ckpt.items() if k not in ("state_dict", "training_state")}
     return model.to(device).eval(), metas

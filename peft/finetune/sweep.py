@@ -6,7 +6,9 @@ picks the point with the highest validation accuracy (mean over the seeds), and 
 (train800val200 / trainval → test, once) with the chosen values. Ties go to the point listed first in the grid
 (the grid is enumerated in the order the values were given, the first ``--sweep`` varying slowest). Every point is
 an ordinary run folder (``<task>/<mode>/sweep/<point>/seed-<s>``): a finished one is skipped on restart, an
-interrupted one resumes from its checkpoint.
+interrupted one resumes from its checkpoint. Every point is also a cell of the suite that workers share
+(``peft.finetune.workers``); a task's final run starts once its grid is complete, on whichever worker gets there
+first, and all of them choose the same point from the grid's ``metrics.json`` files.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import dataclasses
 import itertools
 import typing
 
-from ..modes import MODE_OPTIONS, get_method
+from ..registry import METHOD_OPTIONS, get_method
 from .options import FinetuneOptions, OptionsError
 
 TIE_RULE = "highest mean validation accuracy over the seeds; ties go to the grid point listed first"
@@ -48,7 +50,7 @@ def parse_grid(specs: list[str]) -> list[tuple[str, list]]:
         key = key.strip().lstrip("-").replace("-", "_")
         if not eq or not values.strip():
             raise OptionsError(f"--sweep {spec!r}: expected NAME=V1,V2,..., e.g. lr=1e-3,3e-3,1e-2")
-        kind = types.get(key) or (type(MODE_OPTIONS[key]) if key in MODE_OPTIONS else None)
+        kind = types.get(key) or (type(METHOD_OPTIONS[key]) if key in METHOD_OPTIONS else None)
         if kind is None or key in NOT_SWEPT:
             raise OptionsError(f"--sweep {spec!r}: {key!r} is not an option that can be swept (e.g. lr, weight_decay, "
                                f"drop_path, epochs, lora_rank)")
@@ -89,7 +91,7 @@ def apply_point(kw: dict, point: dict) -> dict:
     methods = dict(kw.get("method_options", {}))
     own = get_method(kw["mode"]).options
     for key, value in point.items():
-        if key in MODE_OPTIONS and key not in _field_types():
+        if key in METHOD_OPTIONS and key not in _field_types():
             if key not in own:
                 raise OptionsError(f"--sweep {key}: not an option of --mode {kw['mode']} (its options: "
                                    f"{', '.join(own) or 'none'})")

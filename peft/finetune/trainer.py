@@ -27,7 +27,7 @@ import vit
 from loaders.datasets.stream import BatchStream
 from loaders.npz import NpzArchive, infer_config
 
-from .. import kernels, modes, state
+from .. import kernels, registry, state
 from . import checkpoint as ckpt_io
 from . import distributed as pdist
 from . import predict, report, rng
@@ -96,7 +96,7 @@ class Trainer:
         k = len(self.data.classes)
         self.model, self.base_weights = build_model(opts, k, weights)
         seed_everything(opts.seed)  # adapters initialise identically whatever the data loading consumed
-        method = modes.get_method(opts.mode)
+        method = registry.get_method(opts.mode)
         self.method_config = opts.method_config()
         self.full = method.saves_everything  # the checkpoint stores every parameter, not only the trained ones
         changed = method.apply(self.model, self.method_config)
@@ -192,7 +192,7 @@ class Trainer:
                 f"--resume: {shown} differ from the run in {self.out}, and they change the optimisation; only "
                 f"{', '.join(resumable_flags())} may change on resume (start a new run in another --output-dir "
                 "instead)")
-        saved_config = modes.configure_mode(ck["mode"], **ck["mode_options"]).to_options()
+        saved_config = registry.configure_method(ck["mode"], **ck["mode_options"]).to_options()
         for key, was, now in (("mode", ck["mode"], self.opts.mode),
                               ("mode_options", saved_config, self.method_config.to_options()),
                               ("model_config", ck["model_config"], ckpt_io.config_dict(self.model.config))):

@@ -1,7 +1,7 @@
 """Many tasks on one frozen backbone: named adapters, each with its own head, switched in place.
 
-    peft.add_adapter(model, "pets", mode="rlrr", num_classes=37)
-    peft.add_adapter(model, "flowers", mode="lora", num_classes=102, lora_rank=4)
+    peft.add_adapter(model, "pets", method="rlrr", num_classes=37)
+    peft.add_adapter(model, "flowers", method="lora", num_classes=102, lora_rank=4)
     peft.load_adapter_state_dict(model, torch.load("pets.pt"), name="pets")   # a task trained on its own
     peft.set_adapter(model, "pets")      # the model now computes exactly what the pets model computes
     peft.set_adapter(model, None)        # the plain backbone again
@@ -9,7 +9,7 @@
 How: a task is the set of wrapper modules its method put into the model, plus its head, kept aside while
 inactive. The wrappers hold the backbone's frozen tensors by reference (they never copy them), so switching is
 a handful of ``setattr`` calls and moves only the task's own tensors to the backbone's device: time and memory of
-the adapter, not the backbone. Methods of different modes coexist (each is activated alone, on the plain
+the adapter, not the backbone. Tasks of different methods coexist (each is activated alone, on the plain
 backbone); methods that train the backbone's own tensors (``full``, ``mlp``) cannot share it and are refused.
 """
 
@@ -22,12 +22,12 @@ from torch import nn
 
 from . import state
 from .base import adapter_parameter_names, has_adapters, replace_module
-from .modes import configure_mode, get_method
+from .registry import configure_method, get_method
 
 
 @dataclass
 class _Task:
-    mode: str
+    method: str
     options: dict
     modules: dict[str, nn.Module]  # path -> the module this task puts there (its wrappers and its head)
     num_classes: int
@@ -47,17 +47,27 @@ def _registry(model: nn.Module, create: bool = False) -> _Registry | None:
     reg = model.__dict__.get("_peft_tasks")
     if reg is None and create:
         if has_adapters(model):
-            raise ValueError("the model already has adapters from apply_mode; named adapters need the plain "
+            raise ValueError("the model already has adapters from apply_method; named adapters need the plain "
                              "backbone (merge_adapters first, or start from a fresh model)")
         reg = _Registry(model)
         model.__dict__["_peft_tasks"] = reg
     return reg
 
 
-def _place(model: nn.Module, modules: dict[str, nn.Module], num_classes: int) -> None:
+def _put(model: nn.Module, path: str, module: nn.Module | None) -> None:
+    """``module`` at ``path``; None: no module there (a task's own addition, such as FacT's ``model.fact``)."""
+    if module is not None:
+        replace_module(model, path, module)
+    elif path in dict(model.named_modules()):
+        parent, _, child = path.rpartition(".")
+        delattr(model.get_submodule(parent) if parent else model, child)
+
+
+def _place(model: nn.Module, modules: dict[str, nn.Module | None], num_classes: int) -> None:
     device = model.cls_token.device
     for path in sorted(modules, key=lambda p: p.count(".")):  # parents before children
-        replace_module(model, path, modules[path].to(device).train(model.training))  # the model's own mode
+        module = modules[path]
+        _put(model, path, None if module is None else module.to(device).train(model.training))  # the model's mode
     model.config = model.config.replace(num_classes=num_classes)
 
 
@@ -67,12 +77,12 @@ def _deactivate(model: nn.Module, reg: _Registry) -> None:
         reg.active = None
 
 
-def add_adapter(model: nn.Module, name: str, mode: str, num_classes: int | None = None, **options) -> list[str]:
-    """Add task ``name``: ``mode``'s adapter (with ``options``) and a new zero-initialised head of ``num_classes``
+def add_adapter(model: nn.Module, name: str, method: str, num_classes: int | None = None, **options) -> list[str]:
+    """Add task ``name``: ``method``'s wrappers (with ``options``) and a new zero-initialised head of ``num_classes``
     outputs (default: the backbone head's). The active task does not change. Returns the adapted module names."""
-    method = get_method(mode)
-    if method.trains_backbone:
-        raise ValueError(f"mode {mode!r} trains the backbone's own tensors, so it cannot share one frozen backbone "
+    entry = get_method(method)
+    if entry.trains_backbone:
+        raise ValueError(f"method {method!r} trains the backbone's own tensors, so it cannot share one frozen backbone "
                          "with other tasks; use a separate model for it")
     reg = _registry(model, create=True)
     if name in reg.tasks:
@@ -86,14 +96,14 @@ def add_adapter(model: nn.Module, name: str, mode: str, num_classes: int | None 
     nn.init.zeros_(head.bias)
     model.head = head
     before = dict(model.named_modules())
-    changed = method.apply(model, configure_mode(mode, **options))
+    changed = entry.apply(model, configure_method(method, **options))
     modules = {path: model.get_submodule(path) for path in changed}
     modules["head"] = head
     for path in changed:
-        reg.base.setdefault(path, before[path])
+        reg.base.setdefault(path, before.get(path))  # None: the method added a module there
     for path in modules:  # back to the plain backbone
-        replace_module(model, path, reg.base[path])
-    reg.tasks[name] = _Task(mode, dict(options), modules, classes)
+        _put(model, path, reg.base[path])
+    reg.tasks[name] = _Task(method, dict(options), modules, classes)
     if previous is not None:
         set_adapter(model, previous)
     return changed
@@ -137,9 +147,7 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     model adapted for that task alone would give them, so one file loads into either."""
     if name is None:
         return state.adapter_state_dict(model)
-    task = _task(model, name)
-    return {f"{path}.{p}": t.detach().cpu().clone() for path, module in task.modules.items()
-            for p, t in module.named_parameters() if p in _own_parameters(module)}
+    return {key: t.detach().cpu().clone() for key, t in _task_parameters(_task(model, name)).items()}
 
 
 @torch.no_grad()
@@ -148,11 +156,22 @@ def load_adapter_state_dict(model: nn.Module, saved: dict[str, torch.Tensor], na
     if name is None:
         return state.load_adapter_state_dict(model, saved)
     task = _task(model, name)
-    params = {f"{path}.{p}": t for path, module in task.modules.items()
-              for p, t in module.named_parameters() if p in _own_parameters(module)}
-    state.check_state_fits(params, saved, f"adapter {name!r} ({task.mode})")
+    params = _task_parameters(task)
+    state.check_state_fits(params, saved, f"adapter {name!r} ({task.method})")
     for key, p in params.items():
         p.copy_(saved[key])
+
+
+def _task_parameters(task: _Task) -> dict[str, nn.Parameter]:
+    """The task's own tensors by the names the model adapted for it alone gives them: a tensor shared by several
+    wrappers (NOAH's one A per block for q, k and v) under its first name only, as ``named_parameters`` does."""
+    params, seen = {}, set()
+    for path, module in task.modules.items():
+        for p, t in module.named_parameters():
+            if p in _own_parameters(module) and id(t) not in seen:
+                seen.add(id(t))
+                params[f"{path}.{p}"] = t
+    return params
 
 
 def _task(model: nn.Module, name: str) -> _Task:

@@ -18,9 +18,9 @@ Initialisation (``adapter_init``): "xavier" is ``AdapterSuper``'s own (xavier-un
 actually trained from: ``VisionTransformer.init_weights`` re-draws every ``nn.Linear`` truncated-normal std 0.02 with
 zero biases after the adapters are built (``supernet_vision_transformer_timm.py:462,531``, ``_init_vit_weights``).
 Dropout after QuickGELU: ``adapter_dropout`` (NOAH's ``--drop_rate_adapter`` default 0.1,
-``supernet_train_prompt.py:209``; 0 by default here). The wrapper takes the encoder block over through
-:class:`peft.base.BlockAdapter` and runs the block's own forward with its drop-path followed by the adapter, so the
-block's modules keep their names. Not mergeable (the activation).
+``supernet_train_prompt.py:209``; 0 by default here). The wrapper takes the encoder block over (its modules keep
+their names) and writes the block's two residual lines out with the adapter after the drop-path. Not mergeable (the
+activation).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .base import BlockAdapter, Method, MethodConfig, check_fresh, configure, freeze_for_adapters, replace_module
+from .base import Cost, Method, MethodConfig, Wrapper
+from .fields import option
 
 PLACEMENTS = ("mlp", "both")
 INITS = ("xavier", "trunc-normal")
@@ -43,21 +44,20 @@ class AdapterConfig(MethodConfig):
     the ``adapter-noah`` recipe adds the run's truncated-normal init and dropout 0.1."""
 
     PREFIX: ClassVar[str] = "adapter"
-    CHOICES: ClassVar[dict] = {"placement": PLACEMENTS, "init": INITS}
-    POSITIVE: ClassVar[tuple] = ("dim",)
-    dim: int = 8  # Adapter bottleneck width d
-    placement: str = "mlp"  # mlp: after every MLP (NOAH, the VTAB row) | both: also after the attention (Houlsby)
-    init: str = "xavier"  # xavier: AdapterSuper's own | trunc-normal: std 0.02, zero biases (what NOAH's VTAB runs trained from)
-    dropout: float = 0.0  # dropout after the Adapter's QuickGELU (NOAH's runs: 0.1)
+    dim: int = option(8, "Adapter bottleneck width d", min=1)
+    placement: str = option("mlp", "mlp: after every MLP (NOAH, the VTAB row) | both: also after the attention (Houlsby)", choices=PLACEMENTS)
+    init: str = option("xavier", "xavier: AdapterSuper's own | trunc-normal: std 0.02, zero biases (what NOAH's VTAB runs trained from)", choices=INITS)
+    dropout: float = option(0.0, "dropout after the Adapter's QuickGELU (NOAH's runs: 0.1)", min=0, max=1)
 
 
-class AdapterBlock(BlockAdapter, nn.Module):
+class AdapterBlock(Wrapper, nn.Module):
     """An encoder block whose MLP branch (and, ``placement="both"``, attention branch) passes through a bottleneck
     adapter after the branch's drop-path: ``x + A(drop_path(mlp(norm2(x))))`` with A(h) = h + up(drop(QuickGELU(down
-    h))), through :class:`peft.base.BlockAdapter` (the block's own forward, its ``drop_path2`` substituted)."""
+    h))). The forward is the block's (``vit.model.EncoderBlock.forward``) written out with A in it."""
 
     ADAPTER_PARAMS = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
     CANNOT_MERGE = "its bottleneck has a non-linearity (QuickGELU), which no weight can absorb; keep the adapter"
+    DROPOUTS = ("adapter_dropout",)
 
     def __init__(self, block: nn.Module, config: AdapterConfig):
         super().__init__(block)  # norm1, attn, norm2, mlp, drop paths: shared, same names
@@ -91,30 +91,35 @@ class AdapterBlock(BlockAdapter, nn.Module):
         return h + up(self.adapter_dropout(z * torch.sigmoid(1.702 * z)))  # QuickGELU, then dropout: as NOAH
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D)
-        subs = {"drop_path2": lambda h: self.adapt(self.drop_path2(h), self.adapter_down, self.adapter_up)}
-        if self.both:
-            subs["drop_path1"] = lambda h: self.adapt(self.drop_path1(h), self.adapter_attn_down, self.adapter_attn_up)
-        return self.run_block(x, **subs)
+        h = self.drop_path1(self.attn(self.norm1(x)))
+        x = x + (self.adapt(h, self.adapter_attn_down, self.adapter_attn_up) if self.both else h)
+        return x + self.adapt(self.drop_path2(self.mlp(self.norm2(x))), self.adapter_down, self.adapter_up)
 
     def extra_repr(self) -> str:
         return f"dim={self.adapter_down.out_features}, both={self.both}"
 
 
-def apply_adapter(model: nn.Module, config: AdapterConfig | None = None, **fields) -> list[str]:
-    """Adapters after every block's MLP (and attention, ``placement="both"``); freezes all but them and the head."""
-    config = configure(AdapterConfig, config, fields)
-    check_fresh(model)
-    names = [f"blocks.{i}" for i in range(len(model.blocks))]
-    for name in names:
-        replace_module(model, name, AdapterBlock(model.get_submodule(name), config))
-    freeze_for_adapters(model)
-    return names
+def upgrade_state(state: dict) -> dict:
+    """A state saved when the adapter wrapped the sub-layer's last Linear (``blocks.i.mlp.fc2.adapter_down.weight``,
+    ``blocks.i.attn.proj.adapter_*``: checkpoint format 1) under today's names (``blocks.i.adapter_down.weight``,
+    ``blocks.i.adapter_attn_*``); the function is the same in eval mode (the old adapter came before the MLP's
+    output dropout and drop-path, which eval mode skips)."""
+    out = {}
+    for key, value in state.items():
+        key = key.replace(".mlp.fc2.adapter_", ".adapter_").replace(".attn.proj.adapter_", ".adapter_attn_")
+        out[key] = value
+    return out
 
 
 METHOD = Method(
-    "adapter", apply_adapter, "a sequential bottleneck adapter after every MLP (d = 8, NOAH's VTAB row), + head",
+    "adapter", "a sequential bottleneck adapter after every MLP (d = 8, NOAH's VTAB row), + head",
     lr=1e-3, config=AdapterConfig, wrappers=(AdapterBlock,),
+    targets=lambda model, config: [f"blocks.{i}" for i in range(len(model.blocks))],
+    wrap=lambda model, name, config: AdapterBlock(model.get_submodule(name), config),
+    cost=lambda config: Cost(branches=dict.fromkeys(("attn", "mlp") if config.placement == "both" else ("mlp",),
+                                                    config.dim)),
+    upgrade_state=upgrade_state,
     lr_note="NOAH's Adapter VTAB runs use 1e-3 (configs/Adapter/VTAB/slurm_train_adapter_vtab.sh)",
     paper="Houlsby et al., Parameter-Efficient Transfer Learning for NLP, ICML 2019")
 
-__all__ = ["AdapterBlock", "AdapterConfig", "METHOD", "apply_adapter"]
+__all__ = ["AdapterBlock", "AdapterConfig", "METHOD", "upgrade_state"]
