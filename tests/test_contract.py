@@ -97,3 +97,16 @@ def test_every_weight_space_wrapper_merges_in_place_and_unmerges_bit_for_bit(mod
         for m in wrappers:
             fresh = m.merge()
             assert torch.equal(fresh.weight, merged[id(m)].weight)
+
+
+def test_a_wrapper_refuses_a_layer_that_is_already_wrapped():
+    """A wrapper takes over a plain layer of exactly its type: SSF's wrappers subclass the layer they wrap, so an
+    SSF LayerNorm / Conv2d / Linear handed to a wrapper again is refused by type, not accepted as "a LayerNorm"."""
+    model = make_model()
+    peft.apply_method(model, "ssf")
+    wrapped = {type(m): m for m in model.modules() if isinstance(m, Wrapper) and type(m).WRAPS is not None}
+    assert len(wrapped) == 3  # LayerNorm, Conv2d (patch embedding), Linear
+    for cls, layer in wrapped.items():
+        assert isinstance(layer, cls.WRAPS)
+        with pytest.raises(TypeError, match=rf"wraps a plain {cls.WRAPS.__name__}, got {cls.__name__} \(adapters"):
+            cls(layer, peft.SSFConfig())
