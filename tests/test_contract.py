@@ -110,3 +110,13 @@ def test_a_wrapper_refuses_a_layer_that_is_already_wrapped():
         assert isinstance(layer, cls.WRAPS)
         with pytest.raises(TypeError, match=rf"wraps a plain {cls.WRAPS.__name__}, got {cls.__name__} \(adapters"):
             cls(layer, peft.SSFConfig())
+
+
+def test_flat_options_left_unset_take_the_published_defaults():
+    """configure_method / from_options: a None value (an unset flag) or a missing key gives the field's default,
+    other methods' keywords are ignored, and an option no method knows is a TypeError naming it."""
+    assert peft.configure_method("lora", lora_rank=None, lora_alpha=4.0, rlrr_rank=3) == peft.LoraConfig(alpha=4.0)
+    assert peft.LoraConfig.from_options({"lora_rank": None, "lora_targets": None}) == peft.LoraConfig()
+    assert peft.configure_method("rlrr", rlrr_rank=None) == peft.RLRRConfig()
+    with pytest.raises(TypeError, match="unknown option.*lora_rnak"):
+        peft.configure_method("lora", lora_rnak=4)
