@@ -424,3 +424,33 @@ def test_a_file_changed_in_place_is_decoded_again(tmp_path, change):
     assert report.counts() == {"decoded": 1, "from_cache": 2, "skipped": 0}
     np.testing.assert_array_equal(store.image(1), new)
     np.testing.assert_array_equal(store.image(0), _tile(0))
+
+
+def test_a_pixel_store_gathers_a_zero_padded_canvas_and_subsets_compose():
+    """PixelStore without a cache file: items of several sizes gather into a canvas of the largest (zeros outside
+    each image, even in a reused buffer) with their sizes; items of one size fill the canvas (sizes None); a subset
+    of a subset indexes the items of the subset it was taken from."""
+    import torch
+
+    from loaders.datasets.store import PixelStore
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(1, 256, shape, np.uint8) for shape in ((4, 6, 3), (5, 3, 3), (4, 6, 3), (2, 2, 3))]
+    pixels = np.concatenate([a.reshape(-1) for a in images])
+    offsets = np.cumsum([0] + [a.size for a in images[:-1]]).astype(np.int64)
+    store = PixelStore(pixels, offsets, np.array([a.shape for a in images], np.int64))
+    out = torch.full((3, 5, 6, 3), 255, dtype=torch.uint8)  # a reused buffer holding an earlier batch
+    canvas, sizes = store.gather([1, 3, 0], out=out)
+    assert canvas is out and sizes.tolist() == [[5, 3], [2, 2], [4, 6]]
+    for b, i in enumerate([1, 3, 0]):
+        h, w, _ = images[i].shape
+        expected = np.zeros((5, 6, 3), np.uint8)
+        expected[:h, :w] = images[i]
+        np.testing.assert_array_equal(canvas[b].numpy(), expected)
+    canvas, sizes = store.gather([2, 0])
+    assert sizes is None and canvas.shape == (2, 4, 6, 3)
+    np.testing.assert_array_equal(canvas.numpy(), np.stack([images[2], images[0]]))
+    sub = store.subset([3, 1, 2]).subset([2, 0])  # items 2 and 3 of the first store
+    assert len(sub) == 2 and sub.fixed is None
+    np.testing.assert_array_equal(sub.image(0), images[2])
+    np.testing.assert_array_equal(sub.image(1), images[3])
