@@ -530,6 +530,10 @@ def test_batch_stream_shards_every_global_batch_exactly():
         assert seen == order.tolist() or world > 1
     with pytest.raises(ValueError, match="rank"):
         next(iter(BatchStream(ds, order.split(6), "cpu", 2, 2)))
+    # an empty index batch (the shard of a rank that got no test image: arange(0).split(b)) is no batch at all
+    assert len(BatchStream(ds, torch.arange(0).split(4), "cpu")) == 0 and not list(BatchStream(ds, (order[:0],), "cpu"))
+    kept = list(BatchStream(ds, [order[:3], order[:0], order[3:5]], "cpu"))
+    assert [b.images[:, 0, 0, 0].tolist() for b in kept] == [order[:3].tolist(), order[3:5].tolist()]
 
 
 def test_image_dataset_validation():
