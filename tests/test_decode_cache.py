@@ -454,3 +454,25 @@ def test_a_pixel_store_gathers_a_zero_padded_canvas_and_subsets_compose():
     assert len(sub) == 2 and sub.fixed is None
     np.testing.assert_array_equal(sub.image(0), images[2])
     np.testing.assert_array_equal(sub.image(1), images[3])
+
+
+def test_an_error_while_prefetching_a_disk_batch_reaches_the_training_loop():
+    """The batches of a disk-backed set are read on a prefetch thread: an image failing its checksum there (no
+    repair possible) is raised in the loop that iterates, never an epoch that silently ends early."""
+    import torch
+
+    from loaders.datasets import ImageDataset
+    from loaders.datasets.cache_index import CacheDamaged
+    from loaders.datasets.store import PixelStore
+    from loaders.datasets.stream import BatchStream
+
+    a = np.arange(6 * 4 * 4 * 3, dtype=np.uint8).reshape(6, 4, 4, 3)
+    crc = np.array([zlib.crc32(np.ascontiguousarray(x)) for x in a], np.int64)
+    crc[3] ^= 1  # item 3's bytes do not match their checksum
+    store = PixelStore(a.reshape(-1), np.arange(6, dtype=np.int64) * 48, np.tile([4, 4, 3], (6, 1)), crc=crc)
+    ds = ImageDataset(store, torch.zeros(6, dtype=torch.int64), ["a"])
+    seen = []
+    with pytest.raises(CacheDamaged, match="stored image 3 does not match its checksum"):
+        for batch in BatchStream(ds, torch.arange(6).split(2), "cpu"):
+            seen.append(batch.images.shape[0])
+    assert seen == [2]  # the first batch arrived; the second raised
