@@ -90,7 +90,7 @@ def test_second_open_decodes_nothing_and_a_changed_file_is_decoded_again(tmp_pat
     assert len(list((tmp_path / "p" / ".vit-peft-cache").glob("p-*-*"))) == 1  # the old version was replaced
 
 
-@pytest.mark.parametrize("damage", ["pixels", "truncate", "index"])
+@pytest.mark.parametrize("damage", ["pixels", "truncate", "extend", "index"])
 def test_a_cache_that_fails_its_checks_is_rebuilt_with_one_warning(tmp_path, caplog, damage):
     write_photo_folder(tmp_path / "p", classes=2, per_class=2, size=(300, 200), small=(300, 200), awkward=False)
     good = open_source(tmp_path / "p", workers=1, progress=False)
@@ -103,6 +103,8 @@ def test_a_cache_that_fails_its_checks_is_rebuilt_with_one_warning(tmp_path, cap
         pixels.write_bytes(bytes(data))
     elif damage == "truncate":
         pixels.write_bytes(pixels.read_bytes()[:-10])
+    elif damage == "extend":  # bytes beyond what the index describes: not the file the index was written with
+        pixels.write_bytes(pixels.read_bytes() + bytes(10))
     else:
         (cache / "index.npz").write_bytes(b"not an npz")
     with caplog.at_level(logging.WARNING):
