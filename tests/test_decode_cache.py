@@ -476,3 +476,18 @@ def test_an_error_while_prefetching_a_disk_batch_reaches_the_training_loop():
         for batch in BatchStream(ds, torch.arange(6).split(2), "cpu"):
             seen.append(batch.images.shape[0])
     assert seen == [2]  # the first batch arrived; the second raised
+
+
+def test_another_store_size_never_reuses_images_stored_at_the_old_size(tmp_path):
+    """A run at another image size (another stored shorter side) decodes its own images: the earlier cache of the
+    same files at another size is a different family, never a source of images to copy."""
+    from peft.bench.photos import write_photo_folder
+
+    write_photo_folder(tmp_path / "p", classes=2, per_class=2, size=(120, 90), small=(120, 90), awkward=False)
+    small = open_source(tmp_path / "p", StorePolicy("shorter", 32), workers=1, progress=False)
+    assert small.counts["train"]["decoded"] == 4
+    large = open_source(tmp_path / "p", StorePolicy("shorter", 64), workers=1, progress=False)
+    assert large.counts["train"] == {"decoded": 4, "from_cache": 0, "skipped": 0}
+    assert sorted({min(large.dataset.images.image(i).shape[:2]) for i in range(4)}) == [64]
+    again = open_source(tmp_path / "p", StorePolicy("shorter", 32), workers=1, progress=False)
+    assert again.counts["train"]["from_cache"] == 4  # both sizes' caches stay
