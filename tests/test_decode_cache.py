@@ -491,3 +491,20 @@ def test_another_store_size_never_reuses_images_stored_at_the_old_size(tmp_path)
     assert sorted({min(large.dataset.images.image(i).shape[:2]) for i in range(4)}) == [64]
     again = open_source(tmp_path / "p", StorePolicy("shorter", 32), workers=1, progress=False)
     assert again.counts["train"]["from_cache"] == 4  # both sizes' caches stay
+
+
+def test_many_damaged_images_are_warned_about_one_by_one_then_at_powers_of_ten(tmp_path, caplog):
+    """The first five repairs of a cache each give a warning; after that only the 10th, 100th, ... (with the count
+    so far), so a badly damaged disk does not flood the log, and every image is still served right."""
+    files = _many(tmp_path / "many", 24)
+    store, _ = decode_cached(files, tmp_path / "many", "many", POLICY, workers=1, progress=False)
+    want = store.gather(np.arange(24))[0].numpy().copy()
+    cache = _cache_dir(tmp_path / "many")
+    for item in range(12):  # 12 damaged images
+        _flip(cache, store, item)
+    with caplog.at_level(logging.WARNING):
+        again, _ = decode_cached(files, tmp_path / "many", "many", POLICY, workers=1, progress=False)
+        np.testing.assert_array_equal(again.gather(np.arange(24))[0].numpy(), want)
+    said = _warnings(caplog)
+    assert [int(w.split("/")[-1][:3]) for w in said] == [0, 1, 2, 3, 4, 9], said  # repairs 1-5 and the 10th
+    assert "[10 damaged images so far]" in said[-1] and "so far" not in said[0]
