@@ -258,6 +258,21 @@ def test_sweeping_a_method_option_sets_the_methods_option():
         apply_point({"mode": "rlrr"}, {"lora_rank": 4})
 
 
+def test_a_sweep_breaks_ties_by_grid_order_and_lists_each_value_once():
+    """The documented tie rule: the highest mean validation accuracy wins, a tie goes to the point listed first
+    (the first --sweep varying slowest); a value given twice is one grid point."""
+    from peft.finetune import sweep
+
+    grid = sweep.parse_grid(["lr=1e-3,3e-3,1e-3", "weight_decay=0,1e-4"])
+    assert grid == [("lr", [1e-3, 3e-3]), ("weight_decay", [0.0, 1e-4])]
+    points = sweep.grid_points(grid)
+    assert points == [{"lr": 1e-3, "weight_decay": 0.0}, {"lr": 1e-3, "weight_decay": 1e-4},
+                      {"lr": 3e-3, "weight_decay": 0.0}, {"lr": 3e-3, "weight_decay": 1e-4}]
+    scores = [{"point": p, "val_accuracy": a} for p, a in zip(points, (0.5, 0.75, 0.75, 0.25))]
+    assert sweep.choose(scores)["point"] == points[1]  # tied with points[2]: the earlier one
+    assert sweep.choose(scores[2:])["point"] == points[2]
+
+
 def test_sgd_takes_the_momentum_flag():
     model = vit.VisionTransformer(vit.get_config("testing"))
     opt = optim.build_optimizer(model, FinetuneOptions(optimizer="sgd", momentum=0.5, weights="none", mode="full"), 0.1)
