@@ -307,3 +307,21 @@ def test_a_worker_whose_cell_was_taken_over_stops_running_it(tree, tmp_path):
 
     workers.work(suite, cell_taken_over)  # returns: the cell is finished (by the other worker)
     assert seen == ["svhn/head/seed-42"]
+
+
+def test_a_sweep_chooses_by_the_mean_over_seeds(tree, tmp_path):
+    """sweep_record: each grid point scores the mean of its seeds' validation accuracies (not the best seed); the
+    choice waits until every grid cell has its metrics."""
+    o = _options(tree, tmp_path / "s", modes="lora", seeds="1,2", sweep=["lr=1e-3,3e-3"])
+    suite = plan(o)
+    accs = {(1e-3, 1): 0.9, (1e-3, 2): 0.1, (3e-3, 1): 0.6, (3e-3, 2): 0.6}  # means 0.5 and 0.6; best seeds 0.9, 0.6
+    grid = suite.grid_cells("svhn", "lora")
+    assert len(grid) == 4
+    for i, cell in enumerate(grid):
+        assert suite.sweep_record("svhn", "lora") is None  # a grid point still missing
+        folder = tmp_path / "s" / cell.key
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"val_accuracy": accs[(cell.point["lr"], cell.seed)]}))
+    record = suite.sweep_record("svhn", "lora")
+    assert [s["val_accuracy"] for s in record["scores"]] == [pytest.approx(0.5), pytest.approx(0.6)]
+    assert record["chosen"] == {"lr": 3e-3} and record["chosen_val_accuracy"] == pytest.approx(0.6)
