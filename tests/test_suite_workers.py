@@ -325,3 +325,21 @@ def test_a_sweep_chooses_by_the_mean_over_seeds(tree, tmp_path):
     record = suite.sweep_record("svhn", "lora")
     assert [s["val_accuracy"] for s in record["scores"]] == [pytest.approx(0.5), pytest.approx(0.6)]
     assert record["chosen"] == {"lr": 3e-3} and record["chosen_val_accuracy"] == pytest.approx(0.6)
+
+
+def test_official_recipes_where_they_cover_the_benchmark_and_cells_start_fresh_or_resume(tmp_path):
+    """--recipe official: a method's own recipe where it covers the suite's benchmark (lora-noah: VTAB-1k only), else
+    rlrr-official's protocol; a cell folder without checkpoint.pt starts afresh (overwrite), one with it resumes."""
+    from peft.finetune.suite import recipe_for, run_options
+
+    vtab, fgvc = (SuiteOptions(recipe="official", suite=s) for s in ("vtab", "fgvc"))
+    assert [recipe_for(vtab, m) for m in ("lora", "ssf", "head")] == ["lora-noah", "ssf-official", "rlrr-official"]
+    assert [recipe_for(fgvc, m) for m in ("lora", "ssf", "vpt")] == ["rlrr-official", "ssf-official", "vpt-official"]
+    assert recipe_for(SuiteOptions(recipe="project", suite="fgvc"), "lora") == "project"
+    folder = tmp_path / "cell"
+    fresh = run_options(vtab, "svhn", "lora", 1, folder)
+    assert (fresh.resume, fresh.overwrite) == (False, True)
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(b"")
+    again = run_options(vtab, "svhn", "lora", 1, folder)
+    assert (again.resume, again.overwrite) == (True, False)
