@@ -343,3 +343,18 @@ def test_official_recipes_where_they_cover_the_benchmark_and_cells_start_fresh_o
     (folder / "checkpoint.pt").write_bytes(b"")
     again = run_options(vtab, "svhn", "lora", 1, folder)
     assert (again.resume, again.overwrite) == (True, False)
+
+
+def test_a_finished_cell_leaves_no_claim_even_if_it_was_taken_over_meanwhile(tmp_path, monkeypatch):
+    """release(finished=True) removes the cell's claims up to the generation after the releaser's own: a holder that
+    finished while another worker took the cell over (a slow heartbeat) leaves no claim file behind."""
+    holder = Claims(tmp_path, lease=0.1, worker="slow")
+    monkeypatch.setattr(holder, "machine", "another-machine")
+    claim = holder.try_claim("cell")
+    other = Claims(tmp_path, lease=0.1)
+    assert other.try_claim("cell") is None  # first seen now
+    time.sleep(0.25)
+    taken = other.try_claim("cell")
+    assert taken is not None and taken.generation == 1
+    holder.release(claim, finished=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
