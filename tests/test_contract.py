@@ -97,3 +97,26 @@ def test_every_weight_space_wrapper_merges_in_place_and_unmerges_bit_for_bit(mod
         for m in wrappers:
             fresh = m.merge()
             assert torch.equal(fresh.weight, merged[id(m)].weight)
+
+
+def test_a_wrapper_refuses_a_layer_that_is_already_wrapped():
+    """A wrapper takes over a plain layer of exactly its type: SSF's wrappers subclass the layer they wrap, so an
+    SSF LayerNorm / Conv2d / Linear handed to a wrapper again is refused by type, not accepted as "a LayerNorm"."""
+    model = make_model()
+    peft.apply_method(model, "ssf")
+    wrapped = {type(m): m for m in model.modules() if isinstance(m, Wrapper) and type(m).WRAPS is not None}
+    assert len(wrapped) == 3  # LayerNorm, Conv2d (patch embedding), Linear
+    for cls, layer in wrapped.items():
+        assert isinstance(layer, cls.WRAPS)
+        with pytest.raises(TypeError, match=rf"wraps a plain {cls.WRAPS.__name__}, got {cls.__name__} \(adapters"):
+            cls(layer, peft.SSFConfig())
+
+
+def test_flat_options_left_unset_take_the_published_defaults():
+    """configure_method / from_options: a None value (an unset flag) or a missing key gives the field's default,
+    other methods' keywords are ignored, and an option no method knows is a TypeError naming it."""
+    assert peft.configure_method("lora", lora_rank=None, lora_alpha=4.0, rlrr_rank=3) == peft.LoraConfig(alpha=4.0)
+    assert peft.LoraConfig.from_options({"lora_rank": None, "lora_targets": None}) == peft.LoraConfig()
+    assert peft.configure_method("rlrr", rlrr_rank=None) == peft.RLRRConfig()
+    with pytest.raises(TypeError, match="unknown option.*lora_rnak"):
+        peft.configure_method("lora", lora_rnak=4)

@@ -498,6 +498,19 @@ def test_split_train_val_properties():
         split_indices(ds.labels, 1.0)
 
 
+def test_random_subset_keeps_the_original_order_and_depends_on_the_seed_only():
+    """--max-train-samples / --max-eval-samples: a seeded choice of n items, in their original order (sorted
+    indices: the first item of the subset is the earliest chosen), the whole set when n covers it."""
+    ds = small_dataset((20, 31, 3, 9, 1))
+    sub = D.random_subset(ds, 17, seed=5)
+    ids = sub.images[:, 0, 0, 0].tolist()
+    assert len(ids) == len(set(ids)) == 17 and ids == sorted(ids)
+    assert torch.equal(sub.labels, ds.labels[torch.tensor(ids)])
+    assert D.random_subset(ds, 17, seed=5).images[:, 0, 0, 0].tolist() == ids
+    assert D.random_subset(ds, 17, seed=6).images[:, 0, 0, 0].tolist() != ids
+    assert D.random_subset(ds, len(ds), seed=5) is ds and D.random_subset(ds, None, seed=5) is ds
+
+
 def test_batch_stream_shards_every_global_batch_exactly():
     from loaders.datasets.stream import BatchStream
 
@@ -517,6 +530,10 @@ def test_batch_stream_shards_every_global_batch_exactly():
         assert seen == order.tolist() or world > 1
     with pytest.raises(ValueError, match="rank"):
         next(iter(BatchStream(ds, order.split(6), "cpu", 2, 2)))
+    # an empty index batch (the shard of a rank that got no test image: arange(0).split(b)) is no batch at all
+    assert len(BatchStream(ds, torch.arange(0).split(4), "cpu")) == 0 and not list(BatchStream(ds, (order[:0],), "cpu"))
+    kept = list(BatchStream(ds, [order[:3], order[:0], order[3:5]], "cpu"))
+    assert [b.images[:, 0, 0, 0].tolist() for b in kept] == [order[:3].tolist(), order[3:5].tolist()]
 
 
 def test_image_dataset_validation():

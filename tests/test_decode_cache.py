@@ -424,3 +424,87 @@ def test_a_file_changed_in_place_is_decoded_again(tmp_path, change):
     assert report.counts() == {"decoded": 1, "from_cache": 2, "skipped": 0}
     np.testing.assert_array_equal(store.image(1), new)
     np.testing.assert_array_equal(store.image(0), _tile(0))
+
+
+def test_a_pixel_store_gathers_a_zero_padded_canvas_and_subsets_compose():
+    """PixelStore without a cache file: items of several sizes gather into a canvas of the largest (zeros outside
+    each image, even in a reused buffer) with their sizes; items of one size fill the canvas (sizes None); a subset
+    of a subset indexes the items of the subset it was taken from."""
+    import torch
+
+    from loaders.datasets.store import PixelStore
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(1, 256, shape, np.uint8) for shape in ((4, 6, 3), (5, 3, 3), (4, 6, 3), (2, 2, 3))]
+    pixels = np.concatenate([a.reshape(-1) for a in images])
+    offsets = np.cumsum([0] + [a.size for a in images[:-1]]).astype(np.int64)
+    store = PixelStore(pixels, offsets, np.array([a.shape for a in images], np.int64))
+    out = torch.full((3, 5, 6, 3), 255, dtype=torch.uint8)  # a reused buffer holding an earlier batch
+    canvas, sizes = store.gather([1, 3, 0], out=out)
+    assert canvas is out and sizes.tolist() == [[5, 3], [2, 2], [4, 6]]
+    for b, i in enumerate([1, 3, 0]):
+        h, w, _ = images[i].shape
+        expected = np.zeros((5, 6, 3), np.uint8)
+        expected[:h, :w] = images[i]
+        np.testing.assert_array_equal(canvas[b].numpy(), expected)
+    canvas, sizes = store.gather([2, 0])
+    assert sizes is None and canvas.shape == (2, 4, 6, 3)
+    np.testing.assert_array_equal(canvas.numpy(), np.stack([images[2], images[0]]))
+    sub = store.subset([3, 1, 2]).subset([2, 0])  # items 2 and 3 of the first store
+    assert len(sub) == 2 and sub.fixed is None
+    np.testing.assert_array_equal(sub.image(0), images[2])
+    np.testing.assert_array_equal(sub.image(1), images[3])
+
+
+def test_an_error_while_prefetching_a_disk_batch_reaches_the_training_loop():
+    """The batches of a disk-backed set are read on a prefetch thread: an image failing its checksum there (no
+    repair possible) is raised in the loop that iterates, never an epoch that silently ends early."""
+    import torch
+
+    from loaders.datasets import ImageDataset
+    from loaders.datasets.cache_index import CacheDamaged
+    from loaders.datasets.store import PixelStore
+    from loaders.datasets.stream import BatchStream
+
+    a = np.arange(6 * 4 * 4 * 3, dtype=np.uint8).reshape(6, 4, 4, 3)
+    crc = np.array([zlib.crc32(np.ascontiguousarray(x)) for x in a], np.int64)
+    crc[3] ^= 1  # item 3's bytes do not match their checksum
+    store = PixelStore(a.reshape(-1), np.arange(6, dtype=np.int64) * 48, np.tile([4, 4, 3], (6, 1)), crc=crc)
+    ds = ImageDataset(store, torch.zeros(6, dtype=torch.int64), ["a"])
+    seen = []
+    with pytest.raises(CacheDamaged, match="stored image 3 does not match its checksum"):
+        for batch in BatchStream(ds, torch.arange(6).split(2), "cpu"):
+            seen.append(batch.images.shape[0])
+    assert seen == [2]  # the first batch arrived; the second raised
+
+
+def test_another_store_size_never_reuses_images_stored_at_the_old_size(tmp_path):
+    """A run at another image size (another stored shorter side) decodes its own images: the earlier cache of the
+    same files at another size is a different family, never a source of images to copy."""
+    from peft.bench.photos import write_photo_folder
+
+    write_photo_folder(tmp_path / "p", classes=2, per_class=2, size=(120, 90), small=(120, 90), awkward=False)
+    small = open_source(tmp_path / "p", StorePolicy("shorter", 32), workers=1, progress=False)
+    assert small.counts["train"]["decoded"] == 4
+    large = open_source(tmp_path / "p", StorePolicy("shorter", 64), workers=1, progress=False)
+    assert large.counts["train"] == {"decoded": 4, "from_cache": 0, "skipped": 0}
+    assert sorted({min(large.dataset.images.image(i).shape[:2]) for i in range(4)}) == [64]
+    again = open_source(tmp_path / "p", StorePolicy("shorter", 32), workers=1, progress=False)
+    assert again.counts["train"]["from_cache"] == 4  # both sizes' caches stay
+
+
+def test_many_damaged_images_are_warned_about_one_by_one_then_at_powers_of_ten(tmp_path, caplog):
+    """The first five repairs of a cache each give a warning; after that only the 10th, 100th, ... (with the count
+    so far), so a badly damaged disk does not flood the log, and every image is still served right."""
+    files = _many(tmp_path / "many", 24)
+    store, _ = decode_cached(files, tmp_path / "many", "many", POLICY, workers=1, progress=False)
+    want = store.gather(np.arange(24))[0].numpy().copy()
+    cache = _cache_dir(tmp_path / "many")
+    for item in range(12):  # 12 damaged images
+        _flip(cache, store, item)
+    with caplog.at_level(logging.WARNING):
+        again, _ = decode_cached(files, tmp_path / "many", "many", POLICY, workers=1, progress=False)
+        np.testing.assert_array_equal(again.gather(np.arange(24))[0].numpy(), want)
+    said = _warnings(caplog)
+    assert [int(w.split("/")[-1][:3]) for w in said] == [0, 1, 2, 3, 4, 9], said  # repairs 1-5 and the 10th
+    assert "[10 damaged images so far]" in said[-1] and "so far" not in said[0]

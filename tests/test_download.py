@@ -95,6 +95,11 @@ def test_existing_file_that_does_not_verify_is_not_overwritten(server, tmp_path)
     with pytest.raises(DownloadError, match=r"exists but does not match.*Delete it"):
         download_file(f"{base}/file.bin", dest, sha256=SHA256)
     assert dest.read_bytes() == b"something else" and state["requests"] == []
+    for wrong in (PAYLOAD + b"!", PAYLOAD[:-1]):  # longer or shorter than the expected size, no checksum given
+        dest.write_bytes(wrong)
+        with pytest.raises(DownloadError, match=rf"size {len(wrong):,} bytes, expected {len(PAYLOAD):,}"):
+            download_file(f"{base}/file.bin", dest, size=len(PAYLOAD))
+    assert state["requests"] == []
 
 
 def test_server_error_says_where_to_put_the_file(server, tmp_path):

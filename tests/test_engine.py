@@ -167,11 +167,12 @@ def test_every_random_stream_is_captured_and_restored():
 
     gens = {"augment": torch.Generator().manual_seed(3)}
     random.random(), np.random.rand(), torch.rand(1), torch.rand(1, generator=gens["augment"])  # mid-stream
+    np.random.randn(), random.gauss(0, 1)  # one of a pair drawn: the other waits in numpy's / Python's cache
     buffer = io.BytesIO()
     torch.save(rng.capture_rng(gens), buffer)
 
     def draws():
-        return (random.random(), float(np.random.rand()), np.random.randn(), torch.rand(2).tolist(),
+        return (random.random(), float(np.random.rand()), np.random.randn(), random.gauss(0, 1), torch.rand(2).tolist(),
                 torch.rand(2, generator=gens["augment"]).tolist())
 
     first = draws()
@@ -255,6 +256,21 @@ def test_sweeping_a_method_option_sets_the_methods_option():
     assert FinetuneOptions(**kw).method_config() == peft.LoraConfig(rank=4, alpha=4.0)
     with pytest.raises(OptionsError, match="--sweep lora_rank: not an option of --mode rlrr"):
         apply_point({"mode": "rlrr"}, {"lora_rank": 4})
+
+
+def test_a_sweep_breaks_ties_by_grid_order_and_lists_each_value_once():
+    """The documented tie rule: the highest mean validation accuracy wins, a tie goes to the point listed first
+    (the first --sweep varying slowest); a value given twice is one grid point."""
+    from peft.finetune import sweep
+
+    grid = sweep.parse_grid(["lr=1e-3,3e-3,1e-3", "weight_decay=0,1e-4"])
+    assert grid == [("lr", [1e-3, 3e-3]), ("weight_decay", [0.0, 1e-4])]
+    points = sweep.grid_points(grid)
+    assert points == [{"lr": 1e-3, "weight_decay": 0.0}, {"lr": 1e-3, "weight_decay": 1e-4},
+                      {"lr": 3e-3, "weight_decay": 0.0}, {"lr": 3e-3, "weight_decay": 1e-4}]
+    scores = [{"point": p, "val_accuracy": a} for p, a in zip(points, (0.5, 0.75, 0.75, 0.25))]
+    assert sweep.choose(scores)["point"] == points[1]  # tied with points[2]: the earlier one
+    assert sweep.choose(scores[2:])["point"] == points[2]
 
 
 def test_sgd_takes_the_momentum_flag():

@@ -111,3 +111,26 @@ def test_predictions_csv_names_every_image_even_awkward_names(tmp_path):
         rows = list(csv.reader(f))
     assert rows == [["file", "class", "predicted", "probability"], ["a,b.png", "cat", "cat", "0.700000"],
                     ["new\nline.png", "cat", "dog", "0.800000"], ["caf\\udce9.png", "dog", "dog", "0.550000"]]
+
+
+def test_top_confusions_lists_the_largest_off_diagonal_counts_with_the_true_class_share(tmp_path):
+    """Rows by decreasing count, only confusions that happened (count > 0), the share of the TRUE class's images;
+    re-computed here from the matrix by brute force."""
+    cm = np.array([[5, 3, 0, 1],   # true a: 9 images
+                   [0, 2, 0, 0],   # true b: never confused
+                   [4, 1, 6, 0],   # true c: 11 images
+                   [0, 0, 2, 1]])  # true d: 3 images
+    classes = ["a", "b", "c", "d"]
+    path = tmp_path / "top.csv"
+    report_files.write_top_confusions(cm, classes, path, n=10)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "true,predicted,count,share_of_true"
+    expected = sorted(((cm[i, j], i, j) for i in range(4) for j in range(4) if i != j and cm[i, j] > 0),
+                      key=lambda t: -t[0])
+    rows = [line.split(",") for line in lines[1:]]
+    assert [(int(c), classes.index(t), classes.index(p)) for t, p, c, _ in rows] == expected  # 4, 3, 2, 1, 1
+    for t, p, c, share in rows:
+        i = classes.index(t)
+        assert float(share) == pytest.approx(int(c) / cm[i].sum(), abs=5e-5)
+    report_files.write_top_confusions(cm, classes, path, n=2)
+    assert [line.split(",")[:3] for line in path.read_text().splitlines()[1:]] == [["c", "a", "4"], ["a", "b", "3"]]

@@ -90,7 +90,7 @@ def test_second_open_decodes_nothing_and_a_changed_file_is_decoded_again(tmp_pat
     assert len(list((tmp_path / "p" / ".vit-peft-cache").glob("p-*-*"))) == 1  # the old version was replaced
 
 
-@pytest.mark.parametrize("damage", ["pixels", "truncate", "index"])
+@pytest.mark.parametrize("damage", ["pixels", "truncate", "extend", "index"])
 def test_a_cache_that_fails_its_checks_is_rebuilt_with_one_warning(tmp_path, caplog, damage):
     write_photo_folder(tmp_path / "p", classes=2, per_class=2, size=(300, 200), small=(300, 200), awkward=False)
     good = open_source(tmp_path / "p", workers=1, progress=False)
@@ -103,6 +103,8 @@ def test_a_cache_that_fails_its_checks_is_rebuilt_with_one_warning(tmp_path, cap
         pixels.write_bytes(bytes(data))
     elif damage == "truncate":
         pixels.write_bytes(pixels.read_bytes()[:-10])
+    elif damage == "extend":  # bytes beyond what the index describes: not the file the index was written with
+        pixels.write_bytes(pixels.read_bytes() + bytes(10))
     else:
         (cache / "index.npz").write_bytes(b"not an npz")
     with caplog.at_level(logging.WARNING):
@@ -252,6 +254,9 @@ def test_centre_crop_of_a_stored_photo_is_its_exact_centre_pixels():
     # timm: shorter side to floor(224 / 0.875) = 256 (already), centre crop 224 with rounded offsets
     np.testing.assert_allclose(out[0].permute(1, 2, 0).numpy(), a[16:240, 58:282] / 255, atol=1e-6)
     np.testing.assert_allclose(out[1].permute(1, 2, 0).numpy(), b[38:262, 16:240] / 255, atol=1e-6)
+    c = rng.integers(0, 256, (259, 256, 3), np.uint8)  # (259 - 224) / 2 = 17.5: rounded (half to even), not floored
+    out = BatchTransform(224, train=False, resize="center", mean=0, std=1)(torch.from_numpy(c)[None])
+    np.testing.assert_allclose(out[0].permute(1, 2, 0).numpy(), c[18:242, 16:240] / 255, atol=1e-6)
 
 
 def test_random_resized_crop_boxes_follow_timms_rules_and_the_canvas_padding_never_leaks():
@@ -321,3 +326,19 @@ def test_streamed_batches_are_the_stored_images(photos, tmp_path, monkeypatch):
     it.close()  # stopping early ends the reading thread
     time.sleep(0.2)
     assert not any(t.name == "vit-peft-batches" and t.is_alive() for t in __import__("threading").enumerate())
+
+
+def test_a_panorama_is_stored_as_its_centre_at_the_aspect_limit(tmp_path):
+    """Sides longer than max_aspect x the shorter one are centre-cropped to that before the shorter side is reduced:
+    the stored pixels are exactly the centre columns (or rows), offsets floor((long - limit) / 2)."""
+    from loaders.images import StorePolicy, decode_for_store
+
+    rng = np.random.default_rng(0)
+    policy = StorePolicy("shorter", size=10, max_aspect=4.0)  # limit 4 x 10 = 40 pixels
+    for h, w, rows, cols in ((10, 53, slice(0, 10), slice(6, 46)), (47, 10, slice(3, 43), slice(0, 10)),
+                             (10, 40, slice(0, 10), slice(0, 40))):  # wide, tall, at the limit (kept whole)
+        a = rng.integers(0, 256, (h, w, 3), np.uint8)
+        Image.fromarray(a).save(tmp_path / "p.png")
+        np.testing.assert_array_equal(decode_for_store(tmp_path / "p.png", policy), a[rows, cols], err_msg=f"{h}x{w}")
+    Image.fromarray(rng.integers(0, 256, (20, 120, 3), np.uint8)).save(tmp_path / "big.png")
+    assert decode_for_store(tmp_path / "big.png", policy).shape == (10, 40, 3)  # cropped to 80 x 20, then reduced

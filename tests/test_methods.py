@@ -372,6 +372,34 @@ def test_adaptformer_branch_is_outside_the_mlps_drop_path():
         torch.testing.assert_close(block(t), mid + 0.1 * branch, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("placement", ["mlp", "both"])
+def test_adapter_sits_after_the_drop_path_it_follows(placement):
+    """NOAH's Adapter adapts the MLP output *after* its drop-path: with the MLP path dropped, the adapter sees zeros
+    and adds only up(QuickGELU(down's bias)) + up's bias; "both" does the same after the attention's drop-path."""
+    model = make_model().double()
+    peft.apply_mode(model, "adapter", adapter_placement=placement)
+    randomize_adapters(model, scale=0.5)
+    model.eval()
+    block = model.blocks[0]
+    block.drop_path2 = _DroppedBranch()
+    if placement == "both":
+        block.drop_path1 = _DroppedBranch()
+    t = torch.randn(2, 17, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def of_zeros(down, up):  # the adapter of an all-zero branch: h = 0
+        z = down.bias
+        return (z * torch.sigmoid(1.702 * z)) @ up.weight.T + up.bias
+
+    with torch.no_grad():
+        if placement == "both":
+            mid = t + of_zeros(block.adapter_attn_down, block.adapter_attn_up)
+        else:
+            mid = t + block.attn(block.norm1(t))
+        bias_path = of_zeros(block.adapter_down, block.adapter_up)
+        torch.testing.assert_close(block(t), mid + bias_path, rtol=1e-12, atol=1e-12)
+    assert bias_path.abs().max() > 1e-2  # the dropped sample still gets the adapter's bias path
+
+
 def test_lora_dropout_is_on_the_branch_input_only_and_the_init_is_kaiming():
     torch.manual_seed(0)
     base = nn.Linear(64, 32)

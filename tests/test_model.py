@@ -230,3 +230,17 @@ def test_drop_path_keeps_the_expected_value_of_the_branch(mode):
     assert len(kept) == 2 and kept[0] == 0 and kept[1].item() == pytest.approx(1 / (1 - p), rel=1e-6)
     assert abs(y.mean().item() - 1) < 0.03  # 4000 samples (whole-sample mode): over 3 standard errors
     assert torch.equal(vit.DropPath(p, mode).eval()(x), x)
+
+
+def test_set_dropout_leaves_the_attention_dropout_and_set_drop_path_sets_the_schedule():
+    """set_dropout changes every dropout rate but the attention probabilities' (its own config field); set_drop_path
+    gives block i the rate i / (L - 1) of the last block's, as float32 linspace values."""
+    model = vit.VisionTransformer(vit.get_config("testing", attention_dropout_rate=0.05))
+    vit.set_dropout(model, 0.2)
+    rates = {n: m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    attn = {n for n in rates if n.endswith("attn_drop")}
+    assert attn and all(rates[n] == 0.05 for n in attn) and all(rates[n] == 0.2 for n in set(rates) - attn)
+    assert (model.config.dropout_rate, model.config.attention_dropout_rate) == (0.2, 0.05)
+    vit.set_drop_path(model, 0.1, "element")
+    want = np.linspace(0, 0.1, len(model.blocks), dtype=np.float32).tolist()
+    assert [(b.drop_path1.p, b.drop_path2.p, b.drop_path2.mode) for b in model.blocks] == [(r, r, "element") for r in want]

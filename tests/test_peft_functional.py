@@ -295,6 +295,25 @@ def test_a_kernel_returning_nan_is_never_used(monkeypatch):
     assert not kernels.kernel_available()
 
 
+@pytest.mark.parametrize("memory", ["rebuild", "keep", "reuse"])
+def test_a_graph_of_the_backward_keeps_every_term_whatever_the_weight_memory(memory):
+    """A gradient penalty (create_graph=True) equals the naive formula's for every weight-memory option: the W'
+    saved by "keep"/"reuse" carries no graph, so a differentiable backward must rebuild it."""
+    from peft.rlrr_function import WeightCache
+
+    x, w, b, s_out, s_in, f = make_inputs(out=7, inp=5, rank=2, seed=3)
+    options = () if memory == "rebuild" else (memory, WeightCache() if memory == "reuse" else None)
+
+    def penalty(fn):
+        gx, = torch.autograd.grad(fn(x).tanh().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (s_out, s_in))
+
+    expected = penalty(lambda x: naive(x, w, b, s_out, s_in, f))
+    got = penalty(lambda x: RLRRLinearFunction.apply(x, w, b, s_out, s_in, f, *options))
+    for a, c in zip(got, expected):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("memory", ["keep", "reuse"])
 def test_weight_memory_options_compute_the_same_and_build_less(memory, monkeypatch):
     """keep: W' saved from the forward (no rebuild in backward); reuse: W' built once per optimizer step and

@@ -98,6 +98,24 @@ def test_bad_data_flags_and_strict_data_are_one_line_errors(setup, tmp_path, cap
     assert r.returncode == 1 and "class 'lonely' has 1 image" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_stratified_holdout_sizes_and_the_last_training_image_of_a_class():
+    """Per class, max(1, round(n · fraction)) images go to each held-out split and the rest trains; a class that
+    would keep no training image (here 2 images for val and test) is an error naming it and what it needs."""
+    import numpy as np
+
+    from loaders.datasets import DatasetError
+    from peft.finetune.data import stratified_holdout
+
+    labels = np.array([0] * 10 + [1] * 3 + [2] * 7)
+    parts = stratified_holdout(labels, {"val": 0.1, "test": 0.25}, seed=0, classes=["a", "b", "c"])
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(20))  # disjoint, covering
+    assert [np.bincount(labels[parts[s]], minlength=3).tolist() for s in ("train", "val", "test")] == \
+        [[7, 1, 4], [1, 1, 1], [2, 1, 2]]  # val: max(1, round(n/10)); test: round(2.5)=2, max(1, round(.75)), round(1.75)
+    with pytest.raises(DatasetError, match=r"class 'pair' has 2 image\(s\); --val-fraction 0.1 and --test-fraction "
+                                           r"0.25 need at least 3 per class"):
+        stratified_holdout(np.array([0] * 5 + [1] * 2), {"val": 0.1, "test": 0.25}, seed=0, classes=["many", "pair"])
+
+
 def test_evaluate_reads_the_runs_own_val_and_test_files_after_the_folder_grew(setup, tmp_path):
     """tools/evaluate.py --split val|test evaluates exactly the files the run held out, by name, even after new
     photos arrived in the folder (a fresh split of the grown folder would pick others). Classes of 8, 12 and 16

@@ -115,6 +115,26 @@ def test_truncated_checkpoint_names_the_file(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_run_folder_gives_its_best_checkpoint_else_its_latest(tmp_path):
+    """Evaluation and prediction given a run folder read best.pt (the selected model) when there is one, else
+    checkpoint.pt (the last epoch); a folder with neither, or a missing file, is an error naming what is absent."""
+    import torch
+
+    from peft.finetune import checkpoint as ckpt_io
+
+    for name, epoch in (("checkpoint.pt", 3), ("best.pt", 2)):
+        torch.save({"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "epoch": epoch}, tmp_path / name)
+    assert ckpt_io.resolve_checkpoint_path(tmp_path) == tmp_path / "best.pt"
+    assert ckpt_io.load_checkpoint(tmp_path)["epoch"] == 2
+    (tmp_path / "best.pt").unlink()
+    assert ckpt_io.load_checkpoint(tmp_path)["epoch"] == 3
+    (tmp_path / "checkpoint.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="no best.pt or checkpoint.pt in folder"):
+        ckpt_io.resolve_checkpoint_path(tmp_path)
+    with pytest.raises(FileNotFoundError, match="gone.pt does not exist"):
+        ckpt_io.resolve_checkpoint_path(tmp_path / "gone.pt")
+
+
 @pytest.mark.parametrize("tool, argv, text", [
     ("evaluate", ["x", "--batch-size", "0"], "--batch-size must be at least 1"),
     ("quickstart", ["--modes", "rlrr,nope"], "nope is not one of"),

@@ -307,3 +307,54 @@ def test_a_worker_whose_cell_was_taken_over_stops_running_it(tree, tmp_path):
 
     workers.work(suite, cell_taken_over)  # returns: the cell is finished (by the other worker)
     assert seen == ["svhn/head/seed-42"]
+
+
+def test_a_sweep_chooses_by_the_mean_over_seeds(tree, tmp_path):
+    """sweep_record: each grid point scores the mean of its seeds' validation accuracies (not the best seed); the
+    choice waits until every grid cell has its metrics."""
+    o = _options(tree, tmp_path / "s", modes="lora", seeds="1,2", sweep=["lr=1e-3,3e-3"])
+    suite = plan(o)
+    accs = {(1e-3, 1): 0.9, (1e-3, 2): 0.1, (3e-3, 1): 0.6, (3e-3, 2): 0.6}  # means 0.5 and 0.6; best seeds 0.9, 0.6
+    grid = suite.grid_cells("svhn", "lora")
+    assert len(grid) == 4
+    for i, cell in enumerate(grid):
+        assert suite.sweep_record("svhn", "lora") is None  # a grid point still missing
+        folder = tmp_path / "s" / cell.key
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"val_accuracy": accs[(cell.point["lr"], cell.seed)]}))
+    record = suite.sweep_record("svhn", "lora")
+    assert [s["val_accuracy"] for s in record["scores"]] == [pytest.approx(0.5), pytest.approx(0.6)]
+    assert record["chosen"] == {"lr": 3e-3} and record["chosen_val_accuracy"] == pytest.approx(0.6)
+
+
+def test_official_recipes_where_they_cover_the_benchmark_and_cells_start_fresh_or_resume(tmp_path):
+    """--recipe official: a method's own recipe where it covers the suite's benchmark (lora-noah: VTAB-1k only), else
+    rlrr-official's protocol; a cell folder without checkpoint.pt starts afresh (overwrite), one with it resumes."""
+    from peft.finetune.suite import recipe_for, run_options
+
+    vtab, fgvc = (SuiteOptions(recipe="official", suite=s) for s in ("vtab", "fgvc"))
+    assert [recipe_for(vtab, m) for m in ("lora", "ssf", "head")] == ["lora-noah", "ssf-official", "rlrr-official"]
+    assert [recipe_for(fgvc, m) for m in ("lora", "ssf", "vpt")] == ["rlrr-official", "ssf-official", "vpt-official"]
+    assert recipe_for(SuiteOptions(recipe="project", suite="fgvc"), "lora") == "project"
+    folder = tmp_path / "cell"
+    fresh = run_options(vtab, "svhn", "lora", 1, folder)
+    assert (fresh.resume, fresh.overwrite) == (False, True)
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(b"")
+    again = run_options(vtab, "svhn", "lora", 1, folder)
+    assert (again.resume, again.overwrite) == (True, False)
+
+
+def test_a_finished_cell_leaves_no_claim_even_if_it_was_taken_over_meanwhile(tmp_path, monkeypatch):
+    """release(finished=True) removes the cell's claims up to the generation after the releaser's own: a holder that
+    finished while another worker took the cell over (a slow heartbeat) leaves no claim file behind."""
+    holder = Claims(tmp_path, lease=0.1, worker="slow")
+    monkeypatch.setattr(holder, "machine", "another-machine")
+    claim = holder.try_claim("cell")
+    other = Claims(tmp_path, lease=0.1)
+    assert other.try_claim("cell") is None  # first seen now
+    time.sleep(0.25)
+    taken = other.try_claim("cell")
+    assert taken is not None and taken.generation == 1
+    holder.release(claim, finished=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -102,7 +102,24 @@ def test_crop_is_a_window_of_the_padded_image(padding_mode, np_mode):
         offsets.add(hits[0][:2])
         flips += hits[0][2]
     assert len(offsets) > 15  # 49 possible offsets, 64 samples: drawn per sample, not one per batch
+    assert {o[0] for o in offsets} == {o[1] for o in offsets} == set(range(2 * p + 1))  # 0..2p, both ends drawn
     assert 0 < flips < B
+
+
+def test_random_window_draws_every_whole_pixel_offset_and_copies_pixels_exactly():
+    """crop="random" (torchvision's RandomCrop, the official FGVC pipeline): an S x S window of a stored image at a
+    uniform offset in 0..H-S on each axis, both ends included; whole-pixel boxes copy the pixels exactly."""
+    S, side, B = 8, 12, 64
+    x = rand_images(B, side, side, 3, seed=3)
+    t = BatchTransform(S, train=True, crop="random", flip=False, mean=0, std=1)
+    out = t(x, torch.Generator().manual_seed(7)).numpy()
+    base = (x.numpy().astype(np.float64) / 255).transpose(0, 3, 1, 2)
+    offsets = []
+    for i in range(B):
+        hits = [k for k, win in _windows(base[i], S).items() if np.allclose(out[i], win, rtol=0, atol=1e-6)]
+        assert len(hits) == 1, (i, hits)
+        offsets.append(hits[0])
+    assert {o[0] for o in offsets} == {o[1] for o in offsets} == set(range(side - S + 1))  # 0..4, both ends
 
 
 def test_default_padding_and_errors():
