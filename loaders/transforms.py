@@ -81,7 +81,7 @@ class BoxSampler:
 
     def __call__(self, h: torch.Tensor, w: torch.Tensor, generator: torch.Generator | None,
                  rows: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define __call__: the boxes and the flips")
 
     def _flips(self, h: torch.Tensor, generator, rows) -> torch.Tensor:
         if not self.flip:

@@ -122,3 +122,13 @@ def mini_npz(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "mini.npz"
     write_google_npz(path, vit.get_config("ViT-Mini/4"), seed=0)
     return path
+
+
+@pytest.fixture(scope="session")
+def testing_npz(tmp_path_factory):
+    """A random ``testing`` ViT (the tiny config) in Google's layout."""
+    from npz_factory import write_google_npz
+
+    path = tmp_path_factory.mktemp("weights") / "testing.npz"
+    write_google_npz(path, vit.get_config("testing"), seed=0)
+    return path

@@ -32,11 +32,9 @@ TINY = ["--data", "fashion_mnist", "--classes", "0-1", "--max-train-samples", "3
         "--threads", "1"]
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("faults") / "testing.npz"
-    write_google_npz(path, vit.get_config("testing"), seed=0)
-    return path
+@pytest.fixture
+def weights(testing_npz):
+    return testing_npz
 
 
 def _one_line(err: str) -> str:

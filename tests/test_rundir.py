@@ -211,13 +211,6 @@ DATA = ["--data", "synthetic", "--classes", "0-1", "--max-train-samples", "32", 
         "--threads", "1"]
 
 
-@pytest.fixture(scope="module")
-def testing_npz(tmp_path_factory):
-    path = tmp_path_factory.mktemp("round-trip") / "testing.npz"
-    write_google_npz(path, vit.get_config("testing"), seed=0)
-    return path
-
-
 def _train(argv):
     """Run tools/finetune.py's options in-process; returns the Trainer (its model holds the kept epoch's state)."""
     trainer = training.Trainer(parse_options(argv, FinetuneOptions, with_methods=True))
